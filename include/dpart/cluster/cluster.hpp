@@ -1,0 +1,69 @@
+#pragma once
+// A cluster: devices grouped in nodes, joined by links. Values only; loading is in io/.
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "dpart/core/error.hpp"
+#include "dpart/graph/dtype.hpp"
+
+namespace dpart {
+
+/// One direction of a point-to-point path. Bandwidth in GB/s (1 GB = 1e9 bytes).
+struct LinkSpec {
+    double gbs = 0;
+    double latency_us = 0;
+    friend bool operator==(const LinkSpec&, const LinkSpec&) = default;
+};
+
+/// Seconds to move `bytes` over `link`: latency + bytes / bandwidth.
+[[nodiscard]] double transfer_seconds(const LinkSpec& link, std::uint64_t bytes) noexcept;
+
+enum class LinkKind { intra_node, inter_node, override_ };
+
+struct Device {
+    std::string name;
+    std::string kind;  ///< free text, e.g. "H100-SXM5-80GB"
+    std::size_t node = 0;
+    double tflops = 0;  ///< achieved dense matmul TFLOP/s at the model dtype (the default)
+    /// Per-dtype overrides, indexed by DType (fp32, bf16, fp16), and tf32 for fp32 matmuls.
+    std::array<std::optional<double>, 3> tflops_by_dtype{};
+    std::optional<double> tflops_tf32;
+    double mem_gib = 0;     ///< usable memory, GiB (2^30 bytes)
+    double mem_bw_gbs = 0;  ///< achieved memory bandwidth, GB/s
+    SourceLocation where;
+
+    /// Matmul TFLOP/s for a model of this dtype: the per-dtype figure, else `tflops`.
+    [[nodiscard]] double tflops_for(DType dtype) const noexcept;
+    [[nodiscard]] std::uint64_t mem_bytes() const noexcept;
+};
+
+struct Node {
+    std::string name;
+    std::optional<LinkSpec> intra;  ///< overrides [network] for links inside this node
+    std::vector<std::size_t> devices;
+    SourceLocation where;
+};
+
+struct Cluster {
+    std::string name;
+    std::vector<Node> nodes;
+    std::vector<Device> devices;
+    std::optional<LinkSpec> intra_default;
+    std::optional<LinkSpec> inter_default;
+    /// [[link]] overrides, keyed by the (smaller, larger) device index pair.
+    std::unordered_map<std::uint64_t, LinkSpec> overrides;
+    SourceLocation where;
+
+    /// The link between two distinct devices: an override, else the node's or the network's
+    /// default for their kind of pair. Both defaults exist for every pair of a valid cluster.
+    [[nodiscard]] LinkSpec link(std::size_t a, std::size_t b) const;
+    [[nodiscard]] LinkKind link_kind(std::size_t a, std::size_t b) const;
+    [[nodiscard]] std::optional<std::size_t> find_device(const std::string& device_name) const;
+    [[nodiscard]] static std::uint64_t pair_key(std::size_t a, std::size_t b) noexcept;
+};
+
+}  // namespace dpart

@@ -1,0 +1,31 @@
+#pragma once
+// What one layer costs, per sample, at the model's dtype. Everything is an exact integer.
+#include <cstdint>
+
+namespace dpart {
+
+struct LayerCost {
+    /// Trainable parameters owned by the layer (a tied head owns none: they are its embedding's).
+    std::uint64_t params = 0;
+    /// Matrix-multiply FLOPs (2 per multiply-add). Elementwise work (norms, activations,
+    /// softmax) is charged as memory traffic instead: it does not run at matmul rate.
+    std::uint64_t fwd_flops = 0;
+    std::uint64_t bwd_flops = 0;
+    /// Bytes of the output activation (what is sent to the consumer of this layer).
+    std::uint64_t out_bytes = 0;
+    /// Bytes kept from forward for backward (activation memory per sample in flight).
+    std::uint64_t saved_bytes = 0;
+    /// Activation bytes read + written from device memory, excluding weights.
+    std::uint64_t fwd_mem_bytes = 0;
+    std::uint64_t bwd_mem_bytes = 0;
+    /// Weight bytes read once per microbatch in forward (backward reads them and writes the
+    /// gradient: twice this). Includes tied weights.
+    std::uint64_t weight_bytes = 0;
+
+    friend bool operator==(const LayerCost&, const LayerCost&) = default;
+};
+
+/// Sum of costs, checked against overflow.
+[[nodiscard]] LayerCost operator+(const LayerCost& a, const LayerCost& b);
+
+}  // namespace dpart

@@ -1,0 +1,66 @@
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dpart/core/error.hpp"
+#include "dpart/graph/cost.hpp"
+#include "dpart/graph/dtype.hpp"
+#include "dpart/graph/op.hpp"
+#include "dpart/graph/shape.hpp"
+
+namespace dpart {
+
+struct Layer {
+    std::string name;
+    OpParams op;
+    /// Indices of the layers this one reads, all smaller than its own index; empty for the
+    /// first layer, which reads the model input.
+    std::vector<std::size_t> inputs;
+    Shape out_shape;  ///< empty = opaque
+    LayerCost cost;   ///< per sample
+    SourceLocation where;
+};
+
+/// A model as the planner sees it: layers in a topological order, each with its cost.
+struct Model {
+    std::string name;
+    DType dtype = DType::fp32;
+    std::uint64_t global_batch = 0;
+    Shape input_shape;
+    std::vector<Layer> layers;
+    SourceLocation where;
+
+    /// Sum of all layers' costs (per sample).
+    [[nodiscard]] LayerCost total() const;
+    /// Index of the layer named `name`, if any.
+    [[nodiscard]] std::optional<std::size_t> find(const std::string& name) const;
+};
+
+/// Builds a Model from layer specs: checks names, inputs, ordering and cycles, evaluates every
+/// op on its input shapes. `where` locations are used in error messages.
+struct LayerSpec {
+    std::string name;
+    OpParams op;
+    std::optional<std::vector<std::string>> inputs;  ///< nullopt = the previous layer
+    /// Per-input locations for error messages (same length as inputs when given).
+    std::vector<SourceLocation> input_where;
+    std::optional<std::string> tied_to;
+    SourceLocation tied_where;
+    SourceLocation where;
+};
+
+struct ModelSpec {
+    std::string name;
+    DType dtype = DType::fp32;
+    std::uint64_t global_batch = 0;
+    std::optional<Shape> input_shape;
+    SourceLocation where;
+    std::vector<LayerSpec> layers;
+};
+
+/// Throws InputError naming the offending layer's location.
+[[nodiscard]] Model build_model(const ModelSpec& spec);
+
+}  // namespace dpart

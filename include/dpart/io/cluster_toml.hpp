@@ -1,0 +1,18 @@
+#pragma once
+// cluster.toml (docs/FORMATS.md): [cluster], [network], [[node]], [[device]], [[device_group]], [[link]].
+#include <string>
+#include <string_view>
+
+#include "dpart/cluster/cluster.hpp"
+
+namespace dpart {
+
+/// Most devices one cluster file may describe; beyond it the file is rejected, not allocated.
+inline constexpr std::size_t max_cluster_devices = 1u << 20;
+
+/// Loads and validates a cluster file. Throws InputError ("file:line:col: ...") on bad input.
+[[nodiscard]] Cluster load_cluster(const std::string& path);
+/// The same, from text (`path` is used in messages).
+[[nodiscard]] Cluster parse_cluster(std::string_view text, const std::string& path);
+
+}  // namespace dpart

@@ -1,0 +1,18 @@
+#pragma once
+// One file per subcommand: each defines setup_<name>(app, action), which registers the
+// subcommand with its options and, when it is the one selected, makes `action` run it.
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+
+namespace dpart::cli {
+
+using Action = std::function<int()>;
+
+void setup_inspect(CLI::App& app, Action& action);
+
+/// The text of `dpart --version`.
+[[nodiscard]] std::string version_text();
+
+}  // namespace dpart::cli

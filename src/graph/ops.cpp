@@ -1,0 +1,373 @@
+#include "dpart/graph/ops.hpp"
+
+#include <fmt/format.h>
+
+#include "dpart/core/checked.hpp"
+
+namespace dpart {
+namespace {
+
+using u64 = std::uint64_t;
+
+u64 mul(std::initializer_list<u64> factors) { return checked_product(factors); }
+u64 sum(std::initializer_list<u64> terms) { return checked_sum(terms); }
+
+[[noreturn]] void fail(const std::string& message) { throw ShapeError(message); }
+
+const Shape& shaped_input(const std::vector<Shape>& in, std::string_view op) {
+    if (in.size() != 1) fail(fmt::format("{} takes exactly one input, got {}", op, in.size()));
+    if (in[0].empty())
+        fail(fmt::format("{} cannot read an input of unknown shape (a custom layer without out_shape)", op));
+    return in[0];
+}
+
+void require_last_dim(const Shape& x, u64 expected, std::string_view key) {
+    if (x.back() != expected)
+        fail(fmt::format("{} {} does not match the input's last dimension {} (input shape {})", key, expected,
+                         x.back(), to_string(x)));
+}
+
+OpResult eval(const LinearOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, "linear");
+    require_last_dim(x, o.in_features, "in_features");
+    const u64 tokens = leading_count(x);
+    const u64 weights = sum({mul({o.in_features, o.out_features}), o.bias ? o.out_features : 0});
+    const u64 in_elems = mul({tokens, o.in_features});
+    const u64 out_elems = mul({tokens, o.out_features});
+    OpResult r;
+    r.out_shape = x;
+    r.out_shape.back() = o.out_features;
+    r.cost.params = o.tied_to ? 0 : weights;
+    r.cost.fwd_flops = mul({2, tokens, o.in_features, o.out_features});
+    r.cost.bwd_flops = mul({4, tokens, o.in_features, o.out_features});  // dX and dW
+    r.cost.out_bytes = mul({out_elems, e});
+    r.cost.saved_bytes = mul({in_elems, e});  // X, for dW
+    r.cost.fwd_mem_bytes = mul({sum({in_elems, out_elems}), e});
+    r.cost.bwd_mem_bytes = mul({2, sum({in_elems, out_elems}), e});  // dY twice, X, dX
+    r.cost.weight_bytes = mul({weights, e});
+    return r;
+}
+
+OpResult eval(const EmbeddingOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, "embedding");
+    const u64 tokens = element_count(x);
+    if (o.seq_len != 0 && o.seq_len != tokens)
+        fail(fmt::format("seq_len {} does not match the {} tokens of its input {}", o.seq_len, tokens, to_string(x)));
+    if (o.positions != 0 && tokens > o.positions)
+        fail(fmt::format("{} tokens per sample exceed the position table of {} rows", tokens, o.positions));
+    const u64 tables = o.positions != 0 ? 2 : 1;
+    const u64 out_elems = mul({tokens, o.hidden});
+    OpResult r;
+    r.out_shape = x;
+    r.out_shape.push_back(o.hidden);
+    r.cost.params = mul({sum({o.vocab, o.positions}), o.hidden});
+    r.cost.out_bytes = mul({out_elems, e});
+    r.cost.saved_bytes = mul({tokens, 4});  // int32 token ids
+    // Gather: read the ids and one row per token from each table, write the sum.
+    r.cost.fwd_mem_bytes = sum({mul({tokens, 4}), mul({tables + 1, out_elems, e})});
+    r.cost.bwd_mem_bytes = sum({mul({tokens, 4}), mul({tables + 1, out_elems, e})});
+    return r;
+}
+
+OpResult eval(const NormOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, std::string(to_string(o.kind)));
+    const u64 features = o.features != 0 ? o.features : x.back();
+    require_last_dim(x, features, "features");
+    const u64 n = element_count(x);
+    const u64 rows = n / features;
+    const bool has_bias = o.kind == NormKind::layernorm && o.bias;
+    OpResult r;
+    r.out_shape = x;
+    r.cost.params = mul({has_bias ? u64{2} : u64{1}, features});
+    r.cost.out_bytes = mul({n, e});
+    // Input, plus fp32 statistics per row (mean and 1/std for layernorm, 1/rms for rmsnorm).
+    r.cost.saved_bytes = sum({mul({n, e}), mul({rows, o.kind == NormKind::layernorm ? 8u : 4u})});
+    r.cost.fwd_mem_bytes = mul({2, n, e});
+    r.cost.bwd_mem_bytes = mul({3, n, e});
+    r.cost.weight_bytes = mul({r.cost.params, e});
+    return r;
+}
+
+OpResult eval(const BatchNormOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, "batchnorm");
+    const u64 channels = o.features != 0 ? o.features : x.front();
+    if (x.front() != channels)
+        fail(fmt::format("features {} does not match the input's {} channels (input shape {})", channels, x.front(),
+                         to_string(x)));
+    const u64 n = element_count(x);
+    OpResult r;
+    r.out_shape = x;
+    r.cost.params = mul({2, channels});
+    r.cost.out_bytes = mul({n, e});
+    r.cost.saved_bytes = mul({n, e});
+    r.cost.fwd_mem_bytes = mul({3, n, e});  // read for statistics, read to normalise, write
+    r.cost.bwd_mem_bytes = mul({4, n, e});  // read dY and X for the reductions, again for dX, write dX
+    r.cost.weight_bytes = mul({r.cost.params, e});
+    return r;
+}
+
+OpResult eval(const ElementwiseOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, op_name(OpParams{o}));
+    const u64 n = element_count(x);
+    OpResult r;
+    r.out_shape = x;
+    r.cost.out_bytes = mul({n, e});
+    if (o.kind == Elementwise::dropout) {
+        r.cost.saved_bytes = n;  // one byte of mask per element
+        r.cost.fwd_mem_bytes = sum({mul({2, n, e}), n});
+        r.cost.bwd_mem_bytes = sum({mul({2, n, e}), n});
+    } else {
+        r.cost.saved_bytes = mul({n, e});  // relu keeps its output, gelu and silu their input
+        r.cost.fwd_mem_bytes = mul({2, n, e});
+        r.cost.bwd_mem_bytes = mul({3, n, e});
+    }
+    return r;
+}
+
+void check_attention(const AttentionOp& o) {
+    if (o.heads == 0 || o.kv_heads == 0 || o.head_dim == 0) fail("heads, kv_heads and head_dim must be positive");
+    if (o.heads % o.kv_heads != 0)
+        fail(fmt::format("heads {} is not a multiple of kv_heads {}", o.heads, o.kv_heads));
+}
+
+Shape sequence_input(const std::vector<Shape>& in, std::string_view op, u64 hidden, u64 seq_len) {
+    const Shape& x = shaped_input(in, op);
+    if (x.size() != 2)
+        fail(fmt::format("{} needs an input of shape [seq_len, hidden], got {}", op, to_string(x)));
+    require_last_dim(x, hidden, "hidden");
+    if (seq_len != 0 && seq_len != x[0])
+        fail(fmt::format("seq_len {} does not match the input's {} positions (input shape {})", seq_len, x[0],
+                         to_string(x)));
+    return x;
+}
+
+OpResult eval(const AttentionOp& o, const std::vector<Shape>& in, u64 e) {
+    check_attention(o);
+    const Shape x = sequence_input(in, "attention", o.hidden, o.seq_len);
+    const u64 s = x[0];
+    const u64 h = o.hidden;
+    const u64 q = mul({o.heads, o.head_dim});
+    const u64 kv = mul({o.kv_heads, o.head_dim});
+    const u64 qkv = sum({q, mul({2, kv})});
+    OpResult r;
+    r.out_shape = x;
+    r.cost.params = sum({mul({h, qkv}), mul({q, h}), o.qkv_bias ? qkv : 0, o.bias ? h : 0});
+    // QKV projection, Q K^T and P V over the full s x s score matrix (Megatron-LM's count,
+    // causal masking not subtracted), output projection.
+    r.cost.fwd_flops = sum({mul({2, s, h, qkv}), mul({4, s, s, q}), mul({2, s, q, h})});
+    r.cost.bwd_flops = mul({2, r.cost.fwd_flops});
+    r.cost.out_bytes = mul({s, h, e});
+    // Flash-style: X, Q, K, V and the attention output, plus an fp32 log-sum-exp per row and head.
+    r.cost.saved_bytes = sum({mul({s, sum({h, qkv, q}), e}), mul({s, o.heads, 4})});
+    r.cost.fwd_mem_bytes = mul({s, sum({h, mul({2, qkv}), mul({2, q}), h}), e});
+    r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
+    r.cost.weight_bytes = mul({r.cost.params, e});
+    return r;
+}
+
+OpResult eval(const MlpOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, "mlp");
+    require_last_dim(x, o.hidden, "hidden");
+    const u64 t = leading_count(x);
+    const u64 h = o.hidden;
+    const u64 f = o.ffn_hidden;
+    const bool gated = o.kind == MlpKind::gated;
+    const u64 matrices = gated ? 3 : 2;
+    OpResult r;
+    r.out_shape = x;
+    r.cost.params = sum({mul({matrices, h, f}), o.bias ? sum({mul({matrices - 1, f}), h}) : 0});
+    r.cost.fwd_flops = mul({2, matrices, t, h, f});
+    r.cost.bwd_flops = mul({2, r.cost.fwd_flops});
+    r.cost.out_bytes = mul({t, h, e});
+    // Plain: X, the activation's input and its output. Gated: X, gate, up and their product.
+    r.cost.saved_bytes = mul({t, sum({h, mul({matrices, f})}), e});
+    r.cost.fwd_mem_bytes = mul({t, sum({mul({2, h}), mul({2 * matrices, f})}), e});
+    r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
+    r.cost.weight_bytes = mul({r.cost.params, e});
+    return r;
+}
+
+OpResult eval(const TransformerBlockOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape x = sequence_input(in, "transformer_block", o.attention.hidden, o.attention.seq_len);
+    if (o.mlp.hidden != o.attention.hidden) fail("the block's attention and MLP disagree on hidden");
+    const std::vector<Shape> xs{x};
+    const NormOp norm{o.norm, o.attention.hidden, o.norm_bias};
+    const OpResult n1 = eval(norm, xs, e);
+    const OpResult attn = eval(o.attention, xs, e);
+    const OpResult mlp = eval(o.mlp, xs, e);
+    OpResult r;
+    r.out_shape = x;
+    r.cost = n1.cost + attn.cost + n1.cost + mlp.cost;
+    const u64 n = element_count(x);
+    r.cost.out_bytes = mul({n, e});
+    // Two residual additions: each reads two tensors and writes one, forward and backward.
+    r.cost.fwd_mem_bytes = sum({r.cost.fwd_mem_bytes, mul({6, n, e})});
+    r.cost.bwd_mem_bytes = sum({r.cost.bwd_mem_bytes, mul({6, n, e})});
+    return r;
+}
+
+u64 window_output(u64 size, u64 kernel, u64 stride, u64 padding, std::string_view what) {
+    const u64 padded = sum({size, mul({2, padding})});
+    if (kernel > padded)
+        fail(fmt::format("kernel {} is larger than the padded input {} ({} {} + 2 x padding {})", kernel, padded, what,
+                         size, padding));
+    if (stride == 0) fail("stride must be positive");
+    return (padded - kernel) / stride + 1;
+}
+
+Shape image_input(const std::vector<Shape>& in, std::string_view op) {
+    const Shape& x = shaped_input(in, op);
+    if (x.size() != 3) fail(fmt::format("{} needs an input of shape [channels, height, width], got {}", op, to_string(x)));
+    return x;
+}
+
+OpResult eval(const Conv2dOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape x = image_input(in, "conv2d");
+    if (x[0] != o.in_channels)
+        fail(fmt::format("in_channels {} does not match the input's {} channels (input shape {})", o.in_channels,
+                         x[0], to_string(x)));
+    if (o.groups == 0 || o.in_channels % o.groups != 0 || o.out_channels % o.groups != 0)
+        fail(fmt::format("groups {} must divide in_channels {} and out_channels {}", o.groups, o.in_channels,
+                         o.out_channels));
+    const u64 oh = window_output(x[1], o.kernel_h, o.stride, o.padding, "height");
+    const u64 ow = window_output(x[2], o.kernel_w, o.stride, o.padding, "width");
+    const u64 macs_per_output = mul({o.in_channels / o.groups, o.kernel_h, o.kernel_w});
+    const u64 out_elems = mul({o.out_channels, oh, ow});
+    const u64 in_elems = element_count(x);
+    OpResult r;
+    r.out_shape = {o.out_channels, oh, ow};
+    r.cost.params = sum({mul({o.out_channels, macs_per_output}), o.bias ? o.out_channels : 0});
+    r.cost.fwd_flops = mul({2, out_elems, macs_per_output});
+    r.cost.bwd_flops = mul({2, r.cost.fwd_flops});
+    r.cost.out_bytes = mul({out_elems, e});
+    r.cost.saved_bytes = mul({in_elems, e});
+    r.cost.fwd_mem_bytes = mul({sum({in_elems, out_elems}), e});
+    r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
+    r.cost.weight_bytes = mul({r.cost.params, e});
+    return r;
+}
+
+OpResult eval(const PoolOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape x = image_input(in, "pool");
+    OpResult r;
+    if (o.global) {
+        r.out_shape = {x[0], 1, 1};
+    } else {
+        if (o.kernel == 0) fail("kernel must be positive");
+        r.out_shape = {x[0], window_output(x[1], o.kernel, o.stride, o.padding, "height"),
+                       window_output(x[2], o.kernel, o.stride, o.padding, "width")};
+    }
+    const u64 in_elems = element_count(x);
+    const u64 out_elems = element_count(r.out_shape);
+    const bool max = o.kind == PoolKind::max;
+    r.cost.out_bytes = mul({out_elems, e});
+    r.cost.saved_bytes = max ? mul({in_elems, e}) : 0;  // max pooling keeps its input to route gradients
+    r.cost.fwd_mem_bytes = mul({sum({in_elems, out_elems}), e});
+    r.cost.bwd_mem_bytes = mul({sum({max ? mul({2, in_elems}) : in_elems, out_elems}), e});
+    return r;
+}
+
+OpResult eval(const FlattenOp&, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, "flatten");
+    OpResult r;
+    r.out_shape = {element_count(x)};
+    r.cost.out_bytes = mul({r.out_shape[0], e});  // a view: no traffic
+    return r;
+}
+
+OpResult eval(const AddOp&, const std::vector<Shape>& in, u64 e) {
+    if (in.size() < 2) fail(fmt::format("add needs at least two inputs, got {}", in.size()));
+    for (std::size_t i = 0; i < in.size(); ++i) {
+        if (in[i].empty()) fail("add cannot read an input of unknown shape (a custom layer without out_shape)");
+        if (in[i] != in[0])
+            fail(fmt::format("input {} has shape {} but input 1 has {}: add needs equal shapes", i + 1,
+                             to_string(in[i]), to_string(in[0])));
+    }
+    const u64 n = element_count(in[0]);
+    const u64 k = in.size();
+    OpResult r;
+    r.out_shape = in[0];
+    r.cost.out_bytes = mul({n, e});
+    r.cost.fwd_mem_bytes = mul({k + 1, n, e});
+    r.cost.bwd_mem_bytes = mul({k + 1, n, e});
+    return r;
+}
+
+OpResult eval(const ConcatOp& o, const std::vector<Shape>& in, u64 e) {
+    if (in.size() < 2) fail(fmt::format("concat needs at least two inputs, got {}", in.size()));
+    const Shape& first = in[0];
+    if (first.empty()) fail("concat cannot read an input of unknown shape (a custom layer without out_shape)");
+    if (o.axis >= first.size())
+        fail(fmt::format("axis {} is out of range for inputs of rank {}", o.axis, first.size()));
+    Shape out = first;
+    out[o.axis] = 0;
+    for (std::size_t i = 0; i < in.size(); ++i) {
+        const Shape& s = in[i];
+        bool compatible = s.size() == first.size();
+        for (std::size_t d = 0; compatible && d < s.size(); ++d) compatible = d == o.axis || s[d] == first[d];
+        if (!compatible)
+            fail(fmt::format("input {} has shape {}, which cannot be joined with {} along axis {}", i + 1,
+                             to_string(s), to_string(first), o.axis));
+        out[o.axis] = sum({out[o.axis], s[o.axis]});
+    }
+    const u64 n = element_count(out);
+    OpResult r;
+    r.out_shape = out;
+    r.cost.out_bytes = mul({n, e});
+    r.cost.fwd_mem_bytes = mul({2, n, e});
+    r.cost.bwd_mem_bytes = mul({2, n, e});
+    return r;
+}
+
+OpResult eval(const SoftmaxXentOp& o, const std::vector<Shape>& in, u64 e) {
+    const Shape& x = shaped_input(in, "softmax_xent");
+    const u64 classes = o.classes != 0 ? o.classes : x.back();
+    require_last_dim(x, classes, "classes");
+    const u64 rows = leading_count(x);
+    const u64 logits = element_count(x);
+    OpResult r;
+    r.out_shape = {1};
+    r.cost.out_bytes = 4;                                          // the fp32 loss
+    r.cost.saved_bytes = sum({mul({logits, e}), mul({rows, 4})});  // logits and int32 labels
+    r.cost.fwd_mem_bytes = sum({mul({logits, e}), mul({rows, 4})});
+    r.cost.bwd_mem_bytes = sum({mul({2, logits, e}), mul({rows, 4})});
+    return r;
+}
+
+OpResult eval(const CustomOp& o, const std::vector<Shape>&, u64 e) {
+    OpResult r;
+    r.out_shape = o.out_shape;
+    r.cost.params = o.params;
+    r.cost.fwd_flops = o.fwd_flops;
+    r.cost.bwd_flops = o.bwd_flops;
+    r.cost.out_bytes = o.out_bytes;
+    r.cost.saved_bytes = o.saved_bytes;
+    r.cost.fwd_mem_bytes = o.fwd_mem_bytes;
+    r.cost.bwd_mem_bytes = o.bwd_mem_bytes;
+    r.cost.weight_bytes = mul({o.params, e});
+    if (!o.out_shape.empty() && mul({element_count(o.out_shape), e}) != o.out_bytes)
+        fail(fmt::format("out_bytes {} does not match out_shape {} at {} bytes per element", o.out_bytes,
+                         to_string(o.out_shape), e));
+    return r;
+}
+
+}  // namespace
+
+OpResult evaluate(const OpParams& op, const std::vector<Shape>& inputs, DType dtype) {
+    const u64 e = dtype_bytes(dtype);
+    return std::visit([&](const auto& o) { return eval(o, inputs, e); }, op);
+}
+
+Shape implied_input_shape(const OpParams& op) {
+    if (const auto* linear = std::get_if<LinearOp>(&op)) return {linear->in_features};
+    if (const auto* embedding = std::get_if<EmbeddingOp>(&op))
+        return embedding->seq_len != 0 ? Shape{embedding->seq_len} : Shape{};
+    if (const auto* attention = std::get_if<AttentionOp>(&op))
+        return attention->seq_len != 0 ? Shape{attention->seq_len, attention->hidden} : Shape{};
+    if (const auto* block = std::get_if<TransformerBlockOp>(&op))
+        return block->attention.seq_len != 0 ? Shape{block->attention.seq_len, block->attention.hidden} : Shape{};
+    if (const auto* norm = std::get_if<NormOp>(&op)) return norm->features != 0 ? Shape{norm->features} : Shape{};
+    return {};
+}
+
+}  // namespace dpart

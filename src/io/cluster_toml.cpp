@@ -1,0 +1,236 @@
+#include "dpart/io/cluster_toml.hpp"
+
+#include <fmt/format.h>
+
+#include <unordered_map>
+
+#include "dpart/core/checked.hpp"
+#include "dpart/core/strings.hpp"
+#include "dpart/io/toml_reader.hpp"
+
+namespace dpart {
+namespace {
+
+/// A `<prefix>_gbs` / `<prefix>_latency_us` pair: both or neither.
+std::optional<LinkSpec> read_link_pair(TableReader& r, std::string_view prefix) {
+    const std::string gbs_key = fmt::format("{}_gbs", prefix);
+    const std::string latency_key = fmt::format("{}_latency_us", prefix);
+    const auto gbs = r.optional_positive(gbs_key);
+    const auto latency = r.optional_nonnegative(latency_key);
+    if (gbs.has_value() != latency.has_value()) {
+        const std::string& missing = gbs ? latency_key : gbs_key;
+        const std::string& given = gbs ? gbs_key : latency_key;
+        r.fail(given, fmt::format("\"{}\" needs \"{}\" too", given, missing));
+    }
+    if (!gbs) return std::nullopt;
+    return LinkSpec{*gbs, *latency};
+}
+
+/// The device figures shared by [[device]] and [[device_group]].
+Device read_device_figures(TableReader& r) {
+    Device d;
+    d.kind = r.optional_string("kind").value_or("");
+    d.tflops = r.required_positive("tflops");
+    d.tflops_by_dtype[static_cast<std::size_t>(DType::fp32)] = r.optional_positive("tflops_fp32");
+    d.tflops_by_dtype[static_cast<std::size_t>(DType::bf16)] = r.optional_positive("tflops_bf16");
+    d.tflops_by_dtype[static_cast<std::size_t>(DType::fp16)] = r.optional_positive("tflops_fp16");
+    d.tflops_tf32 = r.optional_positive("tflops_tf32");
+    d.mem_gib = r.required_positive("mem_gib");
+    d.mem_bw_gbs = r.required_positive("mem_bw_gbs");
+    if (d.mem_gib >= 17179869184.0) r.fail("mem_gib", fmt::format("mem_gib {} overflows 64 bits of bytes", d.mem_gib));
+    return d;
+}
+
+class ClusterBuilder {
+public:
+    ClusterBuilder(std::string path, bool nodes_declared) : path_(std::move(path)), nodes_declared_(nodes_declared) {}
+
+    void declare_node(TableReader& r) {
+        Node n;
+        n.where = r.where();
+        n.name = r.required_string("name");
+        r.set_context(fmt::format("node \"{}\"", n.name));
+        n.intra = read_link_pair(r, "intra_node");
+        r.finish();
+        if (auto it = node_index_.find(n.name); it != node_index_.end())
+            r.fail(fmt::format("duplicate node name \"{}\" (first declared at line {})", n.name,
+                               cluster_.nodes[it->second].where.line));
+        node_index_.emplace(n.name, cluster_.nodes.size());
+        cluster_.nodes.push_back(std::move(n));
+    }
+
+    void add_device(Device d, const std::string& node_name, const TableReader& r, std::string_view node_key) {
+        if (cluster_.devices.size() >= max_cluster_devices)
+            r.fail(fmt::format("the cluster describes more than {} devices, the most dpart accepts",
+                               max_cluster_devices));
+        auto [it, inserted] = device_index_.emplace(d.name, cluster_.devices.size());
+        if (!inserted)
+            throw InputError(d.where, fmt::format("duplicate device name \"{}\" (first defined at {})", d.name,
+                                                  cluster_.devices[it->second].where.str()));
+        d.node = node_for(node_name, r, node_key);
+        cluster_.nodes[d.node].devices.push_back(cluster_.devices.size());
+        cluster_.devices.push_back(std::move(d));
+    }
+
+    void add_link(TableReader& r) {
+        const std::string a = r.required_string("a");
+        const std::string b = r.required_string("b");
+        r.set_context(fmt::format("link \"{}\" - \"{}\"", a, b));
+        const std::size_t ia = device(a, r, "a");
+        const std::size_t ib = device(b, r, "b");
+        if (ia == ib) r.fail("b", "a link joins two different devices");
+        LinkSpec link;
+        link.gbs = r.required_positive("gbs");
+        const auto latency = r.optional_nonnegative("latency_us");
+        if (!latency) r.fail("missing required key \"latency_us\"");
+        link.latency_us = *latency;
+        r.finish();
+        auto [it, inserted] = cluster_.overrides.emplace(Cluster::pair_key(ia, ib), link);
+        if (!inserted) r.fail(fmt::format("the link between \"{}\" and \"{}\" is given twice", a, b));
+    }
+
+    Cluster finish(const SourceLocation& network_where) {
+        if (cluster_.devices.empty())
+            throw InputError(cluster_.where, "the cluster has no devices: add [[device]] or [[device_group]] tables");
+        std::size_t populated = 0;
+        for (const Node& n : cluster_.nodes) {
+            if (n.devices.empty()) continue;
+            ++populated;
+            if (n.devices.size() > 1 && !n.intra && !cluster_.intra_default)
+                throw InputError(network_where, fmt::format("node \"{}\" has {} devices but neither [network] "
+                                                            "intra_node_gbs nor the node gives their link",
+                                                            n.name, n.devices.size()));
+        }
+        if (populated > 1 && !cluster_.inter_default)
+            throw InputError(network_where, fmt::format("the cluster spans {} nodes but [network] gives no "
+                                                        "inter_node_gbs / inter_node_latency_us",
+                                                        populated));
+        return std::move(cluster_);
+    }
+
+    Cluster& cluster() { return cluster_; }
+
+private:
+    std::size_t node_for(const std::string& name, const TableReader& r, std::string_view key) {
+        if (auto it = node_index_.find(name); it != node_index_.end()) return it->second;
+        if (nodes_declared_) {
+            std::vector<std::string> names;
+            for (const Node& n : cluster_.nodes) names.push_back(n.name);
+            r.fail(key, fmt::format("node \"{}\" is not declared by any [[node]] table{}", name, did_you_mean(name, names)));
+        }
+        Node n;
+        n.name = name;
+        n.where = r.where(key);
+        node_index_.emplace(name, cluster_.nodes.size());
+        cluster_.nodes.push_back(std::move(n));
+        return cluster_.nodes.size() - 1;
+    }
+
+    std::size_t device(const std::string& name, const TableReader& r, std::string_view key) const {
+        if (auto it = device_index_.find(name); it != device_index_.end()) return it->second;
+        std::vector<std::string> names;
+        if (cluster_.devices.size() <= 4096)
+            for (const Device& d : cluster_.devices) names.push_back(d.name);
+        r.fail(key, fmt::format("device \"{}\" is not defined{}", name, did_you_mean(name, names)));
+    }
+
+    std::string path_;
+    bool nodes_declared_;
+    Cluster cluster_;
+    std::unordered_map<std::string, std::size_t> node_index_;
+    std::unordered_map<std::string, std::size_t> device_index_;
+};
+
+Cluster read_cluster(const toml::table& root, const std::string& path) {
+    TableReader top(root, path, "");
+    const toml::table* cluster = top.optional_table("cluster");
+    const toml::table* network = top.optional_table("network");
+    const toml::array* nodes = top.optional_table_array("node");
+    const toml::array* devices = top.optional_table_array("device");
+    const toml::array* groups = top.optional_table_array("device_group");
+    const toml::array* links = top.optional_table_array("link");
+    top.finish();
+    if (cluster == nullptr) throw InputError(SourceLocation{path, 1, 1}, "missing the [cluster] table");
+
+    ClusterBuilder builder(path, nodes != nullptr);
+    Cluster& c = builder.cluster();
+    TableReader head(*cluster, path, "[cluster]");
+    c.where = head.where();
+    c.name = head.required_string("name");
+    head.finish();
+
+    SourceLocation network_where = c.where;
+    if (network != nullptr) {
+        TableReader r(*network, path, "[network]");
+        network_where = r.where();
+        c.intra_default = read_link_pair(r, "intra_node");
+        c.inter_default = read_link_pair(r, "inter_node");
+        r.finish();
+    }
+    if (nodes != nullptr)
+        for (const toml::node& n : *nodes) {
+            TableReader r(*n.as_table(), path, "[[node]]");
+            builder.declare_node(r);
+        }
+    if (devices != nullptr)
+        for (std::size_t i = 0; i < devices->size(); ++i) {
+            TableReader r(*devices->get(i)->as_table(), path, fmt::format("[[device]] #{}", i + 1));
+            const std::string name = r.required_string("name");
+            r.set_context(fmt::format("device \"{}\"", name));
+            const auto node = r.optional_string("node");
+            if (!node) r.fail("missing required key \"node\" (every device belongs to a node)");
+            if (node->empty()) r.fail("node", "\"node\" must not be empty");
+            Device d = read_device_figures(r);
+            d.name = name;
+            d.where = r.where();
+            r.finish();
+            builder.add_device(std::move(d), *node, r, "node");
+        }
+    if (groups != nullptr)
+        for (std::size_t i = 0; i < groups->size(); ++i) {
+            TableReader r(*groups->get(i)->as_table(), path, fmt::format("[[device_group]] #{}", i + 1));
+            const std::uint64_t node_count = r.required_count("nodes");
+            const std::uint64_t per_node = r.required_count("devices_per_node");
+            const std::string node_prefix = r.optional_string("node_prefix").value_or("node");
+            const std::uint64_t first_node = r.optional_count("first_node", 0, true);
+            const std::string device_prefix = r.optional_string("device_prefix").value_or("gpu");
+            const Device figures = read_device_figures(r);
+            r.finish();
+            std::uint64_t total = 0;
+            try {
+                total = checked_add(c.devices.size(), checked_mul(node_count, per_node));
+                (void)checked_add(first_node, node_count);
+            } catch (const OverflowError&) {
+                r.fail("nodes", "nodes x devices_per_node overflows 64 bits");
+            }
+            if (total > max_cluster_devices)
+                r.fail("nodes", fmt::format("{} x {} devices brings the cluster to {} devices, more than the {} "
+                                            "dpart accepts",
+                                            node_count, per_node, total, max_cluster_devices));
+            for (std::uint64_t n = 0; n < node_count; ++n) {
+                const std::string node_name = fmt::format("{}{}", node_prefix, first_node + n);
+                for (std::uint64_t j = 0; j < per_node; ++j) {
+                    Device d = figures;
+                    d.name = fmt::format("{}.{}{}", node_name, device_prefix, j);
+                    d.where = r.where();
+                    builder.add_device(std::move(d), node_name, r, "node_prefix");
+                }
+            }
+        }
+    if (links != nullptr)
+        for (std::size_t i = 0; i < links->size(); ++i) {
+            TableReader r(*links->get(i)->as_table(), path, fmt::format("[[link]] #{}", i + 1));
+            builder.add_link(r);
+        }
+    return builder.finish(network_where);
+}
+
+}  // namespace
+
+Cluster load_cluster(const std::string& path) { return read_cluster(parse_toml_file(path), path); }
+
+Cluster parse_cluster(std::string_view text, const std::string& path) {
+    return read_cluster(parse_toml_text(text, path), path);
+}
+
+}  // namespace dpart

@@ -1,0 +1,248 @@
+#include "dpart/io/model_toml.hpp"
+
+#include <fmt/format.h>
+
+#include "dpart/core/checked.hpp"
+#include "dpart/graph/transformer.hpp"
+#include "dpart/io/toml_reader.hpp"
+
+namespace dpart {
+namespace {
+
+Activation parse_activation(TableReader& r, std::string_view fallback) {
+    const std::string a = r.choice("activation", {"gelu", "relu", "silu"}, fallback);
+    return a == "gelu" ? Activation::gelu : a == "relu" ? Activation::relu : Activation::silu;
+}
+
+NormKind parse_norm(TableReader& r) {
+    return r.choice("norm", {"layernorm", "rmsnorm"}, "layernorm") == "layernorm" ? NormKind::layernorm
+                                                                                   : NormKind::rmsnorm;
+}
+
+MlpKind parse_mlp_kind(TableReader& r, std::string_view key) {
+    return r.choice(key, {"plain", "gated"}, "plain") == "plain" ? MlpKind::plain : MlpKind::gated;
+}
+
+/// heads, kv_heads, head_dim with their defaults and divisibility checks.
+void parse_heads(TableReader& r, AttentionOp& a) {
+    a.heads = r.required_count("heads");
+    a.kv_heads = r.optional_count("kv_heads", a.heads);
+    if (a.kv_heads > a.heads || a.heads % a.kv_heads != 0)
+        r.fail("kv_heads", fmt::format("heads {} is not a multiple of kv_heads {}", a.heads, a.kv_heads));
+    if (r.has("head_dim")) {
+        a.head_dim = r.required_count("head_dim");
+    } else {
+        if (a.hidden % a.heads != 0)
+            r.fail("heads", fmt::format("hidden {} is not divisible by heads {}; give head_dim", a.hidden, a.heads));
+        a.head_dim = a.hidden / a.heads;
+    }
+}
+
+AttentionOp parse_attention(TableReader& r) {
+    AttentionOp a;
+    a.hidden = r.required_count("hidden");
+    parse_heads(r, a);
+    a.seq_len = r.optional_count("seq_len", 0, true);
+    a.causal = r.optional_bool("causal", true);
+    a.bias = r.optional_bool("bias", true);
+    a.qkv_bias = r.optional_bool("qkv_bias", a.bias);
+    return a;
+}
+
+MlpOp parse_mlp(TableReader& r, std::uint64_t hidden, std::string_view kind_key, bool bias) {
+    MlpOp m;
+    m.hidden = hidden;
+    m.ffn_hidden = r.required_count("ffn_hidden");
+    m.kind = parse_mlp_kind(r, kind_key);
+    m.activation = parse_activation(r, m.kind == MlpKind::gated ? "silu" : "gelu");
+    m.bias = bias;
+    return m;
+}
+
+OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec& spec) {
+    if (op == "linear") {
+        LinearOp o;
+        o.in_features = r.required_count("in_features");
+        o.out_features = r.required_count("out_features");
+        o.bias = r.optional_bool("bias", true);
+        spec.tied_to = r.optional_string("tied_to");
+        spec.tied_where = r.where("tied_to");
+        return o;
+    }
+    if (op == "embedding") {
+        EmbeddingOp o;
+        o.vocab = r.required_count("vocab");
+        o.hidden = r.required_count("hidden");
+        o.positions = r.optional_count("positions", 0, true);
+        o.seq_len = r.optional_count("seq_len", 0, true);
+        return o;
+    }
+    if (op == "layernorm" || op == "rmsnorm") {
+        NormOp o;
+        o.kind = op == "layernorm" ? NormKind::layernorm : NormKind::rmsnorm;
+        o.features = r.optional_count("features", 0, true);
+        if (o.kind == NormKind::layernorm) o.bias = r.optional_bool("bias", true);
+        return o;
+    }
+    if (op == "batchnorm") return BatchNormOp{r.optional_count("features", 0, true)};
+    if (op == "relu") return ElementwiseOp{Elementwise::relu};
+    if (op == "gelu") return ElementwiseOp{Elementwise::gelu};
+    if (op == "silu") return ElementwiseOp{Elementwise::silu};
+    if (op == "dropout") return ElementwiseOp{Elementwise::dropout};
+    if (op == "attention") return parse_attention(r);
+    if (op == "mlp") {
+        const std::uint64_t hidden = r.required_count("hidden");
+        return parse_mlp(r, hidden, "kind", r.optional_bool("bias", true));
+    }
+    if (op == "transformer_block") {
+        TransformerBlockOp o;
+        o.attention = parse_attention(r);
+        o.mlp = parse_mlp(r, o.attention.hidden, "mlp", o.attention.bias);
+        o.norm = parse_norm(r);
+        o.norm_bias = r.optional_bool("norm_bias", true);
+        return o;
+    }
+    if (op == "conv2d") {
+        Conv2dOp o;
+        o.in_channels = r.required_count("in_channels");
+        o.out_channels = r.required_count("out_channels");
+        const auto kernel = r.optional_pair("kernel");
+        if (!kernel) r.fail("missing required key \"kernel\"");
+        o.kernel_h = kernel->first;
+        o.kernel_w = kernel->second;
+        o.stride = r.optional_count("stride", 1);
+        o.padding = r.optional_count("padding", 0, true);
+        o.groups = r.optional_count("groups", 1);
+        o.bias = r.optional_bool("bias", true);
+        return o;
+    }
+    if (op == "pool") {
+        PoolOp o;
+        o.kind = r.choice("kind", {"max", "avg"}, "max") == "max" ? PoolKind::max : PoolKind::avg;
+        o.global = r.optional_bool("global", false);
+        if (o.global) {
+            if (r.has("kernel") || r.has("stride") || r.has("padding"))
+                r.fail("global", "a global pool takes no kernel, stride or padding");
+        } else {
+            o.kernel = r.required_count("kernel");
+            o.stride = r.optional_count("stride", o.kernel);
+            o.padding = r.optional_count("padding", 0, true);
+        }
+        return o;
+    }
+    if (op == "flatten") return FlattenOp{};
+    if (op == "add") return AddOp{};
+    if (op == "concat") return ConcatOp{r.optional_count("axis", 0, true)};
+    if (op == "softmax_xent") return SoftmaxXentOp{r.optional_count("classes", 0, true)};
+    // custom
+    CustomOp o;
+    o.fwd_flops = r.optional_count("fwd_flops", 0, true);
+    o.bwd_flops = r.optional_count("bwd_flops", 0, true);
+    o.params = r.optional_count("params", 0, true);
+    for (std::string_view key : {"fwd_flops", "bwd_flops", "params"})
+        if (!r.has(key)) r.fail(fmt::format("missing required key \"{}\"", key));
+    if (auto shape = r.optional_shape("out_shape")) o.out_shape = *shape;
+    if (r.has("out_bytes")) {
+        o.out_bytes = r.required_count("out_bytes");
+    } else if (!o.out_shape.empty()) {
+        try {
+            o.out_bytes = checked_mul(element_count(o.out_shape), dtype_bytes(dtype));
+        } catch (const OverflowError&) {
+            r.fail("out_shape", "out_shape holds more bytes than fit in 64 bits");
+        }
+    } else {
+        r.fail("missing required key \"out_bytes\" (or out_shape)");
+    }
+    o.saved_bytes = r.optional_count("saved_bytes", o.out_bytes, true);
+    o.fwd_mem_bytes = r.optional_count("fwd_mem_bytes", 0, true);
+    o.bwd_mem_bytes = r.optional_count("bwd_mem_bytes", 0, true);
+    return o;
+}
+
+LayerSpec parse_layer(const toml::table& table, const std::string& file, std::size_t index, DType dtype) {
+    TableReader r(table, file, fmt::format("[[layer]] #{}", index + 1));
+    LayerSpec spec;
+    spec.where = r.where();
+    spec.name = r.required_string("name");
+    r.set_context(fmt::format("layer \"{}\"", spec.name));
+    const std::string op = r.choice("op", op_names(), "");
+    spec.inputs = r.optional_string_array("inputs", &spec.input_where);
+    spec.op = parse_op(r, op, dtype, spec);
+    r.finish();
+    return spec;
+}
+
+TransformerSpec parse_transformer(TableReader& r) {
+    TransformerSpec t;
+    t.layers = r.required_count("layers");
+    t.hidden = r.required_count("hidden");
+    t.vocab = r.required_count("vocab");
+    t.seq_len = r.required_count("seq_len");
+    AttentionOp heads;
+    heads.hidden = t.hidden;
+    parse_heads(r, heads);
+    t.heads = heads.heads;
+    t.kv_heads = heads.kv_heads;
+    t.head_dim = heads.head_dim;
+    t.ffn_hidden = r.optional_count("ffn_hidden", 0);
+    if (t.ffn_hidden == 0) t.ffn_hidden = 4 * t.hidden;
+    t.norm = parse_norm(r);
+    t.mlp = parse_mlp_kind(r, "mlp");
+    t.activation = parse_activation(r, t.mlp == MlpKind::gated ? "silu" : "gelu");
+    t.learned_positions = r.choice("position", {"learned", "rope"}, "learned") == "learned";
+    t.max_positions = r.optional_count("max_positions", t.seq_len);
+    if (!t.learned_positions && r.has("max_positions"))
+        r.fail("max_positions", "max_positions applies to learned positions only (position = \"learned\")");
+    if (t.learned_positions && t.max_positions < t.seq_len)
+        r.fail("max_positions", fmt::format("max_positions {} is smaller than seq_len {}", t.max_positions, t.seq_len));
+    t.tied_embeddings = r.optional_bool("tied_embeddings", false);
+    t.bias = r.optional_bool("bias", true);
+    t.qkv_bias = r.optional_bool("qkv_bias", t.bias);
+    t.norm_bias = r.optional_bool("norm_bias", true);
+    r.finish();
+    return t;
+}
+
+Model read_model(const toml::table& root, const std::string& path) {
+    TableReader top(root, path, "");
+    const toml::table* model = top.optional_table("model");
+    const toml::array* layers = top.optional_table_array("layer");
+    const toml::table* transformer = top.optional_table("transformer");
+    top.finish();
+    if (model == nullptr) throw InputError(SourceLocation{path, 1, 1}, "missing the [model] table");
+
+    ModelSpec spec;
+    TableReader m(*model, path, "[model]");
+    spec.where = m.where();
+    spec.name = m.required_string("name");
+    const std::string dtype = m.choice("dtype", {"fp32", "bf16", "fp16"}, "");
+    spec.dtype = *parse_dtype(dtype);
+    spec.global_batch = m.required_count("global_batch");
+    spec.input_shape = m.optional_shape("input_shape");
+    m.finish();
+
+    if (layers != nullptr && transformer != nullptr)
+        throw InputError(location_of(*transformer, path),
+                         "a model has either [[layer]] tables or a [transformer] table, not both");
+    if (transformer != nullptr) {
+        TableReader t(*transformer, path, "[transformer]");
+        spec.layers = expand_transformer(parse_transformer(t), t.where());
+    } else if (layers != nullptr) {
+        spec.layers.reserve(layers->size());
+        for (std::size_t i = 0; i < layers->size(); ++i)
+            spec.layers.push_back(parse_layer(*layers->get(i)->as_table(), path, i, spec.dtype));
+    } else {
+        throw InputError(spec.where, "the model has no layers: add [[layer]] tables or a [transformer] table");
+    }
+    return build_model(spec);
+}
+
+}  // namespace
+
+Model load_model(const std::string& path) { return read_model(parse_toml_file(path), path); }
+
+Model parse_model(std::string_view text, const std::string& path) {
+    return read_model(parse_toml_text(text, path), path);
+}
+
+}  // namespace dpart

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The command line end to end: exit codes, --help/--version, every bundled file, the CSV contract.
+# Usage: end_to_end.sh DPART SOURCE_DIR
+set -u
+dpart=$1
+src=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+checks=0
+
+check() {  # check NAME EXPECTED_EXIT COMMAND...
+    local name=$1 expected=$2
+    shift 2
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    local rc=$?
+    checks=$((checks + 1))
+    if [ "$rc" -ne "$expected" ]; then
+        echo "FAIL $name: exit $rc, expected $expected"
+        sed 's/^/  stderr: /' "$tmp/err" | head -5
+        failures=$((failures + 1))
+        return 1
+    fi
+    return 0
+}
+
+contains() {  # contains NAME FILE TEXT
+    checks=$((checks + 1))
+    if ! grep -qF -- "$3" "$2"; then
+        echo "FAIL $1: '$3' not found in:"
+        head -5 "$2" | sed 's/^/  /'
+        failures=$((failures + 1))
+    fi
+}
+
+check "--version" 0 "$dpart" --version && {
+    contains "--version names dpart" "$tmp/out" "dpart 0.1.0 (git "
+    if grep -q "built with CUDA" "$tmp/out"; then
+        contains "--version gives NCCL" "$tmp/out" "NCCL"
+        contains "--version gives cuDNN" "$tmp/out" "cuDNN"
+    else
+        contains "--version says CPU only" "$tmp/out" "built without CUDA"
+    fi
+}
+check "--help" 0 "$dpart" --help && contains "--help lists inspect" "$tmp/out" "inspect"
+check "--help exit codes" 0 "$dpart" --help && contains "--help documents exit codes" "$tmp/out" "2 bad input"
+check "inspect --help" 0 "$dpart" inspect --help && contains "inspect --help has examples" "$tmp/out" "Examples:"
+check "no subcommand" 2 "$dpart"
+check "unknown subcommand" 2 "$dpart" frobnicate
+check "unknown flag" 2 "$dpart" inspect --bogus "$src/plans/models/seed-mlp.toml"
+check "inspect with nothing" 2 "$dpart" inspect && contains "inspect with nothing says why" "$tmp/err" "give a MODEL file"
+check "missing file" 2 "$dpart" inspect "$tmp/none.toml" &&
+    contains "missing file is named" "$tmp/err" "$tmp/none.toml: error: cannot open the file for reading"
+
+for f in "$src"/plans/models/*.toml; do
+    check "inspect $(basename "$f")" 0 "$dpart" inspect "$f" && contains "$(basename "$f") totals" "$tmp/out" "parameters:"
+done
+for f in "$src"/plans/clusters/*.toml; do
+    check "inspect --cluster $(basename "$f")" 0 "$dpart" inspect --cluster "$f" &&
+        contains "$(basename "$f") summary" "$tmp/out" "devices on"
+done
+
+# The CSV contract: exactly these columns, one row per layer, parameters summing to the published count.
+if check "inspect --csv" 0 "$dpart" inspect -q "$src/plans/models/gpt2-small.toml" --csv "$tmp/gpt2.csv"; then
+    checks=$((checks + 1))
+    header=$(head -1 "$tmp/gpt2.csv")
+    if [ "$header" != "index,name,op,params,fwd_flops,bwd_flops,out_bytes" ]; then
+        echo "FAIL csv header: $header"; failures=$((failures + 1))
+    fi
+    checks=$((checks + 1))
+    rows=$(($(wc -l <"$tmp/gpt2.csv") - 1))
+    if [ "$rows" -ne 16 ]; then echo "FAIL csv rows: $rows, expected 16"; failures=$((failures + 1)); fi
+    checks=$((checks + 1))
+    total=$(awk -F, 'NR > 1 { s += $4 } END { printf "%d", s }' "$tmp/gpt2.csv")
+    if [ "$total" != "124439808" ]; then echo "FAIL csv params sum: $total"; failures=$((failures + 1)); fi
+    checks=$((checks + 1))
+    if [ -s "$tmp/out" ]; then echo "FAIL -q printed output"; failures=$((failures + 1)); fi
+fi
+if check "inspect --csv llama3-8b" 0 "$dpart" inspect -q "$src/plans/models/llama3-8b.toml" --csv "$tmp/l8.csv"; then
+    checks=$((checks + 1))
+    total=$(awk -F, 'NR > 1 { s += $4 } END { printf "%d", s }' "$tmp/l8.csv")
+    if [ "$total" != "8030261248" ]; then echo "FAIL llama3-8b csv params sum: $total"; failures=$((failures + 1)); fi
+fi
+# A bad model writes no CSV at all.
+check "bad model writes no csv" 2 "$dpart" inspect "$src/tests/bad_input/model/unknown_op.toml" --csv "$tmp/bad.csv"
+checks=$((checks + 1))
+if [ -e "$tmp/bad.csv" ]; then echo "FAIL a CSV was written for a bad model"; failures=$((failures + 1)); fi
+# An unwritable CSV path is a runtime failure (exit 1) naming the path.
+check "unwritable csv" 1 "$dpart" inspect -q "$src/plans/models/seed-mlp.toml" --csv "$tmp/no/such/dir.csv" &&
+    contains "unwritable csv named" "$tmp/err" "$tmp/no/such/dir.csv"
+
+echo "$((checks - failures)) passed, $failures failed"
+[ "$failures" -eq 0 ]
