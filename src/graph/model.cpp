@@ -163,9 +163,15 @@ Model build_model(const ModelSpec& spec) {
     const LayerSpec& first = spec.layers.front();
     m.input_shape = spec.input_shape ? *spec.input_shape : implied_input_shape(first.op);
     if (m.input_shape.empty() && !std::holds_alternative<CustomOp>(first.op))
-        throw InputError(first.where, fmt::format("layer \"{}\": cannot tell the model's input shape from a first "
-                                                  "layer of op {}; give [model] input_shape",
-                                                  first.name, op_name(first.op)));
+        throw InputError(first.where,
+                         fmt::format("layer \"{}\": cannot tell the model's input shape from a first layer of op {}; "
+                                     "give [model] input_shape{}",
+                                     first.name, op_name(first.op),
+                                     std::holds_alternative<EmbeddingOp>(first.op) ||
+                                             std::holds_alternative<AttentionOp>(first.op) ||
+                                             std::holds_alternative<TransformerBlockOp>(first.op)
+                                         ? " or the layer's seq_len"
+                                         : ""));
 
     m.layers.reserve(spec.layers.size());
     for (std::size_t i = 0; i < spec.layers.size(); ++i) {

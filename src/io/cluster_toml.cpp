@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <unordered_map>
 
 #include "dpart/core/checked.hpp"
@@ -19,6 +20,7 @@ std::optional<LinkSpec> read_link_pair(TableReader& r, std::string_view prefix) 
     const auto latency = r.optional_nonnegative(latency_key);
     if (gbs.has_value() != latency.has_value()) {
         const std::string& missing = gbs ? latency_key : gbs_key;
+        r.reject_typo_of(missing);
         const std::string& given = gbs ? gbs_key : latency_key;
         r.fail(given, fmt::format("\"{}\" needs \"{}\" too", given, missing));
     }
@@ -28,6 +30,7 @@ std::optional<LinkSpec> read_link_pair(TableReader& r, std::string_view prefix) 
 
 /// The device figures shared by [[device]] and [[device_group]].
 Device read_device_figures(TableReader& r) {
+    r.expect({"kind", "tflops", "tflops_fp32", "tflops_bf16", "tflops_fp16", "tflops_tf32", "mem_gib", "mem_bw_gbs"});
     Device d;
     d.kind = r.optional_string("kind").value_or("");
     d.tflops = r.required_positive("tflops");
@@ -49,12 +52,12 @@ public:
         Node n;
         n.where = r.where();
         n.name = r.required_string("name");
+        if (auto it = node_index_.find(n.name); it != node_index_.end())
+            r.fail("name", fmt::format("duplicate node name \"{}\" (first declared at line {})", n.name,
+                                       cluster_.nodes[it->second].where.line));
         r.set_context(fmt::format("node \"{}\"", n.name));
         n.intra = read_link_pair(r, "intra_node");
         r.finish();
-        if (auto it = node_index_.find(n.name); it != node_index_.end())
-            r.fail(fmt::format("duplicate node name \"{}\" (first declared at line {})", n.name,
-                               cluster_.nodes[it->second].where.line));
         node_index_.emplace(n.name, cluster_.nodes.size());
         cluster_.nodes.push_back(std::move(n));
     }
@@ -65,8 +68,8 @@ public:
                                max_cluster_devices));
         auto [it, inserted] = device_index_.emplace(d.name, cluster_.devices.size());
         if (!inserted)
-            throw InputError(d.where, fmt::format("duplicate device name \"{}\" (first defined at {})", d.name,
-                                                  cluster_.devices[it->second].where.str()));
+            throw InputError(d.where, fmt::format("duplicate device name \"{}\" (first defined at line {})", d.name,
+                                                  cluster_.devices[it->second].where.line));
         d.node = node_for(node_name, r, node_key);
         cluster_.nodes[d.node].devices.push_back(cluster_.devices.size());
         cluster_.devices.push_back(std::move(d));
@@ -82,11 +85,12 @@ public:
         LinkSpec link;
         link.gbs = r.required_positive("gbs");
         const auto latency = r.optional_nonnegative("latency_us");
-        if (!latency) r.fail("missing required key \"latency_us\"");
+        if (!latency) r.missing("latency_us");
         link.latency_us = *latency;
         r.finish();
-        auto [it, inserted] = cluster_.overrides.emplace(Cluster::pair_key(ia, ib), link);
-        if (!inserted) r.fail(fmt::format("the link between \"{}\" and \"{}\" is given twice", a, b));
+        auto [it, inserted] = link_lines_.emplace(Cluster::pair_key(ia, ib), r.where().line);
+        if (!inserted) r.fail(fmt::format("this pair's link is given twice (first at line {})", it->second));
+        cluster_.overrides.emplace(Cluster::pair_key(ia, ib), link);
     }
 
     Cluster finish(const SourceLocation& network_where) {
@@ -97,13 +101,14 @@ public:
             if (n.devices.empty()) continue;
             ++populated;
             if (n.devices.size() > 1 && !n.intra && !cluster_.intra_default)
-                throw InputError(network_where, fmt::format("node \"{}\" has {} devices but neither [network] "
-                                                            "intra_node_gbs nor the node gives their link",
+                throw InputError(network_where, fmt::format("node \"{}\" has {} devices but gives no link between "
+                                                            "them: add [network] intra_node_gbs and "
+                                                            "intra_node_latency_us, or the node's own",
                                                             n.name, n.devices.size()));
         }
         if (populated > 1 && !cluster_.inter_default)
-            throw InputError(network_where, fmt::format("the cluster spans {} nodes but [network] gives no "
-                                                        "inter_node_gbs / inter_node_latency_us",
+            throw InputError(network_where, fmt::format("the cluster spans {} nodes but gives no inter-node link: "
+                                                        "add [network] inter_node_gbs and inter_node_latency_us",
                                                         populated));
         return std::move(cluster_);
     }
@@ -139,6 +144,7 @@ private:
     Cluster cluster_;
     std::unordered_map<std::string, std::size_t> node_index_;
     std::unordered_map<std::string, std::size_t> device_index_;
+    std::unordered_map<std::uint64_t, std::uint32_t> link_lines_;
 };
 
 Cluster read_cluster(const toml::table& root, const std::string& path) {
@@ -150,7 +156,7 @@ Cluster read_cluster(const toml::table& root, const std::string& path) {
     const toml::array* groups = top.optional_table_array("device_group");
     const toml::array* links = top.optional_table_array("link");
     top.finish();
-    if (cluster == nullptr) throw InputError(SourceLocation{path, 1, 1}, "missing the [cluster] table");
+    if (cluster == nullptr) throw InputError(SourceLocation{path}, "missing the [cluster] table");
 
     ClusterBuilder builder(path, nodes != nullptr);
     Cluster& c = builder.cluster();
@@ -162,6 +168,7 @@ Cluster read_cluster(const toml::table& root, const std::string& path) {
     SourceLocation network_where = c.where;
     if (network != nullptr) {
         TableReader r(*network, path, "[network]");
+        r.expect({"intra_node_gbs", "intra_node_latency_us", "inter_node_gbs", "inter_node_latency_us"});
         network_where = r.where();
         c.intra_default = read_link_pair(r, "intra_node");
         c.inter_default = read_link_pair(r, "inter_node");
@@ -172,22 +179,36 @@ Cluster read_cluster(const toml::table& root, const std::string& path) {
             TableReader r(*n.as_table(), path, "[[node]]");
             builder.declare_node(r);
         }
+    // [[device]] and [[device_group]] tables are taken in file order, so that device indices and
+    // "first defined at" messages follow what the user wrote.
+    struct Entry {
+        std::uint32_t line;
+        bool group;
+        std::size_t index;
+    };
+    std::vector<Entry> entries;
     if (devices != nullptr)
-        for (std::size_t i = 0; i < devices->size(); ++i) {
+        for (std::size_t i = 0; i < devices->size(); ++i)
+            entries.push_back({devices->get(i)->source().begin.line, false, i});
+    if (groups != nullptr)
+        for (std::size_t i = 0; i < groups->size(); ++i)
+            entries.push_back({groups->get(i)->source().begin.line, true, i});
+    std::stable_sort(entries.begin(), entries.end(), [](const Entry& x, const Entry& y) { return x.line < y.line; });
+    for (const Entry& e : entries) {
+        const std::size_t i = e.index;
+        if (!e.group) {
             TableReader r(*devices->get(i)->as_table(), path, fmt::format("[[device]] #{}", i + 1));
             const std::string name = r.required_string("name");
             r.set_context(fmt::format("device \"{}\"", name));
             const auto node = r.optional_string("node");
-            if (!node) r.fail("missing required key \"node\" (every device belongs to a node)");
+            if (!node) r.missing("node", " (every device belongs to a node)");
             if (node->empty()) r.fail("node", "\"node\" must not be empty");
             Device d = read_device_figures(r);
             d.name = name;
             d.where = r.where();
             r.finish();
             builder.add_device(std::move(d), *node, r, "node");
-        }
-    if (groups != nullptr)
-        for (std::size_t i = 0; i < groups->size(); ++i) {
+        } else {
             TableReader r(*groups->get(i)->as_table(), path, fmt::format("[[device_group]] #{}", i + 1));
             const std::uint64_t node_count = r.required_count("nodes");
             const std::uint64_t per_node = r.required_count("devices_per_node");
@@ -217,6 +238,7 @@ Cluster read_cluster(const toml::table& root, const std::string& path) {
                 }
             }
         }
+    }
     if (links != nullptr)
         for (std::size_t i = 0; i < links->size(); ++i) {
             TableReader r(*links->get(i)->as_table(), path, fmt::format("[[link]] #{}", i + 1));

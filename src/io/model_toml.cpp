@@ -61,6 +61,7 @@ MlpOp parse_mlp(TableReader& r, std::uint64_t hidden, std::string_view kind_key,
 
 OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec& spec) {
     if (op == "linear") {
+        r.expect({"in_features", "out_features", "bias", "tied_to"});
         LinearOp o;
         o.in_features = r.required_count("in_features");
         o.out_features = r.required_count("out_features");
@@ -70,6 +71,7 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
         return o;
     }
     if (op == "embedding") {
+        r.expect({"vocab", "hidden", "positions", "seq_len"});
         EmbeddingOp o;
         o.vocab = r.required_count("vocab");
         o.hidden = r.required_count("hidden");
@@ -89,12 +91,18 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
     if (op == "gelu") return ElementwiseOp{Elementwise::gelu};
     if (op == "silu") return ElementwiseOp{Elementwise::silu};
     if (op == "dropout") return ElementwiseOp{Elementwise::dropout};
-    if (op == "attention") return parse_attention(r);
+    if (op == "attention") {
+        r.expect({"hidden", "heads", "kv_heads", "head_dim", "seq_len", "causal", "bias", "qkv_bias"});
+        return parse_attention(r);
+    }
     if (op == "mlp") {
+        r.expect({"hidden", "ffn_hidden", "kind", "activation", "bias"});
         const std::uint64_t hidden = r.required_count("hidden");
         return parse_mlp(r, hidden, "kind", r.optional_bool("bias", true));
     }
     if (op == "transformer_block") {
+        r.expect({"hidden", "heads", "kv_heads", "head_dim", "seq_len", "causal", "bias", "qkv_bias"});
+        r.expect({"ffn_hidden", "mlp", "activation", "norm", "norm_bias"});
         TransformerBlockOp o;
         o.attention = parse_attention(r);
         o.mlp = parse_mlp(r, o.attention.hidden, "mlp", o.attention.bias);
@@ -103,11 +111,12 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
         return o;
     }
     if (op == "conv2d") {
+        r.expect({"in_channels", "out_channels", "kernel", "stride", "padding", "groups", "bias"});
         Conv2dOp o;
         o.in_channels = r.required_count("in_channels");
         o.out_channels = r.required_count("out_channels");
         const auto kernel = r.optional_pair("kernel");
-        if (!kernel) r.fail("missing required key \"kernel\"");
+        if (!kernel) r.missing("kernel");
         o.kernel_h = kernel->first;
         o.kernel_w = kernel->second;
         o.stride = r.optional_count("stride", 1);
@@ -124,6 +133,7 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
             if (r.has("kernel") || r.has("stride") || r.has("padding"))
                 r.fail("global", "a global pool takes no kernel, stride or padding");
         } else {
+            if (!r.has("kernel")) r.missing("kernel", " (or global = true)");
             o.kernel = r.required_count("kernel");
             o.stride = r.optional_count("stride", o.kernel);
             o.padding = r.optional_count("padding", 0, true);
@@ -135,12 +145,14 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
     if (op == "concat") return ConcatOp{r.optional_count("axis", 0, true)};
     if (op == "softmax_xent") return SoftmaxXentOp{r.optional_count("classes", 0, true)};
     // custom
+    r.expect({"fwd_flops", "bwd_flops", "params", "out_bytes", "out_shape", "saved_bytes", "fwd_mem_bytes",
+              "bwd_mem_bytes"});
     CustomOp o;
     o.fwd_flops = r.optional_count("fwd_flops", 0, true);
     o.bwd_flops = r.optional_count("bwd_flops", 0, true);
     o.params = r.optional_count("params", 0, true);
     for (std::string_view key : {"fwd_flops", "bwd_flops", "params"})
-        if (!r.has(key)) r.fail(fmt::format("missing required key \"{}\"", key));
+        if (!r.has(key)) r.missing(key);
     if (auto shape = r.optional_shape("out_shape")) o.out_shape = *shape;
     if (r.has("out_bytes")) {
         o.out_bytes = r.required_count("out_bytes");
@@ -151,7 +163,7 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
             r.fail("out_shape", "out_shape holds more bytes than fit in 64 bits");
         }
     } else {
-        r.fail("missing required key \"out_bytes\" (or out_shape)");
+        r.missing("out_bytes", " (or out_shape)");
     }
     o.saved_bytes = r.optional_count("saved_bytes", o.out_bytes, true);
     o.fwd_mem_bytes = r.optional_count("fwd_mem_bytes", 0, true);
@@ -167,12 +179,15 @@ LayerSpec parse_layer(const toml::table& table, const std::string& file, std::si
     r.set_context(fmt::format("layer \"{}\"", spec.name));
     const std::string op = r.choice("op", op_names(), "");
     spec.inputs = r.optional_string_array("inputs", &spec.input_where);
+    if (spec.inputs && spec.inputs->empty()) r.fail("inputs", "inputs must name at least one layer");
     spec.op = parse_op(r, op, dtype, spec);
     r.finish();
     return spec;
 }
 
 TransformerSpec parse_transformer(TableReader& r) {
+    r.expect({"layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "seq_len", "norm", "mlp",
+              "activation", "position", "max_positions", "tied_embeddings", "bias", "qkv_bias", "norm_bias"});
     TransformerSpec t;
     t.layers = r.required_count("layers");
     t.hidden = r.required_count("hidden");
@@ -209,7 +224,7 @@ Model read_model(const toml::table& root, const std::string& path) {
     const toml::array* layers = top.optional_table_array("layer");
     const toml::table* transformer = top.optional_table("transformer");
     top.finish();
-    if (model == nullptr) throw InputError(SourceLocation{path, 1, 1}, "missing the [model] table");
+    if (model == nullptr) throw InputError(SourceLocation{path}, "missing the [model] table");
 
     ModelSpec spec;
     TableReader m(*model, path, "[model]");

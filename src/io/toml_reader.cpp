@@ -70,6 +70,25 @@ void TableReader::fail(const std::string& message) const {
     throw InputError(where(), context_.empty() ? message : context_ + ": " + message);
 }
 
+void TableReader::expect(std::initializer_list<std::string_view> keys) {
+    for (std::string_view k : keys) known_.emplace(k);
+}
+
+void TableReader::reject_typo_of(std::string_view key) const {
+    for (const auto& [k, node] : table_) {
+        if (known_.count(k.str()) != 0 || k.str() == key) continue;
+        if (!closest_match(k.str(), {std::string(key)}).empty())
+            throw InputError(key_location(k),
+                             fmt::format("{}{}unknown key \"{}\" (did you mean \"{}\"?)", context_,
+                                         context_.empty() ? "" : ": ", k.str(), key));
+    }
+}
+
+void TableReader::missing(std::string_view key, std::string_view hint) const {
+    reject_typo_of(key);
+    fail(fmt::format("missing required key \"{}\"{}", key, hint));
+}
+
 const toml::node* TableReader::get(std::string_view key) {
     known_.emplace(key);
     return table_.get(key);
@@ -77,7 +96,7 @@ const toml::node* TableReader::get(std::string_view key) {
 
 std::string TableReader::required_string(std::string_view key) {
     const toml::node* n = get(key);
-    if (n == nullptr) fail(fmt::format("missing required key \"{}\"", key));
+    if (n == nullptr) missing(key);
     auto s = optional_string(key);
     if (s->empty()) fail(key, fmt::format("\"{}\" must not be empty", key));
     return *s;
@@ -94,7 +113,7 @@ std::string TableReader::choice(std::string_view key, const std::vector<std::str
                                 std::string_view fallback) {
     auto s = optional_string(key);
     if (!s) {
-        if (fallback.empty()) fail(fmt::format("missing required key \"{}\"", key));
+        if (fallback.empty()) missing(key);
         return std::string(fallback);
     }
     for (const auto& a : allowed)
@@ -133,7 +152,7 @@ std::uint64_t TableReader::to_count(std::string_view key, const toml::node& n, b
 
 std::uint64_t TableReader::required_count(std::string_view key) {
     const toml::node* n = get(key);
-    if (n == nullptr) fail(fmt::format("missing required key \"{}\"", key));
+    if (n == nullptr) missing(key);
     return to_count(key, *n, false);
 }
 
@@ -155,7 +174,7 @@ double TableReader::to_number(std::string_view key, const toml::node& n) const {
 
 double TableReader::required_positive(std::string_view key) {
     const toml::node* n = get(key);
-    if (n == nullptr) fail(fmt::format("missing required key \"{}\"", key));
+    if (n == nullptr) missing(key);
     return *optional_positive(key);
 }
 
@@ -240,10 +259,19 @@ void TableReader::finish() const {
     std::vector<std::string> known(known_.begin(), known_.end());
     for (const auto& [key, node] : table_) {
         if (known_.count(key.str()) != 0) continue;
-        throw InputError(location_of(node, file_),
-                         fmt::format("{}{}unknown key \"{}\"{}", context_, context_.empty() ? "" : ": ", key.str(),
-                                     did_you_mean(key.str(), known)));
+        std::string what = fmt::format("key \"{}\"", key.str());
+        if (node.is_table()) what = fmt::format("table [{}]", key.str());
+        else if (const auto* a = node.as_array(); a != nullptr && a->is_array_of_tables() && !a->empty())
+            what = fmt::format("table [[{}]]", key.str());
+        const SourceLocation at = node.is_table() ? location_of(node, file_) : key_location(key);
+        throw InputError(at, fmt::format("{}{}unknown {}{}", context_, context_.empty() ? "" : ": ",
+                                                        what, did_you_mean(key.str(), known)));
     }
+}
+
+SourceLocation TableReader::key_location(const toml::key& key) const {
+    const auto& begin = key.source().begin;
+    return SourceLocation{file_, begin.line, begin.column};
 }
 
 }  // namespace dpart

@@ -71,14 +71,14 @@ if check "inspect --csv" 0 "$dpart" inspect -q "$src/plans/models/gpt2-small.tom
     rows=$(($(wc -l <"$tmp/gpt2.csv") - 1))
     if [ "$rows" -ne 16 ]; then echo "FAIL csv rows: $rows, expected 16"; failures=$((failures + 1)); fi
     checks=$((checks + 1))
-    total=$(awk -F, 'NR > 1 { s += $4 } END { printf "%d", s }' "$tmp/gpt2.csv")
+    total=$(awk -F, 'NR > 1 { s += $4 } END { printf "%.0f", s }' "$tmp/gpt2.csv")
     if [ "$total" != "124439808" ]; then echo "FAIL csv params sum: $total"; failures=$((failures + 1)); fi
     checks=$((checks + 1))
     if [ -s "$tmp/out" ]; then echo "FAIL -q printed output"; failures=$((failures + 1)); fi
 fi
 if check "inspect --csv llama3-8b" 0 "$dpart" inspect -q "$src/plans/models/llama3-8b.toml" --csv "$tmp/l8.csv"; then
     checks=$((checks + 1))
-    total=$(awk -F, 'NR > 1 { s += $4 } END { printf "%d", s }' "$tmp/l8.csv")
+    total=$(awk -F, 'NR > 1 { s += $4 } END { printf "%.0f", s }' "$tmp/l8.csv")
     if [ "$total" != "8030261248" ]; then echo "FAIL llama3-8b csv params sum: $total"; failures=$((failures + 1)); fi
 fi
 # A bad model writes no CSV at all.

@@ -99,7 +99,8 @@ TEST_CASE("cluster errors point at the offending value") {
           "c.toml:8:1: device \"g\": missing required key \"node\" (every device belongs to a node)");
     CHECK(error_of(network) == "c.toml:1:1: the cluster has no devices: add [[device]] or [[device_group]] tables");
     CHECK(error_of("[cluster]\nname = \"c\"\n[[device_group]]\nnodes = 1\ndevices_per_node = 2\ntflops = 1\nmem_gib = 1\nmem_bw_gbs = 1\n") ==
-          "c.toml:1:1: node \"node0\" has 2 devices but neither [network] intra_node_gbs nor the node gives their link");
+          "c.toml:1:1: node \"node0\" has 2 devices but gives no link between them: add [network] intra_node_gbs and "
+          "intra_node_latency_us, or the node's own");
     CHECK(error_of(network + "[[device_group]]\nnodes = 1000000\ndevices_per_node = 8\ntflops = 1\nmem_gib = 1\nmem_bw_gbs = 1\n")
               .find("more than the 1048576 dpart accepts") != std::string::npos);
     CHECK(error_of(network + "[[device]]\nname = \"g\"\nnode = \"n\"\ntflops = 1\nmem_gib = 1\nmem_bw_gbs = 1\n"

@@ -119,9 +119,14 @@ TEST_CASE("errors point at the offending value") {
           "\"attention\", \"mlp\", \"transformer_block\", \"conv2d\", \"pool\", \"flatten\", \"add\", \"concat\", "
           "\"softmax_xent\", \"custom\"");
     CHECK(error_of(header + "[[layer]]\nname = \"a\"\nop = \"linear\"\nin_feature = 4\nout_features = 2\n") ==
+          "m.toml:8:1: layer \"a\": unknown key \"in_feature\" (did you mean \"in_features\"?)");
+    CHECK(error_of(header + "[[layer]]\nname = \"a\"\nop = \"linear\"\nout_features = 2\n") ==
           "m.toml:5:1: layer \"a\": missing required key \"in_features\"");
+    // out_features is not mistaken for a typo of the missing in_features.
+    CHECK(error_of(header + "[[layer]]\nname = \"a\"\nop = \"conv2d\"\nout_channels = 2\nkernel = 3\n") ==
+          "m.toml:5:1: layer \"a\": missing required key \"in_channels\"");
     CHECK(error_of(header + "[[layer]]\nname = \"a\"\nop = \"linear\"\nin_features = 4\nout_features = 2\nbais = true\n") ==
-          "m.toml:10:8: layer \"a\": unknown key \"bais\" (did you mean \"bias\"?)");
+          "m.toml:10:1: layer \"a\": unknown key \"bais\" (did you mean \"bias\"?)");
     CHECK(error_of(header + "[[layer]]\nname = \"a\"\nop = \"linear\"\nin_features = 0\nout_features = 2\n") ==
           "m.toml:8:15: layer \"a\": \"in_features\" must be a positive integer, got 0");
     CHECK(error_of(header + "[[layer]]\nname = \"a\"\nop = \"linear\"\nin_features = nan\nout_features = 2\n") ==
@@ -136,7 +141,8 @@ TEST_CASE("errors point at the offending value") {
               "m.toml:3:9: [model]: unknown dtype \"fp64\"") == 0);
     CHECK(error_of("[model]\nname = \"m\"\ndtype = \"fp32\"\n") == "m.toml:1:1: [model]: missing required key \"global_batch\"");
     CHECK(error_of("[model\n").find("m.toml:1:7: TOML syntax error") == 0);
-    CHECK(error_of("name = 1\n") == "m.toml:1:8: unknown key \"name\"");
+    CHECK(error_of("name = 1\n") == "m.toml:1:1: unknown key \"name\"");
+    CHECK(error_of(header + "[optimizer]\nlr = 1\n") == "m.toml:5:1: unknown table [optimizer]");
     CHECK(error_of(header) == "m.toml:1:1: the model has no layers: add [[layer]] tables or a [transformer] table");
 }
 

@@ -34,6 +34,10 @@ public:
     [[nodiscard]] const std::string& file() const noexcept { return file_; }
     [[nodiscard]] const toml::table& table() const noexcept { return table_; }
 
+    /// Declares keys that will be read later, so that a typo check made before they are read
+    /// (see missing()) does not mistake one of them for a misspelling.
+    void expect(std::initializer_list<std::string_view> keys);
+
     [[nodiscard]] SourceLocation where() const;
     /// Location of the key's value, or of the table when the key is absent.
     [[nodiscard]] SourceLocation where(std::string_view key) const;
@@ -41,6 +45,11 @@ public:
 
     [[noreturn]] void fail(std::string_view key, const std::string& message) const;
     [[noreturn]] void fail(const std::string& message) const;
+    /// "missing required key" (+ hint), unless an unknown key of the table looks like a typo of
+    /// `key`: then that typo is reported, at its own location, since it is the real mistake.
+    [[noreturn]] void missing(std::string_view key, std::string_view hint = "") const;
+    /// Throws the unknown-key error for a present, unasked-for key that is a typo of `key`.
+    void reject_typo_of(std::string_view key) const;
 
     [[nodiscard]] std::string required_string(std::string_view key);
     [[nodiscard]] std::optional<std::string> optional_string(std::string_view key);
@@ -78,6 +87,7 @@ public:
 private:
     [[nodiscard]] const toml::node* get(std::string_view key);
     [[nodiscard]] std::uint64_t to_count(std::string_view key, const toml::node& node, bool allow_zero) const;
+    [[nodiscard]] SourceLocation key_location(const toml::key& key) const;
     [[nodiscard]] double to_number(std::string_view key, const toml::node& node) const;
 
     const toml::table& table_;
