@@ -72,7 +72,8 @@ void print_model(const Model& m) {
 void print_cluster(const Cluster& c) {
     std::size_t populated = 0;
     for (const Node& n : c.nodes) populated += n.devices.empty() ? 0 : 1;
-    fmt::print("cluster {}: {} devices on {} nodes\n\n", c.name, c.devices.size(), populated);
+    fmt::print("cluster {}: {} device{} on {} node{}\n\n", c.name, c.devices.size(), c.devices.size() == 1 ? "" : "s",
+               populated, populated == 1 ? "" : "s");
 
     // Devices grouped by identical figures, so that 1024 GPUs read as one line.
     struct Group {

