@@ -7,6 +7,7 @@
 
 #include "commands.hpp"
 #include "dpart/core/error.hpp"
+#include "dpart/io/meta.hpp"
 
 namespace {
 
@@ -31,6 +32,7 @@ int main(int argc, char** argv) {
 
     dpart::cli::Action action;
     dpart::cli::setup_inspect(app, action);
+    dpart::cli::setup_plan(app, action, dpart::command_line(argc, argv));
 
     try {
         app.parse(argc, argv);

@@ -1,0 +1,107 @@
+#pragma once
+// What work costs in seconds: a layer's forward or backward pass on a device, a transfer between
+// two devices, a collective over a group. The planner, the simulator and the runtime's
+// predictions all ask this interface; AnalyticalCostModel answers from the cluster's figures
+// (roofline), a measured model (dpart profile) or a test's table can stand in.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "dpart/cluster/cluster.hpp"
+#include "dpart/graph/model.hpp"
+
+namespace dpart {
+
+enum class Pass { forward, backward };
+
+/// seconds(bytes) = 0 when bytes == 0, else fixed + per_byte * bytes.
+struct AllreduceCost {
+    double fixed = 0;
+    double per_byte = 0;
+    [[nodiscard]] double operator()(std::uint64_t bytes) const noexcept {
+        return bytes == 0 ? 0.0 : fixed + per_byte * static_cast<double>(bytes);
+    }
+};
+
+class CostModel {
+public:
+    virtual ~CostModel() = default;
+
+    /// Seconds for `samples` samples of layer `layer` on `device`, split `tp` ways by tensor
+    /// parallelism (the tensor-parallel all-reduces over the device's node included).
+    [[nodiscard]] virtual double layer_seconds(std::size_t layer, Pass pass, std::size_t device,
+                                               std::uint64_t samples, std::uint32_t tp) const = 0;
+    /// Devices with the same class have identical layer_seconds (the planner caches per class).
+    [[nodiscard]] virtual std::size_t device_class(std::size_t device) const = 0;
+    /// Relative speed used to share a microbatch among replicas (any positive scale).
+    [[nodiscard]] virtual double device_speed(std::size_t device) const = 0;
+    /// Seconds to move `bytes` from device a to device b.
+    [[nodiscard]] virtual double transfer_seconds(std::size_t a, std::size_t b, std::uint64_t bytes) const = 0;
+    /// An all-reduce over `devices` (in ring order) as a linear function of its size, so that the
+    /// planner can price many sizes for one group.
+    [[nodiscard]] virtual AllreduceCost allreduce_cost(const std::vector<std::size_t>& devices) const = 0;
+    /// Seconds of an all-reduce of `bytes` over `devices`; 0 for one device or no bytes.
+    [[nodiscard]] double allreduce_seconds(const std::vector<std::size_t>& devices, std::uint64_t bytes) const {
+        return allreduce_cost(devices)(bytes);
+    }
+    /// Seconds of the optimizer step for `params` parameters on `device`.
+    [[nodiscard]] virtual double optimizer_seconds(std::size_t device, std::uint64_t params) const = 0;
+};
+
+/// Whether tensor parallelism splits this op (Megatron's column/row split of transformer
+/// layers, vocabulary-parallel embedding, head and loss); other ops run whole on every rank.
+[[nodiscard]] bool tp_splits(const OpParams& op) noexcept;
+/// Tensor-parallel all-reduces of the op's output activation per pass: {forward, backward}.
+struct TpCollectives {
+    std::uint32_t forward = 0;
+    std::uint32_t backward = 0;
+};
+[[nodiscard]] TpCollectives tp_collectives(const OpParams& op) noexcept;
+
+/// Ring all-reduce over n ranks on links of bandwidth gbs (GB/s) and latency_us: 2(n-1) steps,
+/// each moving bytes/n: 2(n-1)/n * bytes / bw + 2(n-1) * latency (nccl-tests' busbw factor).
+[[nodiscard]] AllreduceCost ring_allreduce(std::size_t n, const LinkSpec& link) noexcept;
+[[nodiscard]] inline double ring_allreduce_seconds(std::uint64_t bytes, std::size_t n, const LinkSpec& link) noexcept {
+    return ring_allreduce(n, link)(bytes);
+}
+
+struct CostOptions {
+    /// Bytes of training state per parameter: weights, gradients and optimizer state (16 for
+    /// mixed-precision Adam: bf16 weights and gradients, fp32 master weights and two moments).
+    std::uint64_t bytes_per_param = 16;
+    bool shard_optimizer = false;    ///< optimizer state (beyond weights and gradients) split across replicas
+    bool recompute = false;          ///< activation checkpointing: keep stage inputs, recompute the rest
+    bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
+};
+
+/// The roofline on the cluster's figures (docs/METHOD.md):
+///   t = max(samples * flops / (tflops * 1e12), (weight_bytes + samples * activation_bytes) / (mem_bw_gbs * 1e9))
+/// per layer and pass, with tensor parallelism dividing the split ops' work and adding their
+/// all-reduces on the node's intra-node link.
+class AnalyticalCostModel final : public CostModel {
+public:
+    AnalyticalCostModel(const Model& model, const Cluster& cluster, CostOptions options = {});
+
+    [[nodiscard]] double layer_seconds(std::size_t layer, Pass pass, std::size_t device, std::uint64_t samples,
+                                       std::uint32_t tp) const override;
+    [[nodiscard]] std::size_t device_class(std::size_t device) const override { return device_class_.at(device); }
+    [[nodiscard]] double device_speed(std::size_t device) const override;
+    [[nodiscard]] double transfer_seconds(std::size_t a, std::size_t b, std::uint64_t bytes) const override;
+    [[nodiscard]] AllreduceCost allreduce_cost(const std::vector<std::size_t>& devices) const override;
+    [[nodiscard]] double optimizer_seconds(std::size_t device, std::uint64_t params) const override;
+
+    [[nodiscard]] const Model& model() const noexcept { return model_; }
+    [[nodiscard]] const Cluster& cluster() const noexcept { return cluster_; }
+    [[nodiscard]] const CostOptions& options() const noexcept { return options_; }
+
+private:
+    /// The link a tensor-parallel group on this device's node uses.
+    [[nodiscard]] LinkSpec tp_link(std::size_t device) const;
+
+    const Model& model_;
+    const Cluster& cluster_;
+    CostOptions options_;
+    std::vector<std::size_t> device_class_;
+};
+
+}  // namespace dpart

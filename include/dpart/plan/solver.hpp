@@ -1,0 +1,64 @@
+#pragma once
+// The planner: exact dynamic programming over (layer prefix, device prefix) for the partition
+// of a model across a cluster, and the baseline strategies it is compared with.
+//
+// Search space (docs/METHOD.md): stages are contiguous layer ranges; stage k runs on a
+// contiguous block of devices in a device order where each node's devices are consecutive and
+// nodes are grouped by kind (every order of the kinds is tried). A block is either an aligned
+// power-of-two slice of one node, or whole consecutive nodes. Its devices form r data-parallel
+// replicas of a tensor-parallel group of t devices (t a power of two dividing the node size,
+// t <= max_tp, r <= max_replicas, r <= microbatch size). Devices after the last stage stay unused.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dpart/cost/cost_model.hpp"
+#include "dpart/plan/estimate.hpp"
+#include "dpart/plan/plan.hpp"
+
+namespace dpart {
+
+enum class Strategy { optimal, uniform, parameters, time, data_parallel };
+[[nodiscard]] std::string_view to_string(Strategy s) noexcept;
+
+struct SolverOptions {
+    Objective objective = Objective::iteration;
+    ScheduleKind schedule = ScheduleKind::one_f_one_b;
+    std::uint64_t microbatch_size = 0;  ///< 0 = search the divisors of the global batch
+    std::uint64_t microbatches = 0;     ///< 0 = follow from microbatch_size
+    std::uint64_t max_replicas = 0;     ///< 0 = no limit
+    std::uint32_t max_tp = 8;
+    Strategy strategy = Strategy::optimal;
+    /// Candidates kept by bottleneck bound for the iteration objective, re-ranked by exact makespan.
+    std::size_t rerank = 8;
+};
+
+struct SolveResult {
+    Plan plan;
+    PlanEstimate estimate;
+    /// The value the search minimised: the bottleneck (throughput) or the surrogate
+    /// sum(stage) + (M-1) * max(stage) (iteration; the reported iteration time is the exact makespan).
+    double objective_s = 0;
+    std::size_t plans_evaluated = 0;  ///< stage evaluations by the search
+};
+
+/// Why nothing fits, and what would.
+struct Infeasibility {
+    std::uint64_t deficit_bytes = 0;  ///< smallest excess of a stage's memory over its device's
+    std::vector<std::string> suggestions;
+};
+
+/// Solves for the best plan. Throws InfeasibleError (exit 3) with the smallest memory deficit
+/// and suggestions when no plan fits, InputError for contradictory options.
+[[nodiscard]] SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& cost,
+                                const CostOptions& cost_options, const SolverOptions& options);
+
+/// The candidate device orders: nodes grouped by kind, every order of the kinds (at most 24;
+/// beyond 4 kinds, fastest-first and slowest-first).
+[[nodiscard]] std::vector<std::vector<std::size_t>> device_orders(const Cluster& cluster, const CostModel& cost);
+
+/// The microbatch sizes tried: the given one, or every divisor of the global batch.
+[[nodiscard]] std::vector<std::uint64_t> microbatch_candidates(std::uint64_t global_batch, const SolverOptions& options);
+
+}  // namespace dpart

@@ -1,0 +1,79 @@
+#pragma once
+// A pipeline schedule as an explicit task graph for one iteration: forward and backward of
+// each microbatch on each stage, the activation and gradient transfers between stages, the
+// data-parallel all-reduce and the optimizer step, with their dependencies. The planner's
+// predicted iteration time is this graph's exact makespan; the simulator and the runtime
+// execute the same graph.
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+namespace dpart {
+
+enum class ScheduleKind { one_f_one_b, gpipe };
+
+[[nodiscard]] std::string_view to_string(ScheduleKind s) noexcept;
+
+enum class TaskKind { forward, backward, send_activation, send_gradient, allreduce, optimizer };
+
+[[nodiscard]] std::string_view to_string(TaskKind k) noexcept;
+
+/// Per-stage durations (seconds) of one microbatch's work, and of the per-iteration steps.
+struct StageDurations {
+    double forward = 0;
+    double backward = 0;
+    double send_activation = 0;  ///< to the next stage (unused on the last)
+    double send_gradient = 0;    ///< to the previous stage (unused on the first)
+    double allreduce = 0;        ///< gradients across the stage's replicas, once per iteration
+    double optimizer = 0;        ///< the optimizer step, once per iteration
+};
+
+/// What a task occupies: a stage's devices, or one direction of the link between two stages.
+struct Resource {
+    enum class Kind { stage, forward_link, backward_link } kind = Kind::stage;
+    std::uint32_t stage = 0;  ///< for links: the sending stage
+};
+
+struct Task {
+    TaskKind kind = TaskKind::forward;
+    std::uint32_t stage = 0;       ///< the stage that does (or sends) it
+    std::uint32_t microbatch = 0;  ///< unused for all-reduce and optimizer
+    std::uint32_t resource = 0;    ///< index into TaskGraph::resources
+    double duration = 0;
+    /// Tasks that must end before this one starts, including the previous task on the same
+    /// resource. Always smaller indices: tasks are stored in a topological order.
+    std::vector<std::uint32_t> deps;
+};
+
+struct TaskGraph {
+    ScheduleKind schedule = ScheduleKind::one_f_one_b;
+    std::uint32_t stages = 0;
+    std::uint32_t microbatches = 0;
+    std::vector<Resource> resources;
+    std::vector<Task> tasks;
+};
+
+/// The order in which a stage runs its forward (true) and backward (false) passes.
+struct StageStep {
+    bool forward = true;
+    std::uint32_t microbatch = 0;
+};
+[[nodiscard]] std::vector<StageStep> stage_order(ScheduleKind schedule, std::uint32_t stage, std::uint32_t stages,
+                                                 std::uint32_t microbatches);
+
+/// Builds the task graph of one iteration. `overlap_allreduce` lets a stage's all-reduce start
+/// with its last microbatch's backward instead of after it (it still ends no earlier than it).
+[[nodiscard]] TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations>& stages,
+                                       std::uint32_t microbatches, bool overlap_allreduce = false);
+
+struct Timeline {
+    std::vector<double> start;  ///< per task, seconds from the iteration's start
+    std::vector<double> end;
+    double makespan = 0;
+};
+
+/// Earliest start of every task (each starts when all its dependencies have ended): the exact
+/// makespan of the graph.
+[[nodiscard]] Timeline simulate(const TaskGraph& graph);
+
+}  // namespace dpart

@@ -1,0 +1,229 @@
+// dpart plan: the best partition of a model across a cluster, explained.
+#include <fmt/format.h>
+
+#include <memory>
+
+#include "commands.hpp"
+#include "dpart/core/format.hpp"
+#include "dpart/io/atomic_file.hpp"
+#include "dpart/io/cluster_toml.hpp"
+#include "dpart/io/model_toml.hpp"
+#include "dpart/io/plan_toml.hpp"
+#include "dpart/plan/solver.hpp"
+#include "dpart/report/text_table.hpp"
+
+namespace dpart::cli {
+namespace {
+
+struct PlanOptions {
+    std::string model;
+    std::string cluster;
+    std::string objective = "iteration";
+    std::string schedule = "1f1b";
+    std::string microbatch_size = "auto";
+    std::string microbatches = "auto";
+    std::uint64_t max_replicas = 0;
+    std::uint32_t max_tp = 8;
+    std::string strategy = "optimal";
+    std::string out;
+    std::string csv;
+    std::uint64_t bytes_per_param = 16;
+    bool shard_optimizer = false;
+    bool recompute = false;
+    bool overlap_allreduce = false;
+    bool compare = false;
+    bool quiet = false;
+};
+
+std::uint64_t parse_auto(const std::string& value, const std::string& flag) {
+    if (value == "auto") return 0;
+    std::uint64_t v = 0;
+    std::size_t used = 0;
+    try {
+        v = std::stoull(value, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (used != value.size() || v == 0 || value[0] == '-')
+        throw InputError(fmt::format("{} must be a positive integer or \"auto\", got \"{}\"", flag, value));
+    return v;
+}
+
+Strategy parse_strategy(const std::string& s) {
+    if (s == "uniform") return Strategy::uniform;
+    if (s == "parameters") return Strategy::parameters;
+    if (s == "time") return Strategy::time;
+    if (s == "data-parallel") return Strategy::data_parallel;
+    return Strategy::optimal;
+}
+
+/// "dgx0.gpu0 .. dgx0.gpu3" for a run of consecutive devices, else the names (first few).
+std::string device_range(const Cluster& c, const std::vector<std::size_t>& devices) {
+    bool consecutive = true;
+    for (std::size_t i = 1; i < devices.size(); ++i) consecutive = consecutive && devices[i] == devices[i - 1] + 1;
+    if (devices.size() == 1) return c.devices[devices[0]].name;
+    if (consecutive) return c.devices[devices.front()].name + " .. " + c.devices[devices.back()].name;
+    std::string out;
+    for (std::size_t i = 0; i < devices.size() && i < 3; ++i) out += (i ? ", " : "") + c.devices[devices[i]].name;
+    if (devices.size() > 3) out += fmt::format(", +{}", devices.size() - 3);
+    return out;
+}
+
+std::string msf(double seconds) { return fmt::format("{:.3f}", seconds * 1e3); }
+
+void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, const Cluster& cluster,
+                const std::string& strategy) {
+    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples\n\n",
+               model.name, cluster.name, strategy, to_string(plan.objective), to_string(plan.schedule),
+               plan.microbatches, plan.microbatch_size);
+    TextTable t({{"stage", Align::right},
+                 {"layers", Align::left},
+                 {"devices", Align::left},
+                 {"dp", Align::right},
+                 {"tp", Align::right},
+                 {"fwd ms", Align::right},
+                 {"bwd ms", Align::right},
+                 {"comm ms", Align::right},
+                 {"stage ms", Align::right},
+                 {"memory used / avail", Align::right},
+                 {"util", Align::right},
+                 {"", Align::left}});
+    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
+        const Stage& st = plan.stages[s];
+        const StageEstimate& e = est.stages[s];
+        const std::string layers = st.first_layer == st.last_layer
+                                       ? fmt::format("{} ({})", model.layers[st.first_layer].name, st.first_layer)
+                                       : fmt::format("{} .. {} ({}-{})", model.layers[st.first_layer].name,
+                                                     model.layers[st.last_layer].name, st.first_layer, st.last_layer);
+        const double comm = e.send_activation_s + e.send_gradient_s + e.allreduce_s / static_cast<double>(plan.microbatches);
+        const double util = static_cast<double>(plan.microbatches) * (e.forward_s + e.backward_s) / est.iteration_s;
+        t.add_row({std::to_string(s), layers, device_range(cluster, st.devices), std::to_string(st.replicas()),
+                   std::to_string(st.tp), msf(e.forward_s), msf(e.backward_s), msf(comm), msf(e.stage_s),
+                   fmt::format("{} / {}", bytes_iec(static_cast<double>(e.memory.total())),
+                               bytes_iec(static_cast<double>(e.capacity_bytes))),
+                   fmt::format("{:.0f}%", util * 100), s == est.bottleneck_stage ? "<- bottleneck" : ""});
+    }
+    fmt::print("{}\n", t.str());
+    std::size_t used = 0;
+    double flops = 0;
+    for (const auto& e : est.stages) flops += e.flops_per_iteration;
+    for (const auto& st : plan.stages) used += st.devices.size();
+    const double per_device = flops / static_cast<double>(used) / est.iteration_s / 1e12;
+    fmt::print("predicted iteration {:.3f} ms ({} samples/s), bottleneck stage {} at {:.3f} ms per microbatch, "
+               "bubble {:.1f}%\n",
+               est.iteration_s * 1e3, si(est.samples_per_s), est.bottleneck_stage, est.bottleneck_s * 1e3,
+               est.bubble_fraction * 100);
+    fmt::print("devices used {} of {}; achieved {:.4g} TFLOP/s per device on average\n", used, cluster.devices.size(),
+               per_device);
+    fmt::print("comm ms = activation and gradient transfers per microbatch + the all-reduce's share per microbatch\n");
+}
+
+void print_comparison(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+                      SolverOptions sopt, double optimal_s) {
+    TextTable t({{"strategy", Align::left},
+                 {"stages", Align::right},
+                 {"iteration ms", Align::right},
+                 {"bottleneck ms", Align::right},
+                 {"vs optimal", Align::right}});
+    for (Strategy s : {Strategy::optimal, Strategy::uniform, Strategy::parameters, Strategy::time,
+                       Strategy::data_parallel}) {
+        sopt.strategy = s;
+        try {
+            const SolveResult r = solve(model, cluster, cost, copt, sopt);
+            const double v = sopt.objective == Objective::throughput ? r.estimate.bottleneck_s : r.estimate.iteration_s;
+            t.add_row({std::string(to_string(s)), std::to_string(r.plan.stages.size()), msf(r.estimate.iteration_s),
+                       msf(r.estimate.bottleneck_s), fmt::format("{:.2f}x", v / optimal_s)});
+        } catch (const InfeasibleError&) {
+            t.add_row({std::string(to_string(s)), "-", "does not fit", "", ""});
+        }
+    }
+    fmt::print("\nstrategies under the same cost model ({} objective):\n{}", to_string(sopt.objective), t.str());
+}
+
+int run_plan(const PlanOptions& o, const std::string& command) {
+    const Model model = load_model(o.model);
+    const Cluster cluster = load_cluster(o.cluster);
+    CostOptions copt;
+    copt.bytes_per_param = o.bytes_per_param;
+    copt.shard_optimizer = o.shard_optimizer;
+    copt.recompute = o.recompute;
+    copt.overlap_allreduce = o.overlap_allreduce;
+    SolverOptions sopt;
+    sopt.objective = o.objective == "throughput" ? Objective::throughput : Objective::iteration;
+    sopt.schedule = o.schedule == "gpipe" ? ScheduleKind::gpipe : ScheduleKind::one_f_one_b;
+    sopt.microbatch_size = parse_auto(o.microbatch_size, "--microbatch-size");
+    sopt.microbatches = parse_auto(o.microbatches, "--microbatches");
+    sopt.max_replicas = o.max_replicas;
+    sopt.max_tp = o.max_tp;
+    sopt.strategy = parse_strategy(o.strategy);
+    const AnalyticalCostModel cost(model, cluster, copt);
+    const SolveResult r = solve(model, cluster, cost, copt, sopt);
+    if (!o.quiet) {
+        print_plan(r.plan, r.estimate, model, cluster, o.strategy);
+        if (o.compare) {
+            const double v = sopt.objective == Objective::throughput ? r.estimate.bottleneck_s : r.estimate.iteration_s;
+            if (sopt.strategy == Strategy::optimal) print_comparison(model, cluster, cost, copt, sopt, v);
+        }
+    }
+    Meta meta;
+    meta.command_line = command;
+    meta.extra = {{"model", model.name}, {"cluster", cluster.name}};
+    if (!o.out.empty()) write_file_atomic(o.out, plan_toml(r.plan, r.estimate, model, cluster, meta, o.strategy));
+    if (!o.csv.empty()) stage_csv(r.plan, r.estimate, model, cluster).write(o.csv);
+    return 0;
+}
+
+}  // namespace
+
+void setup_plan(CLI::App& app, Action& action, const std::string& command) {
+    auto o = std::make_shared<PlanOptions>();
+    CLI::App* cmd = app.add_subcommand("plan", "Find the partition of a model across a cluster that minimises "
+                                               "iteration time (or maximises throughput) and fits in memory");
+    cmd->add_option("model", o->model, "model.toml")->required();
+    cmd->add_option("--cluster,-c", o->cluster, "cluster.toml")->required();
+    cmd->add_option("--objective", o->objective,
+                    "iteration: the exact makespan of one iteration; throughput: the pipeline's bottleneck stage time "
+                    "per microbatch")
+        ->check(CLI::IsMember({"iteration", "throughput"}))
+        ->capture_default_str();
+    cmd->add_option("--schedule", o->schedule, "pipeline schedule: 1f1b (PipeDream-flush) or gpipe")
+        ->check(CLI::IsMember({"1f1b", "gpipe"}))
+        ->capture_default_str();
+    cmd->add_option("--microbatch-size", o->microbatch_size,
+                    "samples per microbatch (split among a stage's replicas), or auto: every divisor of the global "
+                    "batch is tried")
+        ->capture_default_str();
+    cmd->add_option("--microbatches", o->microbatches, "microbatches per iteration, or auto (global batch / size)")
+        ->capture_default_str();
+    cmd->add_option("--max-replicas", o->max_replicas, "most data-parallel replicas of one stage (0 = no limit)")
+        ->capture_default_str();
+    cmd->add_option("--max-tp", o->max_tp, "largest tensor-parallel degree (a power of two, within a node)")
+        ->check(CLI::Range(1u, 1024u))
+        ->capture_default_str();
+    cmd->add_option("--strategy", o->strategy,
+                    "optimal (dynamic programming), or a baseline: uniform (equal layer counts, Megatron), parameters "
+                    "(balanced parameters, DeepSpeed), time (balanced layer times, torchgpipe), data-parallel")
+        ->check(CLI::IsMember({"optimal", "uniform", "parameters", "time", "data-parallel"}))
+        ->capture_default_str();
+    cmd->add_option("--out,-o", o->out, "write the plan to this TOML file (atomically)");
+    cmd->add_option("--csv", o->csv, "write one row per stage to this CSV file (atomically)");
+    cmd->add_option("--bytes-per-param", o->bytes_per_param,
+                    "training-state bytes per parameter: weights, gradients, optimizer (16 = mixed-precision Adam)")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1024}))
+        ->capture_default_str();
+    cmd->add_flag("--shard-optimizer", o->shard_optimizer, "split optimizer state across a stage's replicas (ZeRO-1)");
+    cmd->add_flag("--recompute", o->recompute, "activation checkpointing: keep stage inputs, recompute the rest");
+    cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "overlap the gradient all-reduce with the last backward");
+    cmd->add_flag("--compare", o->compare, "also solve every baseline strategy and print a comparison");
+    cmd->add_flag("--quiet,-q", o->quiet, "print nothing (write --out / --csv only)");
+    cmd->footer(
+        "Examples:\n"
+        "  dpart plan plans/models/gpt2-small.toml --cluster plans/clusters/dgx-h100.toml\n"
+        "  dpart plan plans/models/llama3-70b.toml -c plans/clusters/h100-4x8.toml --out plan.toml --csv stages.csv\n"
+        "  dpart plan plans/models/vgg16.toml -c plans/clusters/hetero-3kinds.toml --objective throughput --compare\n"
+        "  dpart plan plans/models/llama3-8b.toml -c plans/clusters/dgx-h100.toml --strategy uniform --max-tp 1\n"
+        "Exit code 3 when no plan fits in memory; the message says by how much and what would help.");
+    cmd->callback([o, &action, command] { action = [o, command] { return run_plan(*o, command); }; });
+}
+
+}  // namespace dpart::cli

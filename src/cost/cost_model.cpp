@@ -1,0 +1,107 @@
+#include "dpart/cost/cost_model.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <tuple>
+
+namespace dpart {
+
+bool tp_splits(const OpParams& op) noexcept {
+    return std::holds_alternative<TransformerBlockOp>(op) || std::holds_alternative<AttentionOp>(op) ||
+           std::holds_alternative<MlpOp>(op) || std::holds_alternative<LinearOp>(op) ||
+           std::holds_alternative<EmbeddingOp>(op) || std::holds_alternative<SoftmaxXentOp>(op);
+}
+
+TpCollectives tp_collectives(const OpParams& op) noexcept {
+    // Megatron-LM: a block all-reduces its activation after attention and after the MLP, in
+    // forward and again in backward; a standalone attention or MLP (a column- then row-parallel
+    // pair) once each way; a vocabulary-parallel embedding once in forward; a column-parallel
+    // linear gathers its output once in forward and reduces its input gradient once in backward.
+    if (std::holds_alternative<TransformerBlockOp>(op)) return {2, 2};
+    if (std::holds_alternative<AttentionOp>(op) || std::holds_alternative<MlpOp>(op)) return {1, 1};
+    if (std::holds_alternative<EmbeddingOp>(op)) return {1, 0};
+    if (std::holds_alternative<LinearOp>(op)) return {1, 1};
+    return {0, 0};  // the vocabulary-parallel loss reduces only per-row scalars: negligible
+}
+
+AllreduceCost ring_allreduce(std::size_t n, const LinkSpec& link) noexcept {
+    if (n <= 1) return {};
+    const double steps = 2.0 * static_cast<double>(n - 1);
+    return {steps * link.latency_us * 1e-6, steps / static_cast<double>(n) / (link.gbs * 1e9)};
+}
+
+AnalyticalCostModel::AnalyticalCostModel(const Model& model, const Cluster& cluster, CostOptions options)
+    : model_(model), cluster_(cluster), options_(options) {
+    // Devices with the same figures on nodes with the same intra-node link behave alike.
+    std::map<std::tuple<double, double, double, double>, std::size_t> classes;
+    device_class_.reserve(cluster.devices.size());
+    for (std::size_t d = 0; d < cluster.devices.size(); ++d) {
+        const LinkSpec link = tp_link(d);
+        const auto key = std::make_tuple(cluster.devices[d].tflops_for(model.dtype), cluster.devices[d].mem_bw_gbs,
+                                         link.gbs, link.latency_us);
+        device_class_.push_back(classes.emplace(key, classes.size()).first->second);
+    }
+}
+
+LinkSpec AnalyticalCostModel::tp_link(std::size_t device) const {
+    const Node& node = cluster_.nodes[cluster_.devices[device].node];
+    if (node.devices.size() < 2) return LinkSpec{std::numeric_limits<double>::infinity(), 0};
+    const std::size_t other = node.devices[0] == device ? node.devices[1] : node.devices[0];
+    return cluster_.link(device, other);
+}
+
+double AnalyticalCostModel::layer_seconds(std::size_t layer, Pass pass, std::size_t device, std::uint64_t samples,
+                                          std::uint32_t tp) const {
+    const Layer& l = model_.layers.at(layer);
+    const Device& dev = cluster_.devices.at(device);
+    const bool split = tp > 1 && tp_splits(l.op);
+    const double share = split ? 1.0 / tp : 1.0;
+    const double b = static_cast<double>(samples);
+    const bool fwd = pass == Pass::forward;
+    const double flops = static_cast<double>(fwd ? l.cost.fwd_flops : l.cost.bwd_flops) * b * share;
+    // Backward reads the weights and writes their gradient: twice the forward's weight traffic.
+    const double weights = static_cast<double>(l.cost.weight_bytes) * (fwd ? 1.0 : 2.0) * share;
+    const double activations = static_cast<double>(fwd ? l.cost.fwd_mem_bytes : l.cost.bwd_mem_bytes) * b * share;
+    double seconds = std::max(flops / (dev.tflops_for(model_.dtype) * 1e12), (weights + activations) / (dev.mem_bw_gbs * 1e9));
+    if (split) {
+        const TpCollectives c = tp_collectives(l.op);
+        const std::uint32_t count = fwd ? c.forward : c.backward;
+        if (count > 0) {
+            const auto bytes = static_cast<std::uint64_t>(static_cast<double>(l.cost.out_bytes) * b);
+            seconds += count * ring_allreduce_seconds(bytes, tp, tp_link(device));
+        }
+    }
+    return seconds;
+}
+
+double AnalyticalCostModel::device_speed(std::size_t device) const {
+    return cluster_.devices.at(device).tflops_for(model_.dtype);
+}
+
+double AnalyticalCostModel::transfer_seconds(std::size_t a, std::size_t b, std::uint64_t bytes) const {
+    if (a == b) return 0;
+    return dpart::transfer_seconds(cluster_.link(a, b), bytes);
+}
+
+AllreduceCost AnalyticalCostModel::allreduce_cost(const std::vector<std::size_t>& devices) const {
+    if (devices.size() <= 1) return {};
+    // A ring runs at the pace of its slowest hop.
+    LinkSpec slowest{std::numeric_limits<double>::infinity(), 0};
+    for (std::size_t i = 0; i < devices.size(); ++i) {
+        const std::size_t a = devices[i], b = devices[(i + 1) % devices.size()];
+        if (a == b) continue;
+        const LinkSpec l = cluster_.link(a, b);
+        if (l.gbs < slowest.gbs) slowest.gbs = l.gbs;
+        slowest.latency_us = std::max(slowest.latency_us, l.latency_us);
+    }
+    return ring_allreduce(devices.size(), slowest);
+}
+
+double AnalyticalCostModel::optimizer_seconds(std::size_t device, std::uint64_t params) const {
+    // The step reads and writes the whole training state once.
+    const double bytes = 2.0 * static_cast<double>(params) * static_cast<double>(options_.bytes_per_param);
+    return bytes / (cluster_.devices.at(device).mem_bw_gbs * 1e9);
+}
+
+}  // namespace dpart

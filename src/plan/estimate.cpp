@@ -1,0 +1,214 @@
+#include "dpart/plan/estimate.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <unordered_set>
+
+#include "dpart/core/checked.hpp"
+
+namespace dpart {
+
+std::string_view to_string(Objective o) noexcept { return o == Objective::throughput ? "throughput" : "iteration"; }
+
+std::vector<std::uint64_t> cut_bytes(const Model& model) {
+    const std::size_t L = model.layers.size();
+    // Layer i's output crosses every cut k with i < k <= (its last consumer).
+    std::vector<std::size_t> last_use(L, 0);
+    for (std::size_t i = 0; i < L; ++i) {
+        const Layer& l = model.layers[i];
+        if (l.inputs.empty() && i > 0) continue;
+        for (std::size_t j : l.inputs) last_use[j] = std::max(last_use[j], i);
+    }
+    std::vector<std::uint64_t> cuts(L + 1, 0);
+    for (std::size_t i = 0; i < L; ++i) {
+        if (last_use[i] <= i) continue;
+        for (std::size_t k = i + 1; k <= last_use[i]; ++k) cuts[k] = checked_add(cuts[k], model.layers[i].cost.out_bytes);
+    }
+    return cuts;
+}
+
+std::vector<std::uint64_t> replica_shares(std::uint64_t samples, const std::vector<double>& speeds) {
+    const std::size_t r = speeds.size();
+    if (r == 0 || samples < r) return {};
+    // One sample each, the rest in proportion to speed (largest remainder).
+    const double total = std::accumulate(speeds.begin(), speeds.end(), 0.0);
+    const std::uint64_t extra = samples - r;
+    std::vector<std::uint64_t> shares(r, 1);
+    std::vector<std::pair<double, std::size_t>> remainders;
+    std::uint64_t given = 0;
+    for (std::size_t k = 0; k < r; ++k) {
+        const double exact = static_cast<double>(extra) * speeds[k] / total;
+        const auto whole = static_cast<std::uint64_t>(std::floor(exact));
+        shares[k] += whole;
+        given += whole;
+        remainders.push_back({exact - static_cast<double>(whole), k});
+    }
+    std::stable_sort(remainders.begin(), remainders.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (std::size_t i = 0; given < extra; ++i, ++given) ++shares[remainders[i % r].second];
+    return shares;
+}
+
+std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t stages, std::uint64_t microbatches) noexcept {
+    if (schedule == ScheduleKind::gpipe) return microbatches;
+    return std::min<std::uint64_t>(stages - stage, microbatches);
+}
+
+StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options) {
+    StageMemory m;
+    std::uint64_t saved = 0;
+    const std::uint64_t e = dtype_bytes(model.dtype);
+    for (std::size_t l = in.first_layer; l <= in.last_layer; ++l) {
+        const Layer& layer = model.layers[l];
+        const bool split = in.tp > 1 && tp_splits(layer.op);
+        std::uint64_t params = layer.cost.params;
+        // A tied layer on another stage than its embedding keeps its own copy of the weights.
+        if (const auto* linear = std::get_if<LinearOp>(&layer.op);
+            linear && linear->tied_to && (*linear->tied_to < in.first_layer || *linear->tied_to > in.last_layer))
+            params = layer.cost.weight_bytes / e;
+        m.params = checked_add(m.params, split ? (params + in.tp - 1) / in.tp : params);
+        saved = checked_add(saved, split ? (layer.cost.saved_bytes + in.tp - 1) / in.tp : layer.cost.saved_bytes);
+    }
+    const std::uint64_t weights_and_grads = std::min<std::uint64_t>(2 * e, options.bytes_per_param);
+    std::uint64_t optimizer = options.bytes_per_param - weights_and_grads;
+    if (options.shard_optimizer && in.replicas > 1) optimizer = (optimizer + in.replicas - 1) / in.replicas;
+    m.state_bytes = checked_mul(m.params, weights_and_grads + optimizer);
+    if (options.recompute) {
+        // Keep each in-flight microbatch's stage input; recompute one microbatch at a time.
+        const std::uint64_t input = in.first_layer == 0 ? 0 : cut_bytes(model)[in.first_layer];
+        m.activation_bytes = checked_add(checked_product({in.in_flight, in.share, input}), checked_mul(in.share, saved));
+    } else {
+        m.activation_bytes = checked_product({in.in_flight, in.share, saved});
+    }
+    return m;
+}
+
+void validate_plan(const Plan& plan, const Model& model, const Cluster& cluster) {
+    const std::size_t L = model.layers.size();
+    if (plan.stages.empty()) throw InputError(plan.where, "the plan has no stages");
+    if (plan.microbatch_size == 0 || plan.microbatches == 0)
+        throw InputError(plan.where, "microbatch_size and microbatches must be positive");
+    std::uint64_t batch = 0;
+    try {
+        batch = checked_mul(plan.microbatch_size, plan.microbatches);
+    } catch (const OverflowError&) {
+        throw InputError(plan.where, "microbatch_size x microbatches overflows 64 bits");
+    }
+    if (batch != model.global_batch)
+        throw InputError(plan.where, fmt::format("microbatch_size {} x microbatches {} = {} samples, but the model's "
+                                                 "global_batch is {}",
+                                                 plan.microbatch_size, plan.microbatches, batch, model.global_batch));
+    std::size_t next = 0;
+    std::unordered_set<std::size_t> used;
+    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
+        const Stage& st = plan.stages[s];
+        const std::string ctx = fmt::format("stage {}", s);
+        if (st.first_layer != next)
+            throw InputError(st.where, fmt::format("{}: first_layer is {} but the previous stage ends at layer {} "
+                                                   "(stages must cover the layers in order, each once)",
+                                                   ctx, st.first_layer, static_cast<std::int64_t>(next) - 1));
+        if (st.last_layer < st.first_layer || st.last_layer >= L)
+            throw InputError(st.where, fmt::format("{}: last_layer {} is outside {}..{}", ctx, st.last_layer,
+                                                   st.first_layer, L - 1));
+        next = st.last_layer + 1;
+        if (st.devices.empty()) throw InputError(st.where, fmt::format("{}: no devices", ctx));
+        if (st.tp == 0 || st.devices.size() % st.tp != 0)
+            throw InputError(st.where, fmt::format("{}: {} devices cannot form tensor-parallel groups of {}", ctx,
+                                                   st.devices.size(), st.tp));
+        for (std::size_t i = 0; i < st.devices.size(); ++i) {
+            const std::size_t d = st.devices[i];
+            if (d >= cluster.devices.size()) throw InputError(st.where, fmt::format("{}: no device {}", ctx, d));
+            if (!used.insert(d).second)
+                throw InputError(st.where, fmt::format("{}: device \"{}\" appears more than once in the plan", ctx,
+                                                       cluster.devices[d].name));
+            if (i % st.tp != 0 && cluster.devices[d].node != cluster.devices[st.devices[i - i % st.tp]].node)
+                throw InputError(st.where, fmt::format("{}: tensor-parallel group of \"{}\" spans nodes", ctx,
+                                                       cluster.devices[d].name));
+        }
+        if (plan.microbatch_size < st.replicas())
+            throw InputError(st.where, fmt::format("{}: {} replicas need a microbatch of at least {} samples, got {}",
+                                                   ctx, st.replicas(), st.replicas(), plan.microbatch_size));
+    }
+    if (next != L)
+        throw InputError(plan.where, fmt::format("the stages end at layer {} but the model has {} layers", next - 1, L));
+}
+
+PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
+                           const CostOptions& options) {
+    validate_plan(plan, model, cluster);
+    const std::size_t S = plan.stages.size();
+    const std::uint64_t M = plan.microbatches;
+    const std::vector<std::uint64_t> cuts = cut_bytes(model);
+    PlanEstimate est;
+    est.stages.resize(S);
+    std::vector<StageDurations> durations(S);
+    for (std::size_t s = 0; s < S; ++s) {
+        const Stage& st = plan.stages[s];
+        StageEstimate& e = est.stages[s];
+        const std::size_t r = st.replicas();
+        std::vector<double> speeds;
+        std::vector<std::size_t> leaders;
+        for (std::size_t k = 0; k < r; ++k) {
+            double slowest = cost.device_speed(st.devices[k * st.tp]);
+            for (std::uint32_t t = 1; t < st.tp; ++t) slowest = std::min(slowest, cost.device_speed(st.devices[k * st.tp + t]));
+            speeds.push_back(slowest);
+            leaders.push_back(st.devices[k * st.tp]);
+        }
+        e.shares = replica_shares(plan.microbatch_size, speeds);
+        const std::uint64_t max_share = *std::max_element(e.shares.begin(), e.shares.end());
+        for (std::size_t k = 0; k < r; ++k) {
+            double f = 0, b = 0;
+            for (std::uint32_t t = 0; t < st.tp; ++t) {
+                const std::size_t d = st.devices[k * st.tp + t];
+                double fd = 0, bd = 0;
+                for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
+                    fd += cost.layer_seconds(l, Pass::forward, d, e.shares[k], st.tp);
+                    bd += cost.layer_seconds(l, Pass::backward, d, e.shares[k], st.tp);
+                }
+                f = std::max(f, fd);
+                b = std::max(b, bd);
+            }
+            e.forward_s = std::max(e.forward_s, f);
+            e.backward_s = std::max(e.backward_s, b);
+        }
+        if (s + 1 < S)
+            e.send_activation_s =
+                cost.transfer_seconds(st.devices.back(), plan.stages[s + 1].devices.front(), cuts[st.last_layer + 1] * max_share);
+        if (s > 0)
+            e.send_gradient_s =
+                cost.transfer_seconds(st.devices.front(), plan.stages[s - 1].devices.back(), cuts[st.first_layer] * max_share);
+
+        StageMemoryInput in{st.first_layer, st.last_layer, st.tp, r, max_share, in_flight(plan.schedule, s, S, M)};
+        e.memory = stage_memory(model, in, options);
+        e.allreduce_s = cost.allreduce_seconds(leaders, e.memory.params * dtype_bytes(model.dtype));
+        for (std::size_t d : st.devices) e.optimizer_s = std::max(e.optimizer_s, cost.optimizer_seconds(d, e.memory.params));
+        double allreduce = e.allreduce_s;
+        if (options.overlap_allreduce) allreduce = std::max(0.0, allreduce - e.backward_s);
+        e.stage_s = e.forward_s + e.backward_s + e.send_activation_s + e.send_gradient_s +
+                    (allreduce + e.optimizer_s) / static_cast<double>(M);
+        e.capacity_bytes = UINT64_MAX;
+        for (std::size_t d : st.devices) e.capacity_bytes = std::min(e.capacity_bytes, cluster.devices[d].mem_bytes());
+        if (e.memory.total() > e.capacity_bytes) est.fits = false;
+        for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
+            e.flops_per_iteration += static_cast<double>(model.layers[l].cost.fwd_flops + model.layers[l].cost.bwd_flops) *
+                                     static_cast<double>(model.global_batch);
+        durations[s] = {e.forward_s, e.backward_s, e.send_activation_s, e.send_gradient_s, e.allreduce_s, e.optimizer_s};
+        if (e.stage_s > est.bottleneck_s) {
+            est.bottleneck_s = e.stage_s;
+            est.bottleneck_stage = s;
+        }
+    }
+    est.graph = build_schedule(plan.schedule, durations, static_cast<std::uint32_t>(M), options.overlap_allreduce);
+    est.timeline = simulate(est.graph);
+    est.iteration_s = est.timeline.makespan;
+    est.samples_per_s = static_cast<double>(model.global_batch) / est.iteration_s;
+    double busy = 0;
+    for (const auto& e : est.stages) busy += static_cast<double>(M) * (e.forward_s + e.backward_s);
+    est.bubble_fraction = 1.0 - busy / (static_cast<double>(S) * est.iteration_s);
+    return est;
+}
+
+}  // namespace dpart

@@ -1,0 +1,783 @@
+#include "dpart/plan/solver.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <set>
+#include <tuple>
+
+#include "dpart/core/format.hpp"
+
+namespace dpart {
+
+std::string_view to_string(Strategy s) noexcept {
+    switch (s) {
+        case Strategy::optimal: return "optimal";
+        case Strategy::uniform: return "uniform";
+        case Strategy::parameters: return "parameters";
+        case Strategy::time: return "time";
+        case Strategy::data_parallel: return "data-parallel";
+    }
+    return "?";
+}
+
+namespace {
+
+constexpr double inf = std::numeric_limits<double>::infinity();
+constexpr std::uint32_t no_choice = UINT32_MAX;
+
+std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
+    std::uint64_t r = 0;
+    return __builtin_mul_overflow(a, b, &r) ? UINT64_MAX : r;
+}
+std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) {
+    std::uint64_t r = 0;
+    return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
+}
+
+/// Prefix sums of per-layer forward and backward seconds, per (device class, samples, tp),
+/// built on first use and shared by every device order and microbatch size.
+class TimeTables {
+public:
+    TimeTables(const Model& model, const CostModel& cost, std::size_t devices) : model_(model), cost_(cost) {
+        for (std::size_t d = 0; d < devices; ++d) representative_.emplace(cost.device_class(d), d);
+    }
+    std::size_t index(std::size_t cls, std::uint64_t samples, std::uint32_t tp) {
+        const auto key = std::make_tuple(cls, samples, tp);
+        if (auto it = index_.find(key); it != index_.end()) return it->second;
+        const std::size_t L = model_.layers.size();
+        const std::size_t device = representative_.at(cls);
+        std::vector<double> f(L + 1, 0), b(L + 1, 0);
+        for (std::size_t l = 0; l < L; ++l) {
+            f[l + 1] = f[l] + cost_.layer_seconds(l, Pass::forward, device, samples, tp);
+            b[l + 1] = b[l] + cost_.layer_seconds(l, Pass::backward, device, samples, tp);
+        }
+        forward_.push_back(std::move(f));
+        backward_.push_back(std::move(b));
+        index_.emplace(key, forward_.size() - 1);
+        return forward_.size() - 1;
+    }
+    const std::vector<double>& forward(std::size_t i) const { return forward_[i]; }
+    const std::vector<double>& backward(std::size_t i) const { return backward_[i]; }
+
+private:
+    const Model& model_;
+    const CostModel& cost_;
+    std::map<std::size_t, std::size_t> representative_;
+    std::map<std::tuple<std::size_t, std::uint64_t, std::uint32_t>, std::size_t> index_;
+    std::vector<std::vector<double>> forward_, backward_;
+};
+
+/// Prefix sums of per-device parameters and saved activation bytes for one tensor-parallel degree
+/// (split ops rounded up per layer, exactly as stage_memory counts them).
+struct MemoryTables {
+    std::vector<std::uint64_t> params, saved;
+};
+
+struct TiedCopy {
+    std::size_t layer, target;
+    std::uint64_t params;  ///< the copy's parameters when the target is on another stage
+    bool split;
+};
+
+/// A candidate device block: devices order[start .. start+size) as `replicas` groups of `tp`.
+struct Block {
+    std::size_t start = 0, size = 0;
+    std::uint32_t tp = 1;
+    std::size_t replicas = 1;
+    std::vector<std::size_t> tables;  ///< TimeTables indices of the distinct (class, share)
+    std::uint64_t max_share = 1;
+    AllreduceCost allreduce;
+    std::vector<std::size_t> optimizer_devices;  ///< one device per distinct class
+    std::uint64_t capacity = UINT64_MAX;
+};
+
+/// The shared, order-independent precomputation for a solve.
+struct Context {
+    const Model& model;
+    const Cluster& cluster;
+    const CostModel& cost;
+    const CostOptions& copt;
+    const SolverOptions& sopt;
+    std::vector<std::uint64_t> cuts;
+    std::map<std::uint32_t, MemoryTables> memory;  ///< by tp
+    std::vector<TiedCopy> tied;
+    bool memory_monotone = true;
+    TimeTables times;
+    std::uint64_t deficit = UINT64_MAX;  ///< smallest memory excess seen
+    std::size_t evaluations = 0;
+
+    Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
+        : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), times(m, cm, c.devices.size()) {
+        const std::uint64_t e = dtype_bytes(m.dtype);
+        for (std::size_t l = 0; l < m.layers.size(); ++l)
+            if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
+                tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, true});
+                if (*linear->tied_to > l) memory_monotone = false;
+            }
+    }
+
+    const MemoryTables& memory_tables(std::uint32_t tp) {
+        auto it = memory.find(tp);
+        if (it != memory.end()) return it->second;
+        const std::size_t L = model.layers.size();
+        MemoryTables t;
+        t.params.assign(L + 1, 0);
+        t.saved.assign(L + 1, 0);
+        for (std::size_t l = 0; l < L; ++l) {
+            const LayerCost& c = model.layers[l].cost;
+            const bool split = tp > 1 && tp_splits(model.layers[l].op);
+            t.params[l + 1] = sat_add(t.params[l], split ? (c.params + tp - 1) / tp : c.params);
+            t.saved[l + 1] = sat_add(t.saved[l], split ? (c.saved_bytes + tp - 1) / tp : c.saved_bytes);
+        }
+        return memory.emplace(tp, std::move(t)).first->second;
+    }
+};
+
+/// Stage cost as the DP sees it; equals estimate_plan's StageEstimate::stage_s.
+struct StageEval {
+    double compute = 0;  ///< forward + backward of the slowest replica
+    double time = 0;     ///< the full per-microbatch stage time
+    std::uint64_t memory = 0;
+    bool fits = true;
+};
+
+class Search {
+public:
+    Search(Context& ctx, std::vector<std::size_t> order, std::uint64_t b)
+        : ctx_(ctx), order_(std::move(order)), b_(b), M_(ctx.model.global_batch / b),
+          L_(ctx.model.layers.size()), D_(order_.size()) {
+        build_blocks();
+    }
+
+    std::uint64_t microbatches() const { return M_; }
+
+    double compute_seconds(const Block& blk, std::size_t i, std::size_t i2) const {
+        double f = 0, bw = 0;
+        for (std::size_t t : blk.tables) {
+            const auto& F = ctx_.times.forward(t);
+            const auto& B = ctx_.times.backward(t);
+            f = std::max(f, F[i2] - F[i]);
+            bw = std::max(bw, B[i2] - B[i]);
+        }
+        return f + bw;
+    }
+
+    std::uint64_t params(const Block& blk, std::size_t i, std::size_t i2) const {
+        const MemoryTables& mt = ctx_.memory.at(blk.tp);
+        std::uint64_t p = mt.params[i2] - mt.params[i];
+        for (const TiedCopy& t : ctx_.tied)
+            if (t.layer >= i && t.layer < i2 && (t.target < i || t.target >= i2))
+                p = sat_add(p, blk.tp > 1 ? (t.params + blk.tp - 1) / blk.tp : t.params);
+        return p;
+    }
+
+    std::uint64_t memory(const Block& blk, std::size_t i, std::size_t i2, std::uint64_t in_flight) const {
+        const MemoryTables& mt = ctx_.memory.at(blk.tp);
+        const CostOptions& o = ctx_.copt;
+        const std::uint64_t e = dtype_bytes(ctx_.model.dtype);
+        const std::uint64_t wg = std::min<std::uint64_t>(2 * e, o.bytes_per_param);
+        std::uint64_t opt = o.bytes_per_param - wg;
+        if (o.shard_optimizer && blk.replicas > 1) opt = (opt + blk.replicas - 1) / blk.replicas;
+        const std::uint64_t state = sat_mul(params(blk, i, i2), wg + opt);
+        const std::uint64_t saved = mt.saved[i2] - mt.saved[i];
+        std::uint64_t act = 0;
+        if (o.recompute) {
+            const std::uint64_t input = i == 0 ? 0 : ctx_.cuts[i];
+            act = sat_add(sat_mul(sat_mul(in_flight, blk.max_share), input), sat_mul(blk.max_share, saved));
+        } else {
+            act = sat_mul(sat_mul(in_flight, blk.max_share), saved);
+        }
+        return sat_add(state, act);
+    }
+
+    /// The stage's full time (memory checked separately).
+    double stage_seconds(const Block& blk, std::size_t i, std::size_t i2, double compute) const {
+        ++ctx_.evaluations;
+        double t = compute;
+        if (i2 < L_)
+            t += ctx_.cost.transfer_seconds(order_[blk.start + blk.size - 1], order_[blk.start + blk.size],
+                                            ctx_.cuts[i2] * blk.max_share);
+        if (i > 0)
+            t += ctx_.cost.transfer_seconds(order_[blk.start], order_[blk.start - 1], ctx_.cuts[i] * blk.max_share);
+        const std::uint64_t p = params(blk, i, i2);
+        double allreduce = blk.allreduce(sat_mul(p, dtype_bytes(ctx_.model.dtype)));
+        if (ctx_.copt.overlap_allreduce) {
+            double bwd = 0;
+            for (std::size_t tb : blk.tables) bwd = std::max(bwd, ctx_.times.backward(tb)[i2] - ctx_.times.backward(tb)[i]);
+            allreduce = std::max(0.0, allreduce - bwd);
+        }
+        double opt = 0;
+        for (std::size_t d : blk.optimizer_devices) opt = std::max(opt, ctx_.cost.optimizer_seconds(d, p));
+        return t + (allreduce + opt) / static_cast<double>(M_);
+    }
+
+    /// The DP. `bound` = inf: minimise the bottleneck (min-max); otherwise minimise the sum of
+    /// stage times with every stage <= bound. `exact_in_flight`: track the number of stages
+    /// after each one (1F1B memory); otherwise every stage keeps `fixed_in_flight` microbatches.
+    struct Result {
+        double value = inf;
+        std::vector<Stage> stages;
+        double max_stage = 0, sum_stage = 0;
+    };
+    Result run(bool minmax, double bound, bool exact_in_flight, std::uint64_t fixed_in_flight) {
+        const std::size_t max_stages = std::min(L_, D_);
+        // Levels: k = stages from this one to the last, inclusive; level K means ">= K" when K = M.
+        std::size_t K = exact_in_flight ? std::min<std::uint64_t>(max_stages, M_) : 1;
+        const bool capped = exact_in_flight && K == M_ && max_stages > M_;
+        const std::size_t W = (L_ + 1) * (D_ + 1);
+        value_.assign((K + 1) * W, inf);
+        choice_.assign((K + 1) * W, Choice{});
+        auto at = [&](std::size_t k, std::size_t i, std::size_t j) { return k * W + i * (D_ + 1) + j; };
+        if (exact_in_flight) {
+            for (std::size_t j = 0; j <= D_; ++j) value_[at(0, L_, j)] = 0;
+        }
+        // Without levels, level 1 holds "any number of stages" and the terminal is level 1 at L.
+        const std::size_t terminal_level = exact_in_flight ? 0 : 1;
+        if (!exact_in_flight)
+            for (std::size_t j = 0; j <= D_; ++j) value_[at(1, L_, j)] = 0;
+
+        for (std::size_t i = L_; i-- > 0;) {
+            for (std::size_t k = 1; k <= K; ++k) {
+                const std::uint64_t flight = exact_in_flight ? std::min<std::uint64_t>(k, M_) : fixed_in_flight;
+                for (std::size_t j = D_; j-- > 0;) {
+                    if (i > 0 && j == 0) continue;  // unreachable: earlier layers need earlier devices
+                    double best = inf;
+                    Choice pick;
+                    for (std::uint32_t bi = 0; bi < blocks_at_[j].size(); ++bi) {
+                        const Block& blk = blocks_[blocks_at_[j][bi]];
+                        const std::size_t next_j = j + blk.size;
+                        std::size_t first_i2 = i + 1;
+                        if (next_j >= D_) first_i2 = L_;  // no devices left for later stages
+                        for (std::size_t i2 = first_i2; i2 <= L_; ++i2) {
+                            const double compute = compute_seconds(blk, i, i2);
+                            if (compute >= best || compute > bound) break;
+                            const std::uint64_t mem = memory(blk, i, i2, flight);
+                            if (mem > blk.capacity) {
+                                ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
+                                if (ctx_.memory_monotone) break;
+                                continue;
+                            }
+                            // Successor levels: exactly k-1 stages follow, or ">= K" again when capped.
+                            double rest = inf;
+                            std::uint8_t rest_level = 0;
+                            if (exact_in_flight) {
+                                if (k >= 1) {
+                                    rest = value_[at(k - 1, i2, next_j)];
+                                    rest_level = 0;
+                                }
+                                if (capped && k == K && value_[at(K, i2, next_j)] < rest) {
+                                    rest = value_[at(K, i2, next_j)];
+                                    rest_level = 1;
+                                }
+                            } else {
+                                rest = value_[at(1, i2, next_j)];
+                            }
+                            if (rest == inf) continue;
+                            if (minmax ? rest >= best : compute + rest >= best) continue;
+                            const double t = stage_seconds(blk, i, i2, compute);
+                            if (t > bound) continue;
+                            const double v = minmax ? std::max(t, rest) : t + rest;
+                            if (v < best) {
+                                best = v;
+                                pick = Choice{static_cast<std::uint32_t>(i2), blocks_at_[j][bi], rest_level};
+                            }
+                        }
+                    }
+                    value_[at(k, i, j)] = best;
+                    choice_[at(k, i, j)] = pick;
+                }
+            }
+        }
+        (void)terminal_level;
+        Result r;
+        std::size_t best_k = 1;
+        for (std::size_t k = 1; k <= K; ++k)
+            if (value_[at(k, 0, 0)] < r.value) {
+                r.value = value_[at(k, 0, 0)];
+                best_k = k;
+            }
+        if (r.value == inf) return r;
+        // Walk the choices.
+        std::size_t i = 0, j = 0, k = best_k;
+        while (i < L_) {
+            const Choice c = choice_[at(k, i, j)];
+            const Block& blk = blocks_[c.block];
+            Stage st;
+            st.first_layer = i;
+            st.last_layer = c.i2 - 1;
+            st.tp = blk.tp;
+            st.devices.assign(order_.begin() + static_cast<std::ptrdiff_t>(blk.start),
+                              order_.begin() + static_cast<std::ptrdiff_t>(blk.start + blk.size));
+            const double t = stage_seconds(blk, i, c.i2, compute_seconds(blk, i, c.i2));
+            r.max_stage = std::max(r.max_stage, t);
+            r.sum_stage += t;
+            r.stages.push_back(std::move(st));
+            j = blk.start + blk.size;
+            i = c.i2;
+            if (exact_in_flight) k = c.level == 1 ? K : k - 1;
+        }
+        return r;
+    }
+
+    /// Every distinct stage time (for exact bottleneck enumeration on small instances).
+    std::vector<double> all_stage_times() const {
+        std::vector<double> out;
+        for (std::size_t j = 0; j < D_; ++j)
+            for (std::size_t bi : blocks_at_[j])
+                for (std::size_t i = j == 0 ? 0 : 1; i < (j == 0 ? 1 : L_); ++i)
+                    for (std::size_t i2 = i + 1; i2 <= L_; ++i2) {
+                        if (i2 < L_ && blocks_[bi].start + blocks_[bi].size >= D_) continue;
+                        out.push_back(stage_seconds(blocks_[bi], i, i2, compute_seconds(blocks_[bi], i, i2)));
+                    }
+        std::sort(out.begin(), out.end());
+        out.erase(std::unique(out.begin(), out.end()), out.end());
+        return out;
+    }
+
+    std::size_t block_count() const { return blocks_.size(); }
+
+private:
+    struct Choice {
+        std::uint32_t i2 = no_choice;
+        std::uint32_t block = no_choice;
+        std::uint8_t level = 0;
+    };
+
+    void build_blocks() {
+        const Cluster& c = ctx_.cluster;
+        blocks_at_.assign(D_, {});
+        // Node runs in the order: [run_start, run_end) per position.
+        std::vector<std::size_t> run_start(D_), run_end(D_);
+        for (std::size_t j = 0; j < D_;) {
+            std::size_t e = j;
+            while (e < D_ && c.devices[order_[e]].node == c.devices[order_[j]].node) ++e;
+            for (std::size_t x = j; x < e; ++x) {
+                run_start[x] = j;
+                run_end[x] = e;
+            }
+            j = e;
+        }
+        const std::uint64_t max_r = ctx_.sopt.max_replicas == 0 ? UINT64_MAX : ctx_.sopt.max_replicas;
+        for (std::size_t j = 0; j < D_; ++j) {
+            const std::size_t offset = j - run_start[j];
+            const std::size_t z = run_end[j] - run_start[j];
+            std::vector<std::pair<std::size_t, std::size_t>> sizes;  // (size, gcd of node sizes)
+            for (std::size_t n = 1; n <= z - offset; n *= 2)
+                if (offset % n == 0) sizes.push_back({n, z});
+            if (offset == 0 && (z & (z - 1)) != 0) sizes.push_back({z, z});
+            if (offset == 0) {
+                std::size_t end = run_end[j], total = z, g = z;
+                while (end < D_) {
+                    const std::size_t nz = run_end[end] - run_start[end];
+                    total += nz;
+                    g = std::gcd(g, nz);
+                    end = run_end[end];
+                    sizes.push_back({total, g});
+                }
+            }
+            for (const auto& [n, g] : sizes)
+                for (std::uint32_t tp = 1; tp <= ctx_.sopt.max_tp && tp <= n; tp *= 2) {
+                    if (n % tp != 0 || g % tp != 0) continue;
+                    const std::size_t r = n / tp;
+                    if (r > max_r || r > b_) continue;
+                    blocks_at_[j].push_back(static_cast<std::uint32_t>(blocks_.size()));
+                    blocks_.push_back(make_block(j, n, tp));
+                }
+        }
+    }
+
+    Block make_block(std::size_t start, std::size_t n, std::uint32_t tp) {
+        Block blk;
+        blk.start = start;
+        blk.size = n;
+        blk.tp = tp;
+        blk.replicas = n / tp;
+        std::vector<double> speeds;
+        std::vector<std::size_t> leaders;
+        for (std::size_t k = 0; k < blk.replicas; ++k) {
+            double slowest = inf;
+            for (std::uint32_t t = 0; t < tp; ++t)
+                slowest = std::min(slowest, ctx_.cost.device_speed(order_[start + k * tp + t]));
+            speeds.push_back(slowest);
+            leaders.push_back(order_[start + k * tp]);
+        }
+        const std::vector<std::uint64_t> shares = replica_shares(b_, speeds);
+        blk.max_share = *std::max_element(shares.begin(), shares.end());
+        std::set<std::pair<std::size_t, std::uint64_t>> pairs;
+        std::set<std::size_t> classes;
+        for (std::size_t x = 0; x < n; ++x) {
+            const std::size_t d = order_[start + x];
+            const std::size_t cls = ctx_.cost.device_class(d);
+            pairs.insert({cls, shares[x / tp]});
+            if (classes.insert(cls).second) blk.optimizer_devices.push_back(d);
+            blk.capacity = std::min(blk.capacity, ctx_.cluster.devices[d].mem_bytes());
+        }
+        for (const auto& [cls, share] : pairs) blk.tables.push_back(ctx_.times.index(cls, share, tp));
+        blk.allreduce = ctx_.cost.allreduce_cost(leaders);
+        (void)ctx_.memory_tables(tp);
+        return blk;
+    }
+
+    Context& ctx_;
+    std::vector<std::size_t> order_;
+    std::uint64_t b_, M_;
+    std::size_t L_, D_;
+    std::vector<Block> blocks_;
+    std::vector<std::vector<std::uint32_t>> blocks_at_;
+    std::vector<double> value_;
+    std::vector<Choice> choice_;
+};
+
+Plan make_plan(const SolverOptions& o, std::uint64_t b, std::uint64_t M, std::vector<Stage> stages) {
+    Plan p;
+    p.objective = o.objective;
+    p.schedule = o.schedule;
+    p.microbatch_size = b;
+    p.microbatches = M;
+    p.stages = std::move(stages);
+    return p;
+}
+
+struct Candidate {
+    Plan plan;
+    double objective = inf;
+    double surrogate = inf;
+};
+
+/// A memory-feasible DP result for one search, handling 1F1B's per-stage in-flight counts:
+/// first with every stage keeping one microbatch (a relaxation); if the plan found really fits
+/// it is optimal, otherwise the exact DP with stage levels is run.
+Search::Result run_memory_aware(Context& ctx, Search& search, bool minmax, double bound) {
+    const std::uint64_t M = search.microbatches();
+    if (ctx.sopt.schedule == ScheduleKind::gpipe) return search.run(minmax, bound, false, M);
+    Search::Result relaxed = search.run(minmax, bound, false, 1);
+    if (relaxed.value == inf) return relaxed;
+    const Plan p = make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages);
+    const PlanEstimate e = estimate_plan(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt);
+    if (e.fits) return relaxed;
+    return search.run(minmax, bound, true, 1);
+}
+
+/// Best plans of one (device order, microbatch size) search for the objective.
+std::vector<Candidate> search_candidates(Context& ctx, Search& search) {
+    std::vector<Candidate> out;
+    const Search::Result best_bottleneck = run_memory_aware(ctx, search, true, inf);
+    if (best_bottleneck.value == inf) return out;
+    const std::uint64_t M = search.microbatches();
+    const std::uint64_t b = ctx.model.global_batch / M;
+    auto surrogate = [M](const Search::Result& r) { return r.sum_stage + static_cast<double>(M - 1) * r.max_stage; };
+    out.push_back({make_plan(ctx.sopt, b, M, best_bottleneck.stages), best_bottleneck.value, surrogate(best_bottleneck)});
+    if (ctx.sopt.objective == Objective::throughput) return out;
+
+    // Iteration objective: enumerate the bottleneck bound B upwards from the optimum (Alpa's
+    // method): for each B the plan with the least sum of stage times whose stages all take <= B.
+    // Small instances enumerate every distinct stage time; large ones a 1% geometric grid.
+    const double b0 = best_bottleneck.value;
+    std::vector<double> bounds;
+    const bool small = search.block_count() * ctx.model.layers.size() * ctx.model.layers.size() <= 20000;
+    if (small) {
+        for (double t : search.all_stage_times())
+            if (t >= b0) bounds.push_back(t);
+    } else {
+        for (double x = b0; bounds.size() < 200; x *= 1.01) bounds.push_back(x);
+    }
+    bounds.push_back(inf);
+    double best_surrogate = out.front().surrogate;
+    for (double bound : bounds) {
+        if (bound != inf && static_cast<double>(M) * bound >= best_surrogate) continue;
+        const Search::Result r = run_memory_aware(ctx, search, false, bound);
+        if (r.value == inf) continue;
+        const double s = surrogate(r);
+        best_surrogate = std::min(best_surrogate, s);
+        out.push_back({make_plan(ctx.sopt, b, M, r.stages), inf, s});
+    }
+    std::stable_sort(out.begin(), out.end(), [](const Candidate& x, const Candidate& y) { return x.surrogate < y.surrogate; });
+    // Distinct plans only, the best few by surrogate.
+    std::vector<Candidate> kept;
+    for (auto& c : out) {
+        bool seen = false;
+        for (const auto& k : kept) seen = seen || k.plan == c.plan;
+        if (!seen) kept.push_back(std::move(c));
+        if (kept.size() >= std::max<std::size_t>(ctx.sopt.rerank, 1)) break;
+    }
+    return kept;
+}
+
+[[noreturn]] void throw_infeasible(const Context& ctx) {
+    std::string msg = "no plan fits in memory";
+    std::vector<std::string> hints;
+    if (ctx.deficit != UINT64_MAX)
+        msg += fmt::format(": the closest stage needs {} more than its device holds", bytes_iec(static_cast<double>(ctx.deficit)));
+    const LayerCost total = ctx.model.total();
+    const double state = static_cast<double>(total.params) * static_cast<double>(ctx.copt.bytes_per_param);
+    double capacity = 0, largest = 0;
+    std::string largest_kind;
+    for (const Device& d : ctx.cluster.devices) {
+        capacity += static_cast<double>(d.mem_bytes());
+        if (static_cast<double>(d.mem_bytes()) > largest) {
+            largest = static_cast<double>(d.mem_bytes());
+            largest_kind = d.kind.empty() ? d.name : d.kind;
+        }
+    }
+    if (state > capacity && largest > 0)
+        hints.push_back(fmt::format("the training state alone is {} but the cluster holds {}: at least {} devices like "
+                                    "{} are needed",
+                                    bytes_iec(state), bytes_iec(capacity),
+                                    static_cast<std::uint64_t>(std::ceil(state / largest)), largest_kind));
+    else if (largest > 0)
+        hints.push_back(fmt::format("more devices like {}", largest_kind));
+    if (!ctx.copt.recompute) hints.push_back("--recompute (keep only stage inputs, recompute activations)");
+    if (!ctx.copt.shard_optimizer) hints.push_back("--shard-optimizer (split optimizer state across replicas)");
+    if (ctx.sopt.microbatch_size > 1 || ctx.sopt.microbatch_size == 0)
+        hints.push_back("a smaller --microbatch-size");
+    if (ctx.sopt.max_tp < 8) hints.push_back("a larger --max-tp");
+    msg += "; what would help: ";
+    for (std::size_t i = 0; i < hints.size(); ++i) msg += (i ? "; " : "") + hints[i];
+    throw InfeasibleError(msg);
+}
+
+}  // namespace
+
+std::vector<std::vector<std::size_t>> device_orders(const Cluster& cluster, const CostModel& cost) {
+    // Group nodes by the classes of their devices.
+    std::map<std::vector<std::size_t>, std::vector<std::size_t>> groups;  // signature -> nodes
+    std::vector<std::vector<std::size_t>> signatures;
+    for (std::size_t n = 0; n < cluster.nodes.size(); ++n) {
+        if (cluster.nodes[n].devices.empty()) continue;
+        std::vector<std::size_t> sig;
+        for (std::size_t d : cluster.nodes[n].devices) sig.push_back(cost.device_class(d));
+        sig.push_back(cluster.nodes[n].devices.size());
+        if (groups.find(sig) == groups.end()) signatures.push_back(sig);
+        groups[sig].push_back(n);
+    }
+    std::vector<std::size_t> kinds(signatures.size());
+    std::iota(kinds.begin(), kinds.end(), std::size_t{0});
+    auto speed = [&](std::size_t k) { return cost.device_speed(cluster.nodes[groups[signatures[k]].front()].devices.front()); };
+    std::vector<std::vector<std::size_t>> kind_orders;
+    if (kinds.size() <= 4) {
+        do kind_orders.push_back(kinds);
+        while (std::next_permutation(kinds.begin(), kinds.end()));
+    } else {
+        std::stable_sort(kinds.begin(), kinds.end(), [&](std::size_t a, std::size_t b) { return speed(a) > speed(b); });
+        kind_orders.push_back(kinds);
+        std::reverse(kinds.begin(), kinds.end());
+        kind_orders.push_back(kinds);
+    }
+    std::vector<std::vector<std::size_t>> orders;
+    for (const auto& ko : kind_orders) {
+        std::vector<std::size_t> order;
+        for (std::size_t k : ko)
+            for (std::size_t n : groups[signatures[k]])
+                for (std::size_t d : cluster.nodes[n].devices) order.push_back(d);
+        orders.push_back(std::move(order));
+    }
+    return orders;
+}
+
+std::vector<std::uint64_t> microbatch_candidates(std::uint64_t global_batch, const SolverOptions& o) {
+    if (o.microbatch_size != 0 && o.microbatches != 0 && o.microbatch_size * o.microbatches != global_batch)
+        throw InputError(fmt::format("--microbatch-size {} x --microbatches {} is not the global batch {}",
+                                     o.microbatch_size, o.microbatches, global_batch));
+    if (o.microbatch_size != 0) {
+        if (global_batch % o.microbatch_size != 0)
+            throw InputError(fmt::format("--microbatch-size {} does not divide the global batch {}", o.microbatch_size,
+                                         global_batch));
+        return {o.microbatch_size};
+    }
+    if (o.microbatches != 0) {
+        if (global_batch % o.microbatches != 0)
+            throw InputError(
+                fmt::format("--microbatches {} does not divide the global batch {}", o.microbatches, global_batch));
+        return {global_batch / o.microbatches};
+    }
+    std::vector<std::uint64_t> out;
+    for (std::uint64_t d = 1; d * d <= global_batch; ++d)
+        if (global_batch % d == 0) {
+            out.push_back(d);
+            if (d != global_batch / d) out.push_back(global_batch / d);
+        }
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+namespace {
+SolveResult solve_optimal(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+                          const SolverOptions& sopt) {
+    Context ctx(model, cluster, cost, copt, sopt);
+    SolveResult best;
+    bool found = false;
+    double best_objective = inf;
+    for (std::uint64_t b : microbatch_candidates(model.global_batch, sopt)) {
+        for (const auto& order : device_orders(cluster, cost)) {
+            Search search(ctx, order, b);
+            for (Candidate& c : search_candidates(ctx, search)) {
+                PlanEstimate e = estimate_plan(c.plan, model, cluster, cost, copt);
+                if (!e.fits) continue;
+                const double objective =
+                    sopt.objective == Objective::throughput ? e.bottleneck_s : e.iteration_s;
+                // Strictly better only (ties keep the earlier: smaller microbatch, earlier order).
+                if (!found || objective < best_objective * (1 - 1e-12)) {
+                    found = true;
+                    best_objective = objective;
+                    best.plan = std::move(c.plan);
+                    best.estimate = std::move(e);
+                    best.objective_s = sopt.objective == Objective::throughput ? c.objective : c.surrogate;
+                }
+            }
+        }
+    }
+    best.plans_evaluated = ctx.evaluations;
+    if (!found) throw_infeasible(ctx);
+    return best;
+}
+}  // namespace
+
+}  // namespace dpart
+
+namespace dpart {
+namespace {
+
+/// Splits weights into `parts` contiguous non-empty ranges minimising the largest sum (binary
+/// search on the bound with a greedy check, then splitting ranges until there are `parts`).
+/// Returns the exclusive end index of each range.
+std::vector<std::size_t> balanced_partition(const std::vector<double>& w, std::size_t parts) {
+    const std::size_t n = w.size();
+    auto greedy = [&](double bound) {
+        std::vector<std::size_t> ends;
+        double acc = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            if (acc > 0 && acc + w[i] > bound) {
+                ends.push_back(i);
+                acc = 0;
+            }
+            acc += w[i];
+        }
+        ends.push_back(n);
+        return ends;
+    };
+    double lo = *std::max_element(w.begin(), w.end()), hi = std::accumulate(w.begin(), w.end(), 0.0);
+    for (int it = 0; it < 100 && hi - lo > 1e-12 * std::max(1.0, hi); ++it) {
+        const double mid = (lo + hi) / 2;
+        (greedy(mid).size() <= parts ? hi : lo) = mid;
+    }
+    std::vector<std::size_t> ends = greedy(hi);
+    // Too few ranges: split the first range holding more than one layer.
+    while (ends.size() < parts) {
+        std::size_t start = 0;
+        for (std::size_t k = 0; k < ends.size(); ++k) {
+            if (ends[k] - start >= 2) {
+                ends.insert(ends.begin() + static_cast<std::ptrdiff_t>(k), start + 1);
+                break;
+            }
+            start = ends[k];
+        }
+    }
+    return ends;
+}
+
+std::vector<std::size_t> uniform_partition(std::size_t n, std::size_t parts) {
+    std::vector<std::size_t> ends;
+    std::size_t end = 0;
+    for (std::size_t k = 0; k < parts; ++k) {
+        end += n / parts + (k < n % parts ? 1 : 0);
+        ends.push_back(end);
+    }
+    return ends;
+}
+
+/// Baselines: each splits the layers by its rule into S stages on S equal device blocks (the
+/// first device order), for every S, tensor-parallel degree and microbatch size; the best
+/// feasible plan under the same cost model is reported.
+SolveResult solve_baseline(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+                           const SolverOptions& sopt) {
+    const std::size_t L = model.layers.size();
+    const std::vector<std::size_t> order = device_orders(cluster, cost).front();
+    const std::size_t D = order.size();
+    std::size_t node_size = D;
+    for (const Node& n : cluster.nodes)
+        if (!n.devices.empty()) node_size = std::gcd(node_size == D ? n.devices.size() : node_size, n.devices.size());
+    const std::uint64_t max_r = sopt.max_replicas == 0 ? UINT64_MAX : sopt.max_replicas;
+
+    std::vector<double> params(L), times(L);
+    for (std::size_t l = 0; l < L; ++l) {
+        params[l] = static_cast<double>(model.layers[l].cost.params);
+        times[l] = cost.layer_seconds(l, Pass::forward, order.front(), 1, 1) +
+                   cost.layer_seconds(l, Pass::backward, order.front(), 1, 1);
+    }
+    SolveResult best;
+    bool found = false;
+    double best_objective = inf;
+    std::size_t evaluated = 0;
+    const std::size_t max_stages = sopt.strategy == Strategy::data_parallel ? 1 : std::min(L, D);
+    for (std::size_t S = 1; S <= max_stages; ++S) {
+        std::size_t n = D / S;
+        if (sopt.strategy != Strategy::data_parallel) {
+            if (n >= node_size) n = n / node_size * node_size;
+            else {
+                std::size_t p = 1;
+                while (p * 2 <= n) p *= 2;
+                n = p;
+            }
+        }
+        if (n == 0) continue;
+        std::vector<std::size_t> ends;
+        switch (sopt.strategy) {
+            case Strategy::uniform: ends = uniform_partition(L, S); break;
+            case Strategy::parameters: ends = balanced_partition(params, S); break;
+            case Strategy::time: ends = balanced_partition(times, S); break;
+            default: ends = {L}; break;
+        }
+        for (std::uint32_t tp = 1; tp <= sopt.max_tp && tp <= n; tp *= 2) {
+            if (n % tp != 0 || node_size % tp != 0) continue;
+            const std::size_t r = n / tp;
+            if (r > max_r) continue;
+            for (std::uint64_t b : microbatch_candidates(model.global_batch, sopt)) {
+                if (b < r) continue;
+                Plan p = make_plan(sopt, b, model.global_batch / b, {});
+                std::size_t first = 0;
+                for (std::size_t k = 0; k < S; ++k) {
+                    Stage st;
+                    st.first_layer = first;
+                    st.last_layer = ends[k] - 1;
+                    st.tp = tp;
+                    st.devices.assign(order.begin() + static_cast<std::ptrdiff_t>(k * n),
+                                      order.begin() + static_cast<std::ptrdiff_t>((k + 1) * n));
+                    first = ends[k];
+                    p.stages.push_back(std::move(st));
+                }
+                PlanEstimate e = estimate_plan(p, model, cluster, cost, copt);
+                ++evaluated;
+                if (!e.fits) continue;
+                const double objective = sopt.objective == Objective::throughput ? e.bottleneck_s : e.iteration_s;
+                if (!found || objective < best_objective * (1 - 1e-12)) {
+                    found = true;
+                    best_objective = objective;
+                    best.objective_s = objective;
+                    best.plan = std::move(p);
+                    best.estimate = std::move(e);
+                }
+            }
+        }
+    }
+    best.plans_evaluated = evaluated;
+    if (!found)
+        throw InfeasibleError(fmt::format("the {} strategy finds no plan that fits in memory on this cluster",
+                                          to_string(sopt.strategy)));
+    return best;
+}
+
+}  // namespace
+
+SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+                  const SolverOptions& sopt) {
+    if (sopt.max_tp == 0) throw InputError("--max-tp must be at least 1");
+    if (sopt.strategy == Strategy::optimal) return solve_optimal(model, cluster, cost, copt, sopt);
+    return solve_baseline(model, cluster, cost, copt, sopt);
+}
+
+}  // namespace dpart

@@ -1,0 +1,156 @@
+#include "dpart/sim/schedule.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace dpart {
+
+std::string_view to_string(ScheduleKind s) noexcept { return s == ScheduleKind::gpipe ? "gpipe" : "1f1b"; }
+
+std::string_view to_string(TaskKind k) noexcept {
+    switch (k) {
+        case TaskKind::forward: return "forward";
+        case TaskKind::backward: return "backward";
+        case TaskKind::send_activation: return "send_activation";
+        case TaskKind::send_gradient: return "send_gradient";
+        case TaskKind::allreduce: return "allreduce";
+        case TaskKind::optimizer: return "optimizer";
+    }
+    return "?";
+}
+
+std::vector<StageStep> stage_order(ScheduleKind schedule, std::uint32_t stage, std::uint32_t stages,
+                                   std::uint32_t microbatches) {
+    std::vector<StageStep> order;
+    order.reserve(2 * static_cast<std::size_t>(microbatches));
+    if (schedule == ScheduleKind::gpipe) {
+        for (std::uint32_t m = 0; m < microbatches; ++m) order.push_back({true, m});
+        for (std::uint32_t m = 0; m < microbatches; ++m) order.push_back({false, m});
+        return order;
+    }
+    // 1F1B (PipeDream-flush, Megatron's non-interleaved schedule): warm up with as many
+    // forwards as stages after this one, then alternate one forward and one backward, then drain.
+    const std::uint32_t warmup = std::min(stages - stage - 1, microbatches);
+    std::uint32_t f = 0, b = 0;
+    for (; f < warmup; ++f) order.push_back({true, f});
+    while (f < microbatches) {
+        order.push_back({true, f++});
+        order.push_back({false, b++});
+    }
+    while (b < microbatches) order.push_back({false, b++});
+    return order;
+}
+
+TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations>& stages, std::uint32_t microbatches,
+                         bool overlap_allreduce) {
+    if (stages.empty() || microbatches == 0) throw std::invalid_argument("a schedule needs stages and microbatches");
+    const auto S = static_cast<std::uint32_t>(stages.size());
+    const std::uint32_t M = microbatches;
+    TaskGraph g;
+    g.schedule = schedule;
+    g.stages = S;
+    g.microbatches = M;
+    // Resources: stage s -> s; forward link s -> S + s; backward link s (sending to s-1) -> 2S + s.
+    for (std::uint32_t s = 0; s < S; ++s) g.resources.push_back({Resource::Kind::stage, s});
+    for (std::uint32_t s = 0; s < S; ++s) g.resources.push_back({Resource::Kind::forward_link, s});
+    for (std::uint32_t s = 0; s < S; ++s) g.resources.push_back({Resource::Kind::backward_link, s});
+
+    constexpr std::uint32_t none = UINT32_MAX;
+    const std::size_t cells = static_cast<std::size_t>(S) * M;
+    std::vector<std::uint32_t> fwd(cells, none), bwd(cells, none), act(cells, none), grad(cells, none);
+    auto at = [M](std::uint32_t s, std::uint32_t m) { return static_cast<std::size_t>(s) * M + m; };
+    std::vector<std::uint32_t> last_on(g.resources.size(), none);
+
+    auto add = [&](TaskKind kind, std::uint32_t s, std::uint32_t m, std::uint32_t resource, double duration,
+                   std::vector<std::uint32_t> deps) {
+        Task t;
+        t.kind = kind;
+        t.stage = s;
+        t.microbatch = m;
+        t.resource = resource;
+        t.duration = duration;
+        if (last_on[resource] != none) deps.push_back(last_on[resource]);
+        t.deps = std::move(deps);
+        const auto id = static_cast<std::uint32_t>(g.tasks.size());
+        g.tasks.push_back(std::move(t));
+        last_on[resource] = id;
+        return id;
+    };
+
+    // Emit tasks in a topological order by repeatedly advancing every stage as far as its
+    // dependencies allow (each stage runs its steps in the fixed order of the schedule).
+    std::vector<std::vector<StageStep>> orders(S);
+    std::vector<std::size_t> next(S, 0);
+    for (std::uint32_t s = 0; s < S; ++s) orders[s] = stage_order(schedule, s, S, M);
+    std::size_t remaining = 2 * cells;
+    while (remaining > 0) {
+        bool progressed = false;
+        for (std::uint32_t s = 0; s < S; ++s) {
+            while (next[s] < orders[s].size()) {
+                const StageStep step = orders[s][next[s]];
+                const std::uint32_t m = step.microbatch;
+                if (step.forward) {
+                    if (s > 0 && act[at(s - 1, m)] == none) break;
+                    std::vector<std::uint32_t> deps;
+                    if (s > 0) deps.push_back(act[at(s - 1, m)]);
+                    fwd[at(s, m)] = add(TaskKind::forward, s, m, s, stages[s].forward, deps);
+                    if (s + 1 < S)
+                        act[at(s, m)] = add(TaskKind::send_activation, s, m, S + s, stages[s].send_activation,
+                                            {fwd[at(s, m)]});
+                } else {
+                    if (s + 1 < S && grad[at(s + 1, m)] == none) break;
+                    std::vector<std::uint32_t> deps{fwd[at(s, m)]};
+                    if (s + 1 < S) deps.push_back(grad[at(s + 1, m)]);
+                    bwd[at(s, m)] = add(TaskKind::backward, s, m, s, stages[s].backward, deps);
+                    if (s > 0)
+                        grad[at(s, m)] = add(TaskKind::send_gradient, s, m, 2 * S + s, stages[s].send_gradient,
+                                             {bwd[at(s, m)]});
+                }
+                ++next[s];
+                --remaining;
+                progressed = true;
+            }
+        }
+        if (!progressed) throw std::logic_error("schedule deadlock: the stage orders are inconsistent");
+    }
+    for (std::uint32_t s = 0; s < S; ++s) {
+        // The all-reduce runs on the replicas' own links after the stage's last backward; the
+        // optimizer step needs the reduced gradients.
+        const std::uint32_t last_backward = last_on[s];
+        double allreduce = stages[s].allreduce;
+        if (overlap_allreduce) allreduce = std::max(0.0, allreduce - stages[s].backward);
+        Task ar;
+        ar.kind = TaskKind::allreduce;
+        ar.stage = s;
+        ar.resource = s;
+        ar.duration = allreduce;
+        ar.deps = {last_backward};
+        g.tasks.push_back(ar);
+        last_on[s] = static_cast<std::uint32_t>(g.tasks.size() - 1);
+        Task opt;
+        opt.kind = TaskKind::optimizer;
+        opt.stage = s;
+        opt.resource = s;
+        opt.duration = stages[s].optimizer;
+        opt.deps = {last_on[s]};
+        g.tasks.push_back(opt);
+        last_on[s] = static_cast<std::uint32_t>(g.tasks.size() - 1);
+    }
+    return g;
+}
+
+Timeline simulate(const TaskGraph& graph) {
+    Timeline t;
+    t.start.resize(graph.tasks.size());
+    t.end.resize(graph.tasks.size());
+    for (std::size_t i = 0; i < graph.tasks.size(); ++i) {
+        double ready = 0;
+        for (std::uint32_t d : graph.tasks[i].deps) ready = std::max(ready, t.end[d]);
+        t.start[i] = ready;
+        t.end[i] = ready + graph.tasks[i].duration;
+        t.makespan = std::max(t.makespan, t.end[i]);
+    }
+    return t;
+}
+
+}  // namespace dpart
