@@ -366,9 +366,10 @@ private:
         for (std::size_t j = 0; j < D_; ++j) {
             const std::size_t offset = j - run_start[j];
             const std::size_t z = run_end[j] - run_start[j];
-            std::vector<std::pair<std::size_t, std::size_t>> sizes;  // (size, gcd of node sizes)
+            // (size, what a tensor-parallel degree must divide so that no group spans nodes)
+            std::vector<std::pair<std::size_t, std::size_t>> sizes;
             for (std::size_t n = 1; n <= z - offset; n *= 2)
-                if (offset % n == 0) sizes.push_back({n, z});
+                if (offset % n == 0) sizes.push_back({n, n});
             if (offset == 0 && (z & (z - 1)) != 0) sizes.push_back({z, z});
             if (offset == 0) {
                 std::size_t end = run_end[j], total = z, g = z;
@@ -612,10 +613,13 @@ SolveResult solve_optimal(const Model& model, const Cluster& cluster, const Cost
     SolveResult best;
     bool found = false;
     double best_objective = inf;
+    double search_optimum = inf;
     for (std::uint64_t b : microbatch_candidates(model.global_batch, sopt)) {
         for (const auto& order : device_orders(cluster, cost)) {
             Search search(ctx, order, b);
             for (Candidate& c : search_candidates(ctx, search)) {
+                search_optimum =
+                    std::min(search_optimum, sopt.objective == Objective::throughput ? c.objective : c.surrogate);
                 PlanEstimate e = estimate_plan(c.plan, model, cluster, cost, copt);
                 if (!e.fits) continue;
                 const double objective =
@@ -632,6 +636,7 @@ SolveResult solve_optimal(const Model& model, const Cluster& cluster, const Cost
         }
     }
     best.plans_evaluated = ctx.evaluations;
+    best.search_optimum_s = search_optimum;
     if (!found) throw_infeasible(ctx);
     return best;
 }

@@ -61,16 +61,19 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
     auto at = [M](std::uint32_t s, std::uint32_t m) { return static_cast<std::size_t>(s) * M + m; };
     std::vector<std::uint32_t> last_on(g.resources.size(), none);
 
+    g.tasks.reserve(4 * cells + 2 * S);
     auto add = [&](TaskKind kind, std::uint32_t s, std::uint32_t m, std::uint32_t resource, double duration,
-                   std::vector<std::uint32_t> deps) {
+                   std::initializer_list<std::uint32_t> deps) {
         Task t;
         t.kind = kind;
         t.stage = s;
         t.microbatch = m;
         t.resource = resource;
         t.duration = duration;
-        if (last_on[resource] != none) deps.push_back(last_on[resource]);
-        t.deps = std::move(deps);
+        for (std::uint32_t d : deps)
+            if (d != none) t.add_dep(d);
+        if (last_on[resource] != none && (t.deps == 0 || t.dep[t.deps - 1] != last_on[resource]))
+            t.add_dep(last_on[resource]);
         const auto id = static_cast<std::uint32_t>(g.tasks.size());
         g.tasks.push_back(std::move(t));
         last_on[resource] = id;
@@ -91,17 +94,15 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
                 const std::uint32_t m = step.microbatch;
                 if (step.forward) {
                     if (s > 0 && act[at(s - 1, m)] == none) break;
-                    std::vector<std::uint32_t> deps;
-                    if (s > 0) deps.push_back(act[at(s - 1, m)]);
-                    fwd[at(s, m)] = add(TaskKind::forward, s, m, s, stages[s].forward, deps);
+                    fwd[at(s, m)] = add(TaskKind::forward, s, m, s, stages[s].forward, {s > 0 ? act[at(s - 1, m)] : none});
                     if (s + 1 < S)
                         act[at(s, m)] = add(TaskKind::send_activation, s, m, S + s, stages[s].send_activation,
                                             {fwd[at(s, m)]});
                 } else {
                     if (s + 1 < S && grad[at(s + 1, m)] == none) break;
-                    std::vector<std::uint32_t> deps{fwd[at(s, m)]};
-                    if (s + 1 < S) deps.push_back(grad[at(s + 1, m)]);
-                    bwd[at(s, m)] = add(TaskKind::backward, s, m, s, stages[s].backward, deps);
+                    // Its forward ran earlier on the same stage: the resource order implies it.
+                    bwd[at(s, m)] = add(TaskKind::backward, s, m, s, stages[s].backward,
+                                        {s + 1 < S ? grad[at(s + 1, m)] : none});
                     if (s > 0)
                         grad[at(s, m)] = add(TaskKind::send_gradient, s, m, 2 * S + s, stages[s].send_gradient,
                                              {bwd[at(s, m)]});
@@ -124,7 +125,7 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
         ar.stage = s;
         ar.resource = s;
         ar.duration = allreduce;
-        ar.deps = {last_backward};
+        ar.add_dep(last_backward);
         g.tasks.push_back(ar);
         last_on[s] = static_cast<std::uint32_t>(g.tasks.size() - 1);
         Task opt;
@@ -132,7 +133,7 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
         opt.stage = s;
         opt.resource = s;
         opt.duration = stages[s].optimizer;
-        opt.deps = {last_on[s]};
+        opt.add_dep(last_on[s]);
         g.tasks.push_back(opt);
         last_on[s] = static_cast<std::uint32_t>(g.tasks.size() - 1);
     }
@@ -145,7 +146,8 @@ Timeline simulate(const TaskGraph& graph) {
     t.end.resize(graph.tasks.size());
     for (std::size_t i = 0; i < graph.tasks.size(); ++i) {
         double ready = 0;
-        for (std::uint32_t d : graph.tasks[i].deps) ready = std::max(ready, t.end[d]);
+        const Task& task = graph.tasks[i];
+        for (std::uint8_t k = 0; k < task.deps; ++k) ready = std::max(ready, t.end[task.dep[k]]);
         t.start[i] = ready;
         t.end[i] = ready + graph.tasks[i].duration;
         t.makespan = std::max(t.makespan, t.end[i]);

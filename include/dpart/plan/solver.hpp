@@ -40,6 +40,10 @@ struct SolveResult {
     /// The value the search minimised: the bottleneck (throughput) or the surrogate
     /// sum(stage) + (M-1) * max(stage) (iteration; the reported iteration time is the exact makespan).
     double objective_s = 0;
+    /// The least value of the search objective over the whole search space (for the iteration
+    /// objective the surrogate's optimum, which the chosen plan need not have: it is chosen by
+    /// exact makespan among the best candidates). Equal to objective_s for throughput.
+    double search_optimum_s = 0;
     std::size_t plans_evaluated = 0;  ///< stage evaluations by the search
 };
 

@@ -4,6 +4,7 @@
 // data-parallel all-reduce and the optimizer step, with their dependencies. The planner's
 // predicted iteration time is this graph's exact makespan; the simulator and the runtime
 // execute the same graph.
+#include <array>
 #include <cstdint>
 #include <string_view>
 #include <vector>
@@ -41,8 +42,11 @@ struct Task {
     std::uint32_t resource = 0;    ///< index into TaskGraph::resources
     double duration = 0;
     /// Tasks that must end before this one starts, including the previous task on the same
-    /// resource. Always smaller indices: tasks are stored in a topological order.
-    std::vector<std::uint32_t> deps;
+    /// resource. Always smaller indices: tasks are stored in a topological order. At most three
+    /// (its input, the previous task on its resource, and for a backward its own forward).
+    std::array<std::uint32_t, 3> dep{};
+    std::uint8_t deps = 0;
+    void add_dep(std::uint32_t d) { dep[deps++] = d; }
 };
 
 struct TaskGraph {

@@ -1,0 +1,113 @@
+#include <doctest/doctest.h>
+
+#include "dpart/io/cluster_toml.hpp"
+#include "dpart/io/model_toml.hpp"
+#include <fmt/format.h>
+
+#include "dpart/io/plan_toml.hpp"
+#include "dpart/plan/estimate.hpp"
+#include "dpart/plan/solver.hpp"
+
+using namespace dpart;
+
+namespace {
+const std::string plans_dir = std::string(DPART_SOURCE_DIR) + "/plans/";
+}
+
+TEST_CASE("a microbatch is shared among replicas in proportion to their speed") {
+    CHECK(replica_shares(8, {1, 1}) == std::vector<std::uint64_t>{4, 4});
+    CHECK(replica_shares(7, {1, 1}) == std::vector<std::uint64_t>{4, 3});
+    CHECK(replica_shares(10, {3, 1}) == std::vector<std::uint64_t>{7, 3});  // 1 each + 8 split 6:2
+    CHECK(replica_shares(3, {1, 1, 1, 1}).empty());                          // a replica would get nothing
+    CHECK(replica_shares(4, {801, 250, 250, 250}) == std::vector<std::uint64_t>{1, 1, 1, 1});
+}
+
+TEST_CASE("cut bytes include skip connections") {
+    const Model m = load_model(plans_dir + "models/resnet-block.toml");
+    const auto cuts = cut_bytes(m);
+    // Between conv2 and conv3, both relu1 (for the residual add) and relu2 (for conv3) are live.
+    const std::size_t conv3 = *m.find("conv3");
+    const std::size_t relu1 = *m.find("relu1");
+    CHECK(cuts[conv3] == m.layers[conv3 - 1].cost.out_bytes + m.layers[relu1].cost.out_bytes);
+    CHECK(cuts[0] == 0);
+    CHECK(cuts[m.layers.size()] == 0);
+    CHECK(cuts[1] == m.layers[0].cost.out_bytes);
+}
+
+TEST_CASE("stage memory: training state plus activations of the microbatches in flight") {
+    const Model m = load_model(plans_dir + "models/gpt2-small.toml");
+    StageMemoryInput in{1, 2, 1, 1, 2, 3};  // two blocks, 2 samples, 3 microbatches in flight
+    const StageMemory mem = stage_memory(m, in, {});
+    CHECK(mem.params == 2 * 7087872ull);
+    CHECK(mem.state_bytes == 2 * 7087872ull * 16);
+    CHECK(mem.activation_bytes == 3 * 2 * 2 * m.layers[1].cost.saved_bytes);
+    CostOptions sharded;
+    sharded.shard_optimizer = true;
+    in.replicas = 4;
+    CHECK(stage_memory(m, in, sharded).state_bytes == 2 * 7087872ull * (4 + 3));  // 12 B of Adam over 4
+    CostOptions rc;
+    rc.recompute = true;
+    const auto cuts = cut_bytes(m);
+    CHECK(stage_memory(m, in, rc).activation_bytes == 3 * 2 * cuts[1] + 2 * 2 * m.layers[1].cost.saved_bytes);
+    // A tied head on its own stage keeps a copy of the embedding's weights.
+    StageMemoryInput head{14, 15, 1, 1, 1, 1};
+    CHECK(stage_memory(m, head, {}).params == 50257ull * 768);
+    CHECK(in_flight(ScheduleKind::one_f_one_b, 0, 4, 8) == 4);
+    CHECK(in_flight(ScheduleKind::one_f_one_b, 3, 4, 8) == 1);
+    CHECK(in_flight(ScheduleKind::one_f_one_b, 0, 4, 2) == 2);
+    CHECK(in_flight(ScheduleKind::gpipe, 3, 4, 8) == 8);
+}
+
+TEST_CASE("a plan survives plan.toml: written, read back, the same predictions") {
+    const Model m = load_model(plans_dir + "models/llama3-8b.toml");
+    const Cluster c = load_cluster(plans_dir + "clusters/hetero-3kinds.toml");
+    const AnalyticalCostModel cost(m, c, {});
+    const SolveResult r = solve(m, c, cost, {}, {});
+    const std::string text = plan_toml(r.plan, r.estimate, m, c, Meta{"dpart plan test", {}}, "optimal");
+    CHECK(text.rfind("[meta]\nschema = 1\n", 0) == 0);
+    const Plan back = parse_plan(text, "plan.toml", m, c);
+    CHECK(back == r.plan);
+    const PlanEstimate again = estimate_plan(back, m, c, cost, {});
+    CHECK(again.iteration_s == r.estimate.iteration_s);
+    CHECK(again.bottleneck_s == r.estimate.bottleneck_s);
+    for (std::size_t s = 0; s < again.stages.size(); ++s) {
+        CHECK(again.stages[s].stage_s == r.estimate.stages[s].stage_s);
+        CHECK(again.stages[s].memory.total() == r.estimate.stages[s].memory.total());
+    }
+    // The predicted figures printed in the file are the recomputed ones (to 6 digits).
+    CHECK(text.find(fmt::format("predicted_iteration_ms = {:.6g}", again.iteration_s * 1e3)) != std::string::npos);
+    // The stage CSV has its declared columns and a row per stage.
+    const CsvTable csv = stage_csv(back, again, m, c);
+    CHECK(csv.rows() == back.stages.size());
+    CHECK(csv.columns().front() == "stage");
+}
+
+TEST_CASE("a hand-written plan with only the required fields is valid; mistakes are located") {
+    const Model m = load_model(plans_dir + "models/seed-mlp.toml");
+    const Cluster c = load_cluster(plans_dir + "clusters/cpu-local.toml");
+    const std::string head = "[plan]\nobjective = \"iteration\"\nschedule = \"1f1b\"\nmicrobatch_size = 8\nmicrobatches = 8\n";
+    const Plan p = parse_plan(head + "[[stage]]\nfirst_layer = 0\nlast_layer = 1\ndevices = [\"cpu0\"]\ntp = 1\n"
+                                     "[[stage]]\nfirst_layer = 2\nlast_layer = 3\ndevices = [\"cpu1\"]\ntp = 1\n",
+                              "p.toml", m, c);
+    CHECK(p.stages.size() == 2);
+    auto error_of = [&](const std::string& stages) {
+        try {
+            (void)parse_plan(head + stages, "p.toml", m, c);
+        } catch (const InputError& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    CHECK(error_of("[[stage]]\nfirst_layer = 0\nlast_layer = 3\ndevices = [\"cpu7\"]\ntp = 1\n") ==
+          "p.toml:9:12: stage 0: device \"cpu7\" is not in cluster \"cpu-local\" (did you mean \"cpu0\"?)");
+    CHECK(error_of("[[stage]]\nfirst_layer = 0\nlast_layer = 1\ndevices = [\"cpu0\"]\ntp = 1\n"
+                   "[[stage]]\nfirst_layer = 3\nlast_layer = 3\ndevices = [\"cpu1\"]\ntp = 1\n") ==
+          "p.toml:11:1: stage 1: first_layer is 3 but the previous stage ends at layer 1 (stages must cover the "
+          "layers in order, each once)");
+    CHECK(error_of("[[stage]]\nfirst_layer = 0\nlast_layer = 3\ndevices = [\"cpu0\", \"cpu0\"]\ntp = 1\n")
+              .find("device \"cpu0\" appears more than once") != std::string::npos);
+    CHECK(error_of("[[stage]]\nfirst_layer = 0\nlast_layer = 2\ndevices = [\"cpu0\"]\ntp = 1\n") ==
+          "p.toml:1:1: the stages end at layer 2 but the model has 4 layers");
+    CHECK(error_of("[[stage]]\nfirst_layer = 0\nlast_layer = 3\ndevices = [\"cpu0\"]\ntp = 1\nspeed = 3\n") ==
+          "p.toml:11:1: stage 0: unknown key \"speed\"");
+}
