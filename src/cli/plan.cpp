@@ -130,7 +130,7 @@ void print_comparison(const Model& model, const Cluster& cluster, const CostMode
         sopt.strategy = s;
         try {
             const SolveResult r = solve(model, cluster, cost, copt, sopt);
-            const double v = sopt.objective == Objective::throughput ? r.estimate.bottleneck_s : r.estimate.iteration_s;
+            const double v = objective_value(sopt.objective, r.plan, r.estimate);
             t.add_row({std::string(to_string(s)), std::to_string(r.plan.stages.size()), msf(r.estimate.iteration_s),
                        msf(r.estimate.bottleneck_s), fmt::format("{:.2f}x", v / optimal_s)});
         } catch (const InfeasibleError&) {
@@ -161,7 +161,7 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     if (!o.quiet) {
         print_plan(r.plan, r.estimate, model, cluster, o.strategy);
         if (o.compare) {
-            const double v = sopt.objective == Objective::throughput ? r.estimate.bottleneck_s : r.estimate.iteration_s;
+            const double v = objective_value(sopt.objective, r.plan, r.estimate);
             if (sopt.strategy == Strategy::optimal) print_comparison(model, cluster, cost, copt, sopt, v);
         }
     }

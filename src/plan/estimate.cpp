@@ -136,6 +136,44 @@ void validate_plan(const Plan& plan, const Model& model, const Cluster& cluster)
         throw InputError(plan.where, fmt::format("the stages end at layer {} but the model has {} layers", next - 1, L));
 }
 
+namespace {
+
+/// Replica speeds (the slowest device of each tensor-parallel group) and their first devices.
+void replicas_of(const Stage& st, const CostModel& cost, std::vector<double>& speeds, std::vector<std::size_t>& leaders) {
+    speeds.clear();
+    leaders.clear();
+    for (std::size_t k = 0; k < st.replicas(); ++k) {
+        double slowest = cost.device_speed(st.devices[k * st.tp]);
+        for (std::uint32_t t = 1; t < st.tp; ++t) slowest = std::min(slowest, cost.device_speed(st.devices[k * st.tp + t]));
+        speeds.push_back(slowest);
+        leaders.push_back(st.devices[k * st.tp]);
+    }
+}
+
+std::uint64_t capacity_of(const Stage& st, const Cluster& cluster) {
+    std::uint64_t capacity = UINT64_MAX;
+    for (std::size_t d : st.devices) capacity = std::min(capacity, cluster.devices[d].mem_bytes());
+    return capacity;
+}
+
+}  // namespace
+
+bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
+               const CostOptions& options) {
+    std::vector<double> speeds;
+    std::vector<std::size_t> leaders;
+    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
+        const Stage& st = plan.stages[s];
+        replicas_of(st, cost, speeds, leaders);
+        const auto shares = replica_shares(plan.microbatch_size, speeds);
+        const StageMemoryInput in{st.first_layer, st.last_layer, st.tp, st.replicas(),
+                                  *std::max_element(shares.begin(), shares.end()),
+                                  in_flight(plan.schedule, s, plan.stages.size(), plan.microbatches)};
+        if (stage_memory(model, in, options).total() > capacity_of(st, cluster)) return false;
+    }
+    return true;
+}
+
 PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
                            const CostOptions& options) {
     validate_plan(plan, model, cluster);
@@ -151,12 +189,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
         const std::size_t r = st.replicas();
         std::vector<double> speeds;
         std::vector<std::size_t> leaders;
-        for (std::size_t k = 0; k < r; ++k) {
-            double slowest = cost.device_speed(st.devices[k * st.tp]);
-            for (std::uint32_t t = 1; t < st.tp; ++t) slowest = std::min(slowest, cost.device_speed(st.devices[k * st.tp + t]));
-            speeds.push_back(slowest);
-            leaders.push_back(st.devices[k * st.tp]);
-        }
+        replicas_of(st, cost, speeds, leaders);
         e.shares = replica_shares(plan.microbatch_size, speeds);
         const std::uint64_t max_share = *std::max_element(e.shares.begin(), e.shares.end());
         for (std::size_t k = 0; k < r; ++k) {
@@ -189,8 +222,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
         if (options.overlap_allreduce) allreduce = std::max(0.0, allreduce - e.backward_s);
         e.stage_s = e.forward_s + e.backward_s + e.send_activation_s + e.send_gradient_s +
                     (allreduce + e.optimizer_s) / static_cast<double>(M);
-        e.capacity_bytes = UINT64_MAX;
-        for (std::size_t d : st.devices) e.capacity_bytes = std::min(e.capacity_bytes, cluster.devices[d].mem_bytes());
+        e.capacity_bytes = capacity_of(st, cluster);
         if (e.memory.total() > e.capacity_bytes) est.fits = false;
         for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
             e.flops_per_iteration += static_cast<double>(model.layers[l].cost.fwd_flops + model.layers[l].cost.bwd_flops) *

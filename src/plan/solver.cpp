@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <set>
 #include <tuple>
@@ -38,6 +39,15 @@ std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) {
     std::uint64_t r = 0;
     return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
 }
+
+}  // namespace
+
+bool node_count_allowed(std::size_t k) noexcept {
+    while (k % 2 == 0) k /= 2;
+    return k == 1 || k == 3;
+}
+
+namespace {
 
 /// Prefix sums of per-layer forward and backward seconds, per (device class, samples, tp),
 /// built on first use and shared by every device order and microbatch size.
@@ -109,6 +119,7 @@ struct Context {
     bool memory_monotone = true;
     TimeTables times;
     std::uint64_t deficit = UINT64_MAX;  ///< smallest memory excess seen
+    double best_surrogate = std::numeric_limits<double>::infinity();  ///< across all searches so far
     std::size_t evaluations = 0;
 
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
@@ -223,6 +234,7 @@ public:
         double value = inf;
         std::vector<Stage> stages;
         double max_stage = 0, sum_stage = 0;
+        double max_compute = 0;  ///< forward + backward of the slowest stage: M x it bounds the makespan
     };
     Result run(bool minmax, double bound, bool exact_in_flight, std::uint64_t fixed_in_flight) {
         const std::size_t max_stages = std::min(L_, D_);
@@ -232,7 +244,8 @@ public:
         const std::size_t W = (L_ + 1) * (D_ + 1);
         value_.assign((K + 1) * W, inf);
         choice_.assign((K + 1) * W, Choice{});
-        auto at = [&](std::size_t k, std::size_t i, std::size_t j) { return k * W + i * (D_ + 1) + j; };
+        // j-major, so that scanning the layer end i2 for one device position reads contiguously.
+        auto at = [&](std::size_t k, std::size_t i, std::size_t j) { return k * W + j * (L_ + 1) + i; };
         if (exact_in_flight) {
             for (std::size_t j = 0; j <= D_; ++j) value_[at(0, L_, j)] = 0;
         }
@@ -255,13 +268,7 @@ public:
                         if (next_j >= D_) first_i2 = L_;  // no devices left for later stages
                         for (std::size_t i2 = first_i2; i2 <= L_; ++i2) {
                             const double compute = compute_seconds(blk, i, i2);
-                            if (compute >= best || compute > bound) break;
-                            const std::uint64_t mem = memory(blk, i, i2, flight);
-                            if (mem > blk.capacity) {
-                                ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
-                                if (ctx_.memory_monotone) break;
-                                continue;
-                            }
+                            if (compute > bound || compute >= best) break;
                             // Successor levels: exactly k-1 stages follow, or ">= K" again when capped.
                             double rest = inf;
                             std::uint8_t rest_level = 0;
@@ -279,6 +286,12 @@ public:
                             }
                             if (rest == inf) continue;
                             if (minmax ? rest >= best : compute + rest >= best) continue;
+                            const std::uint64_t mem = memory(blk, i, i2, flight);
+                            if (mem > blk.capacity) {
+                                ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
+                                if (ctx_.memory_monotone) break;
+                                continue;
+                            }
                             const double t = stage_seconds(blk, i, i2, compute);
                             if (t > bound) continue;
                             const double v = minmax ? std::max(t, rest) : t + rest;
@@ -301,7 +314,10 @@ public:
                 r.value = value_[at(k, 0, 0)];
                 best_k = k;
             }
-        if (r.value == inf) return r;
+        if (r.value == inf) {
+            release();
+            return r;
+        }
         // Walk the choices.
         std::size_t i = 0, j = 0, k = best_k;
         while (i < L_) {
@@ -313,7 +329,9 @@ public:
             st.tp = blk.tp;
             st.devices.assign(order_.begin() + static_cast<std::ptrdiff_t>(blk.start),
                               order_.begin() + static_cast<std::ptrdiff_t>(blk.start + blk.size));
-            const double t = stage_seconds(blk, i, c.i2, compute_seconds(blk, i, c.i2));
+            const double compute = compute_seconds(blk, i, c.i2);
+            const double t = stage_seconds(blk, i, c.i2, compute);
+            r.max_compute = std::max(r.max_compute, compute);
             r.max_stage = std::max(r.max_stage, t);
             r.sum_stage += t;
             r.stages.push_back(std::move(st));
@@ -321,7 +339,14 @@ public:
             i = c.i2;
             if (exact_in_flight) k = c.level == 1 ? K : k - 1;
         }
+        release();
         return r;
+    }
+
+    /// Frees the DP tables between runs (many searches stay alive between the two passes).
+    void release() {
+        std::vector<double>().swap(value_);
+        std::vector<Choice>().swap(choice_);
     }
 
     /// Every distinct stage time (for exact bottleneck enumeration on small instances).
@@ -340,6 +365,7 @@ public:
     }
 
     std::size_t block_count() const { return blocks_.size(); }
+
 
 private:
     struct Choice {
@@ -372,13 +398,15 @@ private:
                 if (offset % n == 0) sizes.push_back({n, n});
             if (offset == 0 && (z & (z - 1)) != 0) sizes.push_back({z, z});
             if (offset == 0) {
-                std::size_t end = run_end[j], total = z, g = z;
+                // Whole nodes, in counts of 2^a or 3 x 2^a (2, 3, 4, 6, 8, 12, 16, ...).
+                std::size_t end = run_end[j], total = z, g = z, count = 1;
                 while (end < D_) {
                     const std::size_t nz = run_end[end] - run_start[end];
                     total += nz;
                     g = std::gcd(g, nz);
                     end = run_end[end];
-                    sizes.push_back({total, g});
+                    ++count;
+                    if (node_count_allowed(count)) sizes.push_back({total, g});
                 }
             }
             for (const auto& [n, g] : sizes)
@@ -448,6 +476,7 @@ struct Candidate {
     Plan plan;
     double objective = inf;
     double surrogate = inf;
+    double makespan_bound = 0;  ///< M x the slowest stage's compute: no schedule is faster
 };
 
 /// A memory-feasible DP result for one search, handling 1F1B's per-stage in-flight counts:
@@ -459,25 +488,49 @@ Search::Result run_memory_aware(Context& ctx, Search& search, bool minmax, doubl
     Search::Result relaxed = search.run(minmax, bound, false, 1);
     if (relaxed.value == inf) return relaxed;
     const Plan p = make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages);
-    const PlanEstimate e = estimate_plan(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt);
-    if (e.fits) return relaxed;
+    if (plan_fits(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt)) return relaxed;
     return search.run(minmax, bound, true, 1);
 }
 
+/// The least bottleneck of one search. With 1F1B, first the relaxation where every stage keeps
+/// one microbatch; if its plan fits it is optimal, otherwise the exact DP over stage levels.
+/// The first pass of a search: the least bottleneck with every stage keeping one microbatch
+/// (1F1B's relaxation; exact for GPipe). It bounds every plan of the search from below.
+Search::Result first_pass(Context& ctx, Search& search) {
+    const std::uint64_t M = search.microbatches();
+    if (ctx.sopt.schedule == ScheduleKind::gpipe) return search.run(true, inf, false, M);
+    return search.run(true, inf, false, 1);
+}
+
+/// The least bottleneck given the first pass: the relaxed plan when it fits (then it is
+/// optimal), otherwise the exact DP over stage levels.
+Search::Result least_bottleneck(Context& ctx, Search& search, Search::Result relaxed) {
+    const std::uint64_t M = search.microbatches();
+    if (relaxed.value == inf || ctx.sopt.schedule == ScheduleKind::gpipe) return relaxed;
+    const Plan p = make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages);
+    if (plan_fits(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt)) return relaxed;
+    return search.run(true, inf, true, 1);
+}
+
 /// Best plans of one (device order, microbatch size) search for the objective.
-std::vector<Candidate> search_candidates(Context& ctx, Search& search) {
+std::vector<Candidate> search_candidates(Context& ctx, Search& search, Search::Result relaxed) {
     std::vector<Candidate> out;
-    const Search::Result best_bottleneck = run_memory_aware(ctx, search, true, inf);
+    const Search::Result best_bottleneck = least_bottleneck(ctx, search, std::move(relaxed));
     if (best_bottleneck.value == inf) return out;
     const std::uint64_t M = search.microbatches();
     const std::uint64_t b = ctx.model.global_batch / M;
     auto surrogate = [M](const Search::Result& r) { return r.sum_stage + static_cast<double>(M - 1) * r.max_stage; };
-    out.push_back({make_plan(ctx.sopt, b, M, best_bottleneck.stages), best_bottleneck.value, surrogate(best_bottleneck)});
+    out.push_back({make_plan(ctx.sopt, b, M, best_bottleneck.stages), best_bottleneck.value, surrogate(best_bottleneck),
+                   static_cast<double>(M) * best_bottleneck.max_compute});
     if (ctx.sopt.objective == Objective::throughput) return out;
+    // Every plan of this search has a surrogate >= M x its bottleneck >= M x the least bottleneck.
+    if (static_cast<double>(M) * best_bottleneck.value >= ctx.best_surrogate) return out;
 
     // Iteration objective: enumerate the bottleneck bound B upwards from the optimum (Alpa's
     // method): for each B the plan with the least sum of stage times whose stages all take <= B.
-    // Small instances enumerate every distinct stage time; large ones a 1% geometric grid.
+    // Small instances enumerate every distinct stage time; large ones a geometric grid of at most
+    // 16 bounds (at least 2% apart) up to the last bound that can still win, left after four
+    // bounds in a row improve nothing.
     const double b0 = best_bottleneck.value;
     std::vector<double> bounds;
     const bool small = search.block_count() * ctx.model.layers.size() * ctx.model.layers.size() <= 20000;
@@ -485,17 +538,25 @@ std::vector<Candidate> search_candidates(Context& ctx, Search& search) {
         for (double t : search.all_stage_times())
             if (t >= b0) bounds.push_back(t);
     } else {
-        for (double x = b0; bounds.size() < 200; x *= 1.01) bounds.push_back(x);
+        // A geometric grid up to the bound past which no plan can win (M x B >= best surrogate).
+        const double top = std::min(out.front().surrogate, ctx.best_surrogate) / static_cast<double>(M);
+        const double ratio = std::max(1.02, std::pow(std::max(top / b0, 1.0), 1.0 / 12));
+        for (double x = b0; x <= top && bounds.size() < 16; x *= ratio) bounds.push_back(x);
     }
+    // Last, the least sum with no bound of its own: a stage over best / M cannot be in a winner.
     bounds.push_back(inf);
-    double best_surrogate = out.front().surrogate;
+    double best_surrogate = std::min(out.front().surrogate, ctx.best_surrogate);
+    std::size_t stale = 0;  // grid bounds in a row that improved nothing
     for (double bound : bounds) {
-        if (bound != inf && static_cast<double>(M) * bound >= best_surrogate) continue;
+        if (bound == inf) bound = best_surrogate / static_cast<double>(M) * (1 + 1e-12);
+        else if (static_cast<double>(M) * bound >= best_surrogate || (!small && stale >= 4)) continue;
         const Search::Result r = run_memory_aware(ctx, search, false, bound);
+        ++stale;
         if (r.value == inf) continue;
         const double s = surrogate(r);
+        if (s < best_surrogate) stale = 0;
         best_surrogate = std::min(best_surrogate, s);
-        out.push_back({make_plan(ctx.sopt, b, M, r.stages), inf, s});
+        out.push_back({make_plan(ctx.sopt, b, M, r.stages), inf, s, static_cast<double>(M) * r.max_compute});
     }
     std::stable_sort(out.begin(), out.end(), [](const Candidate& x, const Candidate& y) { return x.surrogate < y.surrogate; });
     // Distinct plans only, the best few by surrogate.
@@ -543,6 +604,11 @@ std::vector<Candidate> search_candidates(Context& ctx, Search& search) {
 }
 
 }  // namespace
+
+double objective_value(Objective objective, const Plan& plan, const PlanEstimate& estimate) noexcept {
+    return objective == Objective::throughput ? estimate.bottleneck_s / static_cast<double>(plan.microbatch_size)
+                                              : estimate.iteration_s;
+}
 
 std::vector<std::vector<std::size_t>> device_orders(const Cluster& cluster, const CostModel& cost) {
     // Group nodes by the classes of their devices.
@@ -610,30 +676,59 @@ namespace {
 SolveResult solve_optimal(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
                           const SolverOptions& sopt) {
     Context ctx(model, cluster, cost, copt, sopt);
+    // Pass 1: every (microbatch size, device order) search's relaxed least bottleneck, a lower
+    // bound on all its plans. Pass 2 visits the searches from the most promising bound and skips
+    // those whose bound cannot beat the best found (exact: the skipped plans are all worse).
+    struct Pending {
+        std::unique_ptr<Search> search;
+        Search::Result relaxed;
+        double lower = inf;
+        std::uint64_t b = 1;
+    };
+    std::vector<Pending> pending;
+    for (std::uint64_t b : microbatch_candidates(model.global_batch, sopt))
+        for (const auto& order : device_orders(cluster, cost)) {
+            auto search = std::make_unique<Search>(ctx, order, b);
+            Search::Result relaxed = first_pass(ctx, *search);
+            if (relaxed.value == inf) continue;
+            const double M = static_cast<double>(search->microbatches());
+            const double lower = sopt.objective == Objective::throughput ? relaxed.value / static_cast<double>(b)
+                                                                          : M * relaxed.value;
+            pending.push_back({std::move(search), std::move(relaxed), lower, b});
+        }
+    std::stable_sort(pending.begin(), pending.end(), [](const Pending& x, const Pending& y) { return x.lower < y.lower; });
+
     SolveResult best;
     bool found = false;
     double best_objective = inf;
     double search_optimum = inf;
-    for (std::uint64_t b : microbatch_candidates(model.global_batch, sopt)) {
-        for (const auto& order : device_orders(cluster, cost)) {
-            Search search(ctx, order, b);
-            for (Candidate& c : search_candidates(ctx, search)) {
-                search_optimum =
-                    std::min(search_optimum, sopt.objective == Objective::throughput ? c.objective : c.surrogate);
+    for (Pending& p : pending) {
+        const double prune = sopt.objective == Objective::throughput ? search_optimum : ctx.best_surrogate;
+        if (p.lower >= prune) continue;
+        const std::uint64_t b = p.b;
+        {
+            for (Candidate& c : search_candidates(ctx, *p.search, std::move(p.relaxed))) {
+                const double per_sample = c.objective / static_cast<double>(b);
+                search_optimum = std::min(search_optimum, sopt.objective == Objective::throughput ? per_sample : c.surrogate);
+                ctx.best_surrogate = std::min(ctx.best_surrogate, c.surrogate);
+                // Only a candidate that can win is worth its task graph.
+                if (found && (sopt.objective == Objective::throughput ? per_sample > best_objective * (1 + 1e-9)
+                                                                      : c.makespan_bound >= best_objective))
+                    continue;
                 PlanEstimate e = estimate_plan(c.plan, model, cluster, cost, copt);
                 if (!e.fits) continue;
-                const double objective =
-                    sopt.objective == Objective::throughput ? e.bottleneck_s : e.iteration_s;
+                const double objective = objective_value(sopt.objective, c.plan, e);
                 // Strictly better only (ties keep the earlier: smaller microbatch, earlier order).
                 if (!found || objective < best_objective * (1 - 1e-12)) {
                     found = true;
                     best_objective = objective;
                     best.plan = std::move(c.plan);
                     best.estimate = std::move(e);
-                    best.objective_s = sopt.objective == Objective::throughput ? c.objective : c.surrogate;
+                    best.objective_s = sopt.objective == Objective::throughput ? per_sample : c.surrogate;
                 }
             }
         }
+        p.search.reset();
     }
     best.plans_evaluated = ctx.evaluations;
     best.search_optimum_s = search_optimum;
@@ -758,7 +853,7 @@ SolveResult solve_baseline(const Model& model, const Cluster& cluster, const Cos
                 PlanEstimate e = estimate_plan(p, model, cluster, cost, copt);
                 ++evaluated;
                 if (!e.fits) continue;
-                const double objective = sopt.objective == Objective::throughput ? e.bottleneck_s : e.iteration_s;
+                const double objective = objective_value(sopt.objective, p, e);
                 if (!found || objective < best_objective * (1 - 1e-12)) {
                     found = true;
                     best_objective = objective;

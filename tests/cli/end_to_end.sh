@@ -89,5 +89,48 @@ if [ -e "$tmp/bad.csv" ]; then echo "FAIL a CSV was written for a bad model"; fa
 check "unwritable csv" 1 "$dpart" inspect -q "$src/plans/models/seed-mlp.toml" --csv "$tmp/no/such/dir.csv" &&
     contains "unwritable csv named" "$tmp/err" "$tmp/no/such/dir.csv"
 
+# dpart plan: a plan and its files, infeasibility (exit 3), bad flags (exit 2).
+models="$src/plans/models"
+clusters="$src/plans/clusters"
+if check "plan gpt2 on dgx" 0 "$dpart" plan "$models/gpt2-small.toml" -c "$clusters/dgx-h100.toml" \
+    --out "$tmp/plan.toml" --csv "$tmp/stages.csv"; then
+    contains "plan prints the prediction" "$tmp/out" "predicted iteration"
+    contains "plan marks the bottleneck" "$tmp/out" "<- bottleneck"
+    contains "plan.toml starts with [meta]" "$tmp/plan.toml" "[meta]"
+    contains "plan.toml has [plan]" "$tmp/plan.toml" "predicted_iteration_ms = "
+    contains "plan.toml has stages" "$tmp/plan.toml" "[[stage]]"
+    contains "plan.toml records the command" "$tmp/plan.toml" 'command = "'
+    checks=$((checks + 1))
+    header=$(head -1 "$tmp/stages.csv")
+    case "$header" in
+        stage,first_layer,last_layer,*) ;;
+        *) echo "FAIL stage csv header: $header"; failures=$((failures + 1)) ;;
+    esac
+fi
+for m in seed-mlp vgg16 resnet-block llama3-8b; do
+    for c in cpu-local dgx-h100 hetero-3kinds; do
+        "$dpart" plan "$models/$m.toml" -c "$clusters/$c.toml" -q >"$tmp/out" 2>"$tmp/err"
+        rc=$?
+        checks=$((checks + 1))
+        if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then
+            echo "FAIL plan $m on $c: exit $rc"; sed 's/^/  /' "$tmp/err"; failures=$((failures + 1))
+        elif [ "$rc" -eq 3 ] && ! grep -q "what would help" "$tmp/err"; then
+            echo "FAIL plan $m on $c: infeasible without advice"; failures=$((failures + 1))
+        fi
+    done
+done
+check "plan infeasible" 3 "$dpart" plan "$models/llama3-70b.toml" -c "$clusters/h100x1.toml" &&
+    contains "infeasible says what would help" "$tmp/err" "what would help"
+check "plan --compare" 0 "$dpart" plan "$models/vgg16.toml" -c "$clusters/dgx-h100.toml" --compare &&
+    contains "compare lists baselines" "$tmp/out" "data-parallel"
+check "plan without --cluster" 2 "$dpart" plan "$models/seed-mlp.toml"
+check "plan bad objective" 2 "$dpart" plan "$models/seed-mlp.toml" -c "$clusters/cpu-local.toml" --objective fastest
+check "plan bad microbatch" 2 "$dpart" plan "$models/seed-mlp.toml" -c "$clusters/cpu-local.toml" --microbatch-size 7 &&
+    contains "bad microbatch explained" "$tmp/err" "does not divide the global batch 64"
+check "plan microbatch not a number" 2 "$dpart" plan "$models/seed-mlp.toml" -c "$clusters/cpu-local.toml" --microbatch-size two
+check "plan bad model" 2 "$dpart" plan "$src/tests/bad_input/model/unknown_op.toml" -c "$clusters/cpu-local.toml" --out "$tmp/bad-plan.toml"
+checks=$((checks + 1))
+if [ -e "$tmp/bad-plan.toml" ]; then echo "FAIL a plan was written for a bad model"; failures=$((failures + 1)); fi
+
 echo "$((checks - failures)) passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -73,6 +73,10 @@ struct PlanEstimate {
 /// global batch, at least one sample per replica). Throws InputError at the plan's locations.
 void validate_plan(const Plan& plan, const Model& model, const Cluster& cluster);
 
+/// Whether every device of a valid plan holds its stage (memory only: no task graph).
+[[nodiscard]] bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
+                             const CostOptions& options);
+
 /// Estimates a valid plan.
 [[nodiscard]] PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& cluster,
                                          const CostModel& cost, const CostOptions& options);

@@ -5,7 +5,7 @@
 // Search space (docs/METHOD.md): stages are contiguous layer ranges; stage k runs on a
 // contiguous block of devices in a device order where each node's devices are consecutive and
 // nodes are grouped by kind (every order of the kinds is tried). A block is either an aligned
-// power-of-two slice of one node, or whole consecutive nodes. Its devices form r data-parallel
+// power-of-two slice of one node, or whole consecutive nodes (2^a or 3 x 2^a of them). Its devices form r data-parallel
 // replicas of a tensor-parallel group of t devices (t a power of two dividing the node size,
 // t <= max_tp, r <= max_replicas, r <= microbatch size). Devices after the last stage stay unused.
 #include <cstdint>
@@ -37,8 +37,9 @@ struct SolverOptions {
 struct SolveResult {
     Plan plan;
     PlanEstimate estimate;
-    /// The value the search minimised: the bottleneck (throughput) or the surrogate
-    /// sum(stage) + (M-1) * max(stage) (iteration; the reported iteration time is the exact makespan).
+    /// The value the search minimised for the chosen plan: the bottleneck per sample (throughput)
+    /// or the surrogate sum(stage) + (M-1) * max(stage) (iteration; the reported iteration time
+    /// is the exact makespan).
     double objective_s = 0;
     /// The least value of the search objective over the whole search space (for the iteration
     /// objective the surrogate's optimum, which the chosen plan need not have: it is chosen by
@@ -57,6 +58,14 @@ struct Infeasibility {
 /// and suggestions when no plan fits, InputError for contradictory options.
 [[nodiscard]] SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& cost,
                                 const CostOptions& cost_options, const SolverOptions& options);
+
+/// What the objective ranks plans by: the iteration's exact makespan, or for throughput the
+/// bottleneck per sample (bottleneck per microbatch / microbatch size: the steady-state time per
+/// sample, comparable across microbatch sizes).
+[[nodiscard]] double objective_value(Objective objective, const Plan& plan, const PlanEstimate& estimate) noexcept;
+
+/// Whole-node blocks come in node counts of 2^a or 3 x 2^a (1, 2, 3, 4, 6, 8, 12, 16, ...).
+[[nodiscard]] bool node_count_allowed(std::size_t nodes) noexcept;
 
 /// The candidate device orders: nodes grouped by kind, every order of the kinds (at most 24;
 /// beyond 4 kinds, fastest-first and slowest-first).
