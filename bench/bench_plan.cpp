@@ -65,10 +65,15 @@ void run(benchmark::State& state, const dpart::Model& model, const dpart::Cluste
     std::size_t stages = 0;
     double iteration = 0;
     for (auto _ : state) {
-        const dpart::SolveResult r = dpart::solve(model, c, cost, copt, o);
-        stages = r.plan.stages.size();
-        iteration = r.estimate.iteration_s;
-        benchmark::DoNotOptimize(r);
+        try {
+            const dpart::SolveResult r = dpart::solve(model, c, cost, copt, o);
+            stages = r.plan.stages.size();
+            iteration = r.estimate.iteration_s;
+            benchmark::DoNotOptimize(r);
+        } catch (const dpart::InfeasibleError&) {
+            state.SkipWithError("infeasible: the model fits on no plan");
+            break;
+        }
     }
     state.counters["stages"] = static_cast<double>(stages);
     state.counters["iteration_ms"] = iteration * 1e3;

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Sets up, builds, and runs dpart's main job on a bundled example: what every layer of GPT-2
-# small costs, and the cluster it could run on.
+# Sets up, builds, and runs dpart's main job on a bundled example: the best partition of
+# Llama-3-8B across a cluster of H100, A100 and L40S GPUs, compared with the baseline strategies.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/setup.sh"
 "$root/scripts/build.sh"
 build=${BUILD_DIR:-$root/build}
-"$build/dpart" inspect "$root/plans/models/gpt2-small.toml" --cluster "$root/plans/clusters/dgx-h100.toml"
+"$build/dpart" plan "$root/plans/models/llama3-8b.toml" --cluster "$root/plans/clusters/hetero-3kinds.toml" --compare

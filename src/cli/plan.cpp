@@ -69,7 +69,11 @@ std::string device_range(const Cluster& c, const std::vector<std::size_t>& devic
     return out;
 }
 
-std::string msf(double seconds) { return fmt::format("{:.3f}", seconds * 1e3); }
+/// Milliseconds for tables: four significant digits, one decimal from 100 ms up.
+std::string msf(double seconds) {
+    const double ms = seconds * 1e3;
+    return ms >= 100 ? fmt::format("{:.1f}", ms) : fmt::format("{:.4g}", ms);
+}
 
 void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, const Cluster& cluster,
                 const std::string& strategy) {
@@ -160,6 +164,9 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     const SolveResult r = solve(model, cluster, cost, copt, sopt);
     if (!o.quiet) {
         print_plan(r.plan, r.estimate, model, cluster, o.strategy);
+        if (!r.exact)
+            fmt::print("note: the search was too large for the exact 1F1B memory model; it assumed every stage keeps "
+                       "the first stage's microbatches in flight, so a plan needing the exact count may be missing\n");
         if (o.compare) {
             const double v = objective_value(sopt.objective, r.plan, r.estimate);
             if (sopt.strategy == Strategy::optimal) print_comparison(model, cluster, cost, copt, sopt, v);

@@ -119,6 +119,7 @@ struct Context {
     bool memory_monotone = true;
     TimeTables times;
     std::uint64_t deficit = UINT64_MAX;  ///< smallest memory excess seen
+    bool conservative = false;  ///< some search counted every stage's in-flight microbatches as the first's
     double best_surrogate = std::numeric_limits<double>::infinity();  ///< across all searches so far
     std::size_t evaluations = 0;
 
@@ -366,6 +367,15 @@ public:
 
     std::size_t block_count() const { return blocks_.size(); }
 
+    /// The exact 1F1B DP keeps a table per stage level; past this size it would not fit in memory.
+    bool levels_fit() const {
+        const std::size_t K = std::min<std::uint64_t>(std::min(L_, D_), M_);
+        return static_cast<double>(K + 1) * static_cast<double>((L_ + 1) * (D_ + 1)) * (sizeof(double) + sizeof(Choice)) <=
+               static_cast<double>(1ull << 30);
+    }
+    /// The conservative stand-in: every stage keeps as many microbatches as the first could.
+    std::uint64_t most_in_flight() const { return std::min<std::uint64_t>(std::min(L_, D_), M_); }
+
 
 private:
     struct Choice {
@@ -489,6 +499,10 @@ Search::Result run_memory_aware(Context& ctx, Search& search, bool minmax, doubl
     if (relaxed.value == inf) return relaxed;
     const Plan p = make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages);
     if (plan_fits(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt)) return relaxed;
+    if (!search.levels_fit()) {
+        ctx.conservative = true;
+        return search.run(minmax, bound, false, search.most_in_flight());
+    }
     return search.run(minmax, bound, true, 1);
 }
 
@@ -509,6 +523,10 @@ Search::Result least_bottleneck(Context& ctx, Search& search, Search::Result rel
     if (relaxed.value == inf || ctx.sopt.schedule == ScheduleKind::gpipe) return relaxed;
     const Plan p = make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages);
     if (plan_fits(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt)) return relaxed;
+    if (!search.levels_fit()) {
+        ctx.conservative = true;
+        return search.run(true, inf, false, search.most_in_flight());
+    }
     return search.run(true, inf, true, 1);
 }
 
@@ -732,6 +750,7 @@ SolveResult solve_optimal(const Model& model, const Cluster& cluster, const Cost
     }
     best.plans_evaluated = ctx.evaluations;
     best.search_optimum_s = search_optimum;
+    best.exact = !ctx.conservative;
     if (!found) throw_infeasible(ctx);
     return best;
 }
