@@ -31,7 +31,8 @@ LinkKind Cluster::link_kind(std::size_t a, std::size_t b) const {
 
 LinkSpec Cluster::link(std::size_t a, std::size_t b) const {
     if (a == b) throw RuntimeError("a device has no link to itself: " + devices.at(a).name);
-    if (auto it = overrides.find(pair_key(a, b)); it != overrides.end()) return it->second;
+    if (!overrides.empty())
+        if (auto it = overrides.find(pair_key(a, b)); it != overrides.end()) return it->second;
     const std::size_t node = devices.at(a).node;
     if (node == devices.at(b).node) {
         if (nodes.at(node).intra) return *nodes[node].intra;

@@ -100,6 +100,9 @@ struct Block {
     std::uint32_t tp = 1;
     std::size_t replicas = 1;
     std::vector<std::size_t> tables;  ///< TimeTables indices of the distinct (class, share)
+    /// Their forward and backward prefix sums (set once every table exists).
+    std::vector<std::pair<const double*, const double*>> prefix;
+    const MemoryTables* memory = nullptr;  ///< the prefix sums for this tp (a std::map node: stable)
     std::uint64_t max_share = 1;
     AllreduceCost allreduce;
     std::vector<std::size_t> optimizer_devices;  ///< one device per distinct class
@@ -169,10 +172,12 @@ public:
     std::uint64_t microbatches() const { return M_; }
 
     double compute_seconds(const Block& blk, std::size_t i, std::size_t i2) const {
+        if (blk.prefix.size() == 1) {  // one device class and share: the common case
+            const auto& [F, B] = blk.prefix.front();
+            return (F[i2] - F[i]) + (B[i2] - B[i]);
+        }
         double f = 0, bw = 0;
-        for (std::size_t t : blk.tables) {
-            const auto& F = ctx_.times.forward(t);
-            const auto& B = ctx_.times.backward(t);
+        for (const auto& [F, B] : blk.prefix) {
             f = std::max(f, F[i2] - F[i]);
             bw = std::max(bw, B[i2] - B[i]);
         }
@@ -180,7 +185,7 @@ public:
     }
 
     std::uint64_t params(const Block& blk, std::size_t i, std::size_t i2) const {
-        const MemoryTables& mt = ctx_.memory.at(blk.tp);
+        const MemoryTables& mt = *blk.memory;
         std::uint64_t p = mt.params[i2] - mt.params[i];
         for (const TiedCopy& t : ctx_.tied)
             if (t.layer >= i && t.layer < i2 && (t.target < i || t.target >= i2))
@@ -189,7 +194,7 @@ public:
     }
 
     std::uint64_t memory(const Block& blk, std::size_t i, std::size_t i2, std::uint64_t in_flight) const {
-        const MemoryTables& mt = ctx_.memory.at(blk.tp);
+        const MemoryTables& mt = *blk.memory;
         const CostOptions& o = ctx_.copt;
         const std::uint64_t e = dtype_bytes(ctx_.model.dtype);
         const std::uint64_t wg = std::min<std::uint64_t>(2 * e, o.bytes_per_param);
@@ -220,7 +225,7 @@ public:
         double allreduce = blk.allreduce(sat_mul(p, dtype_bytes(ctx_.model.dtype)));
         if (ctx_.copt.overlap_allreduce) {
             double bwd = 0;
-            for (std::size_t tb : blk.tables) bwd = std::max(bwd, ctx_.times.backward(tb)[i2] - ctx_.times.backward(tb)[i]);
+            for (const auto& [F, B] : blk.prefix) bwd = std::max(bwd, B[i2] - B[i]);
             allreduce = std::max(0.0, allreduce - bwd);
         }
         double opt = 0;
@@ -228,15 +233,15 @@ public:
         return t + (allreduce + opt) / static_cast<double>(M_);
     }
 
-    /// The DP. `bound` = inf: minimise the bottleneck (min-max); otherwise minimise the sum of
-    /// stage times with every stage <= bound. `exact_in_flight`: track the number of stages
-    /// after each one (1F1B memory); otherwise every stage keeps `fixed_in_flight` microbatches.
     struct Result {
         double value = inf;
         std::vector<Stage> stages;
         double max_stage = 0, sum_stage = 0;
         double max_compute = 0;  ///< forward + backward of the slowest stage: M x it bounds the makespan
     };
+    /// The DP. `minmax`: minimise the bottleneck, every stage <= bound; otherwise minimise the
+    /// sum of stage times with every stage <= bound. `exact_in_flight`: track the number of
+    /// stages after each one (1F1B memory); otherwise every stage keeps `fixed_in_flight`.
     Result run(bool minmax, double bound, bool exact_in_flight, std::uint64_t fixed_in_flight) {
         const std::size_t max_stages = std::min(L_, D_);
         // Levels: k = stages from this one to the last, inclusive; level K means ">= K" when K = M.
@@ -244,14 +249,13 @@ public:
         const bool capped = exact_in_flight && K == M_ && max_stages > M_;
         const std::size_t W = (L_ + 1) * (D_ + 1);
         value_.assign((K + 1) * W, inf);
-        choice_.assign((K + 1) * W, Choice{});
+        choice_.resize((K + 1) * W);  // read only where value_ is finite, i.e. written this run
         // j-major, so that scanning the layer end i2 for one device position reads contiguously.
         auto at = [&](std::size_t k, std::size_t i, std::size_t j) { return k * W + j * (L_ + 1) + i; };
         if (exact_in_flight) {
             for (std::size_t j = 0; j <= D_; ++j) value_[at(0, L_, j)] = 0;
         }
         // Without levels, level 1 holds "any number of stages" and the terminal is level 1 at L.
-        const std::size_t terminal_level = exact_in_flight ? 0 : 1;
         if (!exact_in_flight)
             for (std::size_t j = 0; j <= D_; ++j) value_[at(1, L_, j)] = 0;
 
@@ -268,16 +272,14 @@ public:
                         std::size_t first_i2 = i + 1;
                         if (next_j >= D_) first_i2 = L_;  // no devices left for later stages
                         for (std::size_t i2 = first_i2; i2 <= L_; ++i2) {
+                            // Stage compute grows with i2: past the bound or the best, stop.
                             const double compute = compute_seconds(blk, i, i2);
                             if (compute > bound || compute >= best) break;
                             // Successor levels: exactly k-1 stages follow, or ">= K" again when capped.
                             double rest = inf;
                             std::uint8_t rest_level = 0;
                             if (exact_in_flight) {
-                                if (k >= 1) {
-                                    rest = value_[at(k - 1, i2, next_j)];
-                                    rest_level = 0;
-                                }
+                                rest = value_[at(k - 1, i2, next_j)];
                                 if (capped && k == K && value_[at(K, i2, next_j)] < rest) {
                                     rest = value_[at(K, i2, next_j)];
                                     rest_level = 1;
@@ -285,8 +287,8 @@ public:
                             } else {
                                 rest = value_[at(1, i2, next_j)];
                             }
-                            if (rest == inf) continue;
-                            if (minmax ? rest >= best : compute + rest >= best) continue;
+                            if (rest >= best) continue;  // also when rest is inf
+                            if (!minmax && compute + rest >= best) continue;
                             const std::uint64_t mem = memory(blk, i, i2, flight);
                             if (mem > blk.capacity) {
                                 ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
@@ -307,7 +309,6 @@ public:
                 }
             }
         }
-        (void)terminal_level;
         Result r;
         std::size_t best_k = 1;
         for (std::size_t k = 1; k <= K; ++k)
@@ -344,8 +345,10 @@ public:
         return r;
     }
 
-    /// Frees the DP tables between runs (many searches stay alive between the two passes).
+    /// Frees large DP tables between runs (many searches stay alive between the two passes);
+    /// small ones are kept for the next run.
     void release() {
+        if (value_.size() * (sizeof(double) + sizeof(Choice)) <= (std::size_t{16} << 20)) return;
         std::vector<double>().swap(value_);
         std::vector<Choice>().swap(choice_);
     }
@@ -367,11 +370,11 @@ public:
 
     std::size_t block_count() const { return blocks_.size(); }
 
-    /// The exact 1F1B DP keeps a table per stage level; past this size it would not fit in memory.
+    /// The exact 1F1B DP keeps a table per stage level; past 256 MiB of tables it is also too slow.
     bool levels_fit() const {
         const std::size_t K = std::min<std::uint64_t>(std::min(L_, D_), M_);
         return static_cast<double>(K + 1) * static_cast<double>((L_ + 1) * (D_ + 1)) * (sizeof(double) + sizeof(Choice)) <=
-               static_cast<double>(1ull << 30);
+               static_cast<double>(1ull << 28);
     }
     /// The conservative stand-in: every stage keeps as many microbatches as the first could.
     std::uint64_t most_in_flight() const { return std::min<std::uint64_t>(std::min(L_, D_), M_); }
@@ -386,6 +389,11 @@ private:
 
     void build_blocks() {
         const Cluster& c = ctx_.cluster;
+        for (std::size_t d : order_) {
+            speed_.push_back(ctx_.cost.device_speed(d));
+            class_.push_back(ctx_.cost.device_class(d));
+            capacity_.push_back(c.devices[d].mem_bytes());
+        }
         blocks_at_.assign(D_, {});
         // Node runs in the order: [run_start, run_end) per position.
         std::vector<std::size_t> run_start(D_), run_end(D_);
@@ -428,6 +436,10 @@ private:
                     blocks_.push_back(make_block(j, n, tp));
                 }
         }
+        // Tables may have been added while blocks were built: take the pointers now.
+        for (Block& blk : blocks_)
+            for (std::size_t t : blk.tables)
+                blk.prefix.push_back({ctx_.times.forward(t).data(), ctx_.times.backward(t).data()});
     }
 
     Block make_block(std::size_t start, std::size_t n, std::uint32_t tp) {
@@ -438,27 +450,33 @@ private:
         blk.replicas = n / tp;
         std::vector<double> speeds;
         std::vector<std::size_t> leaders;
+        speeds.reserve(blk.replicas);
+        leaders.reserve(blk.replicas);
         for (std::size_t k = 0; k < blk.replicas; ++k) {
             double slowest = inf;
-            for (std::uint32_t t = 0; t < tp; ++t)
-                slowest = std::min(slowest, ctx_.cost.device_speed(order_[start + k * tp + t]));
+            for (std::uint32_t t = 0; t < tp; ++t) slowest = std::min(slowest, speed_[start + k * tp + t]);
             speeds.push_back(slowest);
             leaders.push_back(order_[start + k * tp]);
         }
         const std::vector<std::uint64_t> shares = replica_shares(b_, speeds);
         blk.max_share = *std::max_element(shares.begin(), shares.end());
-        std::set<std::pair<std::size_t, std::uint64_t>> pairs;
-        std::set<std::size_t> classes;
+        // Distinct (class, share) pairs and classes: few per block, so small vectors.
+        std::vector<std::pair<std::size_t, std::uint64_t>> pairs;
+        std::vector<std::size_t> classes;
         for (std::size_t x = 0; x < n; ++x) {
-            const std::size_t d = order_[start + x];
-            const std::size_t cls = ctx_.cost.device_class(d);
-            pairs.insert({cls, shares[x / tp]});
-            if (classes.insert(cls).second) blk.optimizer_devices.push_back(d);
-            blk.capacity = std::min(blk.capacity, ctx_.cluster.devices[d].mem_bytes());
+            const std::size_t cls = class_[start + x];
+            const std::pair<std::size_t, std::uint64_t> pair{cls, shares[x / tp]};
+            if (std::find(pairs.begin(), pairs.end(), pair) == pairs.end()) pairs.push_back(pair);
+            if (std::find(classes.begin(), classes.end(), cls) == classes.end()) {
+                classes.push_back(cls);
+                blk.optimizer_devices.push_back(order_[start + x]);
+            }
+            blk.capacity = std::min(blk.capacity, capacity_[start + x]);
         }
+        std::sort(pairs.begin(), pairs.end());
         for (const auto& [cls, share] : pairs) blk.tables.push_back(ctx_.times.index(cls, share, tp));
         blk.allreduce = ctx_.cost.allreduce_cost(leaders);
-        (void)ctx_.memory_tables(tp);
+        blk.memory = &ctx_.memory_tables(tp);
         return blk;
     }
 
@@ -466,6 +484,9 @@ private:
     std::vector<std::size_t> order_;
     std::uint64_t b_, M_;
     std::size_t L_, D_;
+    std::vector<double> speed_;            ///< per position in the order
+    std::vector<std::size_t> class_;       ///< per position
+    std::vector<std::uint64_t> capacity_;  ///< per position
     std::vector<Block> blocks_;
     std::vector<std::vector<std::uint32_t>> blocks_at_;
     std::vector<double> value_;
@@ -489,45 +510,50 @@ struct Candidate {
     double makespan_bound = 0;  ///< M x the slowest stage's compute: no schedule is faster
 };
 
+/// 1F1B's memory, exactly, from the relaxed solution (every stage keeping one microbatch):
+/// if the relaxed plan fits it is optimal; else if the conservative DP (every stage keeping as
+/// many as the first could) reaches the same value, that plan is; else the DP over stage levels,
+/// unless its tables would pass 256 MiB: then the conservative plan, flagged as such.
+Search::Result exact_1f1b(Context& ctx, Search& search, bool minmax, double bound, Search::Result relaxed) {
+    const std::uint64_t M = search.microbatches();
+    if (relaxed.value == inf) return relaxed;
+    if (plan_fits(make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages), ctx.model, ctx.cluster,
+                  ctx.cost, ctx.copt))
+        return relaxed;
+    Search::Result conservative = search.run(minmax, bound, false, search.most_in_flight());
+    if (conservative.value <= relaxed.value) return conservative;
+    if (!search.levels_fit()) {
+        ctx.conservative = true;
+        return conservative;
+    }
+    return search.run(minmax, bound, true, 1);
+}
+
 /// A memory-feasible DP result for one search, handling 1F1B's per-stage in-flight counts:
 /// first with every stage keeping one microbatch (a relaxation); if the plan found really fits
 /// it is optimal, otherwise the exact DP with stage levels is run.
 Search::Result run_memory_aware(Context& ctx, Search& search, bool minmax, double bound) {
     const std::uint64_t M = search.microbatches();
     if (ctx.sopt.schedule == ScheduleKind::gpipe) return search.run(minmax, bound, false, M);
-    Search::Result relaxed = search.run(minmax, bound, false, 1);
-    if (relaxed.value == inf) return relaxed;
-    const Plan p = make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages);
-    if (plan_fits(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt)) return relaxed;
-    if (!search.levels_fit()) {
-        ctx.conservative = true;
-        return search.run(minmax, bound, false, search.most_in_flight());
-    }
-    return search.run(minmax, bound, true, 1);
+    return exact_1f1b(ctx, search, minmax, bound, search.run(minmax, bound, false, 1));
 }
 
 /// The least bottleneck of one search. With 1F1B, first the relaxation where every stage keeps
 /// one microbatch; if its plan fits it is optimal, otherwise the exact DP over stage levels.
 /// The first pass of a search: the least bottleneck with every stage keeping one microbatch
-/// (1F1B's relaxation; exact for GPipe). It bounds every plan of the search from below.
-Search::Result first_pass(Context& ctx, Search& search) {
+/// (1F1B's relaxation; exact for GPipe), among plans whose stages all take <= cap. It bounds
+/// every plan of the search from below.
+Search::Result first_pass(Context& ctx, Search& search, double cap) {
     const std::uint64_t M = search.microbatches();
-    if (ctx.sopt.schedule == ScheduleKind::gpipe) return search.run(true, inf, false, M);
-    return search.run(true, inf, false, 1);
+    if (ctx.sopt.schedule == ScheduleKind::gpipe) return search.run(true, cap, false, M);
+    return search.run(true, cap, false, 1);
 }
 
 /// The least bottleneck given the first pass: the relaxed plan when it fits (then it is
 /// optimal), otherwise the exact DP over stage levels.
 Search::Result least_bottleneck(Context& ctx, Search& search, Search::Result relaxed) {
-    const std::uint64_t M = search.microbatches();
-    if (relaxed.value == inf || ctx.sopt.schedule == ScheduleKind::gpipe) return relaxed;
-    const Plan p = make_plan(ctx.sopt, ctx.model.global_batch / M, M, relaxed.stages);
-    if (plan_fits(p, ctx.model, ctx.cluster, ctx.cost, ctx.copt)) return relaxed;
-    if (!search.levels_fit()) {
-        ctx.conservative = true;
-        return search.run(true, inf, false, search.most_in_flight());
-    }
-    return search.run(true, inf, true, 1);
+    if (ctx.sopt.schedule == ScheduleKind::gpipe) return relaxed;
+    return exact_1f1b(ctx, search, true, inf, std::move(relaxed));
 }
 
 /// Best plans of one (device order, microbatch size) search for the objective.
@@ -567,7 +593,7 @@ std::vector<Candidate> search_candidates(Context& ctx, Search& search, Search::R
     std::size_t stale = 0;  // grid bounds in a row that improved nothing
     for (double bound : bounds) {
         if (bound == inf) bound = best_surrogate / static_cast<double>(M) * (1 + 1e-12);
-        else if (static_cast<double>(M) * bound >= best_surrogate || (!small && stale >= 4)) continue;
+        else if (static_cast<double>(M) * bound >= best_surrogate || (!small && stale >= 3)) continue;
         const Search::Result r = run_memory_aware(ctx, search, false, bound);
         ++stale;
         if (r.value == inf) continue;
@@ -694,60 +720,77 @@ namespace {
 SolveResult solve_optimal(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
                           const SolverOptions& sopt) {
     Context ctx(model, cluster, cost, copt, sopt);
+    const bool throughput = sopt.objective == Objective::throughput;
     // Pass 1: every (microbatch size, device order) search's relaxed least bottleneck, a lower
     // bound on all its plans. Pass 2 visits the searches from the most promising bound and skips
     // those whose bound cannot beat the best found (exact: the skipped plans are all worse).
+    // The middle microbatch size goes through both passes first, so that its best plan caps the
+    // other searches' first passes (a search whose every plan exceeds the cap is skipped whole).
     struct Pending {
         std::unique_ptr<Search> search;
         Search::Result relaxed;
         double lower = inf;
         std::uint64_t b = 1;
     };
-    std::vector<Pending> pending;
-    for (std::uint64_t b : microbatch_candidates(model.global_batch, sopt))
-        for (const auto& order : device_orders(cluster, cost)) {
-            auto search = std::make_unique<Search>(ctx, order, b);
-            Search::Result relaxed = first_pass(ctx, *search);
-            if (relaxed.value == inf) continue;
-            const double M = static_cast<double>(search->microbatches());
-            const double lower = sopt.objective == Objective::throughput ? relaxed.value / static_cast<double>(b)
-                                                                          : M * relaxed.value;
-            pending.push_back({std::move(search), std::move(relaxed), lower, b});
-        }
-    std::stable_sort(pending.begin(), pending.end(), [](const Pending& x, const Pending& y) { return x.lower < y.lower; });
-
     SolveResult best;
     bool found = false;
     double best_objective = inf;
-    double search_optimum = inf;
-    for (Pending& p : pending) {
-        const double prune = sopt.objective == Objective::throughput ? search_optimum : ctx.best_surrogate;
-        if (p.lower >= prune) continue;
+    double search_optimum = inf;  // the search objective's optimum so far (per sample, or surrogate)
+    auto second_pass = [&](Pending& p) {
+        if (p.lower >= search_optimum) return;
         const std::uint64_t b = p.b;
-        {
-            for (Candidate& c : search_candidates(ctx, *p.search, std::move(p.relaxed))) {
-                const double per_sample = c.objective / static_cast<double>(b);
-                search_optimum = std::min(search_optimum, sopt.objective == Objective::throughput ? per_sample : c.surrogate);
-                ctx.best_surrogate = std::min(ctx.best_surrogate, c.surrogate);
-                // Only a candidate that can win is worth its task graph.
-                if (found && (sopt.objective == Objective::throughput ? per_sample > best_objective * (1 + 1e-9)
-                                                                      : c.makespan_bound >= best_objective))
-                    continue;
-                PlanEstimate e = estimate_plan(c.plan, model, cluster, cost, copt);
-                if (!e.fits) continue;
-                const double objective = objective_value(sopt.objective, c.plan, e);
-                // Strictly better only (ties keep the earlier: smaller microbatch, earlier order).
-                if (!found || objective < best_objective * (1 - 1e-12)) {
-                    found = true;
-                    best_objective = objective;
-                    best.plan = std::move(c.plan);
-                    best.estimate = std::move(e);
-                    best.objective_s = sopt.objective == Objective::throughput ? per_sample : c.surrogate;
-                }
+        for (Candidate& c : search_candidates(ctx, *p.search, std::move(p.relaxed))) {
+            const double per_sample = c.objective / static_cast<double>(b);
+            search_optimum = std::min(search_optimum, throughput ? per_sample : c.surrogate);
+            ctx.best_surrogate = std::min(ctx.best_surrogate, c.surrogate);
+            // Only a candidate that can win is worth its task graph.
+            if (found &&
+                (throughput ? per_sample > best_objective * (1 + 1e-9) : c.makespan_bound >= best_objective))
+                continue;
+            PlanEstimate e = estimate_plan(c.plan, model, cluster, cost, copt);
+            if (!e.fits) continue;
+            const double objective = objective_value(sopt.objective, c.plan, e);
+            // Strictly better only (ties keep the earlier candidate).
+            if (!found || objective < best_objective * (1 - 1e-12)) {
+                found = true;
+                best_objective = objective;
+                best.plan = std::move(c.plan);
+                best.estimate = std::move(e);
+                best.objective_s = throughput ? per_sample : c.surrogate;
             }
         }
         p.search.reset();
+    };
+
+    // Middle microbatch sizes first, then outwards.
+    const std::vector<std::uint64_t> sizes = microbatch_candidates(model.global_batch, sopt);
+    std::vector<std::uint64_t> visit;
+    for (std::size_t step = 0; visit.size() < sizes.size(); ++step) {
+        const std::size_t mid = sizes.size() / 2;
+        if (step <= mid) visit.push_back(sizes[mid - step]);
+        if (step > 0 && mid + step < sizes.size()) visit.push_back(sizes[mid + step]);
     }
+    std::vector<Pending> pending;
+    for (std::size_t v = 0; v < visit.size(); ++v) {
+        const std::uint64_t b = visit[v];
+        for (const auto& order : device_orders(cluster, cost)) {
+            auto search = std::make_unique<Search>(ctx, order, b);
+            const double M = static_cast<double>(search->microbatches());
+            const double cap =
+                (throughput ? search_optimum * static_cast<double>(b) : search_optimum / M) * (1 + 1e-12);
+            Search::Result relaxed = first_pass(ctx, *search, cap);
+            if (relaxed.value == inf) continue;
+            const double lower = throughput ? relaxed.value / static_cast<double>(b) : M * relaxed.value;
+            pending.push_back({std::move(search), std::move(relaxed), lower, b});
+        }
+        if (v == 0) {
+            for (Pending& p : pending) second_pass(p);
+            pending.clear();
+        }
+    }
+    std::stable_sort(pending.begin(), pending.end(), [](const Pending& x, const Pending& y) { return x.lower < y.lower; });
+    for (Pending& p : pending) second_pass(p);
+
     best.plans_evaluated = ctx.evaluations;
     best.search_optimum_s = search_optimum;
     best.exact = !ctx.conservative;

@@ -46,7 +46,7 @@ struct SolveResult {
     /// exact makespan among the best candidates). Equal to objective_s for throughput.
     double search_optimum_s = 0;
     std::size_t plans_evaluated = 0;  ///< stage evaluations by the search
-    /// False when a search too large for the exact 1F1B memory DP (over 1 GiB of tables) counted
+    /// False when a search too large for the exact 1F1B memory DP (over 256 MiB of tables) counted
     /// every stage's in-flight microbatches as the first stage's: the plan fits, but a plan that
     /// only fits with the exact count could have been missed.
     bool exact = true;
