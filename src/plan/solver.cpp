@@ -573,7 +573,7 @@ std::vector<Candidate> search_candidates(Context& ctx, Search& search, Search::R
     // Iteration objective: enumerate the bottleneck bound B upwards from the optimum (Alpa's
     // method): for each B the plan with the least sum of stage times whose stages all take <= B.
     // Small instances enumerate every distinct stage time; large ones a geometric grid of at most
-    // 16 bounds (at least 2% apart) up to the last bound that can still win, left after four
+    // 10 bounds (at least 2% apart) up to the last bound that can still win, left after three
     // bounds in a row improve nothing.
     const double b0 = best_bottleneck.value;
     std::vector<double> bounds;
@@ -584,8 +584,8 @@ std::vector<Candidate> search_candidates(Context& ctx, Search& search, Search::R
     } else {
         // A geometric grid up to the bound past which no plan can win (M x B >= best surrogate).
         const double top = std::min(out.front().surrogate, ctx.best_surrogate) / static_cast<double>(M);
-        const double ratio = std::max(1.02, std::pow(std::max(top / b0, 1.0), 1.0 / 12));
-        for (double x = b0; x <= top && bounds.size() < 16; x *= ratio) bounds.push_back(x);
+        const double ratio = std::max(1.02, std::pow(std::max(top / b0, 1.0), 1.0 / 8));
+        for (double x = b0; x <= top && bounds.size() < 10; x *= ratio) bounds.push_back(x);
     }
     // Last, the least sum with no bound of its own: a stage over best / M cannot be in a winner.
     bounds.push_back(inf);
