@@ -86,6 +86,28 @@ double AnalyticalCostModel::transfer_seconds(std::size_t a, std::size_t b, std::
 
 AllreduceCost AnalyticalCostModel::allreduce_cost(const std::vector<std::size_t>& devices) const {
     if (devices.size() <= 1) return {};
+    if (cluster_.overrides.empty() && cluster_.inter_default) {
+        // Without per-pair overrides a hop's link follows from the two devices' nodes alone.
+        LinkSpec slowest{std::numeric_limits<double>::infinity(), 0};
+        auto take = [&](const LinkSpec& l) {
+            slowest.gbs = std::min(slowest.gbs, l.gbs);
+            slowest.latency_us = std::max(slowest.latency_us, l.latency_us);
+        };
+        bool crosses = false;
+        std::size_t last_intra_node = SIZE_MAX;
+        for (std::size_t i = 0; i < devices.size(); ++i) {
+            const std::size_t a = devices[i], b = devices[(i + 1) % devices.size()];
+            if (a == b) continue;
+            const std::size_t na = cluster_.devices[a].node, nb = cluster_.devices[b].node;
+            if (na != nb) crosses = true;
+            else if (na != last_intra_node) {
+                take(cluster_.link(a, b));
+                last_intra_node = na;
+            }
+        }
+        if (crosses) take(*cluster_.inter_default);
+        return ring_allreduce(devices.size(), slowest);
+    }
     // A ring runs at the pace of its slowest hop.
     LinkSpec slowest{std::numeric_limits<double>::infinity(), 0};
     for (std::size_t i = 0; i < devices.size(); ++i) {

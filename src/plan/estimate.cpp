@@ -33,6 +33,12 @@ std::vector<std::uint64_t> cut_bytes(const Model& model) {
 std::vector<std::uint64_t> replica_shares(std::uint64_t samples, const std::vector<double>& speeds) {
     const std::size_t r = speeds.size();
     if (r == 0 || samples < r) return {};
+    if (std::all_of(speeds.begin(), speeds.end(), [&](double x) { return x == speeds.front(); })) {
+        // Equal speeds: what largest remainder gives, in closed form.
+        std::vector<std::uint64_t> shares(r, samples / r);
+        for (std::size_t k = 0; k < samples % r; ++k) ++shares[k];
+        return shares;
+    }
     // One sample each, the rest in proportion to speed (largest remainder).
     const double total = std::accumulate(speeds.begin(), speeds.end(), 0.0);
     const std::uint64_t extra = samples - r;

@@ -394,6 +394,11 @@ private:
             class_.push_back(ctx_.cost.device_class(d));
             capacity_.push_back(c.devices[d].mem_bytes());
         }
+        // Runs of identical devices (same class, so same speed, and same memory).
+        run_end_.assign(D_, D_);
+        for (std::size_t x = D_; x-- > 1;)
+            if (class_[x - 1] == class_[x] && capacity_[x - 1] == capacity_[x]) run_end_[x - 1] = run_end_[x];
+            else run_end_[x - 1] = x;
         blocks_at_.assign(D_, {});
         // Node runs in the order: [run_start, run_end) per position.
         std::vector<std::size_t> run_start(D_), run_end(D_);
@@ -448,30 +453,37 @@ private:
         blk.size = n;
         blk.tp = tp;
         blk.replicas = n / tp;
-        std::vector<double> speeds;
-        std::vector<std::size_t> leaders;
-        speeds.reserve(blk.replicas);
-        leaders.reserve(blk.replicas);
-        for (std::size_t k = 0; k < blk.replicas; ++k) {
-            double slowest = inf;
-            for (std::uint32_t t = 0; t < tp; ++t) slowest = std::min(slowest, speed_[start + k * tp + t]);
-            speeds.push_back(slowest);
-            leaders.push_back(order_[start + k * tp]);
-        }
-        const std::vector<std::uint64_t> shares = replica_shares(b_, speeds);
-        blk.max_share = *std::max_element(shares.begin(), shares.end());
-        // Distinct (class, share) pairs and classes: few per block, so small vectors.
-        std::vector<std::pair<std::size_t, std::uint64_t>> pairs;
+        std::vector<std::size_t> leaders(blk.replicas);
+        for (std::size_t k = 0; k < blk.replicas; ++k) leaders[k] = order_[start + k * tp];
+        std::vector<std::pair<std::size_t, std::uint64_t>> pairs;  // distinct (class, share): few
         std::vector<std::size_t> classes;
-        for (std::size_t x = 0; x < n; ++x) {
-            const std::size_t cls = class_[start + x];
-            const std::pair<std::size_t, std::uint64_t> pair{cls, shares[x / tp]};
-            if (std::find(pairs.begin(), pairs.end(), pair) == pairs.end()) pairs.push_back(pair);
-            if (std::find(classes.begin(), classes.end(), cls) == classes.end()) {
-                classes.push_back(cls);
-                blk.optimizer_devices.push_back(order_[start + x]);
+        auto add_class = [&](std::size_t x) {
+            if (std::find(classes.begin(), classes.end(), class_[x]) == classes.end()) {
+                classes.push_back(class_[x]);
+                blk.optimizer_devices.push_back(order_[x]);
             }
-            blk.capacity = std::min(blk.capacity, capacity_[start + x]);
+            blk.capacity = std::min(blk.capacity, capacity_[x]);
+        };
+        auto add_pair = [&](std::size_t cls, std::uint64_t share) {
+            if (std::find(pairs.begin(), pairs.end(), std::pair{cls, share}) == pairs.end()) pairs.push_back({cls, share});
+        };
+        if (run_end_[start] >= start + n) {
+            // One run of identical devices (the common case): equal shares, in closed form
+            // (the first b % r replicas take one sample more).
+            const std::uint64_t lo = b_ / blk.replicas, more = b_ % blk.replicas;
+            blk.max_share = lo + (more > 0 ? 1 : 0);
+            if (more > 0) add_pair(class_[start], lo + 1);
+            if (more < blk.replicas) add_pair(class_[start], lo);
+            add_class(start);
+        } else {
+            std::vector<double> speeds(blk.replicas, inf);
+            for (std::size_t x = 0; x < n; ++x) speeds[x / tp] = std::min(speeds[x / tp], speed_[start + x]);
+            const std::vector<std::uint64_t> shares = replica_shares(b_, speeds);
+            blk.max_share = *std::max_element(shares.begin(), shares.end());
+            for (std::size_t x = 0; x < n; ++x) {
+                add_pair(class_[start + x], shares[x / tp]);
+                add_class(start + x);
+            }
         }
         std::sort(pairs.begin(), pairs.end());
         for (const auto& [cls, share] : pairs) blk.tables.push_back(ctx_.times.index(cls, share, tp));
@@ -487,6 +499,7 @@ private:
     std::vector<double> speed_;            ///< per position in the order
     std::vector<std::size_t> class_;       ///< per position
     std::vector<std::uint64_t> capacity_;  ///< per position
+    std::vector<std::size_t> run_end_;     ///< per position: end of its run of identical devices
     std::vector<Block> blocks_;
     std::vector<std::vector<std::uint32_t>> blocks_at_;
     std::vector<double> value_;
