@@ -63,7 +63,8 @@ std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t st
     return std::min<std::uint64_t>(stages - stage, microbatches);
 }
 
-StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options) {
+StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options,
+                         const std::vector<std::uint64_t>* cuts) {
     StageMemory m;
     std::uint64_t saved = 0;
     const std::uint64_t e = dtype_bytes(model.dtype);
@@ -84,7 +85,8 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
     m.state_bytes = checked_mul(m.params, weights_and_grads + optimizer);
     if (options.recompute) {
         // Keep each in-flight microbatch's stage input; recompute one microbatch at a time.
-        const std::uint64_t input = in.first_layer == 0 ? 0 : cut_bytes(model)[in.first_layer];
+        const std::uint64_t input =
+            in.first_layer == 0 ? 0 : (cuts != nullptr ? (*cuts)[in.first_layer] : cut_bytes(model)[in.first_layer]);
         m.activation_bytes = checked_add(checked_product({in.in_flight, in.share, input}), checked_mul(in.share, saved));
     } else {
         m.activation_bytes = checked_product({in.in_flight, in.share, saved});
@@ -168,6 +170,7 @@ bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, con
                const CostOptions& options) {
     std::vector<double> speeds;
     std::vector<std::size_t> leaders;
+    const std::vector<std::uint64_t> cuts = options.recompute ? cut_bytes(model) : std::vector<std::uint64_t>{};
     for (std::size_t s = 0; s < plan.stages.size(); ++s) {
         const Stage& st = plan.stages[s];
         replicas_of(st, cost, speeds, leaders);
@@ -175,7 +178,8 @@ bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, con
         const StageMemoryInput in{st.first_layer, st.last_layer, st.tp, st.replicas(),
                                   *std::max_element(shares.begin(), shares.end()),
                                   in_flight(plan.schedule, s, plan.stages.size(), plan.microbatches)};
-        if (stage_memory(model, in, options).total() > capacity_of(st, cluster)) return false;
+        if (stage_memory(model, in, options, options.recompute ? &cuts : nullptr).total() > capacity_of(st, cluster))
+            return false;
     }
     return true;
 }
@@ -221,7 +225,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
                 cost.transfer_seconds(st.devices.front(), plan.stages[s - 1].devices.back(), cuts[st.first_layer] * max_share);
 
         StageMemoryInput in{st.first_layer, st.last_layer, st.tp, r, max_share, in_flight(plan.schedule, s, S, M)};
-        e.memory = stage_memory(model, in, options);
+        e.memory = stage_memory(model, in, options, &cuts);
         e.allreduce_s = cost.allreduce_seconds(leaders, e.memory.params * dtype_bytes(model.dtype));
         for (std::size_t d : st.devices) e.optimizer_s = std::max(e.optimizer_s, cost.optimizer_seconds(d, e.memory.params));
         double allreduce = e.allreduce_s;

@@ -34,7 +34,9 @@ struct StageMemory {
     std::uint64_t activation_bytes = 0;
     [[nodiscard]] std::uint64_t total() const noexcept { return state_bytes + activation_bytes; }
 };
-[[nodiscard]] StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options);
+/// `cuts`: the model's cut_bytes when the caller has them (recompute needs the stage's input).
+[[nodiscard]] StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options,
+                                       const std::vector<std::uint64_t>* cuts = nullptr);
 
 /// Microbatches a stage keeps in flight: 1F1B stage s of S keeps min(S - s, M); GPipe all M.
 [[nodiscard]] std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t stages,
