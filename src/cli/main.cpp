@@ -32,7 +32,9 @@ int main(int argc, char** argv) {
 
     dpart::cli::Action action;
     dpart::cli::setup_inspect(app, action);
-    dpart::cli::setup_plan(app, action, dpart::command_line(argc, argv));
+    const std::string command = dpart::command_line(argc, argv);
+    dpart::cli::setup_plan(app, action, command);
+    dpart::cli::setup_replay(app, action, command);
 
     try {
         app.parse(argc, argv);

@@ -214,6 +214,8 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
                 f = std::max(f, fd);
                 b = std::max(b, bd);
             }
+            e.replica_forward_s.push_back(f);
+            e.replica_backward_s.push_back(b);
             e.forward_s = std::max(e.forward_s, f);
             e.backward_s = std::max(e.backward_s, b);
         }

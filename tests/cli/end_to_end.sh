@@ -132,5 +132,44 @@ check "plan bad model" 2 "$dpart" plan "$src/tests/bad_input/model/unknown_op.to
 checks=$((checks + 1))
 if [ -e "$tmp/bad-plan.toml" ]; then echo "FAIL a plan was written for a bad model"; failures=$((failures + 1)); fi
 
+# dpart replay: the trace files, a failure that stops the static policy (exit 1), bad inputs (exit 2).
+if check "plan for replay" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$clusters/h100-4x8.toml" -q --out "$tmp/l8plan.toml"; then
+    if check "replay" 0 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" -c "$clusters/h100-4x8.toml" \
+        --scenario "$src/plans/scenarios/slow-gpu.toml" --iterations 150 --out-dir "$tmp/replay"; then
+        contains "replay reports the slowdown" "$tmp/out" "iteration 20: slowdown node0.gpu0 x3"
+        for f in iterations.csv stages.csv timeline.csv summary.toml; do
+            checks=$((checks + 1))
+            [ -s "$tmp/replay/$f" ] || { echo "FAIL replay wrote no $f"; failures=$((failures + 1)); }
+        done
+        checks=$((checks + 1))
+        [ "$(head -1 "$tmp/replay/iterations.csv")" = "iteration,plan_version,iteration_ms,samples_per_s,event" ] ||
+            { echo "FAIL iterations.csv header"; failures=$((failures + 1)); }
+        checks=$((checks + 1))
+        [ "$(head -1 "$tmp/replay/stages.csv")" = "iteration,stage,device,compute_ms,comm_ms,idle_ms" ] ||
+            { echo "FAIL stages.csv header"; failures=$((failures + 1)); }
+        checks=$((checks + 1))
+        [ "$(head -1 "$tmp/replay/timeline.csv")" = "iteration,stage,device,kind,microbatch,start_ms,end_ms" ] ||
+            { echo "FAIL timeline.csv header"; failures=$((failures + 1)); }
+        checks=$((checks + 1))
+        [ "$(($(wc -l <"$tmp/replay/iterations.csv") - 1))" -eq 150 ] || { echo "FAIL iterations.csv rows"; failures=$((failures + 1)); }
+        contains "summary has [meta]" "$tmp/replay/summary.toml" "[meta]"
+        contains "summary has iterations" "$tmp/replay/summary.toml" "iterations = 150"
+    fi
+    printf '[[event]]\niteration = 3\nkind = "fail"\ndevice = "node0.gpu0"\n' >"$tmp/fail.toml"
+    check "replay stops at a failure" 1 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
+        -c "$clusters/h100-4x8.toml" --scenario "$tmp/fail.toml" --iterations 10 --out-dir "$tmp/replay-fail" &&
+        contains "failure is explained" "$tmp/out" "node0.gpu0 failed at iteration 3"
+    checks=$((checks + 1))
+    [ "$(($(wc -l <"$tmp/replay-fail/iterations.csv") - 1))" -eq 3 ] || { echo "FAIL stopped replay rows"; failures=$((failures + 1)); }
+    printf '[[event]]\niteration = 3\nkind = "fail"\ndevice = "gpu99"\n' >"$tmp/bad-scenario.toml"
+    check "replay bad scenario" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
+        -c "$clusters/h100-4x8.toml" --scenario "$tmp/bad-scenario.toml" &&
+        contains "bad scenario located" "$tmp/err" "bad-scenario.toml:4:10: error: [[event]] #1: device \"gpu99\" is not in cluster"
+    check "replay plan on another cluster" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
+        -c "$clusters/dgx-h100.toml"
+    check "replay unknown policy" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
+        -c "$clusters/h100-4x8.toml" --policy adaptive
+fi
+
 echo "$((checks - failures)) passed, $failures failed"
 [ "$failures" -eq 0 ]

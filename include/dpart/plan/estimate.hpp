@@ -53,6 +53,8 @@ struct StageEstimate {
     /// pipeline's bottleneck is the largest of these.
     double stage_s = 0;
     std::vector<std::uint64_t> shares;  ///< samples per replica per microbatch
+    std::vector<double> replica_forward_s;   ///< per replica (its slowest device), per microbatch
+    std::vector<double> replica_backward_s;
     StageMemory memory;                 ///< the fullest device's
     std::uint64_t capacity_bytes = 0;   ///< the smallest device's memory
     double flops_per_iteration = 0;     ///< forward + backward, all replicas

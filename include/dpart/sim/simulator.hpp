@@ -1,0 +1,45 @@
+#pragma once
+// Replaying a plan iteration by iteration under a scenario. Each iteration runs the plan's
+// schedule task graph (the same graph the planner's prediction comes from) with the durations
+// the iteration's conditions give.
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "dpart/plan/estimate.hpp"
+#include "dpart/sim/scenario.hpp"
+#include "dpart/sim/schedule.hpp"
+
+namespace dpart {
+
+/// A plan's per-stage durations under `conditions`: a replica's compute and optimizer step scale
+/// by the largest slowdown among its devices; a transfer or all-reduce by the bandwidth divisor
+/// of the slowest link it uses (latency included: an upper bound).
+[[nodiscard]] std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate& nominal,
+                                                          const Conditions& conditions);
+
+struct IterationRecord {
+    std::uint64_t iteration = 0;
+    double iteration_s = 0;
+    std::string event;  ///< what took effect at its start ("" when nothing)
+};
+
+struct ReplayResult {
+    std::vector<IterationRecord> iterations;
+    bool stopped = false;     ///< a device of the plan failed and the policy cannot go on
+    std::string stop_reason;
+};
+
+/// Sees every simulated iteration's task graph and timeline, and what took effect at its start
+/// (e.g. to write the trace CSVs).
+using IterationObserver =
+    std::function<void(std::uint64_t iteration, const std::string& event, const TaskGraph&, const Timeline&)>;
+
+/// The static policy: the plan as it is, every iteration; it stops at the first failure of one
+/// of its devices (only a re-plan could continue).
+[[nodiscard]] ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const Cluster& cluster,
+                                         const Scenario& scenario, std::uint64_t iterations,
+                                         bool overlap_allreduce = false, const IterationObserver& observe = {});
+
+}  // namespace dpart

@@ -1,0 +1,135 @@
+// dpart replay: a plan simulated iteration by iteration under a scenario.
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <memory>
+
+#include "commands.hpp"
+#include "dpart/io/atomic_file.hpp"
+#include "dpart/io/cluster_toml.hpp"
+#include "dpart/io/model_toml.hpp"
+#include "dpart/io/plan_toml.hpp"
+#include "dpart/io/trace.hpp"
+#include "dpart/sim/simulator.hpp"
+
+namespace dpart::cli {
+namespace {
+
+struct ReplayOptions {
+    std::string plan;
+    std::string model;
+    std::string cluster;
+    std::string scenario;
+    std::uint64_t iterations = 100;
+    std::string policy = "static";
+    std::string out_dir;
+    std::string timeline = "events";
+    std::uint64_t bytes_per_param = 16;
+    bool shard_optimizer = false;
+    bool recompute = false;
+    bool overlap_allreduce = false;
+};
+
+int run_replay(const ReplayOptions& o, const std::string& command) {
+    const Model model = load_model(o.model);
+    const Cluster cluster = load_cluster(o.cluster);
+    const Plan plan = load_plan(o.plan, model, cluster);
+    const Scenario scenario = o.scenario.empty() ? Scenario{} : load_scenario(o.scenario, cluster);
+    CostOptions copt;
+    copt.bytes_per_param = o.bytes_per_param;
+    copt.shard_optimizer = o.shard_optimizer;
+    copt.recompute = o.recompute;
+    copt.overlap_allreduce = o.overlap_allreduce;
+    const AnalyticalCostModel cost(model, cluster, copt);
+    const PlanEstimate nominal = estimate_plan(plan, model, cluster, cost, copt);
+
+    CsvTable stages(stage_trace_columns());
+    CsvTable timeline(timeline_columns());
+    const ReplayResult r = replay_static(plan, nominal, cluster, scenario, o.iterations, copt.overlap_allreduce,
+                                         [&](std::uint64_t it, const std::string& event, const TaskGraph& g,
+                                             const Timeline& t) {
+                                             add_stage_rows(stages, it, plan, cluster, g, t);
+                                             // The timeline of every iteration would be large: the
+                                             // first, the last, and each one where something changed.
+                                             if (o.timeline == "all" || it == 0 || it + 1 == o.iterations ||
+                                                 !event.empty())
+                                                 add_timeline_rows(timeline, it, plan, cluster, g, t);
+                                         });
+    CsvTable iterations(iteration_columns());
+    std::vector<double> times;
+    for (const IterationRecord& it : r.iterations) {
+        const double ms = it.iteration_s * 1e3;
+        times.push_back(ms);
+        iterations.add_row({std::to_string(it.iteration), "1", fmt::format("{:.6g}", ms),
+                            fmt::format("{:.6g}", static_cast<double>(model.global_batch) / it.iteration_s), it.event});
+    }
+    RunSummary summary = summarise(times, model.global_batch, nominal.iteration_s * 1e3);
+    summary.policy = o.policy;
+    summary.stopped = r.stopped;
+    summary.stop_reason = r.stop_reason;
+
+    fmt::print("replayed {} iterations of {} on {} (policy {}{})\n", r.iterations.size(), model.name, cluster.name,
+               o.policy, o.scenario.empty() ? ", no scenario" : ", scenario " + o.scenario);
+    fmt::print("iteration ms: mean {:.6g}, p50 {:.6g}, p99 {:.6g}; predicted {:.6g} ({:+.3g}%); {:.6g} samples/s\n",
+               summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
+               summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
+    for (const IterationRecord& it : r.iterations)
+        if (!it.event.empty()) fmt::print("iteration {}: {} -> {:.6g} ms\n", it.iteration, it.event, it.iteration_s * 1e3);
+    if (r.stopped) fmt::print("stopped: {}\n", r.stop_reason);
+
+    if (!o.out_dir.empty()) {
+        std::error_code ec;
+        std::filesystem::create_directories(o.out_dir, ec);
+        if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", o.out_dir, ec.message()));
+        const std::filesystem::path dir(o.out_dir);
+        Meta meta;
+        meta.command_line = command;
+        meta.extra = {{"model", model.name}, {"cluster", cluster.name}, {"plan", o.plan}};
+        iterations.write((dir / "iterations.csv").string());
+        stages.write((dir / "stages.csv").string());
+        timeline.write((dir / "timeline.csv").string());
+        write_file_atomic((dir / "summary.toml").string(), summary_toml(summary, meta));
+    }
+    // A run the policy could not finish is a runtime failure, after its files are written.
+    return r.stopped ? static_cast<int>(ExitCode::runtime_failure) : 0;
+}
+
+}  // namespace
+
+void setup_replay(CLI::App& app, Action& action, const std::string& command) {
+    auto o = std::make_shared<ReplayOptions>();
+    CLI::App* cmd = app.add_subcommand(
+        "replay", "Simulate a plan iteration by iteration, under a scenario of slowdowns, failures and link changes");
+    cmd->add_option("plan", o->plan, "plan.toml (as written by dpart plan, or by hand)")->required();
+    cmd->add_option("--model,-m", o->model, "model.toml")->required();
+    cmd->add_option("--cluster,-c", o->cluster, "cluster.toml")->required();
+    cmd->add_option("--scenario,-s", o->scenario, "scenario.toml: [[event]] iteration, kind, device, factor");
+    cmd->add_option("--iterations,-n", o->iterations, "iterations to simulate")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{10000000}))
+        ->capture_default_str();
+    cmd->add_option("--policy", o->policy,
+                    "static: keep the plan (it stops at a failure of one of its devices); the adaptive and oracle "
+                    "policies are not implemented yet")
+        ->check(CLI::IsMember({"static"}))
+        ->capture_default_str();
+    cmd->add_option("--out-dir,-o", o->out_dir,
+                    "write iterations.csv, stages.csv, timeline.csv and summary.toml there (atomically)");
+    cmd->add_option("--timeline", o->timeline,
+                    "which iterations timeline.csv holds: events (the first, the last, and each where an event took "
+                    "effect) or all")
+        ->check(CLI::IsMember({"events", "all"}))
+        ->capture_default_str();
+    cmd->add_option("--bytes-per-param", o->bytes_per_param, "as for dpart plan")->capture_default_str();
+    cmd->add_flag("--shard-optimizer", o->shard_optimizer, "as for dpart plan");
+    cmd->add_flag("--recompute", o->recompute, "as for dpart plan");
+    cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "as for dpart plan");
+    cmd->footer(
+        "Examples:\n"
+        "  dpart plan plans/models/llama3-8b.toml -c plans/clusters/h100-4x8.toml --out plan.toml\n"
+        "  dpart replay plan.toml -m plans/models/llama3-8b.toml -c plans/clusters/h100-4x8.toml \\\n"
+        "      --scenario plans/scenarios/slow-gpu.toml --iterations 200 --out-dir replay/\n"
+        "Exit code 1 when the policy cannot continue (a device of the plan failed); the files are written.");
+    cmd->callback([o, &action, command] { action = [o, command] { return run_replay(*o, command); }; });
+}
+
+}  // namespace dpart::cli

@@ -1,0 +1,75 @@
+#include "dpart/sim/simulator.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+namespace dpart {
+
+std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate& nominal,
+                                            const Conditions& conditions) {
+    std::vector<StageDurations> out(plan.stages.size());
+    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
+        const Stage& st = plan.stages[s];
+        const StageEstimate& e = nominal.stages[s];
+        StageDurations& d = out[s];
+        double slowest = 1.0;
+        for (std::size_t k = 0; k < st.replicas(); ++k) {
+            double factor = 1.0;
+            for (std::uint32_t t = 0; t < st.tp; ++t)
+                factor = std::max(factor, conditions.slowdown[st.devices[k * st.tp + t]]);
+            slowest = std::max(slowest, factor);
+            d.forward = std::max(d.forward, e.replica_forward_s[k] * factor);
+            d.backward = std::max(d.backward, e.replica_backward_s[k] * factor);
+        }
+        d.optimizer = e.optimizer_s * slowest;
+        if (s + 1 < plan.stages.size())
+            d.send_activation =
+                e.send_activation_s * conditions.link(st.devices.back(), plan.stages[s + 1].devices.front());
+        if (s > 0) d.send_gradient = e.send_gradient_s * conditions.link(st.devices.front(), plan.stages[s - 1].devices.back());
+        double ring = 1.0;
+        const std::size_t r = st.replicas();
+        for (std::size_t k = 0; r > 1 && k < r; ++k)
+            ring = std::max(ring, conditions.link(st.devices[k * st.tp], st.devices[((k + 1) % r) * st.tp]));
+        d.allreduce = e.allreduce_s * ring;
+    }
+    return out;
+}
+
+ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const Cluster& cluster,
+                           const Scenario& scenario, std::uint64_t iterations, bool overlap_allreduce,
+                           const IterationObserver& observe) {
+    ReplayResult result;
+    Conditions conditions(cluster.devices.size());
+    std::size_t next_event = 0;
+    for (std::uint64_t it = 0; it < iterations; ++it) {
+        std::string event;
+        while (next_event < scenario.events.size() && scenario.events[next_event].iteration <= it) {
+            const ScenarioEvent& e = scenario.events[next_event++];
+            conditions.apply(e);
+            if (!event.empty()) event += "; ";
+            event += e.kind == EventKind::link
+                         ? fmt::format("link {}-{} x{:g}", cluster.devices[e.a].name, cluster.devices[e.b].name, e.factor)
+                         : e.kind == EventKind::slowdown
+                               ? fmt::format("slowdown {} x{:g}", cluster.devices[e.device].name, e.factor)
+                               : fmt::format("{} {}", to_string(e.kind), cluster.devices[e.device].name);
+        }
+        for (const Stage& st : plan.stages)
+            for (std::size_t d : st.devices)
+                if (conditions.failed[d]) {
+                    result.stopped = true;
+                    result.stop_reason = fmt::format("device {} failed at iteration {}; the static policy cannot "
+                                                     "continue without a re-plan",
+                                                     cluster.devices[d].name, it);
+                    return result;
+                }
+        const TaskGraph g = build_schedule(plan.schedule, durations_under(plan, nominal, conditions),
+                                           static_cast<std::uint32_t>(plan.microbatches), overlap_allreduce);
+        const Timeline t = simulate(g);
+        if (observe) observe(it, event, g, t);
+        result.iterations.push_back({it, t.makespan, event});
+    }
+    return result;
+}
+
+}  // namespace dpart

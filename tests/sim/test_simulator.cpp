@@ -1,0 +1,110 @@
+#include <doctest/doctest.h>
+
+#include "dpart/io/cluster_toml.hpp"
+#include "dpart/io/model_toml.hpp"
+#include "dpart/plan/solver.hpp"
+#include "dpart/sim/simulator.hpp"
+
+using namespace dpart;
+
+namespace {
+
+const std::string plans_dir = std::string(DPART_SOURCE_DIR) + "/plans/";
+
+struct Fixture {
+    Model model = load_model(plans_dir + "models/llama3-8b.toml");
+    Cluster cluster = load_cluster(plans_dir + "clusters/h100-4x8.toml");
+    AnalyticalCostModel cost{model, cluster, {}};
+    SolveResult solved = solve(model, cluster, cost, {}, {});
+};
+
+std::string error_of(const std::string& text, const Cluster& c) {
+    try {
+        (void)parse_scenario(text, "s.toml", c);
+    } catch (const InputError& e) {
+        return e.what();
+    }
+    return "no error";
+}
+
+}  // namespace
+
+TEST_CASE("scenario events are read, located and ordered by iteration") {
+    const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
+    const Scenario s = parse_scenario(R"([[event]]
+iteration = 30
+kind = "recover"
+device = "dgx0.gpu1"
+[[event]]
+iteration = 20
+kind = "slowdown"
+device = "dgx0.gpu1"
+factor = 3.0
+[[event]]
+iteration = 25
+kind = "link"
+a = "dgx0.gpu0"
+b = "dgx0.gpu1"
+factor = 4
+)",
+                                      "s.toml", c);
+    REQUIRE(s.events.size() == 3);
+    CHECK(s.events[0].iteration == 20);
+    CHECK(s.events[0].kind == EventKind::slowdown);
+    CHECK(s.events[0].device == 1);
+    CHECK(s.events[1].kind == EventKind::link);
+    const Conditions at25 = conditions_at(s, c.devices.size(), 25);
+    CHECK(at25.slowdown[1] == 3.0);
+    CHECK(at25.link(1, 0) == 4.0);
+    CHECK(conditions_at(s, c.devices.size(), 30).slowdown[1] == 1.0);
+    CHECK(conditions_at(s, c.devices.size(), 19).slowdown[1] == 1.0);
+
+    CHECK(error_of("[[event]]\niteration = 1\nkind = \"slowdown\"\ndevice = \"gpu1\"\nfactor = 2\n", c) ==
+          "s.toml:4:10: [[event]] #1: device \"gpu1\" is not in cluster \"dgx-h100\"");
+    CHECK(error_of("[[event]]\niteration = 1\nkind = \"slowdwn\"\ndevice = \"dgx0.gpu1\"\n", c)
+              .find("s.toml:3:8: [[event]] #1: unknown kind \"slowdwn\" (did you mean \"slowdown\"?)") == 0);
+    CHECK(error_of("[[event]]\niteration = 1\nkind = \"slowdown\"\ndevice = \"dgx0.gpu1\"\nfactor = 0\n", c) ==
+          "s.toml:5:10: [[event]] #1: \"factor\" must be positive, got 0");
+    CHECK(error_of("[[event]]\nkind = \"fail\"\ndevice = \"dgx0.gpu1\"\n", c) ==
+          "s.toml:1:1: [[event]] #1: missing required key \"iteration\"");
+    CHECK(parse_scenario("", "s.toml", c).events.empty());
+}
+
+TEST_CASE("without a scenario every simulated iteration is the plan's predicted iteration time") {
+    const Fixture f;
+    const ReplayResult r = replay_static(f.solved.plan, f.solved.estimate, f.cluster, {}, 20);
+    REQUIRE(r.iterations.size() == 20);
+    CHECK_FALSE(r.stopped);
+    for (const auto& it : r.iterations) CHECK(it.iteration_s == f.solved.estimate.iteration_s);
+}
+
+TEST_CASE("a slowed device slows its stage's iterations until it recovers; a failure stops the static policy") {
+    const Fixture f;
+    const std::size_t victim = f.solved.plan.stages.front().devices.front();
+    const std::string name = f.cluster.devices[victim].name;
+    const Scenario s = parse_scenario(
+        "[[event]]\niteration = 5\nkind = \"slowdown\"\ndevice = \"" + name + "\"\nfactor = 3\n"
+        "[[event]]\niteration = 10\nkind = \"recover\"\ndevice = \"" + name + "\"\n"
+        "[[event]]\niteration = 15\nkind = \"fail\"\ndevice = \"" + name + "\"\n",
+        "s.toml", f.cluster);
+    const ReplayResult r = replay_static(f.solved.plan, f.solved.estimate, f.cluster, s, 20);
+    REQUIRE(r.iterations.size() == 15);
+    const double nominal = f.solved.estimate.iteration_s;
+    CHECK(r.iterations[4].iteration_s == nominal);
+    CHECK(r.iterations[5].event == "slowdown " + name + " x3");
+    // Stage 0's forward and backward take 3x as long: its device alone is busy M x 3 x (f + b).
+    const StageEstimate& s0 = f.solved.estimate.stages.front();
+    const double busy = 3 * static_cast<double>(f.solved.plan.microbatches) * (s0.forward_s + s0.backward_s);
+    CHECK(r.iterations[5].iteration_s > nominal);
+    CHECK(r.iterations[5].iteration_s >= busy);
+    CHECK(r.iterations[9].iteration_s == r.iterations[5].iteration_s);
+    CHECK(r.iterations[10].iteration_s == nominal);
+    CHECK(r.stopped);
+    CHECK(r.stop_reason.find("failed at iteration 15") != std::string::npos);
+}
+
+TEST_CASE("every bundled scenario loads against the cluster it was written for") {
+    const Cluster c = load_cluster(plans_dir + "clusters/h100-4x8.toml");
+    const Scenario s = load_scenario(plans_dir + "scenarios/slow-gpu.toml", c);
+    CHECK(s.events.size() == 2);
+}
