@@ -14,6 +14,7 @@ void setup_inspect(CLI::App& app, Action& action);
 /// `command` is the command line, recorded in the [meta] of the files it writes.
 void setup_plan(CLI::App& app, Action& action, const std::string& command);
 void setup_replay(CLI::App& app, Action& action, const std::string& command);
+void setup_compare(CLI::App& app, Action& action);
 
 /// The text of `dpart --version`.
 [[nodiscard]] std::string version_text();

@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
     const std::string command = dpart::command_line(argc, argv);
     dpart::cli::setup_plan(app, action, command);
     dpart::cli::setup_replay(app, action, command);
+    dpart::cli::setup_compare(app, action);
 
     try {
         app.parse(argc, argv);

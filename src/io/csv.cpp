@@ -1,6 +1,14 @@
 #include "dpart/io/csv.hpp"
 
+#include <fmt/format.h>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
+
+#include "dpart/core/error.hpp"
+#include "dpart/core/strings.hpp"
 
 #include "dpart/io/atomic_file.hpp"
 
@@ -40,5 +48,82 @@ std::string CsvTable::str() const {
 }
 
 void CsvTable::write(const std::string& path) const { write_file_atomic(path, str()); }
+
+CsvFile parse_csv(std::string_view text, const std::string& path, const std::vector<std::string>& columns) {
+    CsvFile f;
+    f.path = path;
+    std::uint32_t line = 1;
+    std::size_t i = 0;
+    bool header = true;
+    while (i < text.size()) {
+        const std::uint32_t row_line = line;
+        std::vector<std::string> cells(1);
+        bool quoted = false;
+        for (; i < text.size(); ++i) {
+            const char c = text[i];
+            if (quoted) {
+                if (c == '"' && i + 1 < text.size() && text[i + 1] == '"') {
+                    cells.back() += '"';
+                    ++i;
+                } else if (c == '"') {
+                    quoted = false;
+                } else {
+                    if (c == '\n') ++line;
+                    cells.back() += c;
+                }
+            } else if (c == '"' && cells.back().empty()) {
+                quoted = true;
+            } else if (c == ',') {
+                cells.emplace_back();
+            } else if (c == '\n') {
+                ++i;
+                ++line;
+                break;
+            } else if (c != '\r') {
+                cells.back() += c;
+            }
+        }
+        if (quoted) throw InputError(SourceLocation{path, row_line, 0}, "unterminated quoted cell");
+        if (cells.size() == 1 && cells[0].empty()) continue;  // a blank line
+        if (header) {
+            if (cells != columns)
+                throw InputError(SourceLocation{path, row_line, 0},
+                                 fmt::format("expected the columns {}, found {}", join(columns, ","), join(cells, ",")));
+            f.header = std::move(cells);
+            header = false;
+            continue;
+        }
+        if (cells.size() != columns.size())
+            throw InputError(SourceLocation{path, row_line, 0},
+                             fmt::format("{} cells for {} columns", cells.size(), columns.size()));
+        f.rows.push_back(std::move(cells));
+        f.lines.push_back(row_line);
+    }
+    if (header) throw InputError(SourceLocation{path}, "the file is empty: expected a header row");
+    return f;
+}
+
+CsvFile read_csv(const std::string& path, const std::vector<std::string>& columns) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw InputError(SourceLocation{path}, "cannot open the file for reading");
+    std::ostringstream content;
+    content << in.rdbuf();
+    return parse_csv(content.str(), path, columns);
+}
+
+double csv_number(const CsvFile& f, std::size_t row, std::size_t column) {
+    const std::string& cell = f.rows.at(row).at(column);
+    double v = 0;
+    std::size_t used = 0;
+    try {
+        v = std::stod(cell, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (cell.empty() || used != cell.size() || !std::isfinite(v))
+        throw InputError(SourceLocation{f.path, f.lines.at(row), 0},
+                         fmt::format("column \"{}\": \"{}\" is not a finite number", f.header.at(column), cell));
+    return v;
+}
 
 }  // namespace dpart

@@ -171,5 +171,24 @@ if check "plan for replay" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$cluster
         -c "$clusters/h100-4x8.toml" --policy adaptive
 fi
 
+# dpart compare: two replays side by side; a malformed CSV is named with its line (exit 2).
+if [ -d "$tmp/replay" ]; then
+    "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" -c "$clusters/h100-4x8.toml" --iterations 150 \
+        --out-dir "$tmp/nominal" >/dev/null 2>&1
+    if check "compare" 0 "$dpart" compare "$tmp/nominal" "$tmp/replay" --csv "$tmp/compare.csv"; then
+        contains "compare lists both runs" "$tmp/out" "replay"
+        checks=$((checks + 1))
+        [ "$(head -1 "$tmp/compare.csv")" = "run,iterations,mean_ms,p50_ms,p99_ms,samples_per_s,speedup,repartitions,excess_ms" ] ||
+            { echo "FAIL compare.csv header"; failures=$((failures + 1)); }
+        checks=$((checks + 1))
+        awk -F, '$1 == "nominal" { exit !($7 == "1.000") }' "$tmp/compare.csv" ||
+            { echo "FAIL baseline speedup is not 1"; failures=$((failures + 1)); }
+    fi
+    printf 'iteration,plan_version,iteration_ms,samples_per_s,event\n0,1,12.5,3,\n1,1,oops,3,\n' >"$tmp/bad-run.csv"
+    check "compare malformed" 2 "$dpart" compare "$tmp/bad-run.csv" &&
+        contains "compare names the line" "$tmp/err" "bad-run.csv:3: error: column \"iteration_ms\": \"oops\" is not a finite number"
+    check "compare bad baseline" 2 "$dpart" compare "$tmp/nominal" --baseline nothing
+fi
+
 echo "$((checks - failures)) passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -64,3 +64,32 @@ TEST_CASE("a write that cannot happen fails clearly and leaves nothing") {
     for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir.path)) ++entries;
     CHECK(entries == 1);
 }
+
+TEST_CASE("CSV files read back: quotes, blank lines, and located errors") {
+    const std::vector<std::string> cols{"a", "b"};
+    const CsvFile f = parse_csv("a,b\n1,\"x, \"\"y\"\"\"\n\n2,z\r\n", "f.csv", cols);
+    REQUIRE(f.rows.size() == 2);
+    CHECK(f.rows[0][1] == "x, \"y\"");
+    CHECK(f.lines[1] == 4);
+    CHECK(csv_number(f, 1, 0) == 2);
+    auto error_of = [&](const std::string& text) {
+        try {
+            const CsvFile g = parse_csv(text, "f.csv", cols);
+            for (std::size_t r = 0; r < g.rows.size(); ++r) (void)csv_number(g, r, 0);
+        } catch (const InputError& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    CHECK(error_of("a,c\n") == "f.csv:1: expected the columns a,b, found a,c");
+    CHECK(error_of("a,b\n1,2,3\n") == "f.csv:2: 3 cells for 2 columns");
+    CHECK(error_of("a,b\n1,\"open\n") == "f.csv:2: unterminated quoted cell");
+    CHECK(error_of("a,b\nnan,1\n") == "f.csv:2: column \"a\": \"nan\" is not a finite number");
+    CHECK(error_of("a,b\n1x,1\n") == "f.csv:2: column \"a\": \"1x\" is not a finite number");
+    CHECK(error_of("") == "f.csv: the file is empty: expected a header row");
+    // What CsvTable writes, parse_csv reads.
+    CsvTable t(cols);
+    t.add_row({"q\"uote", "new\nline"});
+    const CsvFile back = parse_csv(t.str(), "t.csv", cols);
+    CHECK(back.rows[0] == std::vector<std::string>{"q\"uote", "new\nline"});
+}

@@ -1,0 +1,132 @@
+// dpart compare: runs and replays side by side, from their iterations.csv files.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <memory>
+
+#include "commands.hpp"
+#include "dpart/io/csv.hpp"
+#include "dpart/io/trace.hpp"
+#include "dpart/report/text_table.hpp"
+
+namespace dpart::cli {
+namespace {
+
+struct CompareOptions {
+    std::vector<std::string> inputs;
+    std::string baseline;
+    std::string csv;
+    bool markdown = false;
+};
+
+struct RunRow {
+    std::string name;
+    RunSummary summary;
+    std::uint64_t repartitions = 0;
+    double excess_ms = 0;  ///< time above the run's median pace: sum of max(0, iteration - p50)
+};
+
+/// A run directory's iterations.csv, or the CSV itself; its name is the directory's.
+std::pair<std::string, std::string> resolve(const std::string& input) {
+    namespace fs = std::filesystem;
+    const fs::path p(input);
+    if (fs::is_directory(p)) return {(p / "iterations.csv").string(), p.filename().empty() ? p.parent_path().filename().string() : p.filename().string()};
+    const std::string name = p.filename() == "iterations.csv" && p.has_parent_path() ? p.parent_path().filename().string()
+                                                                                    : p.stem().string();
+    return {input, name};
+}
+
+RunRow load_run(const std::string& input) {
+    const auto [path, name] = resolve(input);
+    const CsvFile f = read_csv(path, iteration_columns());
+    if (f.rows.empty()) throw InputError(SourceLocation{path}, "no iterations: the file has only its header");
+    RunRow row;
+    row.name = name;
+    std::vector<double> ms;
+    double version = 0;
+    for (std::size_t r = 0; r < f.rows.size(); ++r) {
+        const double v = csv_number(f, r, 1);
+        if (r > 0 && v != version) ++row.repartitions;
+        version = v;
+        const double t = csv_number(f, r, 2);
+        if (t <= 0)
+            throw InputError(SourceLocation{path, f.lines[r], 0},
+                             fmt::format("column \"iteration_ms\": {} is not a positive time", f.rows[r][2]));
+        (void)csv_number(f, r, 3);
+        ms.push_back(t);
+    }
+    // samples/s of the first row and its iteration time give the global batch.
+    const double batch = csv_number(f, 0, 3) * ms.front() / 1e3;
+    row.summary = summarise(ms, static_cast<std::uint64_t>(std::llround(batch)), 0);
+    for (double t : ms) row.excess_ms += std::max(0.0, t - row.summary.p50_iteration_ms);
+    return row;
+}
+
+const std::vector<std::string>& compare_columns() {
+    static const std::vector<std::string> c{"run",   "iterations", "mean_ms",      "p50_ms",   "p99_ms",
+                                            "samples_per_s", "speedup", "repartitions", "excess_ms"};
+    return c;
+}
+
+int run_compare(const CompareOptions& o) {
+    if (o.inputs.size() < 1) throw InputError("give at least one iterations.csv (or a run directory)");
+    std::vector<RunRow> runs;
+    for (const std::string& in : o.inputs) runs.push_back(load_run(in));
+    std::size_t base = 0;
+    if (!o.baseline.empty()) {
+        const auto it = std::find_if(runs.begin(), runs.end(), [&](const RunRow& r) {
+            return r.name == o.baseline || resolve(o.baseline).second == r.name;
+        });
+        if (it == runs.end()) throw InputError(fmt::format("--baseline {} is none of the runs given", o.baseline));
+        base = static_cast<std::size_t>(it - runs.begin());
+    }
+    CsvTable csv(compare_columns());
+    for (const RunRow& r : runs)
+        csv.add_row({r.name, std::to_string(r.summary.iterations), fmt::format("{:.6g}", r.summary.mean_iteration_ms),
+                     fmt::format("{:.6g}", r.summary.p50_iteration_ms), fmt::format("{:.6g}", r.summary.p99_iteration_ms),
+                     fmt::format("{:.6g}", r.summary.samples_per_s),
+                     fmt::format("{:.3f}", runs[base].summary.mean_iteration_ms / r.summary.mean_iteration_ms),
+                     std::to_string(r.repartitions), fmt::format("{:.6g}", r.excess_ms)});
+    if (o.markdown) {
+        std::string line = "|";
+        for (const auto& c : compare_columns()) line += " " + c + " |";
+        fmt::print("{}\n|", line);
+        for (std::size_t i = 0; i < compare_columns().size(); ++i) fmt::print(" --- |");
+        fmt::print("\n");
+        for (const auto& row : csv.data()) {
+            std::string out = "|";
+            for (const auto& cell : row) out += " " + cell + " |";
+            fmt::print("{}\n", out);
+        }
+    } else {
+        std::vector<TextTable::Column> cols;
+        for (std::size_t i = 0; i < compare_columns().size(); ++i)
+            cols.push_back({compare_columns()[i], i == 0 ? Align::left : Align::right});
+        TextTable t(cols);
+        for (const auto& row : csv.data()) t.add_row(row);
+        fmt::print("{}", t.str());
+        fmt::print("speedup = baseline ({}) mean / run mean; excess = time above the run's median iteration\n",
+                   runs[base].name);
+    }
+    if (!o.csv.empty()) csv.write(o.csv);
+    return 0;
+}
+
+}  // namespace
+
+void setup_compare(CLI::App& app, Action& action) {
+    auto o = std::make_shared<CompareOptions>();
+    CLI::App* cmd = app.add_subcommand("compare", "Put runs and replays side by side (their iterations.csv)");
+    cmd->add_option("runs", o->inputs, "iterations.csv files or the directories holding them")->required();
+    cmd->add_option("--baseline,-b", o->baseline, "the run speedups are relative to (default: the first)");
+    cmd->add_option("--csv", o->csv, "write the table to this CSV file (atomically)");
+    cmd->add_flag("--markdown", o->markdown, "print the table as Markdown");
+    cmd->footer(
+        "Examples:\n"
+        "  dpart compare replay-static/ replay-slow/ --baseline replay-static\n"
+        "  dpart compare a/iterations.csv b/iterations.csv --markdown --csv compare.csv");
+    cmd->callback([o, &action] { action = [o] { return run_compare(*o); }; });
+}
+
+}  // namespace dpart::cli
