@@ -10,7 +10,7 @@
 #include "dpart/io/model_toml.hpp"
 #include "dpart/io/plan_toml.hpp"
 #include "dpart/io/trace.hpp"
-#include "dpart/sim/simulator.hpp"
+#include "dpart/sim/policy.hpp"
 
 namespace dpart::cli {
 namespace {
@@ -22,6 +22,7 @@ struct ReplayOptions {
     std::string scenario;
     std::uint64_t iterations = 100;
     std::string policy = "static";
+    std::uint64_t window = 10;
     std::string out_dir;
     std::string timeline = "events";
     std::uint64_t bytes_per_param = 16;
@@ -45,26 +46,35 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
 
     CsvTable stages(stage_trace_columns());
     CsvTable timeline(timeline_columns());
-    const ReplayResult r = replay_static(plan, nominal, cluster, scenario, o.iterations, copt.overlap_allreduce,
-                                         [&](std::uint64_t it, const std::string& event, const TaskGraph& g,
-                                             const Timeline& t) {
-                                             add_stage_rows(stages, it, plan, cluster, g, t);
-                                             // The timeline of every iteration would be large: the
-                                             // first, the last, and each one where something changed.
-                                             if (o.timeline == "all" || it == 0 || it + 1 == o.iterations ||
-                                                 !event.empty())
-                                                 add_timeline_rows(timeline, it, plan, cluster, g, t);
-                                         });
+    PolicyOptions po;
+    po.policy = o.policy == "adaptive" ? Policy::adaptive : o.policy == "oracle" ? Policy::oracle : Policy::static_plan;
+    po.window = o.window;
+    po.solver.objective = plan.objective;
+    const PolicyReplay pr =
+        replay_policy(plan, model, cluster, cost, copt, scenario, o.iterations, po,
+                      [&](std::uint64_t it, const std::string& event, const Plan& in_force, const TaskGraph& g,
+                          const Timeline& t) {
+                          add_stage_rows(stages, it, in_force, cluster, g, t);
+                          // The timeline of every iteration would be large: the first, the last,
+                          // and each one where something changed.
+                          if (o.timeline == "all" || it == 0 || it + 1 == o.iterations || !event.empty())
+                              add_timeline_rows(timeline, it, in_force, cluster, g, t);
+                      });
+    const ReplayResult& r = pr.result;
     CsvTable iterations(iteration_columns());
     std::vector<double> times;
     for (const IterationRecord& it : r.iterations) {
         const double ms = it.iteration_s * 1e3;
         times.push_back(ms);
-        iterations.add_row({std::to_string(it.iteration), "1", fmt::format("{:.6g}", ms),
+        iterations.add_row({std::to_string(it.iteration), std::to_string(pr.plan_version.at(&it - r.iterations.data())),
+                            fmt::format("{:.6g}", ms),
                             fmt::format("{:.6g}", static_cast<double>(model.global_batch) / it.iteration_s), it.event});
     }
     RunSummary summary = summarise(times, model.global_batch, nominal.iteration_s * 1e3);
     summary.policy = o.policy;
+    summary.repartitions = pr.repartitions;
+    summary.migration_ms = pr.migration_s * 1e3;
+    summary.plan_versions = pr.repartitions + 1;
     summary.stopped = r.stopped;
     summary.stop_reason = r.stop_reason;
 
@@ -75,6 +85,7 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
                summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
     for (const IterationRecord& it : r.iterations)
         if (!it.event.empty()) fmt::print("iteration {}: {} -> {:.6g} ms\n", it.iteration, it.event, it.iteration_s * 1e3);
+    for (const std::string& note : pr.notes) fmt::print("{}\n", note);
     if (r.stopped) fmt::print("stopped: {}\n", r.stop_reason);
 
     if (!o.out_dir.empty()) {
@@ -108,9 +119,13 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
         ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{10000000}))
         ->capture_default_str();
     cmd->add_option("--policy", o->policy,
-                    "static: keep the plan (it stops at a failure of one of its devices); the adaptive and oracle "
-                    "policies are not implemented yet")
-        ->check(CLI::IsMember({"static"}))
+                    "static: keep the plan (it stops at a failure of one of its devices); adaptive: every --window "
+                    "iterations re-plan from the measured stage times, and repartition when the predicted gain over the "
+                    "remaining iterations exceeds the migration; oracle: re-plan at once on every change, for free")
+        ->check(CLI::IsMember({"static", "adaptive", "oracle"}))
+        ->capture_default_str();
+    cmd->add_option("--window", o->window, "adaptive: iterations between re-plans")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1000000}))
         ->capture_default_str();
     cmd->add_option("--out-dir,-o", o->out_dir,
                     "write iterations.csv, stages.csv, timeline.csv and summary.toml there (atomically)");

@@ -66,7 +66,7 @@ ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const 
         const TaskGraph g = build_schedule(plan.schedule, durations_under(plan, nominal, conditions),
                                            static_cast<std::uint32_t>(plan.microbatches), overlap_allreduce);
         const Timeline t = simulate(g);
-        if (observe) observe(it, event, g, t);
+        if (observe) observe(it, event, plan, g, t);
         result.iterations.push_back({it, t.makespan, event});
     }
     return result;

@@ -168,7 +168,7 @@ if check "plan for replay" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$cluster
     check "replay plan on another cluster" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
         -c "$clusters/dgx-h100.toml"
     check "replay unknown policy" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
-        -c "$clusters/h100-4x8.toml" --policy adaptive
+        -c "$clusters/h100-4x8.toml" --policy psychic
 fi
 
 # dpart compare: two replays side by side; a malformed CSV is named with its line (exit 2).
@@ -188,6 +188,18 @@ if [ -d "$tmp/replay" ]; then
     check "compare malformed" 2 "$dpart" compare "$tmp/bad-run.csv" &&
         contains "compare names the line" "$tmp/err" "bad-run.csv:3: error: column \"iteration_ms\": \"oops\" is not a finite number"
     check "compare bad baseline" 2 "$dpart" compare "$tmp/nominal" --baseline nothing
+fi
+
+# Re-planning policies on the bundled slow-GPU scenario: adaptive and oracle repartition.
+if [ -s "$tmp/l8plan.toml" ]; then
+    for policy in adaptive oracle; do
+        if check "replay --policy $policy" 0 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
+            -c "$clusters/h100-4x8.toml" --scenario "$src/plans/scenarios/slow-gpu.toml" --iterations 150 \
+            --policy "$policy" --out-dir "$tmp/replay-$policy"; then
+            contains "$policy repartitions" "$tmp/out" "repartition to plan 2"
+            contains "$policy summary counts repartitions" "$tmp/replay-$policy/summary.toml" "repartitions = 2"
+        fi
+    done
 fi
 
 echo "$((checks - failures)) passed, $failures failed"

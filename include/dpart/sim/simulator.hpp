@@ -31,10 +31,10 @@ struct ReplayResult {
     std::string stop_reason;
 };
 
-/// Sees every simulated iteration's task graph and timeline, and what took effect at its start
-/// (e.g. to write the trace CSVs).
-using IterationObserver =
-    std::function<void(std::uint64_t iteration, const std::string& event, const TaskGraph&, const Timeline&)>;
+/// Sees every simulated iteration: what took effect at its start, the plan in force, its task
+/// graph and timeline (e.g. to write the trace CSVs).
+using IterationObserver = std::function<void(std::uint64_t iteration, const std::string& event, const Plan& plan,
+                                             const TaskGraph&, const Timeline&)>;
 
 /// The static policy: the plan as it is, every iteration; it stops at the first failure of one
 /// of its devices (only a re-plan could continue).

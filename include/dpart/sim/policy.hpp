@@ -1,0 +1,71 @@
+#pragma once
+// Re-planning policies for replay: `oracle` re-plans the moment conditions change, for free (the
+// upper bound); `adaptive` re-plans every window from the stage times it measured, and moves to
+// the new plan only when the predicted gain over the remaining iterations exceeds the migration.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dpart/cost/cost_model.hpp"
+#include "dpart/plan/solver.hpp"
+#include "dpart/sim/scenario.hpp"
+#include "dpart/sim/simulator.hpp"
+
+namespace dpart {
+
+/// A cost model under conditions: a device's work takes `slowdown` times as long, a link's
+/// transfers `link` times as long. The planner re-plans with it.
+class ScaledCostModel final : public CostModel {
+public:
+    ScaledCostModel(const CostModel& base, Conditions conditions);
+    [[nodiscard]] double layer_seconds(std::size_t layer, Pass pass, std::size_t device, std::uint64_t samples,
+                                       std::uint32_t tp) const override;
+    [[nodiscard]] std::size_t device_class(std::size_t device) const override { return class_.at(device); }
+    [[nodiscard]] double device_speed(std::size_t device) const override;
+    [[nodiscard]] double transfer_seconds(std::size_t a, std::size_t b, std::uint64_t bytes) const override;
+    [[nodiscard]] AllreduceCost allreduce_cost(const std::vector<std::size_t>& devices) const override;
+    [[nodiscard]] double optimizer_seconds(std::size_t device, std::uint64_t params) const override;
+
+private:
+    const CostModel& base_;
+    Conditions conditions_;
+    std::vector<std::size_t> class_;
+};
+
+/// The devices still alive, as a cluster of their own, with the map back to the original indices.
+struct Survivors {
+    Cluster cluster;
+    std::vector<std::size_t> original;  ///< survivor index -> original device index
+};
+[[nodiscard]] Survivors survivors(const Cluster& cluster, const std::vector<bool>& failed);
+
+/// Seconds to move the state (weights and optimizer, `bytes_per_param` per parameter) of every
+/// layer whose owner changes between two plans, over the slowest link between old and new owners.
+[[nodiscard]] double migration_seconds(const Plan& from, const Plan& to, const Model& model, const CostModel& cost,
+                                       const CostOptions& options);
+
+enum class Policy { static_plan, adaptive, oracle };
+[[nodiscard]] std::string_view to_string(Policy p) noexcept;
+
+struct PolicyOptions {
+    Policy policy = Policy::static_plan;
+    std::uint64_t window = 10;  ///< adaptive: iterations between re-plans
+    SolverOptions solver;       ///< for re-plans (the microbatch size is kept)
+};
+
+struct PolicyReplay {
+    ReplayResult result;
+    std::vector<std::uint64_t> plan_version;  ///< per iteration
+    std::uint64_t repartitions = 0;
+    double migration_s = 0;
+    std::vector<std::string> notes;  ///< re-plans considered and taken
+};
+
+/// Replays `plan` for `iterations` under `scenario` with a policy (static: replay_static).
+[[nodiscard]] PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& cluster,
+                                         const CostModel& cost, const CostOptions& copt, const Scenario& scenario,
+                                         std::uint64_t iterations, const PolicyOptions& options,
+                                         const IterationObserver& observe = {});
+
+}  // namespace dpart

@@ -1,0 +1,261 @@
+#include "dpart/sim/policy.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <unordered_map>
+
+namespace dpart {
+
+std::string_view to_string(Policy p) noexcept {
+    switch (p) {
+        case Policy::static_plan: return "static";
+        case Policy::adaptive: return "adaptive";
+        case Policy::oracle: return "oracle";
+    }
+    return "?";
+}
+
+ScaledCostModel::ScaledCostModel(const CostModel& base, Conditions conditions)
+    : base_(base), conditions_(std::move(conditions)) {
+    std::map<std::pair<std::size_t, double>, std::size_t> ids;
+    for (std::size_t d = 0; d < conditions_.slowdown.size(); ++d)
+        class_.push_back(ids.emplace(std::pair{base.device_class(d), conditions_.slowdown[d]}, ids.size()).first->second);
+}
+
+double ScaledCostModel::layer_seconds(std::size_t layer, Pass pass, std::size_t device, std::uint64_t samples,
+                                      std::uint32_t tp) const {
+    return base_.layer_seconds(layer, pass, device, samples, tp) * conditions_.slowdown.at(device);
+}
+
+double ScaledCostModel::device_speed(std::size_t device) const {
+    return base_.device_speed(device) / conditions_.slowdown.at(device);
+}
+
+double ScaledCostModel::transfer_seconds(std::size_t a, std::size_t b, std::uint64_t bytes) const {
+    return base_.transfer_seconds(a, b, bytes) * conditions_.link(a, b);
+}
+
+AllreduceCost ScaledCostModel::allreduce_cost(const std::vector<std::size_t>& devices) const {
+    AllreduceCost c = base_.allreduce_cost(devices);
+    double f = 1.0;
+    for (std::size_t i = 0; devices.size() > 1 && i < devices.size(); ++i)
+        f = std::max(f, conditions_.link(devices[i], devices[(i + 1) % devices.size()]));
+    return {c.fixed * f, c.per_byte * f};
+}
+
+double ScaledCostModel::optimizer_seconds(std::size_t device, std::uint64_t params) const {
+    return base_.optimizer_seconds(device, params) * conditions_.slowdown.at(device);
+}
+
+namespace {
+
+/// A cost model over a sub-cluster: its device i is the base's device original[i].
+class RemappedCostModel final : public CostModel {
+public:
+    RemappedCostModel(const CostModel& base, std::vector<std::size_t> original)
+        : base_(base), original_(std::move(original)) {}
+    double layer_seconds(std::size_t layer, Pass pass, std::size_t device, std::uint64_t samples,
+                         std::uint32_t tp) const override {
+        return base_.layer_seconds(layer, pass, original_.at(device), samples, tp);
+    }
+    std::size_t device_class(std::size_t device) const override { return base_.device_class(original_.at(device)); }
+    double device_speed(std::size_t device) const override { return base_.device_speed(original_.at(device)); }
+    double transfer_seconds(std::size_t a, std::size_t b, std::uint64_t bytes) const override {
+        return base_.transfer_seconds(original_.at(a), original_.at(b), bytes);
+    }
+    AllreduceCost allreduce_cost(const std::vector<std::size_t>& devices) const override {
+        std::vector<std::size_t> mapped;
+        for (std::size_t d : devices) mapped.push_back(original_.at(d));
+        return base_.allreduce_cost(mapped);
+    }
+    double optimizer_seconds(std::size_t device, std::uint64_t params) const override {
+        return base_.optimizer_seconds(original_.at(device), params);
+    }
+
+private:
+    const CostModel& base_;
+    std::vector<std::size_t> original_;
+};
+
+}  // namespace
+
+Survivors survivors(const Cluster& cluster, const std::vector<bool>& failed) {
+    Survivors s;
+    s.cluster.name = cluster.name;
+    s.cluster.intra_default = cluster.intra_default;
+    s.cluster.inter_default = cluster.inter_default;
+    s.cluster.where = cluster.where;
+    std::vector<std::size_t> index(cluster.devices.size(), SIZE_MAX);
+    for (const Node& n : cluster.nodes) {
+        Node copy = n;
+        copy.devices.clear();
+        s.cluster.nodes.push_back(std::move(copy));
+    }
+    for (std::size_t d = 0; d < cluster.devices.size(); ++d) {
+        if (failed[d]) continue;
+        index[d] = s.cluster.devices.size();
+        s.cluster.nodes[cluster.devices[d].node].devices.push_back(index[d]);
+        s.cluster.devices.push_back(cluster.devices[d]);
+        s.original.push_back(d);
+    }
+    for (const auto& [key, link] : cluster.overrides) {
+        const std::size_t a = key >> 32, b = key & 0xffffffffu;
+        if (index[a] != SIZE_MAX && index[b] != SIZE_MAX) s.cluster.overrides[Cluster::pair_key(index[a], index[b])] = link;
+    }
+    return s;
+}
+
+double migration_seconds(const Plan& from, const Plan& to, const Model& model, const CostModel& cost,
+                         const CostOptions& options) {
+    // Bytes moving between each (old stage, new stage) pair; the pairs move in parallel, each
+    // over the link between their first devices.
+    std::map<std::pair<std::size_t, std::size_t>, std::uint64_t> moves;
+    auto owner = [](const Plan& p, std::size_t layer) {
+        for (std::size_t s = 0; s < p.stages.size(); ++s)
+            if (layer >= p.stages[s].first_layer && layer <= p.stages[s].last_layer) return s;
+        return p.stages.size();
+    };
+    for (std::size_t l = 0; l < model.layers.size(); ++l) {
+        const std::size_t a = owner(from, l), b = owner(to, l);
+        if (from.stages[a].devices == to.stages[b].devices) continue;
+        moves[{a, b}] += model.layers[l].cost.params * options.bytes_per_param;
+    }
+    double seconds = 0;
+    for (const auto& [pair, bytes] : moves)
+        seconds = std::max(seconds, cost.transfer_seconds(from.stages[pair.first].devices.front(),
+                                                          to.stages[pair.second].devices.front(), bytes));
+    return seconds;
+}
+
+namespace {
+
+/// The best plan for the devices alive under `conditions`, in the original device indices.
+std::optional<Plan> replan(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+                           const Conditions& conditions, const Plan& current, const PolicyOptions& options) {
+    const Survivors alive = survivors(cluster, conditions.failed);
+    if (alive.cluster.devices.empty()) return std::nullopt;
+    const RemappedCostModel remapped(cost, alive.original);
+    Conditions local(alive.original.size());
+    for (std::size_t i = 0; i < alive.original.size(); ++i) local.slowdown[i] = conditions.slowdown[alive.original[i]];
+    std::vector<std::size_t> index(cluster.devices.size(), SIZE_MAX);
+    for (std::size_t i = 0; i < alive.original.size(); ++i) index[alive.original[i]] = i;
+    for (const auto& [pair, f] : conditions.link_factor)
+        if (index[pair.first] != SIZE_MAX && index[pair.second] != SIZE_MAX)
+            local.link_factor[{std::min(index[pair.first], index[pair.second]), std::max(index[pair.first], index[pair.second])}] = f;
+    const ScaledCostModel scaled(remapped, local);
+    SolverOptions so = options.solver;
+    so.microbatch_size = current.microbatch_size;
+    so.microbatches = 0;
+    so.schedule = current.schedule;
+    try {
+        SolveResult r = solve(model, alive.cluster, scaled, copt, so);
+        for (Stage& st : r.plan.stages)
+            for (std::size_t& d : st.devices) d = alive.original[d];
+        r.plan.objective = current.objective;
+        return r.plan;
+    } catch (const InfeasibleError&) {
+        return std::nullopt;
+    }
+}
+
+bool uses_failed(const Plan& plan, const Conditions& c) {
+    for (const Stage& st : plan.stages)
+        for (std::size_t d : st.devices)
+            if (c.failed[d]) return true;
+    return false;
+}
+
+}  // namespace
+
+PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
+                           const CostOptions& copt, const Scenario& scenario, std::uint64_t iterations,
+                           const PolicyOptions& options, const IterationObserver& observe) {
+    PolicyReplay out;
+    if (options.policy == Policy::static_plan) {
+        out.result = replay_static(plan, estimate_plan(plan, model, cluster, cost, copt), cluster, scenario, iterations,
+                                   copt.overlap_allreduce, observe);
+        out.plan_version.assign(out.result.iterations.size(), 1);
+        return out;
+    }
+    Plan current = plan;
+    PlanEstimate nominal = estimate_plan(current, model, cluster, cost, copt);
+    std::uint64_t version = 1;
+    Conditions truth(cluster.devices.size());
+    Conditions believed(cluster.devices.size());  // adaptive: what the measurements say
+    std::size_t next_event = 0;
+    for (std::uint64_t it = 0; it < iterations; ++it) {
+        std::string event;
+        bool changed = false, failure = false;
+        while (next_event < scenario.events.size() && scenario.events[next_event].iteration <= it) {
+            const ScenarioEvent& e = scenario.events[next_event++];
+            truth.apply(e);
+            changed = true;
+            if (e.kind == EventKind::fail) {
+                failure = true;
+                believed.failed[e.device] = true;  // a failure is seen at once
+            }
+            if (e.kind == EventKind::recover) believed.failed[e.device] = false;
+            if (!event.empty()) event += "; ";
+            event += e.kind == EventKind::link ? fmt::format("link {}-{} x{:g}", cluster.devices[e.a].name,
+                                                             cluster.devices[e.b].name, e.factor)
+                     : e.kind == EventKind::slowdown
+                         ? fmt::format("slowdown {} x{:g}", cluster.devices[e.device].name, e.factor)
+                         : fmt::format("{} {}", to_string(e.kind), cluster.devices[e.device].name);
+        }
+        double migration = 0;
+        const bool window = options.policy == Policy::adaptive && options.window > 0 && it > 0 && it % options.window == 0;
+        const bool forced = uses_failed(current, truth);
+        if ((options.policy == Policy::oracle && changed) || window || forced || (failure && options.policy == Policy::adaptive)) {
+            const Conditions& view = options.policy == Policy::oracle ? truth : believed;
+            const std::optional<Plan> next = replan(model, cluster, cost, copt, view, current, options);
+            if (!next) {
+                out.result.stopped = true;
+                out.result.stop_reason = fmt::format("no plan fits on the devices alive at iteration {}", it);
+                break;
+            }
+            if (!(*next == current)) {
+                const ScaledCostModel seen(cost, view);
+                const double now = forced ? 1e300
+                                          : estimate_plan(current, model, cluster, seen, copt).iteration_s;
+                const double then = estimate_plan(*next, model, cluster, seen, copt).iteration_s;
+                const double move = options.policy == Policy::oracle ? 0 : migration_seconds(current, *next, model, cost, copt);
+                const double gain = (now - then) * static_cast<double>(iterations - it);
+                if (forced || gain > move) {
+                    out.notes.push_back(fmt::format("iteration {}: re-plan to {} stages ({:.6g} -> {:.6g} ms predicted, "
+                                                    "migration {:.6g} ms)",
+                                                    it, next->stages.size(), forced ? 0.0 : now * 1e3, then * 1e3, move * 1e3));
+                    current = *next;
+                    nominal = estimate_plan(current, model, cluster, cost, copt);
+                    ++version;
+                    ++out.repartitions;
+                    migration = move;
+                    out.migration_s += move;
+                    if (!event.empty()) event += "; ";
+                    event += fmt::format("repartition to plan {}", version);
+                }
+            }
+        }
+        const TaskGraph g = build_schedule(current.schedule, durations_under(current, nominal, truth),
+                                           static_cast<std::uint32_t>(current.microbatches), copt.overlap_allreduce);
+        const Timeline t = simulate(g);
+        if (observe) observe(it, event, current, g, t);
+        out.result.iterations.push_back({it, t.makespan + migration, event});
+        out.plan_version.push_back(version);
+        // Adaptive: what a run measures is each replica's time against its nominal time, which
+        // is the largest slowdown among the replica's devices; it is attributed to all of them.
+        if (options.policy == Policy::adaptive)
+            for (const Stage& st : current.stages)
+                for (std::size_t k = 0; k < st.replicas(); ++k) {
+                    double factor = 1.0;
+                    for (std::uint32_t q = 0; q < st.tp; ++q)
+                        factor = std::max(factor, truth.slowdown[st.devices[k * st.tp + q]]);
+                    for (std::uint32_t q = 0; q < st.tp; ++q) believed.slowdown[st.devices[k * st.tp + q]] = factor;
+                }
+    }
+    return out;
+}
+
+}  // namespace dpart

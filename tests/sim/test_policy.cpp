@@ -1,0 +1,142 @@
+// Re-planning policies against the scenario: one of 4 stages slowed 3x at iteration 20 of 200.
+#include <doctest/doctest.h>
+
+#include <numeric>
+
+#include "dpart/io/cluster_toml.hpp"
+#include "dpart/io/model_toml.hpp"
+#include "dpart/sim/policy.hpp"
+
+using namespace dpart;
+
+namespace {
+
+const std::string plans_dir = std::string(DPART_SOURCE_DIR) + "/plans/";
+
+struct Setup {
+    Model model = load_model(plans_dir + "models/llama3-8b.toml");
+    Cluster cluster = load_cluster(plans_dir + "clusters/h100-4x8.toml");
+    AnalyticalCostModel cost{model, cluster, {}};
+    Plan plan;
+
+    Setup() {
+        // Four stages, one node each (tensor parallel 8), layers as the planner would balance
+        // them: the embedding and the head are light, the blocks even.
+        plan.objective = Objective::iteration;
+        plan.schedule = ScheduleKind::one_f_one_b;
+        plan.microbatch_size = 2;
+        plan.microbatches = 512;
+        const std::size_t ends[] = {9, 18, 27, 36};
+        std::size_t first = 0;
+        for (std::size_t s = 0; s < 4; ++s) {
+            Stage st;
+            st.first_layer = first;
+            st.last_layer = ends[s] - 1;
+            st.tp = 8;
+            for (std::size_t d = 0; d < 8; ++d) st.devices.push_back(s * 8 + d);
+            plan.stages.push_back(st);
+            first = ends[s];
+        }
+    }
+
+    PolicyReplay replay(Policy p, const Scenario& s, std::uint64_t n = 200) const {
+        PolicyOptions o;
+        o.policy = p;
+        o.window = 10;
+        return replay_policy(plan, model, cluster, cost, {}, s, n, o);
+    }
+};
+
+double total(const PolicyReplay& r) {
+    double t = 0;
+    for (const auto& it : r.result.iterations) t += it.iteration_s;
+    return t;
+}
+
+double mean_from(const PolicyReplay& r, std::size_t from) {
+    double t = 0;
+    for (std::size_t i = from; i < r.result.iterations.size(); ++i) t += r.result.iterations[i].iteration_s;
+    return t / static_cast<double>(r.result.iterations.size() - from);
+}
+
+Scenario slow_stage(const Setup& s, std::size_t stage) {
+    ScenarioEvent e;
+    e.iteration = 20;
+    e.kind = EventKind::slowdown;
+    e.device = s.plan.stages[stage].devices.front();
+    e.factor = 3.0;
+    return Scenario{{e}};
+}
+
+}  // namespace
+
+TEST_CASE("one stage of four slowed 3x at iteration 20: adaptive nears oracle after two windows and beats static") {
+    const Setup s;
+    const Scenario sc = slow_stage(s, 1);
+    const PolicyReplay fixed = s.replay(Policy::static_plan, sc);
+    const PolicyReplay adaptive = s.replay(Policy::adaptive, sc);
+    const PolicyReplay oracle = s.replay(Policy::oracle, sc);
+    REQUIRE(fixed.result.iterations.size() == 200);
+    REQUIRE(adaptive.result.iterations.size() == 200);
+    REQUIRE(oracle.result.iterations.size() == 200);
+    CHECK(adaptive.repartitions >= 1);
+    // After two windows (iteration 40 on), adaptive's throughput is within 10% of oracle's.
+    const double a = mean_from(adaptive, 40), o = mean_from(oracle, 40);
+    CHECK(o / a >= 0.9);
+    CHECK(total(adaptive) < total(fixed));
+    // Oracle is the bound: nothing beats it by more than rounding.
+    CHECK(total(oracle) <= total(adaptive) * (1 + 1e-9));
+    MESSAGE("static ", total(fixed), " s, adaptive ", total(adaptive), " s (", adaptive.repartitions,
+            " repartitions, migration ", adaptive.migration_s, " s), oracle ", total(oracle), " s");
+}
+
+TEST_CASE("adaptive is never worse than static by more than the migration time it spent") {
+    const Setup s;
+    for (std::size_t stage = 0; stage < 4; ++stage) {
+        const Scenario sc = slow_stage(s, stage);
+        const PolicyReplay fixed = s.replay(Policy::static_plan, sc, 100);
+        const PolicyReplay adaptive = s.replay(Policy::adaptive, sc, 100);
+        CAPTURE(stage);
+        CHECK(total(adaptive) <= total(fixed) + adaptive.migration_s + 1e-9);
+    }
+    // Without any event either.
+    const PolicyReplay fixed = s.replay(Policy::static_plan, {}, 100);
+    const PolicyReplay adaptive = s.replay(Policy::adaptive, {}, 100);
+    CHECK(total(adaptive) <= total(fixed) + adaptive.migration_s + 1e-9);
+}
+
+TEST_CASE("a failure: static stops, adaptive and oracle re-plan on the survivors") {
+    const Setup s;
+    ScenarioEvent e;
+    e.iteration = 5;
+    e.kind = EventKind::fail;
+    e.device = 3;
+    const Scenario sc{{e}};
+    const PolicyReplay fixed = s.replay(Policy::static_plan, sc, 20);
+    CHECK(fixed.result.stopped);
+    CHECK(fixed.result.iterations.size() == 5);
+    for (Policy p : {Policy::adaptive, Policy::oracle}) {
+        const PolicyReplay r = s.replay(p, sc, 20);
+        CHECK_FALSE(r.result.stopped);
+        CHECK(r.result.iterations.size() == 20);
+        CHECK(r.repartitions >= 1);
+        CHECK(r.plan_version.back() >= 2);
+    }
+}
+
+TEST_CASE("survivors keep their links; migration moves the state of layers that change owner") {
+    const Setup s;
+    std::vector<bool> failed(s.cluster.devices.size(), false);
+    failed[0] = failed[9] = true;
+    const Survivors alive = survivors(s.cluster, failed);
+    CHECK(alive.cluster.devices.size() == 30);
+    CHECK(alive.original.front() == 1);
+    CHECK(alive.cluster.link(0, 1) == s.cluster.link(1, 2));
+    CHECK(migration_seconds(s.plan, s.plan, s.model, s.cost, {}) == 0);
+    Plan moved = s.plan;
+    moved.stages[0].last_layer = 9;
+    moved.stages[1].first_layer = 10;
+    // Layer 9 (a block) moves from node1 to node0: its 16 B per parameter over the inter-node link.
+    const double expected = s.cost.transfer_seconds(8, 0, s.model.layers[9].cost.params * 16);
+    CHECK(migration_seconds(s.plan, moved, s.model, s.cost, {}) == doctest::Approx(expected));
+}
