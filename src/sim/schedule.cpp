@@ -156,3 +156,28 @@ Timeline simulate(const TaskGraph& graph) {
 }
 
 }  // namespace dpart
+
+namespace dpart {
+
+std::vector<std::uint32_t> peak_in_flight(const TaskGraph& graph, const Timeline& timeline) {
+    // Events per stage: +1 when a forward starts (its activations begin to accumulate), -1 when
+    // its backward ends. At equal times releases come first.
+    std::vector<std::vector<std::pair<double, int>>> events(graph.stages);
+    for (std::size_t i = 0; i < graph.tasks.size(); ++i) {
+        const Task& t = graph.tasks[i];
+        if (t.kind == TaskKind::forward) events[t.stage].push_back({timeline.start[i], +1});
+        if (t.kind == TaskKind::backward) events[t.stage].push_back({timeline.end[i], -1});
+    }
+    std::vector<std::uint32_t> peak(graph.stages, 0);
+    for (std::uint32_t s = 0; s < graph.stages; ++s) {
+        std::sort(events[s].begin(), events[s].end());
+        int level = 0;
+        for (const auto& [time, delta] : events[s]) {
+            level += delta;
+            peak[s] = std::max<std::uint32_t>(peak[s], static_cast<std::uint32_t>(std::max(level, 0)));
+        }
+    }
+    return peak;
+}
+
+}  // namespace dpart

@@ -61,3 +61,22 @@ TEST_CASE("dependencies point backwards: the task list is a topological order") 
     for (std::size_t i = 0; i < g.tasks.size(); ++i)
         for (std::uint8_t k = 0; k < g.tasks[i].deps; ++k) CHECK(g.tasks[i].dep[k] < i);
 }
+
+TEST_CASE("peak activations held per stage: S - s microbatches under 1F1B, M under GPipe") {
+    for (std::uint32_t S : {2u, 4u, 6u})
+        for (std::uint32_t M : {1u, 3u, 8u, 16u}) {
+            std::vector<StageDurations> stages;
+            for (std::uint32_t s = 0; s < S; ++s) stages.push_back({1.0 + 0.3 * s, 2.0 + 0.1 * (S - s), 0.05, 0.05, 0, 0});
+            const TaskGraph one = build_schedule(ScheduleKind::one_f_one_b, stages, M);
+            const TaskGraph gp = build_schedule(ScheduleKind::gpipe, stages, M);
+            const auto p1 = peak_in_flight(one, simulate(one));
+            const auto pg = peak_in_flight(gp, simulate(gp));
+            for (std::uint32_t s = 0; s < S; ++s) {
+                CAPTURE(S);
+                CAPTURE(M);
+                CAPTURE(s);
+                CHECK(p1[s] == std::min(S - s, M));
+                CHECK(pg[s] == M);
+            }
+        }
+}

@@ -76,6 +76,10 @@ struct Timeline {
     double makespan = 0;
 };
 
+/// Per stage, the most microbatches whose activations it holds at once (forwards ended and their
+/// backwards not yet ended): the in-flight count the memory model charges.
+[[nodiscard]] std::vector<std::uint32_t> peak_in_flight(const TaskGraph& graph, const struct Timeline& timeline);
+
 /// Earliest start of every task (each starts when all its dependencies have ended): the exact
 /// makespan of the graph.
 [[nodiscard]] Timeline simulate(const TaskGraph& graph);
