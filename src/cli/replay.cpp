@@ -23,6 +23,9 @@ struct ReplayOptions {
     std::uint64_t iterations = 100;
     std::string policy = "static";
     std::uint64_t window = 10;
+    double jitter = 0;
+    double min_gain_pct = 2;
+    std::uint64_t seed = 1;
     std::string out_dir;
     std::string timeline = "events";
     std::uint64_t bytes_per_param = 16;
@@ -49,6 +52,8 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     PolicyOptions po;
     po.policy = o.policy == "adaptive" ? Policy::adaptive : o.policy == "oracle" ? Policy::oracle : Policy::static_plan;
     po.window = o.window;
+    po.jitter = Jitter{o.jitter, o.seed};
+    po.min_gain = o.min_gain_pct / 100;
     po.solver.objective = plan.objective;
     const PolicyReplay pr =
         replay_policy(plan, model, cluster, cost, copt, scenario, o.iterations, po,
@@ -126,6 +131,17 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
         ->capture_default_str();
     cmd->add_option("--window", o->window, "adaptive: iterations between re-plans")
         ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1000000}))
+        ->capture_default_str();
+    cmd->add_option("--min-gain", o->min_gain_pct,
+                    "adaptive: the least predicted gain per iteration, in percent, worth a repartition")
+        ->check(CLI::Range(0.0, 100.0))
+        ->capture_default_str();
+    cmd->add_option("--jitter", o->jitter,
+                    "per-device noise: each iteration a device's work takes exp(jitter x N(0,1)) times as long "
+                    "(0 = none)")
+        ->check(CLI::Range(0.0, 2.0))
+        ->capture_default_str();
+    cmd->add_option("--seed", o->seed, "seed of the jitter: the same seed gives every policy the same noise")
         ->capture_default_str();
     cmd->add_option("--out-dir,-o", o->out_dir,
                     "write iterations.csv, stages.csv, timeline.csv and summary.toml there (atomically)");

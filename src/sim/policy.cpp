@@ -176,7 +176,7 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
     PolicyReplay out;
     if (options.policy == Policy::static_plan) {
         out.result = replay_static(plan, estimate_plan(plan, model, cluster, cost, copt), cluster, scenario, iterations,
-                                   copt.overlap_allreduce, observe);
+                                   copt.overlap_allreduce, observe, options.jitter);
         out.plan_version.assign(out.result.iterations.size(), 1);
         return out;
     }
@@ -185,6 +185,8 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
     std::uint64_t version = 1;
     Conditions truth(cluster.devices.size());
     Conditions believed(cluster.devices.size());  // adaptive: what the measurements say
+    std::vector<double> measured_sum(cluster.devices.size(), 0.0);
+    std::vector<std::uint32_t> measured_count(cluster.devices.size(), 0);
     std::size_t next_event = 0;
     for (std::uint64_t it = 0; it < iterations; ++it) {
         std::string event;
@@ -223,7 +225,9 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
                 const double then = estimate_plan(*next, model, cluster, seen, copt).iteration_s;
                 const double move = options.policy == Policy::oracle ? 0 : migration_seconds(current, *next, model, cost, copt);
                 const double gain = (now - then) * static_cast<double>(iterations - it);
-                if (forced || gain > move) {
+                const bool worth = options.policy == Policy::oracle ? then < now
+                                                                    : gain > move && now - then >= options.min_gain * now;
+                if (forced || worth) {
                     out.notes.push_back(fmt::format("iteration {}: re-plan to {} stages ({:.6g} -> {:.6g} ms predicted, "
                                                     "migration {:.6g} ms)",
                                                     it, next->stages.size(), forced ? 0.0 : now * 1e3, then * 1e3, move * 1e3));
@@ -238,22 +242,34 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
                 }
             }
         }
-        const TaskGraph g = build_schedule(current.schedule, durations_under(current, nominal, truth),
+        const Conditions noisy = jittered(truth, options.jitter, it);
+        const TaskGraph g = build_schedule(current.schedule, durations_under(current, nominal, noisy),
                                            static_cast<std::uint32_t>(current.microbatches), copt.overlap_allreduce);
         const Timeline t = simulate(g);
         if (observe) observe(it, event, current, g, t);
         out.result.iterations.push_back({it, t.makespan + migration, event});
         out.plan_version.push_back(version);
-        // Adaptive: what a run measures is each replica's time against its nominal time, which
-        // is the largest slowdown among the replica's devices; it is attributed to all of them.
-        if (options.policy == Policy::adaptive)
+        // Adaptive: what a run measures is each replica's time against its nominal time, which is
+        // the largest slowdown among the replica's devices; it is attributed to all of them and
+        // averaged over the window, so that per-iteration noise does not drive re-plans.
+        if (options.policy == Policy::adaptive) {
             for (const Stage& st : current.stages)
                 for (std::size_t k = 0; k < st.replicas(); ++k) {
-                    double factor = 1.0;
+                    double factor = 0;
                     for (std::uint32_t q = 0; q < st.tp; ++q)
-                        factor = std::max(factor, truth.slowdown[st.devices[k * st.tp + q]]);
-                    for (std::uint32_t q = 0; q < st.tp; ++q) believed.slowdown[st.devices[k * st.tp + q]] = factor;
+                        factor = std::max(factor, noisy.slowdown[st.devices[k * st.tp + q]]);
+                    for (std::uint32_t q = 0; q < st.tp; ++q) {
+                        measured_sum[st.devices[k * st.tp + q]] += factor;
+                        ++measured_count[st.devices[k * st.tp + q]];
+                    }
                 }
+            if (options.window > 0 && (it + 1) % options.window == 0) {
+                for (std::size_t d = 0; d < measured_sum.size(); ++d)
+                    if (measured_count[d] > 0) believed.slowdown[d] = measured_sum[d] / measured_count[d];
+                std::fill(measured_sum.begin(), measured_sum.end(), 0.0);
+                std::fill(measured_count.begin(), measured_count.end(), 0u);
+            }
+        }
     }
     return out;
 }

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
+#include <random>
 
 namespace dpart {
 
@@ -36,9 +38,18 @@ std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate
     return out;
 }
 
+Conditions jittered(const Conditions& conditions, const Jitter& jitter, std::uint64_t iteration) {
+    if (jitter.sigma <= 0) return conditions;
+    Conditions c = conditions;
+    std::mt19937_64 rng(jitter.seed * 0x9E3779B97F4A7C15ull + iteration);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    for (double& s : c.slowdown) s *= std::exp(jitter.sigma * normal(rng));
+    return c;
+}
+
 ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const Cluster& cluster,
                            const Scenario& scenario, std::uint64_t iterations, bool overlap_allreduce,
-                           const IterationObserver& observe) {
+                           const IterationObserver& observe, const Jitter& jitter) {
     ReplayResult result;
     Conditions conditions(cluster.devices.size());
     std::size_t next_event = 0;
@@ -63,7 +74,7 @@ ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const 
                                                      cluster.devices[d].name, it);
                     return result;
                 }
-        const TaskGraph g = build_schedule(plan.schedule, durations_under(plan, nominal, conditions),
+        const TaskGraph g = build_schedule(plan.schedule, durations_under(plan, nominal, jittered(conditions, jitter, it)),
                                            static_cast<std::uint32_t>(plan.microbatches), overlap_allreduce);
         const Timeline t = simulate(g);
         if (observe) observe(it, event, plan, g, t);

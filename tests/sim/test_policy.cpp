@@ -140,3 +140,24 @@ TEST_CASE("survivors keep their links; migration moves the state of layers that 
     const double expected = s.cost.transfer_seconds(8, 0, s.model.layers[9].cost.params * 16);
     CHECK(migration_seconds(s.plan, moved, s.model, s.cost, {}) == doctest::Approx(expected));
 }
+
+TEST_CASE("with 5% per-device jitter, adaptive does not chase the noise") {
+    const Setup s;
+    for (std::uint64_t seed : {1ull, 2ull, 3ull}) {
+        PolicyOptions o;
+        o.window = 10;
+        o.jitter = Jitter{0.05, seed};
+        o.policy = Policy::static_plan;
+        // Start from the planner's plan, so that only noise could motivate a repartition.
+        const SolveResult best = solve(s.model, s.cluster, s.cost, {}, [] {
+            SolverOptions so;
+            so.microbatch_size = 2;
+            return so;
+        }());
+        const PolicyReplay fixed = replay_policy(best.plan, s.model, s.cluster, s.cost, {}, {}, 60, o);
+        o.policy = Policy::adaptive;
+        const PolicyReplay adaptive = replay_policy(best.plan, s.model, s.cluster, s.cost, {}, {}, 60, o);
+        CAPTURE(seed);
+        CHECK(total(adaptive) <= total(fixed) + adaptive.migration_s + 1e-9);
+    }
+}

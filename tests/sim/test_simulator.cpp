@@ -108,3 +108,27 @@ TEST_CASE("every bundled scenario loads against the cluster it was written for")
     const Scenario s = load_scenario(plans_dir + "scenarios/slow-gpu.toml", c);
     CHECK(s.events.size() == 2);
 }
+
+TEST_CASE("jitter is deterministic for a seed, the same for every policy, and absent at sigma 0") {
+    const Fixture f;
+    const Jitter j{0.05, 7};
+    const ReplayResult a = replay_static(f.solved.plan, f.solved.estimate, f.cluster, {}, 30, false, {}, j);
+    const ReplayResult b = replay_static(f.solved.plan, f.solved.estimate, f.cluster, {}, 30, false, {}, j);
+    const ReplayResult c = replay_static(f.solved.plan, f.solved.estimate, f.cluster, {}, 30, false, {}, Jitter{0.05, 8});
+    const ReplayResult none = replay_static(f.solved.plan, f.solved.estimate, f.cluster, {}, 30, false, {}, Jitter{0, 7});
+    bool differs = false, varies = false;
+    for (std::size_t i = 0; i < 30; ++i) {
+        CHECK(a.iterations[i].iteration_s == b.iterations[i].iteration_s);
+        differs = differs || a.iterations[i].iteration_s != c.iterations[i].iteration_s;
+        varies = varies || a.iterations[i].iteration_s != a.iterations[0].iteration_s;
+        CHECK(none.iterations[i].iteration_s == f.solved.estimate.iteration_s);
+        // 5% noise per device moves an iteration by well under a factor of 1.5.
+        CHECK(a.iterations[i].iteration_s / f.solved.estimate.iteration_s == doctest::Approx(1.0).epsilon(0.5));
+    }
+    CHECK(differs);
+    CHECK(varies);
+    const Conditions base(4);
+    const Conditions x = jittered(base, j, 3), y = jittered(base, j, 3), z = jittered(base, j, 4);
+    CHECK(x.slowdown == y.slowdown);
+    CHECK(x.slowdown != z.slowdown);
+}

@@ -51,7 +51,11 @@ enum class Policy { static_plan, adaptive, oracle };
 struct PolicyOptions {
     Policy policy = Policy::static_plan;
     std::uint64_t window = 10;  ///< adaptive: iterations between re-plans
+    /// adaptive: the least predicted gain per iteration, as a fraction, worth a repartition (the
+    /// measured speeds are noisy; below this the gain may be noise)
+    double min_gain = 0.02;
     SolverOptions solver;       ///< for re-plans (the microbatch size is kept)
+    Jitter jitter;              ///< per-device noise, the same for every policy at a given seed
 };
 
 struct PolicyReplay {

@@ -19,6 +19,17 @@ namespace dpart {
 [[nodiscard]] std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate& nominal,
                                                           const Conditions& conditions);
 
+/// Per-device noise on compute: each iteration every device's work takes
+/// exp(sigma * N(0, 1)) times as long, drawn from a generator seeded by (seed, iteration), so that
+/// a given seed gives every policy the same noise.
+struct Jitter {
+    double sigma = 0;
+    std::uint64_t seed = 1;
+};
+
+/// The conditions with one iteration's jitter applied to every device's slowdown.
+[[nodiscard]] Conditions jittered(const Conditions& conditions, const Jitter& jitter, std::uint64_t iteration);
+
 struct IterationRecord {
     std::uint64_t iteration = 0;
     double iteration_s = 0;
@@ -40,6 +51,7 @@ using IterationObserver = std::function<void(std::uint64_t iteration, const std:
 /// of its devices (only a re-plan could continue).
 [[nodiscard]] ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const Cluster& cluster,
                                          const Scenario& scenario, std::uint64_t iterations,
-                                         bool overlap_allreduce = false, const IterationObserver& observe = {});
+                                         bool overlap_allreduce = false, const IterationObserver& observe = {},
+                                         const Jitter& jitter = {});
 
 }  // namespace dpart
