@@ -201,11 +201,7 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
             }
             if (e.kind == EventKind::recover) believed.failed[e.device] = false;
             if (!event.empty()) event += "; ";
-            event += e.kind == EventKind::link ? fmt::format("link {}-{} x{:g}", cluster.devices[e.a].name,
-                                                             cluster.devices[e.b].name, e.factor)
-                     : e.kind == EventKind::slowdown
-                         ? fmt::format("slowdown {} x{:g}", cluster.devices[e.device].name, e.factor)
-                         : fmt::format("{} {}", to_string(e.kind), cluster.devices[e.device].name);
+            event += describe(e, cluster);
         }
         double migration = 0;
         const bool window = options.policy == Policy::adaptive && options.window > 0 && it > 0 && it % options.window == 0;

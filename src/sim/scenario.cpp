@@ -1,5 +1,7 @@
 #include "dpart/sim/scenario.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 namespace dpart {
@@ -30,6 +32,17 @@ double Conditions::link(std::size_t a, std::size_t b) const {
     if (link_factor.empty()) return 1.0;
     auto it = link_factor.find({std::min(a, b), std::max(a, b)});
     return it == link_factor.end() ? 1.0 : it->second;
+}
+
+std::string describe(const ScenarioEvent& e, const Cluster& cluster) {
+    switch (e.kind) {
+        case EventKind::link:
+            return fmt::format("link {}-{} x{:g}", cluster.devices[e.a].name, cluster.devices[e.b].name, e.factor);
+        case EventKind::slowdown: return fmt::format("slowdown {} x{:g}", cluster.devices[e.device].name, e.factor);
+        case EventKind::recover:
+        case EventKind::fail: break;
+    }
+    return fmt::format("{} {}", to_string(e.kind), cluster.devices[e.device].name);
 }
 
 Conditions conditions_at(const Scenario& scenario, std::size_t devices, std::uint64_t iteration) {

@@ -59,11 +59,7 @@ ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const 
             const ScenarioEvent& e = scenario.events[next_event++];
             conditions.apply(e);
             if (!event.empty()) event += "; ";
-            event += e.kind == EventKind::link
-                         ? fmt::format("link {}-{} x{:g}", cluster.devices[e.a].name, cluster.devices[e.b].name, e.factor)
-                         : e.kind == EventKind::slowdown
-                               ? fmt::format("slowdown {} x{:g}", cluster.devices[e.device].name, e.factor)
-                               : fmt::format("{} {}", to_string(e.kind), cluster.devices[e.device].name);
+            event += describe(e, cluster);
         }
         for (const Stage& st : plan.stages)
             for (std::size_t d : st.devices)

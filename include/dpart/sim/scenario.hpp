@@ -42,6 +42,9 @@ struct Conditions {
     [[nodiscard]] double link(std::size_t a, std::size_t b) const;
 };
 
+/// "slowdown gpu1 x3", "fail gpu2", "link gpu0-gpu1 x4": an event as trace files name it.
+[[nodiscard]] std::string describe(const ScenarioEvent& e, const Cluster& cluster);
+
 /// The conditions at the start of `iteration`.
 [[nodiscard]] Conditions conditions_at(const Scenario& scenario, std::size_t devices, std::uint64_t iteration);
 
