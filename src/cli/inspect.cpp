@@ -6,6 +6,7 @@
 
 #include "commands.hpp"
 #include "dpart/core/format.hpp"
+#include "dpart/cost/cost_model.hpp"
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/csv.hpp"
 #include "dpart/io/model_toml.hpp"
@@ -23,7 +24,7 @@ struct InspectOptions {
 
 /// Bytes of training state per parameter: bf16/fp16 weights and gradients, fp32 master
 /// weights and two Adam moments (2 + 2 + 4 + 4 + 4); fp32 training keeps 4 + 4 + 4 + 4.
-constexpr std::uint64_t adam_bytes_per_param = 16;
+const std::uint64_t adam_bytes_per_param = CostOptions{}.bytes_per_param;
 
 std::string flops_text(std::uint64_t flops) { return flops == 0 ? "0" : si(static_cast<double>(flops)); }
 

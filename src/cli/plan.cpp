@@ -123,20 +123,23 @@ void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, c
 }
 
 void print_comparison(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
-                      SolverOptions sopt, double optimal_s) {
+                      SolverOptions sopt, const SolveResult& optimal) {
     TextTable t({{"strategy", Align::left},
                  {"stages", Align::right},
                  {"iteration ms", Align::right},
                  {"bottleneck ms", Align::right},
                  {"vs optimal", Align::right}});
-    for (Strategy s : {Strategy::optimal, Strategy::uniform, Strategy::parameters, Strategy::time,
-                       Strategy::data_parallel}) {
+    const double optimal_s = objective_value(sopt.objective, optimal.plan, optimal.estimate);
+    auto row = [&](Strategy s, const SolveResult& r) {
+        t.add_row({std::string(to_string(s)), std::to_string(r.plan.stages.size()), msf(r.estimate.iteration_s),
+                   msf(r.estimate.bottleneck_s),
+                   fmt::format("{:.2f}x", objective_value(sopt.objective, r.plan, r.estimate) / optimal_s)});
+    };
+    row(Strategy::optimal, optimal);  // already solved: not again
+    for (Strategy s : {Strategy::uniform, Strategy::parameters, Strategy::time, Strategy::data_parallel}) {
         sopt.strategy = s;
         try {
-            const SolveResult r = solve(model, cluster, cost, copt, sopt);
-            const double v = objective_value(sopt.objective, r.plan, r.estimate);
-            t.add_row({std::string(to_string(s)), std::to_string(r.plan.stages.size()), msf(r.estimate.iteration_s),
-                       msf(r.estimate.bottleneck_s), fmt::format("{:.2f}x", v / optimal_s)});
+            row(s, solve(model, cluster, cost, copt, sopt));
         } catch (const InfeasibleError&) {
             t.add_row({std::string(to_string(s)), "-", "does not fit", "", ""});
         }
@@ -167,10 +170,7 @@ int run_plan(const PlanOptions& o, const std::string& command) {
         if (!r.exact)
             fmt::print("note: the search was too large for the exact 1F1B memory model; it assumed every stage keeps "
                        "the first stage's microbatches in flight, so a plan needing the exact count may be missing\n");
-        if (o.compare) {
-            const double v = objective_value(sopt.objective, r.plan, r.estimate);
-            if (sopt.strategy == Strategy::optimal) print_comparison(model, cluster, cost, copt, sopt, v);
-        }
+        if (o.compare && sopt.strategy == Strategy::optimal) print_comparison(model, cluster, cost, copt, sopt, r);
     }
     Meta meta;
     meta.command_line = command;

@@ -24,6 +24,8 @@ std::string toml_string(const std::string& s) {
     return out + '"';
 }
 
+std::string ms_text(double seconds) { return fmt::format("{:.6g}", seconds * 1e3); }
+
 std::string command_line(int argc, const char* const* argv) {
     std::string out;
     for (int i = 0; i < argc; ++i) {

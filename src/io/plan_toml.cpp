@@ -11,7 +11,6 @@ namespace dpart {
 
 namespace {
 
-std::string ms(double seconds) { return fmt::format("{:.6g}", seconds * 1e3); }
 
 double utilisation(const StageEstimate& e, const Plan& plan, const PlanEstimate& est) {
     return static_cast<double>(plan.microbatches) * (e.forward_s + e.backward_s) / est.iteration_s;
@@ -27,8 +26,8 @@ std::string plan_toml(const Plan& plan, const PlanEstimate& est, const Model& mo
     out += fmt::format("schedule = {}\n", toml_string(std::string(to_string(plan.schedule))));
     out += fmt::format("microbatch_size = {}\n", plan.microbatch_size);
     out += fmt::format("microbatches = {}\n", plan.microbatches);
-    out += fmt::format("predicted_iteration_ms = {}\n", ms(est.iteration_s));
-    out += fmt::format("predicted_bottleneck_ms = {}\n", ms(est.bottleneck_s));
+    out += fmt::format("predicted_iteration_ms = {}\n", ms_text(est.iteration_s));
+    out += fmt::format("predicted_bottleneck_ms = {}\n", ms_text(est.bottleneck_s));
     out += fmt::format("predicted_samples_per_s = {:.6g}\n", est.samples_per_s);
     out += fmt::format("bubble_fraction = {:.6g}\n", est.bubble_fraction);
     out += fmt::format("bottleneck_stage = {}\n", est.bottleneck_stage);
@@ -45,13 +44,13 @@ std::string plan_toml(const Plan& plan, const PlanEstimate& est, const Model& mo
         out += fmt::format("devices = {}]\n", devices);
         out += fmt::format("tp = {}\n", st.tp);
         out += fmt::format("replicas = {}\n", st.replicas());
-        out += fmt::format("predicted_ms = {}\n", ms(e.stage_s));
-        out += fmt::format("forward_ms = {}\n", ms(e.forward_s));
-        out += fmt::format("backward_ms = {}\n", ms(e.backward_s));
-        out += fmt::format("send_activation_ms = {}\n", ms(e.send_activation_s));
-        out += fmt::format("send_gradient_ms = {}\n", ms(e.send_gradient_s));
-        out += fmt::format("allreduce_ms = {}\n", ms(e.allreduce_s));
-        out += fmt::format("optimizer_ms = {}\n", ms(e.optimizer_s));
+        out += fmt::format("predicted_ms = {}\n", ms_text(e.stage_s));
+        out += fmt::format("forward_ms = {}\n", ms_text(e.forward_s));
+        out += fmt::format("backward_ms = {}\n", ms_text(e.backward_s));
+        out += fmt::format("send_activation_ms = {}\n", ms_text(e.send_activation_s));
+        out += fmt::format("send_gradient_ms = {}\n", ms_text(e.send_gradient_s));
+        out += fmt::format("allreduce_ms = {}\n", ms_text(e.allreduce_s));
+        out += fmt::format("optimizer_ms = {}\n", ms_text(e.optimizer_s));
         out += fmt::format("memory_bytes = {}\n", e.memory.total());
         out += fmt::format("memory_capacity_bytes = {}\n", e.capacity_bytes);
         out += fmt::format("utilisation = {:.4f}\n", utilisation(e, plan, est));
@@ -152,9 +151,9 @@ CsvTable stage_csv(const Plan& plan, const PlanEstimate& est, const Model& model
         for (std::size_t i = 0; i < st.devices.size(); ++i) devices += (i ? " " : "") + cluster.devices[st.devices[i]].name;
         csv.add_row({std::to_string(s), std::to_string(st.first_layer), std::to_string(st.last_layer),
                      model.layers[st.first_layer].name, model.layers[st.last_layer].name, devices,
-                     std::to_string(st.replicas()), std::to_string(st.tp), ms(e.forward_s), ms(e.backward_s),
-                     ms(e.send_activation_s), ms(e.send_gradient_s), ms(e.allreduce_s), ms(e.optimizer_s),
-                     ms(e.stage_s), std::to_string(e.memory.total()), std::to_string(e.capacity_bytes),
+                     std::to_string(st.replicas()), std::to_string(st.tp), ms_text(e.forward_s), ms_text(e.backward_s),
+                     ms_text(e.send_activation_s), ms_text(e.send_gradient_s), ms_text(e.allreduce_s), ms_text(e.optimizer_s),
+                     ms_text(e.stage_s), std::to_string(e.memory.total()), std::to_string(e.capacity_bytes),
                      fmt::format("{:.4f}", utilisation(e, plan, est)), s == est.bottleneck_stage ? "1" : "0"});
     }
     return csv;

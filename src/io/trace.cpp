@@ -29,10 +29,6 @@ std::string device_cell(const Stage& stage, const Cluster& cluster) {
     return out;
 }
 
-namespace {
-std::string ms(double seconds) { return fmt::format("{:.6g}", seconds * 1e3); }
-}  // namespace
-
 void add_stage_rows(CsvTable& table, std::uint64_t iteration, const Plan& plan, const Cluster& cluster,
                     const TaskGraph& graph, const Timeline& timeline) {
     std::vector<double> compute(plan.stages.size(), 0), comm(plan.stages.size(), 0), busy(plan.stages.size(), 0);
@@ -49,8 +45,8 @@ void add_stage_rows(CsvTable& table, std::uint64_t iteration, const Plan& plan, 
         }
     }
     for (std::size_t s = 0; s < plan.stages.size(); ++s)
-        table.add_row({std::to_string(iteration), std::to_string(s), device_cell(plan.stages[s], cluster), ms(compute[s]),
-                       ms(comm[s]), ms(std::max(0.0, timeline.makespan - busy[s]))});
+        table.add_row({std::to_string(iteration), std::to_string(s), device_cell(plan.stages[s], cluster), ms_text(compute[s]),
+                       ms_text(comm[s]), ms_text(std::max(0.0, timeline.makespan - busy[s]))});
 }
 
 void add_timeline_rows(CsvTable& table, std::uint64_t iteration, const Plan& plan, const Cluster& cluster,
@@ -60,7 +56,7 @@ void add_timeline_rows(CsvTable& table, std::uint64_t iteration, const Plan& pla
         const bool per_microbatch = t.kind != TaskKind::allreduce && t.kind != TaskKind::optimizer;
         table.add_row({std::to_string(iteration), std::to_string(t.stage),
                        cluster.devices[plan.stages[t.stage].devices.front()].name, std::string(to_string(t.kind)), per_microbatch ? std::to_string(t.microbatch) : "",
-                       ms(timeline.start[i]), ms(timeline.end[i])});
+                       ms_text(timeline.start[i]), ms_text(timeline.end[i])});
     }
 }
 

@@ -189,20 +189,14 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
     std::vector<std::uint32_t> measured_count(cluster.devices.size(), 0);
     std::size_t next_event = 0;
     for (std::uint64_t it = 0; it < iterations; ++it) {
-        std::string event;
-        bool changed = false, failure = false;
-        while (next_event < scenario.events.size() && scenario.events[next_event].iteration <= it) {
-            const ScenarioEvent& e = scenario.events[next_event++];
-            truth.apply(e);
-            changed = true;
-            if (e.kind == EventKind::fail) {
-                failure = true;
-                believed.failed[e.device] = true;  // a failure is seen at once
-            }
-            if (e.kind == EventKind::recover) believed.failed[e.device] = false;
-            if (!event.empty()) event += "; ";
-            event += describe(e, cluster);
-        }
+        const std::size_t first_event = next_event;
+        std::string event = apply_events(scenario, next_event, it, truth, cluster);
+        const bool changed = next_event > first_event;
+        // Failures and recoveries are seen at once (slowdowns only through measurements); a new
+        // failure forces a re-plan.
+        bool failure = false;
+        for (std::size_t d = 0; d < truth.failed.size(); ++d) failure = failure || (truth.failed[d] && !believed.failed[d]);
+        believed.failed = truth.failed;
         double migration = 0;
         const bool window = options.policy == Policy::adaptive && options.window > 0 && it > 0 && it % options.window == 0;
         const bool forced = uses_failed(current, truth);

@@ -47,6 +47,18 @@ Conditions jittered(const Conditions& conditions, const Jitter& jitter, std::uin
     return c;
 }
 
+std::string apply_events(const Scenario& scenario, std::size_t& next, std::uint64_t iteration,
+                         Conditions& conditions, const Cluster& cluster) {
+    std::string event;
+    while (next < scenario.events.size() && scenario.events[next].iteration <= iteration) {
+        const ScenarioEvent& e = scenario.events[next++];
+        conditions.apply(e);
+        if (!event.empty()) event += "; ";
+        event += describe(e, cluster);
+    }
+    return event;
+}
+
 ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const Cluster& cluster,
                            const Scenario& scenario, std::uint64_t iterations, bool overlap_allreduce,
                            const IterationObserver& observe, const Jitter& jitter) {
@@ -54,13 +66,7 @@ ReplayResult replay_static(const Plan& plan, const PlanEstimate& nominal, const 
     Conditions conditions(cluster.devices.size());
     std::size_t next_event = 0;
     for (std::uint64_t it = 0; it < iterations; ++it) {
-        std::string event;
-        while (next_event < scenario.events.size() && scenario.events[next_event].iteration <= it) {
-            const ScenarioEvent& e = scenario.events[next_event++];
-            conditions.apply(e);
-            if (!event.empty()) event += "; ";
-            event += describe(e, cluster);
-        }
+        const std::string event = apply_events(scenario, next_event, it, conditions, cluster);
         for (const Stage& st : plan.stages)
             for (std::size_t d : st.devices)
                 if (conditions.failed[d]) {

@@ -15,6 +15,8 @@ struct Meta {
 [[nodiscard]] std::string meta_toml(const Meta& meta);
 /// A TOML basic string literal, quoted and escaped.
 [[nodiscard]] std::string toml_string(const std::string& s);
+/// Seconds as milliseconds with six significant digits, as the output files write them.
+[[nodiscard]] std::string ms_text(double seconds);
 /// The command line as typed, arguments quoted where needed.
 [[nodiscard]] std::string command_line(int argc, const char* const* argv);
 

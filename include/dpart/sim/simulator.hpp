@@ -30,6 +30,11 @@ struct Jitter {
 /// The conditions with one iteration's jitter applied to every device's slowdown.
 [[nodiscard]] Conditions jittered(const Conditions& conditions, const Jitter& jitter, std::uint64_t iteration);
 
+/// Applies the events that take effect at the start of `iteration` (those from `next` on whose
+/// iteration has come), advancing `next`; returns their description ("" when none).
+std::string apply_events(const Scenario& scenario, std::size_t& next, std::uint64_t iteration,
+                         Conditions& conditions, const Cluster& cluster);
+
 struct IterationRecord {
     std::uint64_t iteration = 0;
     double iteration_s = 0;
