@@ -4,9 +4,10 @@
 set -euo pipefail
 packages=(
   build-essential cmake git
-  libcli11-dev libfmt-dev libtomlplusplus-dev doctest-dev libbenchmark-dev
+  libcli11-dev libfmt-dev libtomlplusplus-dev nlohmann-json3-dev doctest-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
-  python3 python3-matplotlib
+  libopenblas-dev
+  python3 python3-matplotlib python3-torch
 )
 missing=()
 for p in "${packages[@]}"; do

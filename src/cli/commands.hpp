@@ -15,6 +15,9 @@ void setup_inspect(CLI::App& app, Action& action);
 void setup_plan(CLI::App& app, Action& action, const std::string& command);
 void setup_replay(CLI::App& app, Action& action, const std::string& command);
 void setup_compare(CLI::App& app, Action& action);
+void setup_import(CLI::App& app, Action& action, const std::string& command);
+void setup_run(CLI::App& app, Action& action, const std::string& command);
+void setup_profile(CLI::App& app, Action& action, const std::string& command);
 
 /// The text of `dpart --version`.
 [[nodiscard]] std::string version_text();

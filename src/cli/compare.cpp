@@ -8,6 +8,7 @@
 #include "commands.hpp"
 #include "dpart/io/csv.hpp"
 #include "dpart/io/trace.hpp"
+#include "dpart/report/compare.hpp"
 #include "dpart/report/text_table.hpp"
 
 namespace dpart::cli {
@@ -39,28 +40,8 @@ std::pair<std::string, std::string> resolve(const std::string& input) {
 
 RunRow load_run(const std::string& input) {
     const auto [path, name] = resolve(input);
-    const CsvFile f = read_csv(path, iteration_columns());
-    if (f.rows.empty()) throw InputError(SourceLocation{path}, "no iterations: the file has only its header");
-    RunRow row;
-    row.name = name;
-    std::vector<double> ms;
-    double version = 0;
-    for (std::size_t r = 0; r < f.rows.size(); ++r) {
-        const double v = csv_number(f, r, 1);
-        if (r > 0 && v != version) ++row.repartitions;
-        version = v;
-        const double t = csv_number(f, r, 2);
-        if (t <= 0)
-            throw InputError(SourceLocation{path, f.lines[r], 0},
-                             fmt::format("column \"iteration_ms\": {} is not a positive time", f.rows[r][2]));
-        (void)csv_number(f, r, 3);
-        ms.push_back(t);
-    }
-    // samples/s of the first row and its iteration time give the global batch.
-    const double batch = csv_number(f, 0, 3) * ms.front() / 1e3;
-    row.summary = summarise(ms, static_cast<std::uint64_t>(std::llround(batch)), 0);
-    for (double t : ms) row.excess_ms += std::max(0.0, t - row.summary.p50_iteration_ms);
-    return row;
+    const RunComparison c = summarise_iterations(read_csv(path, iteration_columns()));
+    return RunRow{name, c.summary, c.repartitions, c.excess_ms};
 }
 
 const std::vector<std::string>& compare_columns() {

@@ -35,7 +35,10 @@ int main(int argc, char** argv) {
     const std::string command = dpart::command_line(argc, argv);
     dpart::cli::setup_plan(app, action, command);
     dpart::cli::setup_replay(app, action, command);
+    dpart::cli::setup_run(app, action, command);
+    dpart::cli::setup_profile(app, action, command);
     dpart::cli::setup_compare(app, action);
+    dpart::cli::setup_import(app, action, command);
 
     try {
         app.parse(argc, argv);

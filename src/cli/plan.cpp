@@ -1,6 +1,7 @@
 // dpart plan: the best partition of a model across a cluster, explained.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "commands.hpp"
@@ -9,6 +10,7 @@
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/model_toml.hpp"
 #include "dpart/io/plan_toml.hpp"
+#include "dpart/plan/pipedream.hpp"
 #include "dpart/plan/solver.hpp"
 #include "dpart/report/text_table.hpp"
 
@@ -33,6 +35,12 @@ struct PlanOptions {
     bool overlap_allreduce = false;
     bool compare = false;
     bool quiet = false;
+    // --cost-model pipedream: PipeDream's planner on N identical workers, no cluster file.
+    std::string cost_model = "analytical";
+    std::size_t workers = 0;
+    double bandwidth_bytes = 0;
+    bool straight_pipeline = false;
+    double memory_bytes = 0;
 };
 
 std::uint64_t parse_auto(const std::string& value, const std::string& flag) {
@@ -117,8 +125,11 @@ void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, c
                "bubble {:.1f}%\n",
                est.iteration_s * 1e3, si(est.samples_per_s), est.bottleneck_stage, est.bottleneck_s * 1e3,
                est.bubble_fraction * 100);
-    fmt::print("devices used {} of {}; achieved {:.4g} TFLOP/s per device on average\n", used, cluster.devices.size(),
-               per_device);
+    if (flops > 0)
+        fmt::print("devices used {} of {}; achieved {:.4g} TFLOP/s per device on average\n", used,
+                   cluster.devices.size(), per_device);
+    else  // measured layers (dpart import pipedream) carry times, not FLOP counts
+        fmt::print("devices used {} of {}\n", used, cluster.devices.size());
     fmt::print("comm ms = activation and gradient transfers per microbatch + the all-reduce's share per microbatch\n");
 }
 
@@ -147,7 +158,76 @@ void print_comparison(const Model& model, const Cluster& cluster, const CostMode
     fmt::print("\nstrategies under the same cost model ({} objective):\n{}", to_string(sopt.objective), t.str());
 }
 
+/// PipeDream's own planner and cost model (src/plan/pipedream.cpp), printed stage by stage.
+int run_pipedream_plan(const PlanOptions& o, const std::string& command) {
+    if (!o.cluster.empty())
+        throw InputError("--cost-model pipedream plans for --workers identical workers: give no --cluster");
+    if (o.compare || !o.csv.empty() || o.strategy != "optimal")
+        throw InputError(
+            "--cost-model pipedream takes none of --compare, --csv, --strategy: it is PipeDream's optimizer");
+    if (o.workers == 0) throw InputError("--cost-model pipedream needs --workers N");
+    if (!(o.bandwidth_bytes > 0)) throw InputError("--cost-model pipedream needs --bandwidth-bytes B (bytes/s)");
+    const Model model = load_model(o.model);
+    PipeDreamOptions popt;
+    popt.workers = o.workers;
+    popt.bandwidth = o.bandwidth_bytes;
+    popt.straight_pipeline = o.straight_pipeline;
+    if (o.memory_bytes > 0) popt.memory_bytes = o.memory_bytes;
+    const PipeDreamResult r = solve_pipedream(model, popt);
+    if (!o.quiet) {
+        fmt::print("plan for {} with PipeDream's cost model: {} workers, {:g} bytes/s{}{}, {} states\n\n", model.name,
+                   o.workers, o.bandwidth_bytes, o.straight_pipeline ? ", straight pipeline" : "",
+                   popt.memory_bytes ? fmt::format(", {:g} bytes per worker", *popt.memory_bytes) : "", r.states);
+        TextTable t({{"stage", Align::right},
+                     {"layers", Align::left},
+                     {"states", Align::left},
+                     {"replicas", Align::right},
+                     {"compute ms", Align::right},
+                     {"stage ms", Align::right},
+                     {"in ms", Align::right},
+                     {"out ms", Align::right},
+                     {"", Align::left}});
+        const double bottleneck = r.plan_bottleneck_s;
+        for (std::size_t s = 0; s < r.stages.size(); ++s) {
+            const PipeDreamStage& st = r.stages[s];
+            const double worst = std::max({st.time_s, st.input_transfer_s, st.output_transfer_s});
+            const std::string layers =
+                st.first_layer == st.last_layer
+                    ? fmt::format("{} ({})", model.layers[st.first_layer].name, st.first_layer)
+                    : fmt::format("{} .. {} ({}-{})", model.layers[st.first_layer].name,
+                                  model.layers[st.last_layer].name, st.first_layer, st.last_layer);
+            t.add_row({std::to_string(s), layers,
+                       fmt::format("({}, {})", st.first_state, st.end_state), std::to_string(st.replicas),
+                       msf(st.compute_s), msf(st.time_s), msf(st.input_transfer_s), msf(st.output_transfer_s),
+                       worst == bottleneck ? "<- bottleneck" : ""});
+        }
+        fmt::print("{}\n", t.str());
+        fmt::print("time per stage {:.9g} s ({:.12g} ms per minibatch: PipeDream's \"Time per stage in pipeline\")\n",
+                   r.time_per_stage_s, r.time_per_stage_s * 1e3);
+        if (r.plan_bottleneck_s != r.time_per_stage_s)
+            fmt::print("note: PipeDream's optimum needs stages that are not contiguous in this file's layer order; the "
+                       "plan shown is the best contiguous one, at {:.12g} ms\n",
+                       r.plan_bottleneck_s * 1e3);
+        fmt::print("single stage {:.6g} ms; data parallel on {} workers {:.6g} ms; pipeline {:.3g}x one worker, "
+                   "{:.3g}x data parallel\n",
+                   r.single_stage_s * 1e3, o.workers, r.data_parallel_s * 1e3, r.single_stage_s / r.time_per_stage_s,
+                   r.data_parallel_s / r.time_per_stage_s);
+        fmt::print("stage ms = (compute + 4 (r-1) parameter bytes / (B r)) / r; in/out ms = 2 x the cut's activation "
+                   "bytes / (B r)\n");
+    }
+    Meta meta;
+    meta.command_line = command;
+    meta.extra = {{"model", model.name}, {"cost_model", "pipedream"}};
+    if (!o.out.empty()) write_file_atomic(o.out, pipedream_plan_toml(r, popt, model, meta));
+    return 0;
+}
+
 int run_plan(const PlanOptions& o, const std::string& command) {
+    if (o.cost_model == "pipedream") return run_pipedream_plan(o, command);
+    if (o.cluster.empty()) throw InputError("give the cluster to plan for: --cluster CLUSTER");
+    if (o.workers != 0 || o.bandwidth_bytes != 0 || o.straight_pipeline || o.memory_bytes != 0)
+        throw InputError("--workers, --bandwidth-bytes, --straight-pipeline and --memory-bytes go with "
+                         "--cost-model pipedream");
     const Model model = load_model(o.model);
     const Cluster cluster = load_cluster(o.cluster);
     CostOptions copt;
@@ -187,7 +267,7 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
     CLI::App* cmd = app.add_subcommand("plan", "Find the partition of a model across a cluster that minimises "
                                                "iteration time (or maximises throughput) and fits in memory");
     cmd->add_option("model", o->model, "model.toml")->required();
-    cmd->add_option("--cluster,-c", o->cluster, "cluster.toml")->required();
+    cmd->add_option("--cluster,-c", o->cluster, "cluster.toml (required, except with --cost-model pipedream)");
     cmd->add_option("--objective", o->objective,
                     "iteration: the exact makespan of one iteration; throughput: the pipeline's bottleneck stage time "
                     "per microbatch")
@@ -223,12 +303,27 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "overlap the gradient all-reduce with the last backward");
     cmd->add_flag("--compare", o->compare, "also solve every baseline strategy and print a comparison");
     cmd->add_flag("--quiet,-q", o->quiet, "print nothing (write --out / --csv only)");
+    cmd->add_option("--cost-model", o->cost_model,
+                    "analytical: dpart's cost model on --cluster; pipedream: PipeDream's optimizer and cost model "
+                    "(measured layer times, e.g. from dpart import pipedream) on --workers identical workers")
+        ->check(CLI::IsMember({"analytical", "pipedream"}))
+        ->capture_default_str();
+    cmd->add_option("--workers", o->workers, "pipedream: number of identical workers (PipeDream's -n)")
+        ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
+    cmd->add_option("--bandwidth-bytes", o->bandwidth_bytes,
+                    "pipedream: bandwidth between workers in bytes/s (PipeDream's -b; it defaults to 1e9)")
+        ->check(CLI::PositiveNumber);
+    cmd->add_flag("--straight-pipeline", o->straight_pipeline, "pipedream: one worker per stage, no replication");
+    cmd->add_option("--memory-bytes", o->memory_bytes,
+                    "pipedream: memory per worker in bytes (PipeDream's -s with --use_memory_constraint)")
+        ->check(CLI::PositiveNumber);
     cmd->footer(
         "Examples:\n"
         "  dpart plan plans/models/gpt2-small.toml --cluster plans/clusters/dgx-h100.toml\n"
         "  dpart plan plans/models/llama3-70b.toml -c plans/clusters/h100-4x8.toml --out plan.toml --csv stages.csv\n"
         "  dpart plan plans/models/vgg16.toml -c plans/clusters/hetero-3kinds.toml --objective throughput --compare\n"
         "  dpart plan plans/models/llama3-8b.toml -c plans/clusters/dgx-h100.toml --strategy uniform --max-tp 1\n"
+        "  dpart plan plans/pipedream/vgg16.toml --cost-model pipedream --workers 4 --bandwidth-bytes 1e9\n"
         "Exit code 3 when no plan fits in memory; the message says by how much and what would help.");
     cmd->callback([o, &action, command] { action = [o, command] { return run_plan(*o, command); }; });
 }

@@ -10,6 +10,7 @@
 #include "dpart/io/model_toml.hpp"
 #include "dpart/io/plan_toml.hpp"
 #include "dpart/io/trace.hpp"
+#include "dpart/io/trace_scenario.hpp"
 #include "dpart/sim/policy.hpp"
 
 namespace dpart::cli {
@@ -20,6 +21,7 @@ struct ReplayOptions {
     std::string model;
     std::string cluster;
     std::string scenario;
+    std::string trace;
     std::uint64_t iterations = 100;
     std::string policy = "static";
     std::uint64_t window = 10;
@@ -38,13 +40,15 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     const Model model = load_model(o.model);
     const Cluster cluster = load_cluster(o.cluster);
     const Plan plan = load_plan(o.plan, model, cluster);
-    const Scenario scenario = o.scenario.empty() ? Scenario{} : load_scenario(o.scenario, cluster);
     CostOptions copt;
     copt.bytes_per_param = o.bytes_per_param;
     copt.shard_optimizer = o.shard_optimizer;
     copt.recompute = o.recompute;
     copt.overlap_allreduce = o.overlap_allreduce;
     const AnalyticalCostModel cost(model, cluster, copt);
+    const Scenario scenario = !o.trace.empty()    ? scenario_from_run(o.trace, model, cluster, cost, copt)
+                              : !o.scenario.empty() ? load_scenario(o.scenario, cluster)
+                                                    : Scenario{};
     const PlanEstimate nominal = estimate_plan(plan, model, cluster, cost, copt);
 
     CsvTable stages(stage_trace_columns());
@@ -84,7 +88,9 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     summary.stop_reason = r.stop_reason;
 
     fmt::print("replayed {} iterations of {} on {} (policy {}{})\n", r.iterations.size(), model.name, cluster.name,
-               o.policy, o.scenario.empty() ? ", no scenario" : ", scenario " + o.scenario);
+               o.policy, !o.trace.empty()      ? ", conditions of the run in " + o.trace
+                         : o.scenario.empty() ? ", no scenario"
+                                              : ", scenario " + o.scenario);
     fmt::print("iteration ms: mean {:.6g}, p50 {:.6g}, p99 {:.6g}; predicted {:.6g} ({:+.3g}%); {:.6g} samples/s\n",
                summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
                summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
@@ -119,7 +125,12 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("plan", o->plan, "plan.toml (as written by dpart plan, or by hand)")->required();
     cmd->add_option("--model,-m", o->model, "model.toml")->required();
     cmd->add_option("--cluster,-c", o->cluster, "cluster.toml")->required();
-    cmd->add_option("--scenario,-s", o->scenario, "scenario.toml: [[event]] iteration, kind, device, factor");
+    auto* scenario =
+        cmd->add_option("--scenario,-s", o->scenario, "scenario.toml: [[event]] iteration, kind, device, factor");
+    cmd->add_option("--trace", o->trace,
+                    "a recorded run's directory (dpart run --out-dir): replay under the conditions it measured, "
+                    "each device slowed by its stage's measured / predicted compute time per iteration")
+        ->excludes(scenario);
     cmd->add_option("--iterations,-n", o->iterations, "iterations to simulate")
         ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{10000000}))
         ->capture_default_str();

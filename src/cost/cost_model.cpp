@@ -55,6 +55,15 @@ double AnalyticalCostModel::layer_seconds(std::size_t layer, Pass pass, std::siz
                                           std::uint32_t tp) const {
     const Layer& l = model_.layers.at(layer);
     const Device& dev = cluster_.devices.at(device);
+    if (const auto* custom = std::get_if<CustomOp>(&l.op); custom != nullptr && custom->measured) {
+        // A measured time, for measured->batch samples on the reference device: linear in the
+        // samples, and inversely proportional to the device's matmul rate when the reference's is known.
+        const MeasuredAt& at = *model_.measured;
+        const double ms = pass == Pass::forward ? custom->fwd_ms : custom->bwd_ms;
+        double seconds = ms * 1e-3 * static_cast<double>(samples) / static_cast<double>(at.batch);
+        if (at.tflops > 0) seconds *= at.tflops / dev.tflops_for(model_.dtype);
+        return seconds;
+    }
     const bool split = tp > 1 && tp_splits(l.op);
     const double share = split ? 1.0 / tp : 1.0;
     const double b = static_cast<double>(samples);

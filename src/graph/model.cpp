@@ -149,6 +149,7 @@ Model build_model(const ModelSpec& spec) {
     m.dtype = spec.dtype;
     m.global_batch = spec.global_batch;
     m.where = spec.where;
+    m.measured = spec.measured;
 
     NameIndex index;
     for (std::size_t i = 0; i < spec.layers.size(); ++i) {
@@ -182,6 +183,10 @@ Model build_model(const ModelSpec& spec) {
         layer.inputs = inputs[i];
         layer.where = l.where;
         resolve_tie(spec, index, i, layer.op);
+        if (const auto* custom = std::get_if<CustomOp>(&layer.op); custom && custom->measured && !spec.measured)
+            throw InputError(l.where, fmt::format("layer \"{}\" gives measured times (fwd_ms, bwd_ms): say in a "
+                                                  "[measured] table the batch they were measured at",
+                                                  l.name));
         std::vector<Shape> in_shapes;
         if (layer.inputs.empty()) in_shapes.push_back(m.input_shape);
         for (std::size_t j : layer.inputs) in_shapes.push_back(m.layers[j].out_shape);

@@ -55,17 +55,18 @@ OpResult eval(const EmbeddingOp& o, const std::vector<Shape>& in, u64 e) {
         fail(fmt::format("seq_len {} does not match the {} tokens of its input {}", o.seq_len, tokens, to_string(x)));
     if (o.positions != 0 && tokens > o.positions)
         fail(fmt::format("{} tokens per sample exceed the position table of {} rows", tokens, o.positions));
-    const u64 tables = o.positions != 0 ? 2 : 1;
+    const u64 tables = 1 + (o.positions != 0 ? 1 : 0) + (o.token_types != 0 ? 1 : 0);
+    const u64 id_arrays = o.token_types != 0 ? 2 : 1;  // int32 token ids (and token-type ids)
     const u64 out_elems = mul({tokens, o.hidden});
     OpResult r;
     r.out_shape = x;
     r.out_shape.push_back(o.hidden);
-    r.cost.params = mul({sum({o.vocab, o.positions}), o.hidden});
+    r.cost.params = mul({sum({o.vocab, o.positions, o.token_types}), o.hidden});
     r.cost.out_bytes = mul({out_elems, e});
-    r.cost.saved_bytes = mul({tokens, 4});  // int32 token ids
+    r.cost.saved_bytes = mul({id_arrays, tokens, 4});
     // Gather: read the ids and one row per token from each table, write the sum.
-    r.cost.fwd_mem_bytes = sum({mul({tokens, 4}), mul({tables + 1, out_elems, e})});
-    r.cost.bwd_mem_bytes = sum({mul({tokens, 4}), mul({tables + 1, out_elems, e})});
+    r.cost.fwd_mem_bytes = sum({mul({id_arrays, tokens, 4}), mul({tables + 1, out_elems, e})});
+    r.cost.bwd_mem_bytes = sum({mul({id_arrays, tokens, 4}), mul({tables + 1, out_elems, e})});
     return r;
 }
 
@@ -165,7 +166,14 @@ OpResult eval(const AttentionOp& o, const std::vector<Shape>& in, u64 e) {
     return r;
 }
 
+void check_experts(const MlpOp& o) {
+    if (o.experts == 0 || o.experts_per_token == 0) fail("experts and experts_per_token must be positive");
+    if (o.experts_per_token > o.experts)
+        fail(fmt::format("experts_per_token {} exceeds the {} experts", o.experts_per_token, o.experts));
+}
+
 OpResult eval(const MlpOp& o, const std::vector<Shape>& in, u64 e) {
+    check_experts(o);
     const Shape& x = shaped_input(in, "mlp");
     require_last_dim(x, o.hidden, "hidden");
     const u64 t = leading_count(x);
@@ -173,16 +181,25 @@ OpResult eval(const MlpOp& o, const std::vector<Shape>& in, u64 e) {
     const u64 f = o.ffn_hidden;
     const bool gated = o.kind == MlpKind::gated;
     const u64 matrices = gated ? 3 : 2;
+    // A mixture of experts runs k = experts_per_token experts per token, after a router.
+    const bool moe = o.experts > 1;
+    const u64 k = o.experts_per_token;
+    const u64 expert_params = sum({mul({matrices, h, f}), o.bias ? sum({mul({matrices - 1, f}), h}) : 0});
     OpResult r;
     r.out_shape = x;
-    r.cost.params = sum({mul({matrices, h, f}), o.bias ? sum({mul({matrices - 1, f}), h}) : 0});
-    r.cost.fwd_flops = mul({2, matrices, t, h, f});
+    r.cost.params = sum({mul({o.experts, expert_params}), moe ? mul({h, o.experts}) : 0});
+    r.cost.fwd_flops = sum({mul({2, k, matrices, t, h, f}), moe ? mul({2, t, h, o.experts}) : 0});
     r.cost.bwd_flops = mul({2, r.cost.fwd_flops});
     r.cost.out_bytes = mul({t, h, e});
-    // Plain: X, the activation's input and its output. Gated: X, gate, up and their product.
-    r.cost.saved_bytes = mul({t, sum({h, mul({matrices, f})}), e});
-    r.cost.fwd_mem_bytes = mul({t, sum({mul({2, h}), mul({2 * matrices, f})}), e});
+    // Plain: X, the activation's input and its output. Gated: X, gate, up and their product;
+    // per active expert. A router adds its logits.
+    r.cost.saved_bytes = mul({t, sum({h, mul({k, matrices, f}), moe ? o.experts : 0}), e});
+    // Each active expert reads its tokens and writes its output; a router writes its logits,
+    // dispatches k copies of every token and combines k outputs.
+    const u64 routing = moe ? sum({o.experts, mul({2, k, h})}) : 0;
+    r.cost.fwd_mem_bytes = mul({t, sum({mul({2, k, h}), mul({2 * matrices, k, f}), routing}), e});
     r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
+    // With more than a handful of tokens per microbatch every expert is hit: all weights are read.
     r.cost.weight_bytes = mul({r.cost.params, e});
     return r;
 }

@@ -30,7 +30,9 @@ std::vector<LayerSpec> expand_transformer(const TransformerSpec& t, const Source
     block.mlp.ffn_hidden = t.ffn_hidden != 0 ? t.ffn_hidden : 4 * t.hidden;
     block.mlp.kind = t.mlp;
     block.mlp.activation = t.activation;
-    block.mlp.bias = t.bias;
+    block.mlp.bias = t.mlp_bias.value_or(t.bias);
+    block.mlp.experts = t.experts;
+    block.mlp.experts_per_token = t.experts_per_token;
     block.norm = t.norm;
     block.norm_bias = t.norm_bias;
     for (std::uint64_t i = 0; i < t.layers; ++i) add("block" + std::to_string(i), block);

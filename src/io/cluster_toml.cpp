@@ -155,6 +155,7 @@ Cluster read_cluster(const toml::table& root, const std::string& path) {
     const toml::array* devices = top.optional_table_array("device");
     const toml::array* groups = top.optional_table_array("device_group");
     const toml::array* links = top.optional_table_array("link");
+    (void)top.optional_table("meta");  // provenance, as dpart profile writes it: not checked
     top.finish();
     if (cluster == nullptr) throw InputError(SourceLocation{path}, "missing the [cluster] table");
 

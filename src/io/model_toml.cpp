@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <cstdint>
+
 #include "dpart/core/checked.hpp"
 #include "dpart/graph/transformer.hpp"
 #include "dpart/io/toml_reader.hpp"
@@ -49,6 +51,19 @@ AttentionOp parse_attention(TableReader& r) {
     return a;
 }
 
+/// experts (default 1: a dense MLP) and experts_per_token (required with more than one expert).
+void parse_experts(TableReader& r, std::uint64_t& experts, std::uint64_t& per_token) {
+    experts = r.optional_count("experts", 1);
+    if (experts == 1) {
+        per_token = r.optional_count("experts_per_token", 1);
+    } else {
+        if (!r.has("experts_per_token")) r.missing("experts_per_token", " (top-k routing: required with experts > 1)");
+        per_token = r.required_count("experts_per_token");
+    }
+    if (per_token > experts)
+        r.fail("experts_per_token", fmt::format("experts_per_token {} exceeds the {} experts", per_token, experts));
+}
+
 MlpOp parse_mlp(TableReader& r, std::uint64_t hidden, std::string_view kind_key, bool bias) {
     MlpOp m;
     m.hidden = hidden;
@@ -56,6 +71,7 @@ MlpOp parse_mlp(TableReader& r, std::uint64_t hidden, std::string_view kind_key,
     m.kind = parse_mlp_kind(r, kind_key);
     m.activation = parse_activation(r, m.kind == MlpKind::gated ? "silu" : "gelu");
     m.bias = bias;
+    parse_experts(r, m.experts, m.experts_per_token);
     return m;
 }
 
@@ -71,12 +87,13 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
         return o;
     }
     if (op == "embedding") {
-        r.expect({"vocab", "hidden", "positions", "seq_len"});
+        r.expect({"vocab", "hidden", "positions", "seq_len", "token_types"});
         EmbeddingOp o;
         o.vocab = r.required_count("vocab");
         o.hidden = r.required_count("hidden");
         o.positions = r.optional_count("positions", 0, true);
         o.seq_len = r.optional_count("seq_len", 0, true);
+        o.token_types = r.optional_count("token_types", 0, true);
         return o;
     }
     if (op == "layernorm" || op == "rmsnorm") {
@@ -96,13 +113,13 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
         return parse_attention(r);
     }
     if (op == "mlp") {
-        r.expect({"hidden", "ffn_hidden", "kind", "activation", "bias"});
+        r.expect({"hidden", "ffn_hidden", "kind", "activation", "bias", "experts", "experts_per_token"});
         const std::uint64_t hidden = r.required_count("hidden");
         return parse_mlp(r, hidden, "kind", r.optional_bool("bias", true));
     }
     if (op == "transformer_block") {
         r.expect({"hidden", "heads", "kv_heads", "head_dim", "seq_len", "causal", "bias", "qkv_bias"});
-        r.expect({"ffn_hidden", "mlp", "activation", "norm", "norm_bias"});
+        r.expect({"ffn_hidden", "mlp", "activation", "norm", "norm_bias", "experts", "experts_per_token"});
         TransformerBlockOp o;
         o.attention = parse_attention(r);
         o.mlp = parse_mlp(r, o.attention.hidden, "mlp", o.attention.bias);
@@ -146,16 +163,24 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
     if (op == "softmax_xent") return SoftmaxXentOp{r.optional_count("classes", 0, true)};
     // custom
     r.expect({"fwd_flops", "bwd_flops", "params", "out_bytes", "out_shape", "saved_bytes", "fwd_mem_bytes",
-              "bwd_mem_bytes"});
+              "bwd_mem_bytes", "fwd_ms", "bwd_ms"});
     CustomOp o;
+    // A measured layer gives its times; its FLOPs are then optional (a profile rarely has them).
+    o.measured = r.has("fwd_ms") || r.has("bwd_ms");
+    if (o.measured) {
+        for (std::string_view key : {"fwd_ms", "bwd_ms"})
+            if (!r.has(key)) r.missing(key, " (a measured layer gives both fwd_ms and bwd_ms)");
+        o.fwd_ms = *r.optional_nonnegative("fwd_ms");
+        o.bwd_ms = *r.optional_nonnegative("bwd_ms");
+    }
     o.fwd_flops = r.optional_count("fwd_flops", 0, true);
     o.bwd_flops = r.optional_count("bwd_flops", 0, true);
     o.params = r.optional_count("params", 0, true);
     for (std::string_view key : {"fwd_flops", "bwd_flops", "params"})
-        if (!r.has(key)) r.missing(key);
+        if (!r.has(key) && !(o.measured && key != "params")) r.missing(key);
     if (auto shape = r.optional_shape("out_shape")) o.out_shape = *shape;
     if (r.has("out_bytes")) {
-        o.out_bytes = r.required_count("out_bytes");
+        o.out_bytes = r.optional_count("out_bytes", 0, true);  // 0: an output too small to count
     } else if (!o.out_shape.empty()) {
         try {
             o.out_bytes = checked_mul(element_count(o.out_shape), dtype_bytes(dtype));
@@ -187,9 +212,14 @@ LayerSpec parse_layer(const toml::table& table, const std::string& file, std::si
 
 TransformerSpec parse_transformer(TableReader& r) {
     r.expect({"layers", "hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "vocab", "seq_len", "norm", "mlp",
-              "activation", "position", "max_positions", "tied_embeddings", "bias", "qkv_bias", "norm_bias"});
+              "activation", "position", "max_positions", "tied_embeddings", "bias", "qkv_bias", "mlp_bias",
+              "norm_bias", "experts", "experts_per_token"});
     TransformerSpec t;
     t.layers = r.required_count("layers");
+    if (t.layers > max_model_layers - 4)
+        r.fail("layers", fmt::format("{} blocks (+ embed, final_norm, head, loss) are more than the {} layers dpart "
+                                     "accepts",
+                                     t.layers, max_model_layers));
     t.hidden = r.required_count("hidden");
     t.vocab = r.required_count("vocab");
     t.seq_len = r.required_count("seq_len");
@@ -200,7 +230,11 @@ TransformerSpec parse_transformer(TableReader& r) {
     t.kv_heads = heads.kv_heads;
     t.head_dim = heads.head_dim;
     t.ffn_hidden = r.optional_count("ffn_hidden", 0);
-    if (t.ffn_hidden == 0) t.ffn_hidden = 4 * t.hidden;
+    if (t.ffn_hidden == 0) {
+        if (t.hidden > UINT64_MAX / 4)
+            r.fail("hidden", fmt::format("hidden {} makes the default ffn_hidden (4 x hidden) overflow 64 bits", t.hidden));
+        t.ffn_hidden = 4 * t.hidden;
+    }
     t.norm = parse_norm(r);
     t.mlp = parse_mlp_kind(r, "mlp");
     t.activation = parse_activation(r, t.mlp == MlpKind::gated ? "silu" : "gelu");
@@ -213,14 +247,18 @@ TransformerSpec parse_transformer(TableReader& r) {
     t.tied_embeddings = r.optional_bool("tied_embeddings", false);
     t.bias = r.optional_bool("bias", true);
     t.qkv_bias = r.optional_bool("qkv_bias", t.bias);
+    if (r.has("mlp_bias")) t.mlp_bias = r.optional_bool("mlp_bias", t.bias);
     t.norm_bias = r.optional_bool("norm_bias", true);
+    parse_experts(r, t.experts, t.experts_per_token);
     r.finish();
     return t;
 }
 
 Model read_model(const toml::table& root, const std::string& path) {
     TableReader top(root, path, "");
+    (void)top.optional_table("meta");  // provenance written by dpart import: free-form, not checked
     const toml::table* model = top.optional_table("model");
+    const toml::table* measured = top.optional_table("measured");
     const toml::array* layers = top.optional_table_array("layer");
     const toml::table* transformer = top.optional_table("transformer");
     top.finish();
@@ -235,6 +273,15 @@ Model read_model(const toml::table& root, const std::string& path) {
     spec.global_batch = m.required_count("global_batch");
     spec.input_shape = m.optional_shape("input_shape");
     m.finish();
+    if (measured != nullptr) {
+        TableReader t(*measured, path, "[measured]");
+        MeasuredAt at;
+        at.batch = t.required_count("batch");
+        at.device = t.optional_string("device").value_or("");
+        at.tflops = t.optional_positive("tflops").value_or(0.0);
+        t.finish();
+        spec.measured = at;
+    }
 
     if (layers != nullptr && transformer != nullptr)
         throw InputError(location_of(*transformer, path),
@@ -243,6 +290,10 @@ Model read_model(const toml::table& root, const std::string& path) {
         TableReader t(*transformer, path, "[transformer]");
         spec.layers = expand_transformer(parse_transformer(t), t.where());
     } else if (layers != nullptr) {
+        if (layers->size() > max_model_layers)
+            throw InputError(location_of(*layers->get(max_model_layers), path),
+                             fmt::format("the model has {} layers, more than the {} dpart accepts", layers->size(),
+                                         max_model_layers));
         spec.layers.reserve(layers->size());
         for (std::size_t i = 0; i < layers->size(); ++i)
             spec.layers.push_back(parse_layer(*layers->get(i)->as_table(), path, i, spec.dtype));

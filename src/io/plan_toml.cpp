@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <unordered_map>
 
 #include "dpart/core/strings.hpp"
@@ -58,6 +59,47 @@ std::string plan_toml(const Plan& plan, const PlanEstimate& est, const Model& mo
     return out;
 }
 
+std::string pipedream_plan_toml(const PipeDreamResult& r, const PipeDreamOptions& o, const Model& model,
+                                const Meta& meta) {
+    auto ms = [](double seconds) { return fmt::format("{:.12g}", seconds * 1e3); };
+    std::string out = meta_toml(meta);
+    out += "[plan]\n";
+    out += "cost_model = \"pipedream\"\n";
+    out += "objective = \"throughput\"\n";
+    out += "schedule = \"1f1b\"\n";
+    out += fmt::format("microbatch_size = {}\n", model.global_batch);
+    out += "microbatches = 1\n";
+    out += fmt::format("workers = {}\n", o.workers);
+    out += fmt::format("bandwidth_bytes = {}\n", o.bandwidth);
+    out += fmt::format("straight_pipeline = {}\n", o.straight_pipeline ? "true" : "false");
+    if (o.memory_bytes) out += fmt::format("memory_bytes = {}\n", *o.memory_bytes);
+    out += fmt::format("predicted_bottleneck_ms = {}\n", ms(r.plan_bottleneck_s));
+    out += fmt::format("pipedream_time_per_stage_ms = {}\n", ms(r.time_per_stage_s));
+    out += fmt::format("single_stage_ms = {}\n", ms(r.single_stage_s));
+    out += fmt::format("data_parallel_ms = {}\n", ms(r.data_parallel_s));
+    out += fmt::format("pipedream_states = {}\n", r.states);
+    out += "strategy = \"pipedream\"\n";
+    std::size_t worker = 0;
+    for (const PipeDreamStage& st : r.stages) {
+        out += "\n[[stage]]\n";
+        out += fmt::format("first_layer = {}  # {}\n", st.first_layer, model.layers[st.first_layer].name);
+        out += fmt::format("last_layer = {}  # {}\n", st.last_layer, model.layers[st.last_layer].name);
+        std::string devices;
+        for (std::size_t i = 0; i < st.replicas; ++i) devices += fmt::format("{}\"worker{}\"", i ? ", " : "", worker++);
+        out += fmt::format("devices = [{}]\n", devices);
+        out += "tp = 1\n";
+        out += fmt::format("replicas = {}\n", st.replicas);
+        out += fmt::format("pipedream_states = [{}, {}]\n", st.first_state, st.end_state);
+        out += fmt::format("predicted_ms = {}\n", ms(std::max({st.time_s, st.input_transfer_s, st.output_transfer_s})));
+        out += fmt::format("compute_ms = {}\n", ms(st.compute_s));
+        out += fmt::format("stage_ms = {}\n", ms(st.time_s));
+        out += fmt::format("input_transfer_ms = {}\n", ms(st.input_transfer_s));
+        out += fmt::format("output_transfer_ms = {}\n", ms(st.output_transfer_s));
+        out += fmt::format("parameter_bytes = {}\n", st.parameter_bytes);
+    }
+    return out;
+}
+
 namespace {
 
 Plan read_plan(const toml::table& root, const std::string& path, const Model& model, const Cluster& cluster) {
@@ -71,6 +113,11 @@ Plan read_plan(const toml::table& root, const std::string& path, const Model& mo
 
     Plan plan;
     TableReader p(*plan_table, path, "[plan]");
+    const auto* cost_model = plan_table->get_as<std::string>("cost_model");
+    if (cost_model != nullptr && cost_model->get() == "pipedream")
+        p.fail("cost_model", "a plan of PipeDream's cost model (dpart plan --cost-model pipedream) is a record of its "
+                             "prediction: its replicas take whole minibatches in turn, which dpart's schedules do not; "
+                             "plan with a --cluster to replay or run");
     p.expect({"predicted_iteration_ms", "predicted_bottleneck_ms", "predicted_samples_per_s", "bubble_fraction",
               "bottleneck_stage", "strategy"});
     plan.where = p.where();

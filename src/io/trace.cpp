@@ -97,6 +97,15 @@ std::string summary_toml(const RunSummary& s, const Meta& meta) {
     out += fmt::format("plan_versions = {}\n", s.plan_versions);
     out += fmt::format("stopped = {}\n", s.stopped ? "true" : "false");
     if (s.stopped) out += fmt::format("stop_reason = {}\n", toml_string(s.stop_reason));
+    if (!s.backend.empty()) out += fmt::format("backend = {}\n", toml_string(s.backend));
+    if (!s.transport.empty()) out += fmt::format("transport = {}\n", toml_string(s.transport));
+    if (!s.loss.empty()) {
+        out += fmt::format("final_loss = {:.9g}\n", s.loss.back());
+        out += "loss = [";
+        for (std::size_t i = 0; i < s.loss.size(); ++i) out += fmt::format("{}{:.9g}", i == 0 ? "" : ", ", s.loss[i]);
+        out += "]\n";
+    }
+    if (!s.weights_digest.empty()) out += fmt::format("weights_digest = {}\n", toml_string(s.weights_digest));
     return out;
 }
 

@@ -3,6 +3,9 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
+#include <map>
+#include <optional>
 #include <cmath>
 #include <numeric>
 #include <unordered_set>
@@ -184,6 +187,32 @@ bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, con
     return true;
 }
 
+void assign_shared_links(const Plan& plan, const Cluster& cluster, std::vector<StageEstimate>& stages) {
+    const std::size_t S = plan.stages.size();
+    // (sending node, receiving node) of each inter-node send; per stage: activation, gradient.
+    std::vector<std::array<std::optional<std::pair<std::size_t, std::size_t>>, 2>> key(S);
+    std::map<std::pair<std::size_t, std::size_t>, int> uses;
+    auto inter = [&](std::size_t a, std::size_t b) -> std::optional<std::pair<std::size_t, std::size_t>> {
+        const std::size_t na = cluster.devices[a].node, nb = cluster.devices[b].node;
+        if (na == nb) return std::nullopt;
+        return std::make_pair(na, nb);
+    };
+    for (std::size_t s = 0; s < S; ++s) {
+        const Stage& st = plan.stages[s];
+        if (s + 1 < S) key[s][0] = inter(st.devices.back(), plan.stages[s + 1].devices.front());
+        if (s > 0) key[s][1] = inter(st.devices.front(), plan.stages[s - 1].devices.back());
+        for (const auto& k : key[s])
+            if (k) ++uses[*k];
+    }
+    std::map<std::pair<std::size_t, std::size_t>, std::uint32_t> ids;
+    for (const auto& [k, n] : uses)
+        if (n > 1) ids.emplace(k, static_cast<std::uint32_t>(ids.size()));
+    for (std::size_t s = 0; s < S; ++s) {
+        stages[s].activation_link = key[s][0] && ids.count(*key[s][0]) ? ids.at(*key[s][0]) : private_link;
+        stages[s].gradient_link = key[s][1] && ids.count(*key[s][1]) ? ids.at(*key[s][1]) : private_link;
+    }
+}
+
 PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
                            const CostOptions& options) {
     validate_plan(plan, model, cluster);
@@ -244,6 +273,11 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
             est.bottleneck_s = e.stage_s;
             est.bottleneck_stage = s;
         }
+    }
+    assign_shared_links(plan, cluster, est.stages);
+    for (std::size_t s = 0; s < S; ++s) {
+        durations[s].activation_link = est.stages[s].activation_link;
+        durations[s].gradient_link = est.stages[s].gradient_link;
     }
     est.graph = build_schedule(plan.schedule, durations, static_cast<std::uint32_t>(M), options.overlap_allreduce);
     est.timeline = simulate(est.graph);

@@ -951,6 +951,10 @@ SolveResult solve_baseline(const Model& model, const Cluster& cluster, const Cos
 SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
                   const SolverOptions& sopt) {
     if (sopt.max_tp == 0) throw InputError("--max-tp must be at least 1");
+    if (model.layers.size() > max_plan_layers)
+        throw InputError(fmt::format("model \"{}\" has {} layers; the planner searches at most {} (its time grows with "
+                                     "the square of the layer count): merge consecutive layers into custom layers",
+                                     model.name, model.layers.size(), max_plan_layers));
     if (sopt.strategy == Strategy::optimal) return solve_optimal(model, cluster, cost, copt, sopt);
     return solve_baseline(model, cluster, cost, copt, sopt);
 }

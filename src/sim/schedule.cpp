@@ -1,6 +1,8 @@
 #include "dpart/sim/schedule.hpp"
 
 #include <algorithm>
+#include <functional>
+#include <queue>
 #include <stdexcept>
 
 namespace dpart {
@@ -54,11 +56,27 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
     for (std::uint32_t s = 0; s < S; ++s) g.resources.push_back({Resource::Kind::stage, s});
     for (std::uint32_t s = 0; s < S; ++s) g.resources.push_back({Resource::Kind::forward_link, s});
     for (std::uint32_t s = 0; s < S; ++s) g.resources.push_back({Resource::Kind::backward_link, s});
+    // Shared links after those, one resource per link id.
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> shared;  // link id -> resource
+    auto link_resource = [&](std::uint32_t id, std::uint32_t own) {
+        if (id == private_link) return own;
+        for (const auto& [link, r] : shared)
+            if (link == id) return r;
+        const auto r = static_cast<std::uint32_t>(g.resources.size());
+        g.resources.push_back({Resource::Kind::shared_link, id});
+        shared.push_back({id, r});
+        return r;
+    };
 
     constexpr std::uint32_t none = UINT32_MAX;
     const std::size_t cells = static_cast<std::size_t>(S) * M;
     std::vector<std::uint32_t> fwd(cells, none), bwd(cells, none), act(cells, none), grad(cells, none);
     auto at = [M](std::uint32_t s, std::uint32_t m) { return static_cast<std::size_t>(s) * M + m; };
+    std::vector<std::uint32_t> send_act(S), send_grad(S);
+    for (std::uint32_t s = 0; s < S; ++s) {
+        send_act[s] = link_resource(stages[s].activation_link, S + s);
+        send_grad[s] = link_resource(stages[s].gradient_link, 2 * S + s);
+    }
     std::vector<std::uint32_t> last_on(g.resources.size(), none);
 
     g.tasks.reserve(4 * cells + 2 * S);
@@ -72,7 +90,8 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
         t.duration = duration;
         for (std::uint32_t d : deps)
             if (d != none) t.add_dep(d);
-        if (last_on[resource] != none && (t.deps == 0 || t.dep[t.deps - 1] != last_on[resource]))
+        if (!g.resources[resource].shared() && last_on[resource] != none &&
+            (t.deps == 0 || t.dep[t.deps - 1] != last_on[resource]))
             t.add_dep(last_on[resource]);
         const auto id = static_cast<std::uint32_t>(g.tasks.size());
         g.tasks.push_back(std::move(t));
@@ -96,7 +115,7 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
                     if (s > 0 && act[at(s - 1, m)] == none) break;
                     fwd[at(s, m)] = add(TaskKind::forward, s, m, s, stages[s].forward, {s > 0 ? act[at(s - 1, m)] : none});
                     if (s + 1 < S)
-                        act[at(s, m)] = add(TaskKind::send_activation, s, m, S + s, stages[s].send_activation,
+                        act[at(s, m)] = add(TaskKind::send_activation, s, m, send_act[s], stages[s].send_activation,
                                             {fwd[at(s, m)]});
                 } else {
                     if (s + 1 < S && grad[at(s + 1, m)] == none) break;
@@ -104,7 +123,7 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
                     bwd[at(s, m)] = add(TaskKind::backward, s, m, s, stages[s].backward,
                                         {s + 1 < S ? grad[at(s + 1, m)] : none});
                     if (s > 0)
-                        grad[at(s, m)] = add(TaskKind::send_gradient, s, m, 2 * S + s, stages[s].send_gradient,
+                        grad[at(s, m)] = add(TaskKind::send_gradient, s, m, send_grad[s], stages[s].send_gradient,
                                              {bwd[at(s, m)]});
                 }
                 ++next[s];
@@ -140,7 +159,58 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
     return g;
 }
 
+namespace {
+
+/// Event-driven: tasks start in the order they become ready, so that a shared link serves
+/// transfers first come first served (ties: the lower task index). Ready times never go back
+/// (a task becomes ready when its last dependency ends, never before the task popped now).
+Timeline simulate_shared(const TaskGraph& graph) {
+    const std::size_t n = graph.tasks.size();
+    Timeline t;
+    t.start.assign(n, 0);
+    t.end.assign(n, 0);
+    std::vector<std::uint32_t> waiting(n), first(n + 1, 0), succ;
+    for (std::size_t i = 0; i < n; ++i) {
+        waiting[i] = graph.tasks[i].deps;
+        for (std::uint8_t k = 0; k < graph.tasks[i].deps; ++k) ++first[graph.tasks[i].dep[k] + 1];
+    }
+    for (std::size_t i = 0; i < n; ++i) first[i + 1] += first[i];
+    succ.resize(first[n]);
+    std::vector<std::uint32_t> fill(first.begin(), first.end() - 1);
+    for (std::size_t i = 0; i < n; ++i)
+        for (std::uint8_t k = 0; k < graph.tasks[i].deps; ++k)
+            succ[fill[graph.tasks[i].dep[k]]++] = static_cast<std::uint32_t>(i);
+    std::vector<double> ready(n, 0), free(graph.resources.size(), 0);
+    using Entry = std::pair<double, std::uint32_t>;
+    std::priority_queue<Entry, std::vector<Entry>, std::greater<>> queue;
+    for (std::size_t i = 0; i < n; ++i)
+        if (waiting[i] == 0) queue.push({0.0, static_cast<std::uint32_t>(i)});
+    while (!queue.empty()) {
+        const auto [at, i] = queue.top();
+        queue.pop();
+        const Task& task = graph.tasks[i];
+        double start = at;
+        if (graph.resources[task.resource].shared()) {
+            start = std::max(start, free[task.resource]);
+            free[task.resource] = start + task.duration;
+        }
+        t.start[i] = start;
+        t.end[i] = start + task.duration;
+        t.makespan = std::max(t.makespan, t.end[i]);
+        for (std::uint32_t k = first[i]; k < first[i + 1]; ++k) {
+            const std::uint32_t j = succ[k];
+            ready[j] = std::max(ready[j], t.end[i]);
+            if (--waiting[j] == 0) queue.push({ready[j], j});
+        }
+    }
+    return t;
+}
+
+}  // namespace
+
 Timeline simulate(const TaskGraph& graph) {
+    if (std::any_of(graph.resources.begin(), graph.resources.end(), [](const Resource& r) { return r.shared(); }))
+        return simulate_shared(graph);
     Timeline t;
     t.start.resize(graph.tasks.size());
     t.end.resize(graph.tasks.size());

@@ -25,6 +25,8 @@ std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate
             d.backward = std::max(d.backward, e.replica_backward_s[k] * factor);
         }
         d.optimizer = e.optimizer_s * slowest;
+        d.activation_link = e.activation_link;
+        d.gradient_link = e.gradient_link;
         if (s + 1 < plan.stages.size())
             d.send_activation =
                 e.send_activation_s * conditions.link(st.devices.back(), plan.stages[s + 1].devices.front());

@@ -202,5 +202,83 @@ if [ -s "$tmp/l8plan.toml" ]; then
     done
 fi
 
+# dpart import hf: every shipped config.json imports to its published parameter count, and
+# inspect and plan accept the file unchanged.
+declare -A published=(
+    [gpt2]=124439808 [llama-2-7b]=6738415616 [llama-3-8b]=8030261248 [mistral-7b-v0.1]=7241732096
+    [qwen2-7b]=7615616512 [qwen2-0.5b]=494032768 [mixtral-8x7b-v0.1]=46702792704 [bert-base-uncased]=109482240
+)
+for f in "$src"/plans/hf/*.json; do
+    name=$(basename "$f" .json)
+    if check "import hf $name" 0 "$dpart" import hf "$f" -o "$tmp/hf-$name.toml"; then
+        contains "import hf $name summary" "$tmp/out" "-> $tmp/hf-$name.toml"
+        check "inspect imported $name" 0 "$dpart" inspect -q "$tmp/hf-$name.toml" --csv "$tmp/hf-$name.csv"
+        checks=$((checks + 1))
+        total=$(awk -F, 'NR > 1 { s += $4 } END { printf "%.0f", s }' "$tmp/hf-$name.csv")
+        if [ "$total" != "${published[$name]:-none}" ]; then
+            echo "FAIL import hf $name: $total parameters, published ${published[$name]:-none}"; failures=$((failures + 1))
+        fi
+        check "plan imported $name" 0 "$dpart" plan "$tmp/hf-$name.toml" -c "$clusters/h100-4x8.toml" -q --out "$tmp/hf-plan.toml"
+    fi
+done
+check "import hf to stdout" 0 "$dpart" import hf "$src/plans/hf/gpt2.json" --seq-len 512 --dtype fp16 &&
+    contains "import hf stdout is the model" "$tmp/out" "seq_len = 512"
+printf '{\n  "model_type": "falcon",\n  "hidden_size": 4544\n}\n' >"$tmp/falcon.json"
+check "import hf unknown architecture" 2 "$dpart" import hf "$tmp/falcon.json" -o "$tmp/falcon.toml" &&
+    contains "unknown architecture located" "$tmp/err" "falcon.json:2:17: error: \"model_type\": unknown architecture \"falcon\""
+checks=$((checks + 1))
+if [ -e "$tmp/falcon.toml" ]; then echo "FAIL a model was written for a bad config"; failures=$((failures + 1)); fi
+printf '{"model_type": "llama", "hidden_size": 4096}\n' >"$tmp/partial.json"
+check "import hf missing field" 2 "$dpart" import hf "$tmp/partial.json" &&
+    contains "missing field named" "$tmp/err" "partial.json: error: model_type \"llama\": field \"num_hidden_layers\" is missing"
+check "import hf missing file" 2 "$dpart" import hf "$tmp/none.json"
+check "import without a source" 2 "$dpart" import
+check "import hf bad dtype" 2 "$dpart" import hf "$src/plans/hf/gpt2.json" --dtype int8
+
+# dpart import pipedream and the PipeDream cost model: the README's optimizer figures, every row.
+pd="$src/plans/pipedream"
+for row in "vgg16 4 - 0.205520896" "vgg16 8 - 0.10383317" "vgg16 16 - 0.0565297674" "vgg16 32 - 0.0284456" \
+    "vgg16 4 --straight-pipeline 0.411041792" "resnet50 4 - 0.162880924" "resnet50 16 - 0.0478013453"; do
+    set -- $row
+    flag=$3; [ "$flag" = "-" ] && flag=""
+    if check "pipedream $1 $2 $flag" 0 "$dpart" plan "$pd/$1.toml" --cost-model pipedream --workers "$2" \
+        --bandwidth-bytes 1e9 $flag --out "$tmp/pd-plan.toml"; then
+        contains "pipedream $1 $2 $flag time per stage" "$tmp/out" "time per stage $4 s"
+        contains "pipedream $1 $2 plan.toml" "$tmp/pd-plan.toml" 'cost_model = "pipedream"'
+    fi
+done
+check "pipedream needs workers" 2 "$dpart" plan "$pd/vgg16.toml" --cost-model pipedream --bandwidth-bytes 1e9
+check "pipedream takes no cluster" 2 "$dpart" plan "$pd/vgg16.toml" --cost-model pipedream --workers 4 \
+    --bandwidth-bytes 1e9 -c "$clusters/dgx-h100.toml"
+check "pipedream needs measured layers" 2 "$dpart" plan "$models/vgg16.toml" --cost-model pipedream --workers 4 \
+    --bandwidth-bytes 1e9 && contains "unmeasured layer named" "$tmp/err" "has no measured times"
+check "pipedream memory too small" 3 "$dpart" plan "$pd/vgg16.toml" --cost-model pipedream --workers 4 \
+    --bandwidth-bytes 1e9 --straight-pipeline --memory-bytes 1000
+check "replay refuses a pipedream plan" 2 "$dpart" replay "$tmp/pd-plan.toml" -m "$pd/resnet50.toml" \
+    -c "$clusters/dgx-h100.toml" && contains "pipedream plan refusal explained" "$tmp/err" "a record of its prediction"
+check "workers without pipedream" 2 "$dpart" plan "$pd/vgg16.toml" -c "$clusters/dgx-h100.toml" --workers 4
+for m in vgg16 resnet50; do
+    check "inspect pipedream $m" 0 "$dpart" inspect "$pd/$m.toml" && contains "$m totals" "$tmp/out" "parameters:"
+    check "plan pipedream $m on dgx" 0 "$dpart" plan "$pd/$m.toml" -c "$clusters/dgx-h100.toml" -q
+done
+# The shipped imports are what dpart import pipedream makes of the published profiles
+# (../shared/data/pipedream beside the repository, as on CI; skipped where it is absent).
+profiles="$src/../shared/data/pipedream"
+if [ -d "$profiles" ]; then
+    for m in vgg16 resnet50; do
+        if check "import pipedream $m" 0 "$dpart" import pipedream "$profiles/${m}_graph.txt" --name "$m" -o "$tmp/pd-$m.toml"; then
+            checks=$((checks + 1))
+            if ! diff <(sed '1,/^$/d' "$tmp/pd-$m.toml") <(sed '1,/^$/d' "$pd/$m.toml") >/dev/null; then
+                echo "FAIL import pipedream $m differs from plans/pipedream/$m.toml"; failures=$((failures + 1))
+            fi
+        fi
+    done
+else
+    echo "note: $profiles absent: the PipeDream import round trip was not checked"
+fi
+printf 'node1 -- Conv -- forward_compute_time=1.0\n' >"$tmp/bad-graph.txt"
+check "import pipedream malformed" 2 "$dpart" import pipedream "$tmp/bad-graph.txt" &&
+    contains "malformed profile located" "$tmp/err" "bad-graph.txt:1:18: error: node node1: expected 4 comma-separated measurements, got 1"
+
 echo "$((checks - failures)) passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -23,6 +23,15 @@ struct Layer {
     SourceLocation where;
 };
 
+/// Where the measured times of a model's custom layers (CustomOp::fwd_ms, bwd_ms) were taken.
+struct MeasuredAt {
+    std::uint64_t batch = 0;  ///< samples per measured pass
+    std::string device;       ///< free text: the reference device
+    /// The reference device's dense matmul TFLOP/s at the model dtype: a measured time on a
+    /// device of `t` TFLOP/s is scaled by tflops / t. 0 = unknown: times are used unscaled.
+    double tflops = 0;
+};
+
 /// A model as the planner sees it: layers in a topological order, each with its cost.
 struct Model {
     std::string name;
@@ -31,6 +40,8 @@ struct Model {
     Shape input_shape;
     std::vector<Layer> layers;
     SourceLocation where;
+    /// Set when some layers carry measured times.
+    std::optional<MeasuredAt> measured;
 
     /// Sum of all layers' costs (per sample).
     [[nodiscard]] LayerCost total() const;
@@ -58,6 +69,7 @@ struct ModelSpec {
     std::optional<Shape> input_shape;
     SourceLocation where;
     std::vector<LayerSpec> layers;
+    std::optional<MeasuredAt> measured;
 };
 
 /// Throws InputError naming the offending layer's location.

@@ -31,6 +31,7 @@ struct EmbeddingOp {
     std::uint64_t hidden = 0;
     std::uint64_t positions = 0;  ///< rows of a learned position table, 0 = none
     std::uint64_t seq_len = 0;    ///< tokens per sample; 0 = take the input's size
+    std::uint64_t token_types = 0;  ///< rows of a token-type (segment) table, 0 = none (BERT: 2)
 };
 
 struct NormOp {
@@ -64,6 +65,12 @@ struct MlpOp {
     MlpKind kind = MlpKind::plain;
     Activation activation = Activation::gelu;
     bool bias = true;
+    /// Mixture of experts: `experts` copies of the MLP and a router (a bias-free linear
+    /// hidden -> experts) that sends each token to `experts_per_token` of them (top-k). All
+    /// experts' parameters count; FLOPs are those of the router and the active experts.
+    /// experts = 1 is the dense MLP.
+    std::uint64_t experts = 1;
+    std::uint64_t experts_per_token = 1;
 };
 
 /// Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
@@ -104,7 +111,10 @@ struct SoftmaxXentOp {
     std::uint64_t classes = 0;  ///< 0 = take the input's last dimension
 };
 
-/// An opaque layer with given per-sample costs.
+/// An opaque layer with given per-sample costs. A measured layer (`measured`, from a profile
+/// such as PipeDream's) also carries its forward and backward times for the model's measured
+/// batch on the reference device (Model::measured); the cost model uses those instead of a
+/// roofline on its FLOPs.
 struct CustomOp {
     std::uint64_t fwd_flops = 0;
     std::uint64_t bwd_flops = 0;
@@ -114,6 +124,9 @@ struct CustomOp {
     std::uint64_t fwd_mem_bytes = 0;
     std::uint64_t bwd_mem_bytes = 0;
     Shape out_shape;  ///< empty = opaque
+    bool measured = false;
+    double fwd_ms = 0;  ///< measured forward time of Model::measured->batch samples, milliseconds
+    double bwd_ms = 0;  ///< measured backward time, milliseconds
 };
 
 using OpParams = std::variant<LinearOp, EmbeddingOp, NormOp, BatchNormOp, ElementwiseOp, AttentionOp, MlpOp,

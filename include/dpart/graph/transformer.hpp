@@ -2,6 +2,7 @@
 // The [transformer] table of model.toml: a whole decoder-only model in a few lines, expanded
 // into embedding, blocks, final norm, head and loss.
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "dpart/graph/model.hpp"
@@ -26,7 +27,10 @@ struct TransformerSpec {
     bool tied_embeddings = false;
     bool bias = true;
     bool qkv_bias = true;
+    std::optional<bool> mlp_bias;  ///< the MLP's biases; nullopt = `bias`
     bool norm_bias = true;
+    std::uint64_t experts = 1;            ///< > 1: every block's MLP is a mixture of experts
+    std::uint64_t experts_per_token = 1;  ///< top-k routing
 };
 
 /// Layer specs named embed, block0..block{N-1}, final_norm, head, loss; all located at `where`.

@@ -1,11 +1,16 @@
 #pragma once
 // model.toml (docs/FORMATS.md): [model], then [[layer]] tables or one [transformer] table.
+#include <cstddef>
 #include <string>
 #include <string_view>
 
 #include "dpart/graph/model.hpp"
 
 namespace dpart {
+
+/// Most layers one model may have (after the [transformer] expansion): beyond it the file is
+/// rejected before anything is allocated for it (a layer takes about 1 KiB once costed).
+inline constexpr std::size_t max_model_layers = 1u << 20;
 
 /// Loads and validates a model file. Throws InputError ("file:line:col: ...") on bad input.
 [[nodiscard]] Model load_model(const std::string& path);

@@ -44,6 +44,11 @@ struct RunSummary {
     std::string policy;
     bool stopped = false;
     std::string stop_reason;
+    // Written by `dpart run` only.
+    std::string backend;    ///< "cpu"
+    std::string transport;  ///< "in-process" or "mpi"
+    std::vector<double> loss;  ///< per iteration
+    std::string weights_digest;
 };
 
 /// The summary of iteration times (ms) for a global batch.

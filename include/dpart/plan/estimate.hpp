@@ -53,6 +53,10 @@ struct StageEstimate {
     /// pipeline's bottleneck is the largest of these.
     double stage_s = 0;
     std::vector<std::uint64_t> shares;  ///< samples per replica per microbatch
+    /// The links its sends use when they share one with another stage's transfers (the
+    /// schedule's link ids), else private_link.
+    std::uint32_t activation_link = private_link;
+    std::uint32_t gradient_link = private_link;
     std::vector<double> replica_forward_s;   ///< per replica (its slowest device), per microbatch
     std::vector<double> replica_backward_s;
     StageMemory memory;                 ///< the fullest device's
@@ -76,6 +80,14 @@ struct PlanEstimate {
 /// distinct and existing, tensor-parallel groups inside a node, microbatch_size x microbatches =
 /// global batch, at least one sample per replica). Throws InputError at the plan's locations.
 void validate_plan(const Plan& plan, const Model& model, const Cluster& cluster);
+
+/// Which sends share a physical link. Transfers between two nodes leave the sending node over
+/// its one path to the other node, which carries one transfer at a time: every send from node A
+/// to node B (any stage, activations or gradients) uses link (A, B). Inside a node each device
+/// pair has its own path (NVLink and PCIe switches are non-blocking). Links used by a single
+/// stage's sends in one direction stay private (the schedule already orders them); the others
+/// are numbered from 0. Sets the stages' activation_link and gradient_link.
+void assign_shared_links(const Plan& plan, const Cluster& cluster, std::vector<StageEstimate>& stages);
 
 /// Whether every device of a valid plan holds its stage (memory only: no task graph).
 [[nodiscard]] bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,

@@ -58,8 +58,14 @@ struct Infeasibility {
     std::vector<std::string> suggestions;
 };
 
+/// Most layers the planner searches. The DP's time grows with the square of the layer count
+/// (4096 layers on 32 devices: about 45 s for the iteration objective on one core), so a larger
+/// model is refused at once rather than searched for hours. docs/LIMITS.md.
+inline constexpr std::size_t max_plan_layers = 4096;
+
 /// Solves for the best plan. Throws InfeasibleError (exit 3) with the smallest memory deficit
-/// and suggestions when no plan fits, InputError for contradictory options.
+/// and suggestions when no plan fits, InputError for contradictory options and for a model of
+/// more than max_plan_layers layers.
 [[nodiscard]] SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& cost,
                                 const CostOptions& cost_options, const SolverOptions& options);
 

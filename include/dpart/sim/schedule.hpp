@@ -19,6 +19,9 @@ enum class TaskKind { forward, backward, send_activation, send_gradient, allredu
 
 [[nodiscard]] std::string_view to_string(TaskKind k) noexcept;
 
+/// A transfer's link when no other stage uses it: its own resource, in microbatch order.
+inline constexpr std::uint32_t private_link = UINT32_MAX;
+
 /// Per-stage durations (seconds) of one microbatch's work, and of the per-iteration steps.
 struct StageDurations {
     double forward = 0;
@@ -27,12 +30,20 @@ struct StageDurations {
     double send_gradient = 0;    ///< to the previous stage (unused on the first)
     double allreduce = 0;        ///< gradients across the stage's replicas, once per iteration
     double optimizer = 0;        ///< the optimizer step, once per iteration
+    /// The physical links the two sends use: transfers of any stage with the same id share one
+    /// link, which carries one transfer at a time, first come first served.
+    std::uint32_t activation_link = private_link;
+    std::uint32_t gradient_link = private_link;
 };
 
-/// What a task occupies: a stage's devices, or one direction of the link between two stages.
+/// What a task occupies: a stage's devices, one direction of the link between two stages, or
+/// a link several stages' transfers share.
 struct Resource {
-    enum class Kind { stage, forward_link, backward_link } kind = Kind::stage;
-    std::uint32_t stage = 0;  ///< for links: the sending stage
+    enum class Kind { stage, forward_link, backward_link, shared_link } kind = Kind::stage;
+    std::uint32_t stage = 0;  ///< for links: the sending stage; for shared links: the link id
+    /// Tasks on a shared link are not ordered in advance: the simulator serves them in the
+    /// order they become ready.
+    [[nodiscard]] bool shared() const noexcept { return kind == Kind::shared_link; }
 };
 
 struct Task {
@@ -42,7 +53,7 @@ struct Task {
     std::uint32_t resource = 0;    ///< index into TaskGraph::resources
     double duration = 0;
     /// Tasks that must end before this one starts, including the previous task on the same
-    /// resource. Always smaller indices: tasks are stored in a topological order. At most three
+    /// resource (unless the resource is shared). Always smaller indices: tasks are stored in a topological order. At most three
     /// (its input, the previous task on its resource, and for a backward its own forward).
     std::array<std::uint32_t, 3> dep{};
     std::uint8_t deps = 0;
@@ -80,8 +91,9 @@ struct Timeline {
 /// backwards not yet ended): the in-flight count the memory model charges.
 [[nodiscard]] std::vector<std::uint32_t> peak_in_flight(const TaskGraph& graph, const struct Timeline& timeline);
 
-/// Earliest start of every task (each starts when all its dependencies have ended): the exact
-/// makespan of the graph.
+/// Earliest start of every task (each starts when all its dependencies have ended, and on a
+/// shared link when the link is free, first ready first served): the exact makespan of the
+/// graph.
 [[nodiscard]] Timeline simulate(const TaskGraph& graph);
 
 }  // namespace dpart

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Measured vs predicted iteration time of `dpart run` on this machine's CPU workers. First
+# measures the machine (`dpart profile`, so the prediction uses measured figures, not guesses),
+# then plans and runs each case and prints a Markdown table. Run it on a quiet machine: the
+# workers own the cores.
+# Usage: bench/run_vs_predicted.sh [DPART] [ITERATIONS]
+set -eu
+dpart=${1:-build/dpart}
+iterations=${2:-20}
+root=$(cd "$(dirname "$0")/.." && pwd)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$dpart" profile --out "$tmp/cluster.toml" >"$tmp/profile.txt"
+sed -n 's/^\(cpu.gemm_fp32\|cpu.memory_bw\) *ok */\1: /p' "$tmp/profile.txt"
+printf '\n| model | plan | microbatches | predicted ms | measured mean ms | p50 ms | error (mean) | error (p50) |\n'
+printf '| --- | --- | --- | --- | --- | --- | --- | --- |\n'
+case_row() {  # case_row MODEL LABEL PLAN_FLAGS...
+    local model=$1 label=$2
+    shift 2
+    "$dpart" plan "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" -q --out "$tmp/plan.toml" "$@"
+    "$dpart" run "$tmp/plan.toml" -m "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" \
+        --iterations "$iterations" --out-dir "$tmp/run" >/dev/null
+    awk -v model="$model" -v label="$label" -v m="$(sed -n 's/^microbatches = //p' "$tmp/plan.toml")" '
+        /^mean_iteration_ms/ { mean = $3 } /^p50_iteration_ms/ { p50 = $3 } /^predicted_iteration_ms/ { pred = $3 }
+        END { printf "| %s | %s | %s | %.4g | %.4g | %.4g | %+.1f%% | %+.1f%% |\n", model, label, m, pred, mean, p50,
+              (mean - pred) / pred * 100, (p50 - pred) / pred * 100 }' "$tmp/run/summary.toml"
+}
+case_row cpu-mlp "optimal, 2 microbatches" --microbatches 2
+case_row cpu-mlp "optimal, 4 microbatches" --microbatches 4
+case_row cpu-mlp "optimal, 8 microbatches" --microbatches 8
+case_row cpu-mlp "data parallel, 1 microbatch" --strategy data-parallel --microbatches 1
+case_row cpu-mlp "optimal (planner's microbatching)"
+case_row tiny-gpt "optimal (planner's microbatching)"
+case_row seed-mlp "optimal (planner's microbatching)"

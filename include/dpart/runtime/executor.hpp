@@ -1,0 +1,144 @@
+#pragma once
+// The schedule executor: one worker per device of a plan (a thread, or an MPI rank) runs its
+// stage's part of the simulator's schedule (sim::stage_order: the same 1F1B or GPipe order the
+// planner predicts), computing real forward and backward passes through a Backend's kernels,
+// exchanging activations and gradients through a Transport, all-reducing gradients across
+// replicas in a fixed order and stepping the optimizer. Everything it does is timed.
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dpart/plan/estimate.hpp"
+#include "dpart/plan/plan.hpp"
+#include "dpart/runtime/backend.hpp"
+#include "dpart/runtime/optimizer.hpp"
+#include "dpart/runtime/transport.hpp"
+#include "dpart/sim/scenario.hpp"
+#include "dpart/sim/schedule.hpp"
+
+namespace dpart::rt {
+
+struct RunOptions {
+    std::uint64_t iterations = 10;
+    std::uint64_t seed = 1;
+    /// The data is a fixed set of this many global batches, taken in turn (iteration i trains
+    /// on batch i mod dataset_batches), so that the loss shows learning.
+    std::uint64_t dataset_batches = 1;
+    OptimizerOptions optimizer;
+    /// Slowdowns, failures and link changes to impose (the replay's scenario format). A slowed
+    /// device's worker, after each compute task of duration d, waits out (factor - 1) x d
+    /// (sleeping, so that it does not take a core from the others); a slowed link makes the
+    /// sender wait out (factor - 1) x its send's time; a failed device's worker stops the run
+    /// (re-planning around it is the adaptive runtime's job).
+    Scenario scenario;
+    /// How long any worker waits for a peer before it gives up.
+    std::chrono::milliseconds timeout{60000};
+    /// Fault injection for tests: worker `rank` fails at the start of `iteration`, by throwing
+    /// (exit = false) or by ending its process at once (exit = true, as a crashed rank does).
+    struct Fault {
+        std::size_t rank = 0;
+        std::uint64_t iteration = 0;
+        bool exit = false;
+    };
+    std::optional<Fault> fault;
+};
+
+/// Reads a fault from DPART_INJECT_FAULT="rank:iteration[:exit]" (unset: none). Throws
+/// InputError when it is malformed.
+[[nodiscard]] std::optional<RunOptions::Fault> fault_from_environment();
+
+/// Where a worker sits. Ranks are numbered stage by stage, then replica, then tensor-parallel
+/// rank: rank r runs plan.stages[stage].devices[replica * tp + tp_rank].
+struct WorkerPlace {
+    std::size_t stage = 0;
+    std::size_t replica = 0;
+    std::size_t tp_rank = 0;
+    std::size_t device = 0;
+};
+[[nodiscard]] std::vector<WorkerPlace> worker_places(const Plan& plan);
+
+/// One timed task of a worker, in seconds from the start of its iteration.
+struct TaskRecord {
+    std::uint32_t iteration = 0;
+    TaskKind kind = TaskKind::forward;
+    std::uint32_t microbatch = 0;
+    double start_s = 0;
+    double end_s = 0;
+};
+
+struct WorkerReport {
+    std::size_t rank = 0;
+    std::vector<TaskRecord> tasks;
+    std::vector<double> busy_s;  ///< per iteration: when its last task ended
+    std::vector<double> loss;    ///< per iteration: its part of the loss (0 off the last stage)
+    std::vector<std::vector<float>> params;  ///< final parameters of its stage's layers (its shard)
+};
+
+/// Everything workers share, computed once from the plan: the layers each stage receives
+/// and sends, each replica's samples of a microbatch, and the kernels' parameter sizes.
+class Execution {
+public:
+    /// Throws InputError when the model has an op without a CPU kernel or a stage's layers do
+    /// not split over its tensor-parallel degree.
+    Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options);
+
+    [[nodiscard]] const Plan& plan() const noexcept { return plan_; }
+    [[nodiscard]] const Model& model() const noexcept { return model_; }
+    [[nodiscard]] const RunOptions& options() const noexcept { return options_; }
+    [[nodiscard]] const std::vector<WorkerPlace>& places() const noexcept { return places_; }
+    [[nodiscard]] std::size_t workers() const noexcept { return places_.size(); }
+
+    /// Runs worker `rank`'s part of every iteration over `net`. On failure it aborts `net` (so
+    /// the others stop) and rethrows, naming the rank, its device and the iteration.
+    [[nodiscard]] WorkerReport run_worker(std::size_t rank, Transport& net) const;
+
+    // Facts about the plan the workers (and tests) use.
+    /// Layers whose outputs stage `s` receives from stage s-1 (ascending; empty for stage 0).
+    [[nodiscard]] const std::vector<std::size_t>& live_in(std::size_t s) const { return live_in_.at(s); }
+    /// Samples of a microbatch each replica of stage `s` takes, and where they start.
+    [[nodiscard]] const std::vector<std::uint64_t>& shares(std::size_t s) const { return shares_.at(s); }
+    [[nodiscard]] const std::vector<std::uint64_t>& offsets(std::size_t s) const { return offsets_.at(s); }
+    /// The rank of (stage, replica, tp rank).
+    [[nodiscard]] std::size_t rank_of(std::size_t stage, std::size_t replica, std::size_t tp_rank) const;
+    /// Bytes every worker together holds for parameters, gradients and Adam's two moments (4
+    /// fp32 values per parameter of each shard), before activations.
+    [[nodiscard]] std::uint64_t state_bytes() const noexcept { return state_bytes_; }
+    /// The embedding a tied linear layer shares its weight with: {embedding, linear}, if any.
+    [[nodiscard]] const std::vector<std::pair<std::size_t, std::size_t>>& tied() const noexcept { return tied_; }
+
+private:
+    Plan plan_;
+    const Model& model_;
+    RunOptions options_;
+    std::vector<WorkerPlace> places_;
+    std::vector<std::size_t> first_rank_;  // per stage
+    std::vector<std::vector<std::size_t>> live_in_;
+    std::vector<std::vector<std::uint64_t>> shares_, offsets_;
+    std::vector<std::pair<std::size_t, std::size_t>> tied_;
+    std::uint64_t state_bytes_ = 0;
+};
+
+struct RunResult {
+    std::vector<double> iteration_s;
+    std::vector<double> loss;  ///< per iteration: the mean loss over the global batch
+    std::vector<WorkerReport> workers;
+    /// Final parameters per layer in the canonical layout; a tied linear layer's shared weight
+    /// is left out (it is its embedding's).
+    std::vector<std::vector<float>> weights;
+    std::uint64_t weights_digest = 0;
+};
+
+/// Every worker a thread of this process, over in-process queues.
+[[nodiscard]] RunResult run_in_process(const Execution& ex);
+
+/// This process is one rank of `net` (size = ex.workers()): runs its worker, then rank 0
+/// gathers every report and returns the whole result; the other ranks return an empty one.
+[[nodiscard]] RunResult run_distributed(const Execution& ex, Transport& net);
+
+/// FNV-1a (64-bit) over the bytes of every parameter, layer by layer.
+[[nodiscard]] std::uint64_t digest(const std::vector<std::vector<float>>& weights);
+[[nodiscard]] std::string digest_text(std::uint64_t digest);
+
+}  // namespace dpart::rt

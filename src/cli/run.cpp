@@ -1,0 +1,175 @@
+// dpart run: a plan executed as real training steps, measured, next to its prediction.
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <memory>
+
+#include "commands.hpp"
+#include "dpart/io/atomic_file.hpp"
+#include "dpart/io/cluster_toml.hpp"
+#include "dpart/io/model_toml.hpp"
+#include "dpart/io/plan_toml.hpp"
+#include "dpart/io/run_trace.hpp"
+#include "dpart/io/trace.hpp"
+#include "dpart/runtime/executor.hpp"
+#include "dpart/runtime/mpi.hpp"
+
+namespace dpart::cli {
+namespace {
+
+struct RunCliOptions {
+    std::string plan;
+    std::string model;
+    std::string cluster;
+    std::string scenario;
+    std::uint64_t iterations = 10;
+    std::uint64_t seed = 1;
+    std::uint64_t dataset_batches = 1;
+    std::string optimizer = "adam";
+    double lr = 1e-3;
+    double timeout_s = 60;
+    std::string out_dir;
+    std::string timeline = "ends";
+};
+
+void write_outputs(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
+                   const rt::Execution& ex, const PlanEstimate& predicted, const rt::RunResult& run,
+                   const RunSummary& summary) {
+    std::error_code ec;
+    std::filesystem::create_directories(o.out_dir, ec);
+    if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", o.out_dir, ec.message()));
+    const std::filesystem::path dir(o.out_dir);
+    CsvTable iterations(iteration_columns()), stages(stage_trace_columns()), timeline(timeline_columns());
+    add_run_iteration_rows(iterations, run, model.global_batch, ex.options().scenario, cluster);
+    add_run_stage_rows(stages, run, ex, cluster);
+    add_run_timeline_rows(timeline, run, ex, cluster, o.timeline == "all");
+    Meta meta;
+    meta.command_line = command;
+    meta.extra = {{"model", model.name}, {"cluster", cluster.name}, {"plan", o.plan}};
+    iterations.write((dir / "iterations.csv").string());
+    stages.write((dir / "stages.csv").string());
+    timeline.write((dir / "timeline.csv").string());
+    // The plan as it ran, with its predictions: what `dpart replay --trace DIR` compares with.
+    write_file_atomic((dir / "plan.toml").string(), plan_toml(ex.plan(), predicted, model, cluster, meta, "as run"));
+    write_file_atomic((dir / "summary.toml").string(), summary_toml(summary, meta));
+}
+
+/// Refuses a run that would not fit in this host's memory (rather than be killed by the
+/// kernel): parameters, gradients and Adam state in fp32, plus the activations the plan keeps
+/// in flight, counted in fp32 and doubled for the transient buffers of forward and backward.
+void check_host_memory(const rt::Execution& ex, const PlanEstimate& predicted, const Model& model) {
+    double activations = 0;
+    const double widen = 4.0 / static_cast<double>(dtype_bytes(model.dtype));
+    for (std::size_t s = 0; s < ex.plan().stages.size(); ++s)
+        activations += 2 * widen * static_cast<double>(predicted.stages[s].memory.activation_bytes) *
+                       static_cast<double>(ex.plan().stages[s].devices.size());
+    const double needed = static_cast<double>(ex.state_bytes()) + activations;
+    const double host = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
+    if (needed > 0.8 * host)
+        throw InfeasibleError(fmt::format(
+            "running {} on CPU workers needs about {:.3g} GiB ({:.3g} GiB of fp32 parameters, gradients and Adam "
+            "state, {:.3g} GiB of activations), more than 80% of this host's {:.3g} GiB: try a smaller model, batch or "
+            "microbatch",
+            model.name, needed / (1ull << 30), static_cast<double>(ex.state_bytes()) / (1ull << 30),
+            activations / (1ull << 30), host / (1ull << 30)));
+}
+
+int run_run(const RunCliOptions& o, const std::string& command) {
+    const auto timeout = std::chrono::milliseconds(static_cast<std::int64_t>(o.timeout_s * 1e3));
+    // Under mpirun every rank reads the inputs and checks them; rank 0 reports and writes.
+    std::unique_ptr<rt::MpiSession> mpi;
+    if (rt::launched_by_mpi()) mpi = std::make_unique<rt::MpiSession>(timeout);
+    const Model model = load_model(o.model);
+    const Cluster cluster = load_cluster(o.cluster);
+    const Plan plan = load_plan(o.plan, model, cluster);
+    const CostOptions copt;
+    const AnalyticalCostModel cost(model, cluster, copt);
+    const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);
+
+    rt::RunOptions ro;
+    ro.iterations = o.iterations;
+    ro.seed = o.seed;
+    ro.dataset_batches = o.dataset_batches;
+    if (!o.scenario.empty()) ro.scenario = load_scenario(o.scenario, cluster);
+    ro.optimizer.kind = o.optimizer == "sgd" ? rt::OptimizerKind::sgd : rt::OptimizerKind::adam;
+    ro.optimizer.lr = static_cast<float>(o.lr);
+    ro.timeout = timeout;
+    ro.fault = rt::fault_from_environment();
+    const rt::Execution ex(plan, model, predicted, ro);
+    check_host_memory(ex, predicted, model);
+
+    rt::RunResult run;
+    if (mpi) {
+        run = rt::run_distributed(ex, mpi->transport());
+        if (mpi->transport().rank() != 0) return 0;
+    } else {
+        run = rt::run_in_process(ex);
+    }
+
+    std::vector<double> ms;
+    for (double s : run.iteration_s) ms.push_back(s * 1e3);
+    RunSummary summary = summarise(ms, model.global_batch, predicted.iteration_s * 1e3);
+    summary.policy = "static";
+    summary.backend = "cpu";
+    summary.transport = mpi ? "mpi" : "in-process";
+    summary.loss = run.loss;
+    summary.weights_digest = rt::digest_text(run.weights_digest);
+
+    fmt::print("ran {} iterations of {} on {} ({} workers, {}, {} {})\n", run.iteration_s.size(), model.name,
+               cluster.name, ex.workers(), summary.transport, to_string(ro.optimizer.kind), o.lr);
+    fmt::print("iteration ms: mean {:.6g}, p50 {:.6g}, p99 {:.6g}; predicted {:.6g} ({:+.3g}%); {:.6g} samples/s\n",
+               summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
+               summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
+    fmt::print("loss: first {:.6g}, last {:.6g}\n", run.loss.front(), run.loss.back());
+    fmt::print("weights_digest: {}\n", summary.weights_digest);
+    if (!o.out_dir.empty()) write_outputs(o, command, model, cluster, ex, predicted, run, summary);
+    return 0;
+}
+
+}  // namespace
+
+void setup_run(CLI::App& app, Action& action, const std::string& command) {
+    auto o = std::make_shared<RunCliOptions>();
+    CLI::App* cmd = app.add_subcommand(
+        "run", "Execute a plan as real training steps on CPU workers (threads, or ranks under mpirun) and measure it");
+    cmd->add_option("plan", o->plan, "plan.toml (as written by dpart plan, or by hand)")->required();
+    cmd->add_option("--model,-m", o->model, "model.toml")->required();
+    cmd->add_option("--cluster,-c", o->cluster, "cluster.toml")->required();
+    cmd->add_option("--scenario,-s", o->scenario,
+                    "scenario.toml (as for replay): a slowed device's worker waits out the extra time of its work; a "
+                    "failed device stops the run");
+    cmd->add_option("--iterations,-n", o->iterations, "training steps to run")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{10000000}))
+        ->capture_default_str();
+    cmd->add_option("--seed", o->seed, "seed of the weights and data: the same seed gives the same run")
+        ->capture_default_str();
+    cmd->add_option("--dataset-batches", o->dataset_batches,
+                    "the synthetic data set holds this many global batches, trained on in turn")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40))
+        ->capture_default_str();
+    cmd->add_option("--optimizer", o->optimizer, "sgd or adam (PyTorch's arithmetic)")
+        ->check(CLI::IsMember({"sgd", "adam"}))
+        ->capture_default_str();
+    cmd->add_option("--lr", o->lr, "learning rate")->check(CLI::Range(0.0, 1e3))->capture_default_str();
+    cmd->add_option("--timeout", o->timeout_s, "seconds a worker waits for a peer before it stops the run")
+        ->check(CLI::Range(0.01, 86400.0))
+        ->capture_default_str();
+    cmd->add_option("--out-dir,-o", o->out_dir,
+                    "write iterations.csv, stages.csv, timeline.csv and summary.toml there (atomically)");
+    cmd->add_option("--timeline", o->timeline, "which iterations timeline.csv holds: ends (the first and last) or all")
+        ->check(CLI::IsMember({"ends", "all"}))
+        ->capture_default_str();
+    cmd->footer(
+        "One worker per device of the plan. Without mpirun the workers are threads of this process; under\n"
+        "mpirun each rank is one worker (ranks = devices of the plan) and rank 0 writes the files.\n"
+        "Examples:\n"
+        "  dpart plan plans/models/seed-mlp.toml -c plans/clusters/cpu-local.toml --out plan.toml\n"
+        "  dpart run plan.toml -m plans/models/seed-mlp.toml -c plans/clusters/cpu-local.toml -n 20 --out-dir run/\n"
+        "  mpirun -np 2 dpart run plan.toml -m plans/models/seed-mlp.toml -c plans/clusters/cpu-local.toml\n"
+        "Exit codes: 2 when the plan does not match the model, the cluster or the number of ranks;\n"
+        "1 when a worker fails or a peer does not answer within --timeout.");
+    cmd->callback([o, &action, command] { action = [o, command] { return run_run(*o, command); }; });
+}
+
+}  // namespace dpart::cli

@@ -1,0 +1,56 @@
+#include "dpart/io/trace_scenario.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "dpart/io/csv.hpp"
+#include "dpart/io/plan_toml.hpp"
+#include "dpart/io/trace.hpp"
+#include "dpart/plan/estimate.hpp"
+
+namespace dpart {
+
+Scenario scenario_from_run(const std::string& run_dir, const Model& model, const Cluster& cluster,
+                           const CostModel& cost, const CostOptions& options, double tolerance) {
+    const std::filesystem::path dir(run_dir);
+    const Plan plan = load_plan((dir / "plan.toml").string(), model, cluster);
+    const PlanEstimate est = estimate_plan(plan, model, cluster, cost, options);
+    const CsvFile rows = read_csv((dir / "stages.csv").string(), stage_trace_columns());
+    const auto M = static_cast<double>(plan.microbatches);
+    std::vector<double> in_force(cluster.devices.size(), 1.0);
+    Scenario scenario;
+    for (std::size_t r = 0; r < rows.rows.size(); ++r) {
+        const SourceLocation where{rows.path, rows.lines[r], 0};
+        const double iteration = csv_number(rows, r, 0), stage = csv_number(rows, r, 1);
+        if (iteration < 0 || stage < 0 || iteration != std::floor(iteration) || stage >= static_cast<double>(plan.stages.size()))
+            throw InputError(where, fmt::format("iteration {} stage {} is not a stage of {}", rows.rows[r][0],
+                                                rows.rows[r][1], (dir / "plan.toml").string()));
+        const auto s = static_cast<std::size_t>(stage);
+        if (rows.rows[r][2] != device_cell(plan.stages[s], cluster))
+            throw InputError(where, fmt::format("stage {} ran on \"{}\", but plan.toml puts it on \"{}\"", s,
+                                                rows.rows[r][2], device_cell(plan.stages[s], cluster)));
+        const StageEstimate& e = est.stages[s];
+        const double predicted_ms = (M * (e.forward_s + e.backward_s) + e.optimizer_s) * 1e3;
+        const double measured_ms = csv_number(rows, r, 3);
+        if (predicted_ms <= 0 || measured_ms <= 0) continue;
+        const double factor = measured_ms / predicted_ms;
+        for (std::size_t d : plan.stages[s].devices) {
+            if (std::abs(factor / in_force[d] - 1.0) <= tolerance) continue;
+            in_force[d] = factor;
+            ScenarioEvent ev;
+            ev.iteration = static_cast<std::uint64_t>(iteration);
+            ev.kind = EventKind::slowdown;
+            ev.device = d;
+            ev.factor = factor;
+            ev.where = where;
+            scenario.events.push_back(ev);
+        }
+    }
+    std::stable_sort(scenario.events.begin(), scenario.events.end(),
+                     [](const ScenarioEvent& a, const ScenarioEvent& b) { return a.iteration < b.iteration; });
+    return scenario;
+}
+
+}  // namespace dpart

@@ -1,0 +1,125 @@
+#pragma once
+// What the CPU kernels share: the parameter layout (canonical order, tensor-parallel slices,
+// initial values), a base class implementing LayerKernel's parameter half from it, the group
+// collectives, and small row-wise helpers.
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "dpart/graph/model.hpp"
+#include "dpart/runtime/backend.hpp"
+
+namespace dpart::rt::cpu {
+
+/// How a parameter matrix is divided over a tensor-parallel group: not at all, in blocks of
+/// rows (column-parallel weights, their biases) or in blocks of columns (row-parallel weights).
+enum class Split { none, rows, cols };
+/// Its initial values (docs/METHOD.md, "CPU kernels").
+enum class Init { weight, zero, one, table };
+
+/// A layer's parameters: matrices [rows, cols] one after another in the canonical order. A
+/// shard holds its own block of each, in the same order.
+class ParamLayout {
+public:
+    using Id = std::size_t;
+    static constexpr Id absent = std::numeric_limits<Id>::max();
+
+    explicit ParamLayout(Shard shard = {}) : shard_(shard) {}
+
+    /// Appends a matrix; fan_in scales Init::weight.
+    Id add(std::size_t rows, std::size_t cols, Split split, Init init, std::size_t fan_in = 1);
+    /// add() when `present`, else `absent`.
+    Id add_if(bool present, std::size_t rows, std::size_t cols, Split split, Init init);
+
+    [[nodiscard]] std::size_t full_size() const noexcept { return full_size_; }
+    [[nodiscard]] std::size_t shard_size() const noexcept { return shard_size_; }
+
+    void init(std::uint64_t seed, std::uint64_t stream, std::span<float> full) const;
+    void to_shard(std::span<const float> full, std::span<float> shard) const;
+    void from_shard(std::span<const float> shard, std::span<float> full) const;
+
+    /// The shard's block of matrix `id` within shard-sized `params`; null for `absent`.
+    [[nodiscard]] const float* at(std::span<const float> params, Id id) const;
+    [[nodiscard]] float* at(std::span<float> params, Id id) const;
+
+private:
+    struct Entry {
+        std::size_t rows, cols;
+        Split split;
+        Init init;
+        std::size_t fan_in;
+        std::size_t full_offset, shard_offset;
+    };
+    /// Calls f(full_index, shard_index, count) for each contiguous run of the shard's block.
+    template <class F>
+    void for_each_run(const Entry& e, F&& f) const;
+
+    Shard shard_;
+    std::vector<Entry> entries_;
+    std::size_t full_size_ = 0;
+    std::size_t shard_size_ = 0;
+};
+
+/// LayerKernel's parameter half, from a ParamLayout the derived kernel fills in its constructor.
+class Kernel : public LayerKernel {
+public:
+    Kernel(const Model& model, std::size_t layer, Shard shard);
+    // Parts keep a pointer to layout_.
+    Kernel(const Kernel&) = delete;
+    Kernel& operator=(const Kernel&) = delete;
+
+    [[nodiscard]] std::size_t full_params() const final { return layout_.full_size(); }
+    [[nodiscard]] std::size_t shard_params() const final { return layout_.shard_size(); }
+    void init(std::uint64_t seed, std::span<float> full) const final;
+    void to_shard(std::span<const float> full, std::span<float> shard) const final;
+    void from_shard(std::span<const float> shard, std::span<float> full) const final;
+
+protected:
+    /// [n, ...out_shape], zeros.
+    [[nodiscard]] Tensor output(std::size_t n) const;
+    /// The single input of a one-input op, checked to have `row_size` elements per sample
+    /// (0: not checked).
+    [[nodiscard]] const Tensor& single_input(std::span<const Tensor* const> inputs, std::size_t row_size = 0) const;
+
+    ParamLayout layout_;
+    std::uint64_t index_;
+    Shard shard_;
+    std::string name_;
+    Shape out_shape_;
+};
+
+/// The group's sum / concatenation; no-ops on a shard of size 1.
+void allreduce(const StepContext& ctx, Shard shard, std::span<float> data);
+void allgather(const StepContext& ctx, Shard shard, std::span<const float> mine, std::span<float> all);
+
+/// y[r, :] += b for each of `rows` rows of `cols`.
+void add_bias(float* y, std::size_t rows, std::size_t cols, const float* b);
+/// db[j] += sum over rows of dy[r, j], rows in order.
+void add_column_sums(const float* dy, std::size_t rows, std::size_t cols, float* db);
+void add_into(std::span<float> dst, std::span<const float> src);
+
+/// y = x W^T + b: x [rows, in], W [out, in], b [out] or null.
+void dense_forward(const float* x, std::size_t rows, std::size_t in, const float* w, const float* b, std::size_t out,
+                   float* y);
+/// The gradients of dense_forward given dy [rows, out]: dW += dy^T x, db += column sums of dy
+/// (when db is not null), dx = dx_beta * dx + dy W (when dx is not null).
+void dense_backward(const float* x, const float* dy, std::size_t rows, std::size_t in, std::size_t out,
+                    const float* w, float* dw, float* db, float* dx, float dx_beta);
+
+[[nodiscard]] float activate(Activation a, float x) noexcept;
+/// d activate(a, x) / dx.
+[[nodiscard]] float activate_grad(Activation a, float x) noexcept;
+
+/// Throws InputError at the layer when `what` (a size) does not split over the shard size.
+void require_split(const Layer& layer, std::uint64_t value, std::string_view what, Shard shard);
+
+/// Throws InputError at the layer: `what` has no CPU kernel.
+[[noreturn]] void unsupported(const Layer& layer, const std::string& what, const std::string& supported);
+
+/// Throws RuntimeError naming the layer: a caller passed tensors of the wrong shape.
+[[noreturn]] void bad_call(const std::string& layer, const std::string& message);
+
+}  // namespace dpart::rt::cpu

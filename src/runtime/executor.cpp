@@ -1,0 +1,676 @@
+// The schedule executor: workers running their stage's part of the schedule for real.
+#include "dpart/runtime/executor.hpp"
+
+#include <fmt/format.h>
+
+#include <malloc.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "dpart/core/error.hpp"
+
+namespace dpart::rt {
+
+std::vector<WorkerPlace> worker_places(const Plan& plan) {
+    std::vector<WorkerPlace> places;
+    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
+        const Stage& st = plan.stages[s];
+        for (std::size_t i = 0; i < st.devices.size(); ++i) places.push_back({s, i / st.tp, i % st.tp, st.devices[i]});
+    }
+    return places;
+}
+
+std::optional<RunOptions::Fault> fault_from_environment() {
+    const char* v = std::getenv("DPART_INJECT_FAULT");
+    if (v == nullptr || *v == '\0') return std::nullopt;
+    RunOptions::Fault f;
+    char mode[8] = {};
+    unsigned long long rank = 0, it = 0;
+    const int n = std::sscanf(v, "%llu:%llu:%7s", &rank, &it, mode);
+    if (n < 2 || (n == 3 && std::string(mode) != "exit"))
+        throw InputError(fmt::format("DPART_INJECT_FAULT=\"{}\": expected rank:iteration or rank:iteration:exit", v));
+    f.rank = rank;
+    f.iteration = it;
+    f.exit = n == 3;
+    return f;
+}
+
+namespace {
+
+constexpr std::size_t model_input = static_cast<std::size_t>(-1);
+
+/// The inputs a layer reads: its listed inputs, or the model input for the first layer.
+std::vector<std::size_t> inputs_of(const Model& model, std::size_t l) {
+    const Layer& layer = model.layers[l];
+    if (layer.inputs.empty()) return {l == 0 ? model_input : l - 1};
+    return layer.inputs;
+}
+
+bool is_loss(const Layer& layer) { return std::holds_alternative<SoftmaxXentOp>(layer.op); }
+
+}  // namespace
+
+Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options)
+    : plan_(plan), model_(model), options_(std::move(options)), places_(worker_places(plan)) {
+    const std::size_t S = plan.stages.size();
+    first_rank_.resize(S);
+    for (std::size_t r = places_.size(); r-- > 0;) first_rank_[places_[r].stage] = r;
+    // A layer's output crosses boundary s (into stage s) when it is made before the stage and
+    // read at or after it.
+    std::vector<std::size_t> last_reader(model.layers.size(), 0);
+    for (std::size_t l = 0; l < model.layers.size(); ++l)
+        for (std::size_t i : inputs_of(model, l))
+            if (i != model_input) last_reader[i] = std::max(last_reader[i], l);
+    live_in_.resize(S);
+    for (std::size_t s = 1; s < S; ++s)
+        for (std::size_t i = 0; i < plan.stages[s].first_layer; ++i)
+            if (last_reader[i] >= plan.stages[s].first_layer) live_in_[s].push_back(i);
+    for (std::size_t s = 0; s < S; ++s) {
+        shares_.push_back(estimate.stages.at(s).shares);
+        std::vector<std::uint64_t> off{0};
+        for (std::uint64_t sh : shares_.back()) off.push_back(off.back() + sh);
+        off.pop_back();
+        offsets_.push_back(std::move(off));
+    }
+    for (std::size_t l = 0; l < model.layers.size(); ++l)
+        if (const auto* lin = std::get_if<LinearOp>(&model.layers[l].op); lin && lin->tied_to)
+            tied_.push_back({*lin->tied_to, l});
+    // Build every shard's kernel once so that an op without a kernel, or a split that does not
+    // divide, is reported before any worker starts.
+    for (const Stage& st : plan.stages)
+        for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
+            for (std::uint32_t t = 0; t < st.tp; ++t)
+                state_bytes_ += 4 * sizeof(float) * st.replicas() * make_cpu_kernel(model, l, Shard{t, st.tp})->shard_params();
+}
+
+std::size_t Execution::rank_of(std::size_t stage, std::size_t replica, std::size_t tp_rank) const {
+    return first_rank_.at(stage) + replica * plan_.stages.at(stage).tp + tp_rank;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+/// A tensor-parallel group's collectives over the transport.
+class TransportGroup final : public GroupComm {
+public:
+    TransportGroup(Transport& net, std::vector<std::size_t> ranks) : net_(net), ranks_(std::move(ranks)) {}
+    void start_iteration(std::uint32_t it) {
+        iteration_ = it;
+        calls_ = 0;
+    }
+    void allreduce_sum(std::span<float> data) override {
+        group_allreduce_sum(net_, ranks_, {Tag::Kind::allreduce, iteration_, 0, calls_++}, data);
+    }
+    void allgather(std::span<const float> mine, std::span<float> all) override {
+        group_allgather(net_, ranks_, {Tag::Kind::allgather, iteration_, 0, calls_++}, mine, all);
+    }
+
+private:
+    Transport& net_;
+    std::vector<std::size_t> ranks_;
+    std::uint32_t iteration_ = 0;
+    std::uint32_t calls_ = 0;
+};
+
+void accumulate(std::map<std::size_t, Tensor>& grads, std::size_t i, Tensor&& g) {
+    auto it = grads.find(i);
+    if (it == grads.end()) {
+        grads.emplace(i, std::move(g));
+        return;
+    }
+    std::vector<float>& acc = it->second.data;
+    for (std::size_t k = 0; k < acc.size(); ++k) acc[k] += g.data[k];
+}
+
+/// Per-sample shape of a layer's output, as the runtime's tensors carry it.
+std::vector<std::size_t> sample_shape(const Model& model, std::size_t layer) {
+    const Shape& s = model.layers[layer].out_shape;
+    return {s.begin(), s.end()};
+}
+
+class Worker {
+public:
+    Worker(const Execution& ex, std::size_t rank, Transport& net)
+        : ex_(ex), model_(ex.model()), plan_(ex.plan()), place_(ex.places().at(rank)), stage_(plan_.stages[place_.stage]),
+          rank_(rank), net_(net), tp_(net, group_of_tp()) {
+        const auto t = static_cast<std::uint32_t>(place_.tp_rank);
+        for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
+            kernels_.push_back(make_cpu_kernel(model_, l, Shard{t, stage_.tp}));
+            const LayerKernel& k = *kernels_.back();
+            std::vector<float> full(k.full_params());
+            init_layer(l, full);
+            params_.emplace_back(k.shard_params());
+            k.to_shard(full, params_.back());
+            grads_.emplace_back(k.shard_params(), 0.0f);
+            m_.emplace_back(k.shard_params(), 0.0f);
+            v_.emplace_back(k.shard_params(), 0.0f);
+        }
+        for (std::size_t r = 0; r < stage_.replicas(); ++r) dp_group_.push_back(ex.rank_of(place_.stage, r, place_.tp_rank));
+    }
+
+    WorkerReport run() {
+        WorkerReport report;
+        report.rank = rank_;
+        const auto all = all_ranks();
+        const std::size_t S = plan_.stages.size();
+        const auto order = stage_order(plan_.schedule, static_cast<std::uint32_t>(place_.stage),
+                                       static_cast<std::uint32_t>(S), static_cast<std::uint32_t>(plan_.microbatches));
+        for (std::uint32_t it = 0; it < ex_.options().iterations; ++it) {
+            iteration_ = it;
+            conditions_ = conditions_at(ex_.options().scenario, conditions_.slowdown.size(), it);
+            if (conditions_.failed.at(place_.device))
+                throw RuntimeError(fmt::format("its device failed at iteration {} (scenario)", it));
+            if (const auto& f = ex_.options().fault; f && f->rank == rank_ && f->iteration == it) {
+                if (f->exit) std::_Exit(3);
+                throw RuntimeError("injected fault (DPART_INJECT_FAULT)");
+            }
+            group_barrier(net_, all, {Tag::Kind::barrier, it, 0, 0});
+            t0_ = Clock::now();
+            tp_.start_iteration(it);
+            loss_ = 0;
+            records_ = &report.tasks;
+            for (const StageStep& step : order) {
+                if (step.forward)
+                    forward(step.microbatch);
+                else
+                    backward(step.microbatch);
+            }
+            finish_iteration();
+            report.busy_s.push_back(seconds_since_start());
+            report.loss.push_back(loss_);
+        }
+        report.params = params_;
+        return report;
+    }
+
+    [[nodiscard]] std::uint32_t iteration() const noexcept { return iteration_; }
+
+private:
+    struct InFlight {
+        std::map<std::size_t, Tensor> acts;  // layer (or model_input) -> output
+        std::vector<Saved> saved;
+        std::uint64_t first_sample = 0;
+    };
+
+    std::vector<std::size_t> group_of_tp() const {
+        std::vector<std::size_t> g;
+        for (std::size_t t = 0; t < stage_.tp; ++t) g.push_back(ex_.rank_of(place_.stage, place_.replica, t));
+        return g;
+    }
+    std::vector<std::size_t> all_ranks() const {
+        std::vector<std::size_t> g(ex_.workers());
+        for (std::size_t r = 0; r < g.size(); ++r) g[r] = r;
+        return g;
+    }
+
+    /// The initial values of a layer; a tied linear layer starts from its embedding's table.
+    void init_layer(std::size_t l, std::span<float> full) const {
+        make_cpu_kernel(model_, l, {})->init(ex_.options().seed, full);
+        for (const auto& [emb, lin] : ex_.tied())
+            if (lin == l) {
+                std::vector<float> table(make_cpu_kernel(model_, emb, {})->full_params());
+                make_cpu_kernel(model_, emb, {})->init(ex_.options().seed, table);
+                const std::size_t n = tied_size(emb);
+                std::copy_n(table.begin(), n, full.begin());
+            }
+    }
+    std::size_t tied_size(std::size_t emb) const {
+        const auto& e = std::get<EmbeddingOp>(model_.layers[emb].op);
+        return static_cast<std::size_t>(e.vocab * e.hidden);
+    }
+
+    double seconds_since_start() const { return std::chrono::duration<double>(Clock::now() - t0_).count(); }
+    /// Runs and times one task; under a scenario, waits out the extra time a slowed device
+    /// (compute) or link (sends) would have taken.
+    template <class F>
+    void timed(TaskKind kind, std::uint32_t mb, F&& f) {
+        const double start = seconds_since_start();
+        f();
+        const double factor = kind == TaskKind::forward || kind == TaskKind::backward || kind == TaskKind::optimizer
+                                  ? conditions_.slowdown[place_.device]
+                                  : send_factor(kind);
+        if (factor > 1.0)
+            std::this_thread::sleep_for(std::chrono::duration<double>((factor - 1.0) * (seconds_since_start() - start)));
+        records_->push_back({iteration_, kind, mb, start, seconds_since_start()});
+    }
+    double send_factor(TaskKind kind) const {
+        const std::size_t s = place_.stage;
+        if (kind == TaskKind::send_activation && s + 1 < plan_.stages.size())
+            return conditions_.link(stage_.devices.back(), plan_.stages[s + 1].devices.front());
+        if (kind == TaskKind::send_gradient && s > 0)
+            return conditions_.link(stage_.devices.front(), plan_.stages[s - 1].devices.back());
+        return 1.0;
+    }
+
+    std::uint64_t microbatch_first_sample(std::uint32_t mb) const {
+        const std::uint64_t batch = iteration_ % std::max<std::uint64_t>(1, ex_.options().dataset_batches);
+        return batch * model_.global_batch + mb * plan_.microbatch_size;
+    }
+    std::size_t rows() const { return ex_.shares(place_.stage)[place_.replica]; }
+    std::uint64_t offset() const { return ex_.offsets(place_.stage)[place_.replica]; }
+
+    StepContext context(const InFlight& f) {
+        StepContext ctx;
+        ctx.seed = ex_.options().seed;
+        ctx.first_sample = f.first_sample;
+        ctx.tp = stage_.tp > 1 ? &tp_ : nullptr;
+        return ctx;
+    }
+
+    // --- Moving rows of tensors between the replicas of neighbouring stages ----------------
+    struct Overlap {
+        std::size_t replica;     // in the other stage
+        std::uint64_t from, to;  // sample offsets within the microbatch
+    };
+    std::vector<Overlap> overlaps(std::size_t other_stage) const {
+        std::vector<Overlap> out;
+        const auto& sh = ex_.shares(other_stage);
+        const auto& off = ex_.offsets(other_stage);
+        const std::uint64_t a = offset(), b = offset() + rows();
+        for (std::size_t r = 0; r < sh.size(); ++r) {
+            const std::uint64_t from = std::max(a, off[r]), to = std::min(b, off[r] + sh[r]);
+            if (from < to) out.push_back({r, from, to});
+        }
+        return out;
+    }
+
+    /// Sends rows [from, to) of `tensors` (layer order of `layers`) to every tensor-parallel
+    /// rank of `replica` of stage `dst_stage`. Only tensor-parallel rank 0 sends: the others
+    /// hold the same values.
+    void send_rows(std::size_t dst_stage, const Overlap& o, const std::vector<std::size_t>& layers,
+                   const std::map<std::size_t, Tensor>& tensors, Tag tag) {
+        if (place_.tp_rank != 0) return;
+        Bytes msg;
+        for (std::size_t l : layers) {
+            const auto it = tensors.find(l);
+            const std::size_t row = Tensor::count(sample_shape(model_, l));
+            const std::size_t from = (o.from - offset()) * row, n = (o.to - o.from) * row;
+            if (it == tensors.end()) {
+                const std::vector<float> zeros(n, 0.0f);
+                append(msg, std::span<const float>(zeros));
+            } else {
+                append(msg, std::span<const float>(it->second.data).subspan(from, n));
+            }
+        }
+        for (std::size_t t = 0; t < plan_.stages[dst_stage].tp; ++t)
+            net_.send(ex_.rank_of(dst_stage, o.replica, t), tag, msg);
+    }
+    /// Receives this replica's rows of `layers` from the replicas of `src_stage`.
+    std::map<std::size_t, Tensor> recv_rows(std::size_t src_stage, const std::vector<std::size_t>& layers, Tag tag) {
+        std::map<std::size_t, Tensor> out;
+        for (std::size_t l : layers) {
+            std::vector<std::size_t> shape{rows()};
+            for (std::size_t d : sample_shape(model_, l)) shape.push_back(d);
+            out.emplace(l, Tensor(shape));
+        }
+        for (const Overlap& o : overlaps(src_stage)) {
+            const Bytes msg = net_.recv(ex_.rank_of(src_stage, o.replica, 0), tag);
+            Reader in(msg);
+            for (std::size_t l : layers) {
+                Tensor& t = out.at(l);
+                const std::size_t row = t.row_size();
+                in.read_into(std::span<float>(t.data).subspan((o.from - offset()) * row, (o.to - o.from) * row));
+            }
+            if (!in.done()) throw RuntimeError(fmt::format("{} from worker {} is longer than expected", describe(tag),
+                                                           ex_.rank_of(src_stage, o.replica, 0)));
+        }
+        return out;
+    }
+
+    // --- The schedule's steps ------------------------------------------------------------------
+    void forward(std::uint32_t mb) {
+        InFlight& f = in_flight_[mb];
+        f = InFlight{};
+        f.first_sample = microbatch_first_sample(mb) + offset();
+        const std::size_t s = place_.stage, S = plan_.stages.size();
+        if (s == 0)
+            f.acts.emplace(model_input, synthetic_input(model_, ex_.options().seed, f.first_sample, rows()));
+        else
+            f.acts = recv_rows(s - 1, ex_.live_in(s), {Tag::Kind::activation, iteration_, mb, 0});
+        timed(TaskKind::forward, mb, [&] {
+            const StepContext ctx = context(f);
+            f.saved.resize(kernels_.size());
+            for (std::size_t k = 0; k < kernels_.size(); ++k) {
+                const std::size_t l = stage_.first_layer + k;
+                std::vector<const Tensor*> in;
+                for (std::size_t i : inputs_of(model_, l)) in.push_back(&f.acts.at(i));
+                f.acts[l] = kernels_[k]->forward(ctx, in, params_[k], f.saved[k]);
+            }
+        });
+        if (s + 1 < S) {
+            timed(TaskKind::send_activation, mb, [&] {
+                for (const Overlap& o : overlaps(s + 1))
+                    send_rows(s + 1, o, ex_.live_in(s + 1), f.acts, {Tag::Kind::activation, iteration_, mb, 0});
+            });
+        } else if (place_.tp_rank == 0) {
+            loss_ += loss_sum(f.acts.at(stage_.last_layer));
+        }
+    }
+
+    /// The sum over the batch of each sample's loss, divided by the global batch.
+    double loss_sum(const Tensor& out) const {
+        double sum = 0;
+        if (is_loss(model_.layers[stage_.last_layer])) {
+            for (float x : out.data) sum += x;
+        } else {  // no loss layer: half the squared output
+            for (float x : out.data) sum += 0.5 * static_cast<double>(x) * x;
+        }
+        return sum / static_cast<double>(model_.global_batch);
+    }
+    Tensor loss_gradient(const Tensor& out) const {
+        Tensor g(out.shape);
+        const float scale = 1.0f / static_cast<float>(model_.global_batch);
+        const bool loss = is_loss(model_.layers[stage_.last_layer]);
+        for (std::size_t i = 0; i < g.data.size(); ++i) g.data[i] = loss ? scale : out.data[i] * scale;
+        return g;
+    }
+
+    void backward(std::uint32_t mb) {
+        InFlight& f = in_flight_[mb];
+        const std::size_t s = place_.stage, S = plan_.stages.size();
+        std::map<std::size_t, Tensor> grads;
+        if (s + 1 < S)
+            grads = recv_rows(s + 1, ex_.live_in(s + 1), {Tag::Kind::gradient, iteration_, mb, 0});
+        else
+            grads.emplace(stage_.last_layer, loss_gradient(f.acts.at(stage_.last_layer)));
+        timed(TaskKind::backward, mb, [&] {
+            const StepContext ctx = context(f);
+            for (std::size_t k = kernels_.size(); k-- > 0;) {
+                const std::size_t l = stage_.first_layer + k;
+                const auto g = grads.find(l);
+                if (g == grads.end()) continue;  // nothing reads it
+                const auto inputs = inputs_of(model_, l);
+                std::vector<const Tensor*> in;
+                for (std::size_t i : inputs) in.push_back(&f.acts.at(i));
+                std::vector<Tensor> din = kernels_[k]->backward(ctx, g->second, in, params_[k], f.saved[k], grads_[k]);
+                grads.erase(g);
+                for (std::size_t j = 0; j < inputs.size(); ++j)
+                    if (inputs[j] != model_input) accumulate(grads, inputs[j], std::move(din[j]));
+            }
+        });
+        if (s > 0) {
+            timed(TaskKind::send_gradient, mb, [&] {
+                for (const Overlap& o : overlaps(s - 1))
+                    send_rows(s - 1, o, ex_.live_in(s), grads, {Tag::Kind::gradient, iteration_, mb, 0});
+            });
+        }
+        f = InFlight{};
+    }
+
+    void finish_iteration() {
+        const bool tied = std::any_of(ex_.tied().begin(), ex_.tied().end(),
+                                      [&](const auto& p) { return holds(p.first) || holds(p.second); });
+        if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
+            // All of the stage's gradients in one message, summed in replica order.
+            if (dp_group_.size() > 1) {
+                std::vector<float> flat;
+                for (const auto& g : grads_) flat.insert(flat.end(), g.begin(), g.end());
+                group_allreduce_sum(net_, dp_group_, {Tag::Kind::allreduce, iteration_, 1, 0}, flat);
+                std::size_t at = 0;
+                for (auto& g : grads_) {
+                    std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), g.size(), g.begin());
+                    at += g.size();
+                }
+            }
+            exchange_tied();
+        });
+        timed(TaskKind::optimizer, 0, [&] {
+            const OptimizerOptions& o = ex_.options().optimizer;
+            for (std::size_t k = 0; k < params_.size(); ++k) {
+                if (o.kind == OptimizerKind::sgd)
+                    sgd_step(params_[k], grads_[k], o.lr);
+                else
+                    adam_step(params_[k], grads_[k], m_[k], v_[k], iteration_ + 1, o);
+                std::fill(grads_[k].begin(), grads_[k].end(), 0.0f);
+            }
+        });
+    }
+
+    bool holds(std::size_t l) const { return l >= stage_.first_layer && l <= stage_.last_layer; }
+    std::span<float> tied_grad(std::size_t l, std::size_t n) { return std::span<float>(grads_[l - stage_.first_layer]).first(n); }
+
+    /// An embedding and the linear layer tied to it each end the iteration with the sum of
+    /// both gradients (embedding's + linear's, in that order), so that their copies stay equal.
+    void exchange_tied() {
+        for (const auto& [emb, lin] : ex_.tied()) {
+            if (!holds(emb) && !holds(lin)) continue;
+            const std::size_t n = tied_size(emb);
+            if (holds(emb) && holds(lin)) {
+                auto e = tied_grad(emb, n), h = tied_grad(lin, n);
+                for (std::size_t i = 0; i < n; ++i) e[i] = e[i] + h[i];
+                std::copy(e.begin(), e.end(), h.begin());
+                continue;
+            }
+            const std::size_t mine = holds(emb) ? emb : lin, theirs = holds(emb) ? lin : emb;
+            const std::size_t other_stage = stage_of(theirs);
+            const Tag tag{Tag::Kind::tied, iteration_, 0, static_cast<std::uint32_t>(lin)};
+            auto g = tied_grad(mine, n);
+            if (place_.replica == 0 && place_.tp_rank == 0) {
+                Bytes msg;
+                append(msg, std::span<const float>(g.data(), g.size()));
+                const Stage& o = plan_.stages[other_stage];
+                for (std::size_t i = 0; i < o.devices.size(); ++i)
+                    net_.send(ex_.rank_of(other_stage, i / o.tp, i % o.tp), tag, msg);
+            }
+            std::vector<float> other(n);
+            Reader(net_.recv(ex_.rank_of(other_stage, 0, 0), tag)).read_into(std::span<float>(other));
+            for (std::size_t i = 0; i < n; ++i) g[i] = holds(emb) ? g[i] + other[i] : other[i] + g[i];
+        }
+    }
+    std::size_t stage_of(std::size_t layer) const {
+        for (std::size_t s = 0; s < plan_.stages.size(); ++s)
+            if (layer >= plan_.stages[s].first_layer && layer <= plan_.stages[s].last_layer) return s;
+        return 0;
+    }
+
+    const Execution& ex_;
+    const Model& model_;
+    const Plan& plan_;
+    WorkerPlace place_;
+    const Stage& stage_;
+    std::size_t rank_;
+    Transport& net_;
+    TransportGroup tp_;
+    std::vector<std::size_t> dp_group_;
+    std::vector<std::unique_ptr<LayerKernel>> kernels_;
+    std::vector<std::vector<float>> params_, grads_, m_, v_;
+    std::map<std::uint32_t, InFlight> in_flight_;
+    std::uint32_t iteration_ = 0;
+    Clock::time_point t0_;
+    double loss_ = 0;
+    std::vector<TaskRecord>* records_ = nullptr;
+    Conditions conditions_{device_count()};
+    std::size_t device_count() const {
+        std::size_t n = 0;
+        for (const Stage& st : plan_.stages)
+            for (std::size_t d : st.devices) n = std::max(n, d + 1);
+        for (const ScenarioEvent& e : ex_.options().scenario.events) n = std::max({n, e.device + 1, e.a + 1, e.b + 1});
+        return n;
+    }
+};
+
+}  // namespace
+
+WorkerReport Execution::run_worker(std::size_t rank, Transport& net) const {
+    std::uint32_t iteration = 0;
+    try {
+        Worker w(*this, rank, net);
+        try {
+            return w.run();
+        } catch (...) {
+            iteration = w.iteration();
+            throw;
+        }
+    } catch (const PeerStopped&) {
+        throw;
+    } catch (const std::exception& e) {
+        const WorkerPlace& p = places_.at(rank);
+        const std::string msg =
+            fmt::format("worker {} (stage {}, replica {}, device index {}) stopped at iteration {}: {}", rank, p.stage,
+                        p.replica, p.device, iteration, e.what());
+        net.abort(msg);
+        if (const auto* in = dynamic_cast<const InputError*>(&e)) throw InputError(in->where(), in->detail());
+        throw RuntimeError(msg);
+    }
+}
+
+// --- Gathering the results ----------------------------------------------------------------
+
+std::uint64_t digest(const std::vector<std::vector<float>>& weights) {
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    for (const auto& layer : weights) {
+        const auto* p = reinterpret_cast<const unsigned char*>(layer.data());
+        for (std::size_t i = 0; i < layer.size() * sizeof(float); ++i) {
+            h ^= p[i];
+            h *= 0x100000001b3ull;
+        }
+    }
+    return h;
+}
+
+std::string digest_text(std::uint64_t d) { return fmt::format("fnv1a64:{:016x}", d); }
+
+namespace {
+
+RunResult assemble(const Execution& ex, std::vector<WorkerReport> reports) {
+    const Plan& plan = ex.plan();
+    const Model& model = ex.model();
+    RunResult r;
+    const std::size_t N = ex.options().iterations;
+    r.iteration_s.assign(N, 0.0);
+    r.loss.assign(N, 0.0);
+    for (const WorkerReport& w : reports)
+        for (std::size_t it = 0; it < N; ++it) {
+            r.iteration_s[it] = std::max(r.iteration_s[it], w.busy_s.at(it));
+            r.loss[it] += w.loss.at(it);
+        }
+    r.weights.resize(model.layers.size());
+    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
+        const Stage& st = plan.stages[s];
+        for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
+            std::vector<float>& full = r.weights[l];
+            for (std::uint32_t t = 0; t < st.tp; ++t) {
+                const auto k = make_cpu_kernel(model, l, Shard{t, st.tp});
+                full.resize(k->full_params());
+                k->from_shard(reports.at(ex.rank_of(s, 0, t)).params.at(l - st.first_layer), full);
+            }
+        }
+    }
+    for (const auto& [emb, lin] : ex.tied()) {
+        const auto& e = std::get<EmbeddingOp>(model.layers[emb].op);
+        auto& w = r.weights[lin];
+        w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(e.vocab * e.hidden));
+    }
+    r.weights_digest = digest(r.weights);
+    r.workers = std::move(reports);
+    return r;
+}
+
+Bytes serialise(const WorkerReport& w) {
+    Bytes b;
+    append_value(b, static_cast<std::uint64_t>(w.tasks.size()));
+    append(b, std::span<const TaskRecord>(w.tasks));
+    append_value(b, static_cast<std::uint64_t>(w.busy_s.size()));
+    append(b, std::span<const double>(w.busy_s));
+    append(b, std::span<const double>(w.loss));
+    append_value(b, static_cast<std::uint64_t>(w.params.size()));
+    for (const auto& p : w.params) {
+        append_value(b, static_cast<std::uint64_t>(p.size()));
+        append(b, std::span<const float>(p));
+    }
+    return b;
+}
+
+WorkerReport deserialise(const Bytes& b, std::size_t rank) {
+    Reader in(b);
+    WorkerReport w;
+    w.rank = rank;
+    w.tasks.resize(in.value<std::uint64_t>());
+    in.read_into(std::span<TaskRecord>(w.tasks));
+    const auto n = in.value<std::uint64_t>();
+    w.busy_s.resize(n);
+    w.loss.resize(n);
+    in.read_into(std::span<double>(w.busy_s));
+    in.read_into(std::span<double>(w.loss));
+    w.params.resize(in.value<std::uint64_t>());
+    for (auto& p : w.params) {
+        p.resize(in.value<std::uint64_t>());
+        in.read_into(std::span<float>(p));
+    }
+    return w;
+}
+
+}  // namespace
+
+namespace {
+/// Workers allocate and free the same large tensors every microbatch. glibc serves blocks above
+/// its mmap threshold (128 KiB at first) with fresh mappings, page-faulted and zeroed by the
+/// kernel on every use; keeping them in the heap instead makes a small model's step several
+/// times faster.
+void keep_large_blocks_in_heap() {
+    mallopt(M_MMAP_THRESHOLD, 256 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
+}
+}  // namespace
+
+RunResult run_in_process(const Execution& ex) {
+    use_single_threaded_blas();
+    keep_large_blocks_in_heap();
+    InProcessNetwork network(ex.workers(), ex.options().timeout);
+    std::vector<WorkerReport> reports(ex.workers());
+    std::vector<std::exception_ptr> errors(ex.workers());
+    {
+        std::vector<std::jthread> threads;
+        for (std::size_t r = 0; r < ex.workers(); ++r)
+            threads.emplace_back([&, r] {
+                try {
+                    reports[r] = ex.run_worker(r, network.endpoint(r));
+                } catch (...) {
+                    errors[r] = std::current_exception();
+                }
+            });
+    }
+    // Report the failure that stopped the others, not the stops it caused.
+    std::exception_ptr stopped;
+    for (const auto& e : errors) {
+        if (!e) continue;
+        try {
+            std::rethrow_exception(e);
+        } catch (const PeerStopped&) {
+            stopped = e;
+        } catch (...) {
+            throw;
+        }
+    }
+    if (stopped) std::rethrow_exception(stopped);
+    return assemble(ex, std::move(reports));
+}
+
+RunResult run_distributed(const Execution& ex, Transport& net) {
+    use_single_threaded_blas();
+    keep_large_blocks_in_heap();
+    if (net.size() != ex.workers())
+        throw InputError(fmt::format("the plan has {} devices but {} ranks were started (mpirun -np {})", ex.workers(),
+                                     net.size(), ex.workers()));
+    WorkerReport mine = ex.run_worker(net.rank(), net);
+    const Tag tag{Tag::Kind::report, 0, 0, 0};
+    if (net.rank() != 0) {
+        net.send(0, tag, serialise(mine));
+        net.flush();
+        return {};
+    }
+    std::vector<WorkerReport> reports;
+    reports.push_back(std::move(mine));
+    for (std::size_t r = 1; r < net.size(); ++r) reports.push_back(deserialise(net.recv(r, tag), r));
+    return assemble(ex, std::move(reports));
+}
+
+}  // namespace dpart::rt

@@ -1,0 +1,173 @@
+// In-process transport and the deterministic collectives every transport shares.
+#include "dpart/runtime/transport.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+
+#include "dpart/core/error.hpp"
+
+namespace dpart::rt {
+
+std::string describe(const Tag& tag) {
+    switch (tag.kind) {
+        case Tag::Kind::activation:
+            return fmt::format("activations of microbatch {} at iteration {}", tag.microbatch, tag.iteration);
+        case Tag::Kind::gradient:
+            return fmt::format("gradients of microbatch {} at iteration {}", tag.microbatch, tag.iteration);
+        case Tag::Kind::allreduce: return fmt::format("an all-reduce at iteration {}", tag.iteration);
+        case Tag::Kind::allgather: return fmt::format("an all-gather at iteration {}", tag.iteration);
+        case Tag::Kind::tied: return fmt::format("tied-weight gradients at iteration {}", tag.iteration);
+        case Tag::Kind::barrier: return fmt::format("the start of iteration {}", tag.iteration);
+        case Tag::Kind::report: return "the final report";
+    }
+    return "a message";
+}
+
+void Reader::read(std::span<std::byte> out) {
+    if (bytes_.size() - at_ < out.size())
+        throw RuntimeError(fmt::format("a message is {} bytes short", out.size() - (bytes_.size() - at_)));
+    if (!out.empty()) std::memcpy(out.data(), bytes_.data() + at_, out.size());
+    at_ += out.size();
+}
+
+// --- In-process queues ---------------------------------------------------------------------
+
+struct InProcessNetwork::State {
+    struct Message {
+        std::size_t src;
+        Tag tag;
+        Bytes data;
+    };
+    std::mutex mutex;
+    std::condition_variable arrived;
+    std::vector<std::deque<Message>> inbox;  // per destination
+    std::string aborted;                     // non-empty once aborted
+    std::chrono::milliseconds timeout;
+};
+
+namespace {
+
+class InProcessEndpoint final : public Transport {
+public:
+    InProcessEndpoint(InProcessNetwork::State& s, std::size_t rank, std::size_t size) : s_(s), rank_(rank), size_(size) {}
+    std::size_t rank() const override { return rank_; }
+    std::size_t size() const override { return size_; }
+
+    void send(std::size_t dst, const Tag& tag, Bytes data) override {
+        {
+            std::lock_guard lock(s_.mutex);
+            if (!s_.aborted.empty()) throw PeerStopped(s_.aborted);
+            s_.inbox.at(dst).push_back({rank_, tag, std::move(data)});
+        }
+        s_.arrived.notify_all();
+    }
+
+    Bytes recv(std::size_t src, const Tag& tag) override {
+        std::unique_lock lock(s_.mutex);
+        auto& box = s_.inbox.at(rank_);
+        const auto deadline = std::chrono::steady_clock::now() + s_.timeout;
+        for (;;) {
+            if (!s_.aborted.empty()) throw PeerStopped(s_.aborted);
+            const auto it =
+                std::find_if(box.begin(), box.end(), [&](const auto& m) { return m.src == src && m.tag == tag; });
+            if (it != box.end()) {
+                Bytes data = std::move(it->data);
+                box.erase(it);
+                return data;
+            }
+            if (s_.arrived.wait_until(lock, deadline) == std::cv_status::timeout) {
+                const double seconds = std::chrono::duration<double>(s_.timeout).count();
+                throw RuntimeError(fmt::format("worker {} waited {:g} s for {} from worker {}: no answer", rank_,
+                                               seconds, describe(tag), src));
+            }
+        }
+    }
+
+    void abort(const std::string& reason) override {
+        {
+            std::lock_guard lock(s_.mutex);
+            if (s_.aborted.empty()) s_.aborted = reason;
+        }
+        s_.arrived.notify_all();
+    }
+
+private:
+    InProcessNetwork::State& s_;
+    std::size_t rank_, size_;
+};
+
+}  // namespace
+
+InProcessNetwork::InProcessNetwork(std::size_t size, std::chrono::milliseconds timeout) : state_(std::make_unique<State>()) {
+    state_->inbox.resize(size);
+    state_->timeout = timeout;
+    for (std::size_t r = 0; r < size; ++r) endpoints_.push_back(std::make_unique<InProcessEndpoint>(*state_, r, size));
+}
+InProcessNetwork::~InProcessNetwork() = default;
+Transport& InProcessNetwork::endpoint(std::size_t rank) { return *endpoints_.at(rank); }
+
+// --- Collectives -----------------------------------------------------------------------------
+
+namespace {
+Bytes bytes_of(std::span<const float> v) {
+    Bytes b;
+    append(b, v);
+    return b;
+}
+void copy_into(const Bytes& b, std::span<float> out, std::size_t from, const Tag& tag) {
+    if (b.size() != out.size_bytes())
+        throw RuntimeError(fmt::format("{} from worker {}: {} bytes where {} were expected", describe(tag), from,
+                                       b.size(), out.size_bytes()));
+    if (!b.empty()) std::memcpy(out.data(), b.data(), b.size());
+}
+}  // namespace
+
+void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data) {
+    if (group.size() <= 1) return;
+    const std::size_t root = group.front();
+    if (t.rank() != root) {
+        t.send(root, tag, bytes_of(data));
+        copy_into(t.recv(root, tag), data, root, tag);
+        return;
+    }
+    std::vector<float> other(data.size());
+    for (std::size_t k = 1; k < group.size(); ++k) {
+        copy_into(t.recv(group[k], tag), other, group[k], tag);
+        for (std::size_t i = 0; i < data.size(); ++i) data[i] += other[i];
+    }
+    for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, bytes_of(data));
+}
+
+void group_allgather(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<const float> mine,
+                     std::span<float> all) {
+    const std::size_t n = mine.size();
+    if (all.size() != n * group.size()) throw RuntimeError("all-gather: the output is not group size x input");
+    const std::size_t root = group.front();
+    if (t.rank() != root) {
+        t.send(root, tag, bytes_of(mine));
+        copy_into(t.recv(root, tag), all, root, tag);
+        return;
+    }
+    std::copy(mine.begin(), mine.end(), all.begin());
+    for (std::size_t k = 1; k < group.size(); ++k) copy_into(t.recv(group[k], tag), all.subspan(k * n, n), group[k], tag);
+    for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, bytes_of(all));
+}
+
+void group_barrier(Transport& t, std::span<const std::size_t> group, Tag tag) {
+    if (group.size() <= 1) return;
+    const std::size_t root = group.front();
+    if (t.rank() != root) {
+        t.send(root, tag, {});
+        (void)t.recv(root, tag);
+        return;
+    }
+    for (std::size_t k = 1; k < group.size(); ++k) (void)t.recv(group[k], tag);
+    for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, {});
+}
+
+}  // namespace dpart::rt

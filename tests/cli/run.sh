@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# dpart run end to end: in-process and under mpirun, the same losses and weights digest
+# whatever the split; the output files; mismatches and dead peers.
+# Usage: run.sh DPART SOURCE_DIR
+set -u
+dpart=$1
+src=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+checks=0
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+# No network interfaces to probe on a CI container: shared memory and loopback are enough.
+export OMPI_MCA_btl=self,vader,tcp OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
+
+check() {  # check NAME EXPECTED_EXIT COMMAND...
+    local name=$1 expected=$2
+    shift 2
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    local rc=$?
+    checks=$((checks + 1))
+    if { [ "$expected" = nonzero ] && [ "$rc" -eq 0 ]; } || { [ "$expected" != nonzero ] && [ "$rc" -ne "$expected" ]; }; then
+        echo "FAIL $name: exit $rc, expected $expected"
+        sed 's/^/  stdout: /' "$tmp/out" | tail -5
+        sed 's/^/  stderr: /' "$tmp/err" | tail -8
+        failures=$((failures + 1))
+        return 1
+    fi
+    return 0
+}
+
+contains() {  # contains NAME FILE TEXT
+    checks=$((checks + 1))
+    if ! grep -qF -- "$3" "$2"; then
+        echo "FAIL $1: '$3' not found in:"
+        tail -8 "$2" | sed 's/^/  /'
+        failures=$((failures + 1))
+    fi
+}
+
+same() {  # same NAME A B
+    checks=$((checks + 1))
+    if [ "$2" != "$3" ]; then
+        echo "FAIL $1: '$2' != '$3'"
+        failures=$((failures + 1))
+    fi
+}
+
+summary_value() {  # summary_value FILE KEY
+    sed -n "s/^$2 = //p" "$1"
+}
+
+# A plan by hand: plan_file NAME SCHEDULE MICROBATCHES MICROBATCH_SIZE "first last devices tp" ...
+plan_file() {
+    local name=$1 schedule=$2 m=$3 size=$4
+    shift 4
+    {
+        printf '[plan]\nobjective = "iteration"\nschedule = "%s"\nmicrobatch_size = %s\nmicrobatches = %s\n' \
+            "$schedule" "$size" "$m"
+        for stage in "$@"; do
+            set -- $stage
+            printf '\n[[stage]]\nfirst_layer = %s\nlast_layer = %s\ndevices = [%s]\ntp = %s\n' "$1" "$2" "$3" "$4"
+        done
+    } >"$tmp/$name.toml"
+}
+
+mlp="$src/plans/models/seed-mlp.toml"
+gpt="$src/plans/models/tiny-gpt.toml"
+cpu2="$src/plans/clusters/cpu-local.toml"
+cpu4="$src/plans/clusters/cpu-4workers.toml"
+run_flags=(--iterations 5 --seed 3 --timeout 30)
+
+# --- A plan from the planner, run in-process, with its files --------------------------------
+check "plan seed-mlp on cpu-local" 0 "$dpart" plan "$mlp" -c "$cpu2" --out "$tmp/planned.toml"
+if check "run the planned plan" 0 "$dpart" run "$tmp/planned.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" \
+    --out-dir "$tmp/planned"; then
+    contains "run prints the prediction" "$tmp/out" "predicted"
+    contains "run prints the digest" "$tmp/out" "weights_digest: fnv1a64:"
+    head -1 "$tmp/planned/iterations.csv" >"$tmp/h1"
+    contains "iterations.csv columns" "$tmp/h1" "iteration,plan_version,iteration_ms,samples_per_s,event"
+    head -1 "$tmp/planned/stages.csv" >"$tmp/h2"
+    contains "stages.csv columns" "$tmp/h2" "iteration,stage,device,compute_ms,comm_ms,idle_ms"
+    head -1 "$tmp/planned/timeline.csv" >"$tmp/h3"
+    contains "timeline.csv columns" "$tmp/h3" "iteration,stage,device,kind,microbatch,start_ms,end_ms"
+    checks=$((checks + 1))
+    if [ "$(wc -l <"$tmp/planned/iterations.csv")" -ne 6 ]; then
+        echo "FAIL iterations.csv has $(wc -l <"$tmp/planned/iterations.csv") lines, expected 6"
+        failures=$((failures + 1))
+    fi
+    for key in "[meta]" "mean_iteration_ms = " "predicted_iteration_ms = " "prediction_error_pct = " \
+        "final_loss = " "loss = [" 'weights_digest = "fnv1a64:' 'backend = "cpu"' 'transport = "in-process"'; do
+        contains "summary.toml has $key" "$tmp/planned/summary.toml" "$key"
+    done
+    check "compare reads a run's iterations.csv" 0 "$dpart" compare "$tmp/planned/iterations.csv"
+fi
+
+# --- The same training whatever the split ----------------------------------------------------
+plan_file one 1f1b 4 16 '0 3 "cpu0" 1'
+plan_file two 1f1b 4 16 '0 1 "cpu0" 1' '2 3 "cpu1" 1'
+plan_file four gpipe 4 16 '0 0 "localhost0.cpu0" 1' '1 1 "localhost0.cpu1" 1' '2 2 "localhost0.cpu2" 1' \
+    '3 3 "localhost0.cpu3" 1'
+check "run 1 stage" 0 "$dpart" run "$tmp/one.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" -o "$tmp/one"
+check "run 2 stages" 0 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" -o "$tmp/two"
+check "run 4 stages" 0 "$dpart" run "$tmp/four.toml" -m "$mlp" -c "$cpu4" "${run_flags[@]}" -o "$tmp/four"
+digest=$(summary_value "$tmp/one/summary.toml" weights_digest)
+loss=$(summary_value "$tmp/one/summary.toml" loss)
+same "2 stages: same digest" "$digest" "$(summary_value "$tmp/two/summary.toml" weights_digest)"
+same "4 stages: same digest" "$digest" "$(summary_value "$tmp/four/summary.toml" weights_digest)"
+same "2 stages: same losses" "$loss" "$(summary_value "$tmp/two/summary.toml" loss)"
+same "4 stages: same losses" "$loss" "$(summary_value "$tmp/four/summary.toml" loss)"
+
+plan_file gpt1 1f1b 2 4 '0 7 "cpu0" 1'
+plan_file gpt2 1f1b 2 4 '0 3 "cpu0" 1' '4 7 "cpu1" 1'
+check "tiny-gpt 1 stage" 0 "$dpart" run "$tmp/gpt1.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" -o "$tmp/gpt1"
+check "tiny-gpt 2 stages" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" -o "$tmp/gpt2"
+same "tiny-gpt 2 stages: same digest" "$(summary_value "$tmp/gpt1/summary.toml" weights_digest)" \
+    "$(summary_value "$tmp/gpt2/summary.toml" weights_digest)"
+
+# --- Under mpirun: one rank per device, the same results -------------------------------------
+if command -v mpirun >/dev/null; then
+    mpi=(timeout 120 mpirun --oversubscribe -np)
+    if check "mpirun 2 stages" 0 "${mpi[@]}" 2 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" \
+        -o "$tmp/mpi2"; then
+        same "mpirun 2 stages: same digest" "$digest" "$(summary_value "$tmp/mpi2/summary.toml" weights_digest)"
+        same "mpirun 2 stages: same losses" "$loss" "$(summary_value "$tmp/mpi2/summary.toml" loss)"
+        contains "mpirun: transport recorded" "$tmp/mpi2/summary.toml" 'transport = "mpi"'
+    fi
+    if check "mpirun 4 stages" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/four.toml" -m "$mlp" -c "$cpu4" "${run_flags[@]}" \
+        -o "$tmp/mpi4"; then
+        same "mpirun 4 stages: same digest" "$digest" "$(summary_value "$tmp/mpi4/summary.toml" weights_digest)"
+    fi
+    plan_file dp 1f1b 2 32 '0 1 "localhost0.cpu0","localhost0.cpu1","localhost0.cpu2" 1' '2 3 "localhost0.cpu3" 1'
+    check "in-process replicas" 0 "$dpart" run "$tmp/dp.toml" -m "$mlp" -c "$cpu4" "${run_flags[@]}" -o "$tmp/dp"
+    if check "mpirun replicas" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/dp.toml" -m "$mlp" -c "$cpu4" "${run_flags[@]}" \
+        -o "$tmp/mpidp"; then
+        same "mpirun replicas: same digest as threads" "$(summary_value "$tmp/dp/summary.toml" weights_digest)" \
+            "$(summary_value "$tmp/mpidp/summary.toml" weights_digest)"
+    fi
+    plan_file gpt_tp 1f1b 2 4 '0 3 "localhost0.cpu0","localhost0.cpu1" 2' '4 7 "localhost0.cpu2","localhost0.cpu3" 2'
+    check "tiny-gpt tensor parallel, threads" 0 "$dpart" run "$tmp/gpt_tp.toml" -m "$gpt" -c "$cpu4" "${run_flags[@]}" \
+        -o "$tmp/gpt_tp"
+    if check "tiny-gpt tensor parallel, mpirun" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/gpt_tp.toml" -m "$gpt" -c "$cpu4" \
+        "${run_flags[@]}" -o "$tmp/mpi_gpt_tp"; then
+        same "tensor parallel: mpirun and threads agree bitwise" \
+            "$(summary_value "$tmp/gpt_tp/summary.toml" weights_digest)" \
+            "$(summary_value "$tmp/mpi_gpt_tp/summary.toml" weights_digest)"
+    fi
+    check "mpirun with too many ranks" 2 "${mpi[@]}" 3 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" \
+        "${run_flags[@]}" && contains "rank mismatch named" "$tmp/err" "the plan has 2 devices but 3 ranks were started"
+    # A rank that dies: mpirun stops the job (non-zero) and names the rank, never a hang...
+    DPART_INJECT_FAULT=1:2:exit check "a dead rank stops the job" nonzero "${mpi[@]}" 2 "$dpart" run "$tmp/two.toml" \
+        -m "$mlp" -c "$cpu2" --iterations 5 --timeout 10
+    contains "mpirun names the dead rank" "$tmp/err" "Process name: [["
+    contains "mpirun names the dead rank's number" "$tmp/err" "],1]"
+    # ...and where mpirun lets the others go on, they stop at their timeout, naming the rank and
+    # the iteration.
+    start=$(date +%s)
+    DPART_INJECT_FAULT=1:2:exit "${mpi[@]}" 2 --mca orte_abort_on_non_zero_status 0 "$dpart" run "$tmp/two.toml" \
+        -m "$mlp" -c "$cpu2" --iterations 5 --timeout 3 >"$tmp/out" 2>"$tmp/err"
+    elapsed=$(($(date +%s) - start))
+    checks=$((checks + 1))
+    if [ "$elapsed" -gt 30 ]; then
+        echo "FAIL the survivors of a dead rank took ${elapsed}s to stop"
+        failures=$((failures + 1))
+    fi
+    contains "survivors name the dead rank and iteration" "$tmp/err" "at iteration 2: rank 0 waited 3 s"
+    contains "survivors name the dead rank" "$tmp/err" "from rank 1: no answer"
+else
+    echo "mpirun not found: the MPI checks did not run"
+    failures=$((failures + 1))
+fi
+
+# --- Scenarios for real: a slowed device waits out its extra time; the training is unchanged ---
+printf '[[event]]\niteration = 1\nkind = "slowdown"\ndevice = "cpu1"\nfactor = 3.0\n[[event]]\niteration = 3\nkind = "recover"\ndevice = "cpu1"\n' >"$tmp/slow.toml"
+if check "run under a slowdown" 0 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" \
+    --scenario "$tmp/slow.toml" -o "$tmp/slow"; then
+    same "a slowdown changes no weight" "$digest" "$(summary_value "$tmp/slow/summary.toml" weights_digest)"
+    contains "the slowdown is in iterations.csv" "$tmp/slow/iterations.csv" "1,1,"
+    contains "the slowdown is named" "$tmp/slow/iterations.csv" ",slowdown cpu1 x3"
+    contains "the recovery is named" "$tmp/slow/iterations.csv" ",recover cpu1"
+fi
+printf '[[event]]\niteration = 2\nkind = "fail"\ndevice = "cpu1"\n' >"$tmp/fail.toml"
+check "a failed device stops a static run" 1 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" \
+    --scenario "$tmp/fail.toml" && contains "the failure is named" "$tmp/err" "its device failed at iteration 2"
+
+# --- A recorded run re-drives the simulator (dpart replay --trace) -----------------------------
+if [ -f "$tmp/two/plan.toml" ]; then
+    check "replay the run's plan under its conditions" 0 "$dpart" replay "$tmp/two.toml" -m "$mlp" -c "$cpu2" \
+        --trace "$tmp/two" --iterations 5 -o "$tmp/replayed" && contains "replay names the trace" "$tmp/out" \
+        "conditions of the run in"
+    check "replay another plan under the run's conditions" 0 "$dpart" replay "$tmp/one.toml" -m "$mlp" -c "$cpu2" \
+        --trace "$tmp/two" --iterations 5
+    check "a trace and a scenario are exclusive" 2 "$dpart" replay "$tmp/one.toml" -m "$mlp" -c "$cpu2" \
+        --trace "$tmp/two" --scenario "$src/plans/scenarios/slow-gpu.toml"
+    cp -r "$tmp/two" "$tmp/bad-trace"
+    sed -i '2s/,cpu0,/,cpu7,/' "$tmp/bad-trace/stages.csv"
+    check "a trace that does not match its plan" 2 "$dpart" replay "$tmp/one.toml" -m "$mlp" -c "$cpu2" \
+        --trace "$tmp/bad-trace" && contains "the trace's line is named" "$tmp/err" "stages.csv:2"
+else
+    echo "FAIL dpart run --out-dir wrote no plan.toml"
+    failures=$((failures + 1))
+fi
+
+# --- dpart profile: the CPU probes make a cluster file the planner and the runtime read ------------
+check "profile --list" 0 "$dpart" profile --list && contains "profile lists the GEMM probe" "$tmp/out" "cpu.gemm_fp32"
+if check "profile the CPU" 0 "$dpart" profile -p cpu. --scale 0.02 --repeats 1 --name measured \
+    --out "$tmp/measured.toml" --csv "$tmp/profile.csv"; then
+    head -1 "$tmp/profile.csv" >"$tmp/h4"
+    contains "profile.csv columns" "$tmp/h4" "key,status,figure,value,unit,reason"
+    contains "profile.csv has the GEMM rate" "$tmp/profile.csv" "cpu.gemm_fp32,ok,gflops_one_core,"
+    check "plan on the measured cluster" 0 "$dpart" plan "$mlp" -c "$tmp/measured.toml" --out "$tmp/measured-plan.toml"
+    check "run on the measured cluster" 0 "$dpart" run "$tmp/measured-plan.toml" -m "$mlp" -c "$tmp/measured.toml" \
+        "${run_flags[@]}"
+fi
+check "profile an unknown probe" 2 "$dpart" profile -t cpu.gemm_fp3 && contains "profile suggests a probe" "$tmp/err" \
+    'did you mean "cpu.gemm_fp32"'
+check "profile waives the GPU without one" 0 "$dpart" profile -t gpu.facts
+if ! nvidia-smi >/dev/null 2>&1; then contains "the GPU probe is waived" "$tmp/out" "waived"; fi
+
+# --- Faults and mismatches ---------------------------------------------------------------------
+DPART_INJECT_FAULT=1:2 check "a failing worker stops the run" 1 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" \
+    "${run_flags[@]}" && contains "the failing worker is named" "$tmp/err" "worker 1 (stage 1"
+check "a plan for another model" 2 "$dpart" run "$tmp/gpt2.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}"
+check "a plan naming a missing device" 2 "$dpart" run "$tmp/four.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}"
+check "a bad fault spec" 2 env DPART_INJECT_FAULT=x "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2"
+
+echo "$checks checks, $((checks - failures)) passed, $failures failed"
+[ "$failures" -eq 0 ] && [ "$checks" -gt 0 ]
