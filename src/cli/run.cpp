@@ -31,6 +31,9 @@ struct RunCliOptions {
     double timeout_s = 60;
     std::string out_dir;
     std::string timeline = "ends";
+    std::uint64_t checkpoint_every = 0;
+    std::string checkpoint_dir;
+    std::string resume;
 };
 
 void write_outputs(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
@@ -96,6 +99,16 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     ro.optimizer.lr = static_cast<float>(o.lr);
     ro.timeout = timeout;
     ro.fault = rt::fault_from_environment();
+    ro.checkpoint_every = o.checkpoint_every;
+    ro.checkpoint_dir = o.resume.empty() ? o.checkpoint_dir : o.resume;
+    ro.resume = !o.resume.empty();
+    if (ro.checkpoint_every > 0 && ro.checkpoint_dir.empty())
+        throw InputError("--checkpoint-every needs --checkpoint-dir (or --resume DIR)");
+    if (ro.checkpoint_every > 0) {
+        std::error_code ec;
+        std::filesystem::create_directories(ro.checkpoint_dir, ec);
+        if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", ro.checkpoint_dir, ec.message()));
+    }
     const rt::Execution ex(plan, model, predicted, ro);
     check_host_memory(ex, predicted, model);
 
@@ -121,7 +134,8 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     fmt::print("iteration ms: mean {:.6g}, p50 {:.6g}, p99 {:.6g}; predicted {:.6g} ({:+.3g}%); {:.6g} samples/s\n",
                summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
                summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
-    fmt::print("loss: first {:.6g}, last {:.6g}\n", run.loss.front(), run.loss.back());
+    if (run.first_iteration > 0) fmt::print("resumed from the checkpoint at iteration {}\n", run.first_iteration);
+    if (!run.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", run.loss.front(), run.loss.back());
     fmt::print("weights_digest: {}\n", summary.weights_digest);
     if (!o.out_dir.empty()) write_outputs(o, command, model, cluster, ex, predicted, run, summary);
     return 0;
@@ -157,6 +171,13 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
         ->capture_default_str();
     cmd->add_option("--out-dir,-o", o->out_dir,
                     "write iterations.csv, stages.csv, timeline.csv and summary.toml there (atomically)");
+    cmd->add_option("--checkpoint-every", o->checkpoint_every,
+                    "every K iterations, write every worker's state (parameters, optimizer moments) to --checkpoint-dir")
+        ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40));
+    cmd->add_option("--checkpoint-dir", o->checkpoint_dir, "where checkpoints go (created if missing)");
+    cmd->add_option("--resume", o->resume,
+                    "continue from the last checkpoint in this directory (same plan, model, seed, data and optimizer); "
+                    "with --checkpoint-every it keeps checkpointing there");
     cmd->add_option("--timeline", o->timeline, "which iterations timeline.csv holds: ends (the first and last) or all")
         ->check(CLI::IsMember({"ends", "all"}))
         ->capture_default_str();

@@ -10,11 +10,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <thread>
 
 #include "dpart/core/error.hpp"
+#include "dpart/io/atomic_file.hpp"
 
 namespace dpart::rt {
 
@@ -55,6 +58,34 @@ std::vector<std::size_t> inputs_of(const Model& model, std::size_t l) {
 
 bool is_loss(const Layer& layer) { return std::holds_alternative<SoftmaxXentOp>(layer.op); }
 
+// --- Checkpoints: DIR/checkpoint.toml names the iteration; DIR/rank{R}-it{I}.bin each worker's state.
+std::filesystem::path rank_file(const std::string& dir, std::size_t rank, std::uint64_t iteration) {
+    return std::filesystem::path(dir) / fmt::format("rank{}-it{}.bin", rank, iteration);
+}
+
+std::uint64_t read_checkpoint_iteration(const std::string& dir, const std::string& fingerprint, std::size_t workers) {
+    const std::string path = (std::filesystem::path(dir) / "checkpoint.toml").string();
+    std::ifstream in(path);
+    if (!in) throw InputError(fmt::format("{}: no checkpoint to resume from", path));
+    std::string line, found;
+    std::uint64_t iteration = 0, ranks = 0;
+    bool have_iteration = false;
+    while (std::getline(in, line)) {
+        unsigned long long v = 0;
+        char text[64] = {};
+        if (std::sscanf(line.c_str(), "iteration = %llu", &v) == 1) iteration = v, have_iteration = true;
+        if (std::sscanf(line.c_str(), "workers = %llu", &v) == 1) ranks = v;
+        if (std::sscanf(line.c_str(), "fingerprint = \"%63[0-9a-f]\"", text) == 1) found = text;
+    }
+    if (!have_iteration || found.empty())
+        throw InputError(fmt::format("{}: not a dpart checkpoint (iteration and fingerprint missing)", path));
+    if (found != fingerprint || ranks != workers)
+        throw InputError(fmt::format("{}: the checkpoint was written by another run (plan, model, seed, data or "
+                                     "optimizer differ: fingerprint {}, this run's {})",
+                                     path, found, fingerprint));
+    return iteration;
+}
+
 }  // namespace
 
 Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options)
@@ -82,12 +113,32 @@ Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& e
     for (std::size_t l = 0; l < model.layers.size(); ++l)
         if (const auto* lin = std::get_if<LinearOp>(&model.layers[l].op); lin && lin->tied_to)
             tied_.push_back({*lin->tied_to, l});
+    if (options_.resume) first_iteration_ = read_checkpoint_iteration(options_.checkpoint_dir, fingerprint(), workers());
     // Build every shard's kernel once so that an op without a kernel, or a split that does not
     // divide, is reported before any worker starts.
     for (const Stage& st : plan.stages)
         for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
             for (std::uint32_t t = 0; t < st.tp; ++t)
                 state_bytes_ += 4 * sizeof(float) * st.replicas() * make_cpu_kernel(model, l, Shard{t, st.tp})->shard_params();
+}
+
+std::string Execution::fingerprint() const {
+    std::string text = fmt::format("{} {} {} {} {} {} {} {}", model_.name, model_.layers.size(), to_string(plan_.schedule),
+                                   plan_.microbatch_size, plan_.microbatches, options_.seed, options_.dataset_batches,
+                                   to_string(options_.optimizer.kind));
+    text += fmt::format(" {:a} {:a} {:a} {:a}", options_.optimizer.lr, options_.optimizer.beta1, options_.optimizer.beta2,
+                        options_.optimizer.eps);
+    for (const Stage& st : plan_.stages) {
+        text += fmt::format(" [{} {} {}", st.first_layer, st.last_layer, st.tp);
+        for (std::size_t d : st.devices) text += fmt::format(" {}", d);
+        text += "]";
+    }
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    for (unsigned char c : text) {
+        h ^= c;
+        h *= 0x100000001b3ull;
+    }
+    return fmt::format("{:016x}", h);
 }
 
 std::size_t Execution::rank_of(std::size_t stage, std::size_t replica, std::size_t tp_rank) const {
@@ -163,7 +214,8 @@ public:
         const std::size_t S = plan_.stages.size();
         const auto order = stage_order(plan_.schedule, static_cast<std::uint32_t>(place_.stage),
                                        static_cast<std::uint32_t>(S), static_cast<std::uint32_t>(plan_.microbatches));
-        for (std::uint32_t it = 0; it < ex_.options().iterations; ++it) {
+        if (ex_.options().resume) load_state(ex_.first_iteration());
+        for (auto it = static_cast<std::uint32_t>(ex_.first_iteration()); it < ex_.options().iterations; ++it) {
             iteration_ = it;
             conditions_ = conditions_at(ex_.options().scenario, conditions_.slowdown.size(), it);
             if (conditions_.failed.at(place_.device))
@@ -186,6 +238,8 @@ public:
             finish_iteration();
             report.busy_s.push_back(seconds_since_start());
             report.loss.push_back(loss_);
+            const std::uint64_t every = ex_.options().checkpoint_every;
+            if (every > 0 && (it + 1) % every == 0 && it + 1 < ex_.options().iterations) checkpoint(it + 1, all);
         }
         report.params = params_;
         return report;
@@ -194,6 +248,59 @@ public:
     [[nodiscard]] std::uint32_t iteration() const noexcept { return iteration_; }
 
 private:
+    /// Writes this worker's state as of the start of `next`; once every worker has, rank 0
+    /// records `next` in checkpoint.toml; then each removes its previous file.
+    void checkpoint(std::uint64_t next, const std::vector<std::size_t>& all) {
+        const std::string& dir = ex_.options().checkpoint_dir;
+        Bytes b;
+        append_value(b, std::uint64_t{0x4b43504450ull});  // "DPCK"
+        append_value(b, next);
+        append_value(b, static_cast<std::uint64_t>(params_.size()));
+        for (std::size_t k = 0; k < params_.size(); ++k) {
+            append_value(b, static_cast<std::uint64_t>(params_[k].size()));
+            append(b, std::span<const float>(params_[k]));
+            append(b, std::span<const float>(m_[k]));
+            append(b, std::span<const float>(v_[k]));
+        }
+        write_file_atomic(rank_file(dir, rank_, next).string(),
+                          std::string_view(reinterpret_cast<const char*>(b.data()), b.size()));
+        const auto it = static_cast<std::uint32_t>(next);
+        group_barrier(net_, all, {Tag::Kind::barrier, it, 1, 0});
+        if (rank_ == 0)
+            write_file_atomic((std::filesystem::path(dir) / "checkpoint.toml").string(),
+                              fmt::format("# dpart run checkpoint: every worker's state at the start of this "
+                                          "iteration is in rank<R>-it<iteration>.bin\niteration = {}\nworkers = {}\n"
+                                          "fingerprint = \"{}\"\n",
+                                          next, ex_.workers(), ex_.fingerprint()));
+        group_barrier(net_, all, {Tag::Kind::barrier, it, 2, 0});
+        if (last_checkpoint_ > 0) std::filesystem::remove(rank_file(dir, rank_, last_checkpoint_));
+        last_checkpoint_ = next;
+    }
+
+    void load_state(std::uint64_t iteration) {
+        const std::string path = rank_file(ex_.options().checkpoint_dir, rank_, iteration).string();
+        std::ifstream in(path, std::ios::binary);
+        if (!in) throw InputError(fmt::format("{}: missing from the checkpoint", path));
+        const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        const Bytes b(reinterpret_cast<const std::byte*>(raw.data()), reinterpret_cast<const std::byte*>(raw.data()) + raw.size());
+        Reader r(b);
+        try {
+            if (r.value<std::uint64_t>() != 0x4b43504450ull || r.value<std::uint64_t>() != iteration ||
+                r.value<std::uint64_t>() != params_.size())
+                throw RuntimeError("header");
+            for (std::size_t k = 0; k < params_.size(); ++k) {
+                if (r.value<std::uint64_t>() != params_[k].size()) throw RuntimeError("layer size");
+                r.read_into(std::span<float>(params_[k]));
+                r.read_into(std::span<float>(m_[k]));
+                r.read_into(std::span<float>(v_[k]));
+            }
+            if (!r.done()) throw RuntimeError("trailing bytes");
+        } catch (const RuntimeError& e) {
+            throw InputError(fmt::format("{}: not this worker's state at iteration {} ({})", path, iteration, e.what()));
+        }
+        last_checkpoint_ = iteration;
+    }
+
     struct InFlight {
         std::map<std::size_t, Tensor> acts;  // layer (or model_input) -> output
         std::vector<Saved> saved;
@@ -486,6 +593,7 @@ private:
     std::uint32_t iteration_ = 0;
     Clock::time_point t0_;
     double loss_ = 0;
+    std::uint64_t last_checkpoint_ = 0;
     std::vector<TaskRecord>* records_ = nullptr;
     Conditions conditions_{device_count()};
     std::size_t device_count() const {
@@ -544,7 +652,8 @@ RunResult assemble(const Execution& ex, std::vector<WorkerReport> reports) {
     const Plan& plan = ex.plan();
     const Model& model = ex.model();
     RunResult r;
-    const std::size_t N = ex.options().iterations;
+    r.first_iteration = ex.first_iteration();
+    const std::size_t N = ex.options().iterations - ex.first_iteration();
     r.iteration_s.assign(N, 0.0);
     r.loss.assign(N, 0.0);
     for (const WorkerReport& w : reports)

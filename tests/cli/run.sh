@@ -183,6 +183,35 @@ printf '[[event]]\niteration = 2\nkind = "fail"\ndevice = "cpu1"\n' >"$tmp/fail.
 check "a failed device stops a static run" 1 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" \
     --scenario "$tmp/fail.toml" && contains "the failure is named" "$tmp/err" "its device failed at iteration 2"
 
+# --- Checkpoints: a run killed with SIGKILL and resumed ends with the uninterrupted run's weights ---
+ck_flags=(--iterations 24 --seed 5 --dataset-batches 3 --checkpoint-every 2)
+check "tiny-gpt uninterrupted" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --iterations 24 --seed 5 \
+    --dataset-batches 3 -o "$tmp/whole"
+whole=$(summary_value "$tmp/whole/summary.toml" weights_digest)
+for trial in 1 2 3; do
+    rm -rf "$tmp/ck"
+    "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${ck_flags[@]}" --checkpoint-dir "$tmp/ck" >/dev/null 2>&1 &
+    pid=$!
+    sleep "0.$((RANDOM % 9 + 1))"
+    kill -9 "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    checks=$((checks + 1))
+    if ls -A "$tmp/ck" 2>/dev/null | grep -q -e tmp -e '^\.'; then
+        echo "FAIL trial $trial: a temporary file was left in the checkpoint directory: $(ls -A "$tmp/ck")"
+        failures=$((failures + 1))
+    fi
+    if [ -f "$tmp/ck/checkpoint.toml" ]; then
+        if check "resume after SIGKILL ($trial)" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${ck_flags[@]}" \
+            --resume "$tmp/ck" -o "$tmp/resumed"; then
+            same "resumed run $trial: same digest" "$whole" "$(summary_value "$tmp/resumed/summary.toml" weights_digest)"
+        fi
+    fi
+done
+check "resume with another seed" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --iterations 24 --seed 6 \
+    --dataset-batches 3 --resume "$tmp/ck" && contains "another run's checkpoint" "$tmp/err" "written by another run"
+check "resume from nothing" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --resume "$tmp/nothing"
+check "checkpoints need a directory" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --checkpoint-every 2
+
 # --- A recorded run re-drives the simulator (dpart replay --trace) -----------------------------
 if [ -f "$tmp/two/plan.toml" ]; then
     check "replay the run's plan under its conditions" 0 "$dpart" replay "$tmp/two.toml" -m "$mlp" -c "$cpu2" \

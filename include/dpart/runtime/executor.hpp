@@ -43,6 +43,14 @@ struct RunOptions {
         bool exit = false;
     };
     std::optional<Fault> fault;
+    /// Every `checkpoint_every` iterations (0 = never) each worker writes its state (parameters
+    /// and optimizer moments) under `checkpoint_dir`, atomically, and rank 0 then records the
+    /// iteration in checkpoint.toml: a checkpoint exists only once every worker's file does.
+    std::uint64_t checkpoint_every = 0;
+    std::string checkpoint_dir;
+    /// Continue from the checkpoint in `checkpoint_dir` (the same plan, model, seed, data and
+    /// optimizer, checked by a fingerprint) instead of from the initial weights.
+    bool resume = false;
 };
 
 /// Reads a fault from DPART_INJECT_FAULT="rank:iteration[:exit]" (unset: none). Throws
@@ -102,6 +110,10 @@ public:
     [[nodiscard]] const std::vector<std::uint64_t>& offsets(std::size_t s) const { return offsets_.at(s); }
     /// The rank of (stage, replica, tp rank).
     [[nodiscard]] std::size_t rank_of(std::size_t stage, std::size_t replica, std::size_t tp_rank) const;
+    /// The first iteration to run: 0, or the checkpoint's when resuming.
+    [[nodiscard]] std::uint64_t first_iteration() const noexcept { return first_iteration_; }
+    /// What must not change between a checkpoint and its resume, as a digest.
+    [[nodiscard]] std::string fingerprint() const;
     /// Bytes every worker together holds for parameters, gradients and Adam's two moments (4
     /// fp32 values per parameter of each shard), before activations.
     [[nodiscard]] std::uint64_t state_bytes() const noexcept { return state_bytes_; }
@@ -118,9 +130,11 @@ private:
     std::vector<std::vector<std::uint64_t>> shares_, offsets_;
     std::vector<std::pair<std::size_t, std::size_t>> tied_;
     std::uint64_t state_bytes_ = 0;
+    std::uint64_t first_iteration_ = 0;
 };
 
 struct RunResult {
+    std::uint64_t first_iteration = 0;  ///< iteration_s[i] is iteration first_iteration + i
     std::vector<double> iteration_s;
     std::vector<double> loss;  ///< per iteration: the mean loss over the global batch
     std::vector<WorkerReport> workers;

@@ -299,6 +299,9 @@ template <class... F>
 struct Overloaded : F... {
     using F::operator()...;
 };
+// Clang before 17 deduces no aggregate's template arguments (scripts/fuzz.sh builds with clang 14).
+template <class... F>
+Overloaded(F...) -> Overloaded<F...>;
 
 }  // namespace
 
