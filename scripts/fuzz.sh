@@ -38,13 +38,13 @@ for t in "${targets[@]}"; do
   units=$(find "$work" -type f | wc -l)
   status=ok
   if [ "$rc" -ne 0 ]; then
-    status="FAILED (exit $rc): $(grep -m1 -E 'ERROR|dpart fuzz finding|==[0-9]+==' "$log" || echo 'see the log')"
+    status="FAILED (exit $rc): $(grep -m1 -E 'runtime error|ERROR:|dpart fuzz finding|SUMMARY' "$log" || echo 'see the log')"
     failed=$((failed + 1))
     tail -40 "$log"
   fi
-  summary+=("$(printf '%-9s %12s inputs  %8s/s  %6s in corpus  %s' "$t" "${execs:-?}" "${rate:-?}" "$units" "$status")")
+  summary+=("$(printf '%-9s %10s  %8s/s  %10s  %s' "$t" "${execs:-?}" "${rate:-?}" "$units" "$status")")
 done
 echo
-echo "target         executed      rate    corpus (new)  result"
+echo "target       executed        rate      new inputs  result"
 printf '%s\n' "${summary[@]}"
 [ "$failed" -eq 0 ]

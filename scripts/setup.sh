@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dpart needs to build and test. Skips apt entirely when all
-# are present. CUDA, NCCL and cuDNN are optional and not installed here.
+# are present. CUDA, NCCL and cuDNN are optional and not installed here. clang and its runtime
+# (libFuzzer, the sanitizers) build the fuzz harnesses (scripts/fuzz.sh).
 set -euo pipefail
 packages=(
   build-essential cmake git
@@ -8,6 +9,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libopenblas-dev
   python3 python3-matplotlib python3-torch
+  clang libclang-rt-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do

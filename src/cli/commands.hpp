@@ -3,12 +3,32 @@
 // subcommand with its options and, when it is the one selected, makes `action` run it.
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <functional>
 #include <string>
 
 namespace dpart::cli {
 
 using Action = std::function<int()>;
+
+/// A finite number. CLI::Range and CLI::PositiveNumber let NaN through (every comparison with NaN
+/// is false), so every floating-point option checks this as well.
+inline const CLI::Validator finite_number{[](std::string& s) -> std::string {
+                                              double v = 0;
+                                              if (!CLI::detail::lexical_cast(s, v)) return "\"" + s + "\" is not a number";
+                                              if (!std::isfinite(v)) return "must be a finite number, got " + s;
+                                              return {};
+                                          },
+                                          ""};
+/// A finite number > 0 (CLI::PositiveNumber accepts NaN, and its message prints DBL_MAX in full).
+inline const CLI::Validator positive_number{[](std::string& s) -> std::string {
+                                                double v = 0;
+                                                if (!CLI::detail::lexical_cast(s, v)) return "\"" + s + "\" is not a number";
+                                                if (!std::isfinite(v) || v <= 0)
+                                                    return "must be a positive finite number, got " + s;
+                                                return {};
+                                            },
+                                            "POSITIVE"};
 
 void setup_inspect(CLI::App& app, Action& action);
 /// `command` is the command line, recorded in the [meta] of the files it writes.

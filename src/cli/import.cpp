@@ -124,7 +124,7 @@ void setup_import(CLI::App& app, Action& action, const std::string& command) {
     p->add_option("--tflops", pd->tflops,
                   "its matmul TFLOP/s: dpart's cost model scales the measured times by tflops / a device's TFLOP/s "
                   "(default: unknown, times used as measured on every device)")
-        ->check(CLI::PositiveNumber);
+        ->check(positive_number);
     p->add_option("--name", pd->name, "[model] name (default: the profile's file name without extension)");
     p->footer(
         "Examples:\n"

@@ -4,9 +4,12 @@
 
 #include <cstdio>
 #include <exception>
+#include <string>
+#include <vector>
 
 #include "commands.hpp"
 #include "dpart/core/error.hpp"
+#include "dpart/core/strings.hpp"
 #include "dpart/io/meta.hpp"
 
 namespace {
@@ -20,6 +23,30 @@ int report(const dpart::Error& e) {
     else
         fmt::print(stderr, "dpart: error: {}\n", e.what());
     return static_cast<int>(e.code());
+}
+
+/// CLI11 answers a misspelt command ("dpart plna", "dpart import onnx") with "A subcommand is
+/// required": this names it and the commands there are. "" when every command word is known (CLI11
+/// checks the rest).
+std::string unknown_command(const CLI::App& app, int argc, char** argv) {
+    const CLI::App* at = &app;
+    std::string path = "dpart";
+    for (int i = 1; i < argc && at->get_require_subcommand_min() > 0; ++i) {
+        const std::string arg = argv[i];
+        if (arg.empty() || arg[0] == '-') return "";
+        std::vector<std::string> names;
+        const CLI::App* next = nullptr;
+        for (const CLI::App* sub : at->get_subcommands([](const CLI::App*) { return true; })) {
+            names.push_back(sub->get_name());
+            if (sub->check_name(arg)) next = sub;
+        }
+        if (next == nullptr)
+            return fmt::format("unknown command \"{} {}\"{}; the commands of {} are {}", path, arg,
+                               dpart::did_you_mean(arg, names), path, dpart::join(names, ", "));
+        at = next;
+        path += " " + arg;
+    }
+    return "";
 }
 
 }  // namespace
@@ -40,6 +67,10 @@ int main(int argc, char** argv) {
     dpart::cli::setup_compare(app, action);
     dpart::cli::setup_import(app, action, command);
 
+    if (const std::string unknown = unknown_command(app, argc, argv); !unknown.empty()) {
+        fmt::print(stderr, "dpart: error: {}\n", unknown);
+        return static_cast<int>(dpart::ExitCode::bad_input);
+    }
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

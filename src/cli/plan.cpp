@@ -312,11 +312,11 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
         ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
     cmd->add_option("--bandwidth-bytes", o->bandwidth_bytes,
                     "pipedream: bandwidth between workers in bytes/s (PipeDream's -b; it defaults to 1e9)")
-        ->check(CLI::PositiveNumber);
+        ->check(positive_number);
     cmd->add_flag("--straight-pipeline", o->straight_pipeline, "pipedream: one worker per stage, no replication");
     cmd->add_option("--memory-bytes", o->memory_bytes,
                     "pipedream: memory per worker in bytes (PipeDream's -s with --use_memory_constraint)")
-        ->check(CLI::PositiveNumber);
+        ->check(positive_number);
     cmd->footer(
         "Examples:\n"
         "  dpart plan plans/models/gpt2-small.toml --cluster plans/clusters/dgx-h100.toml\n"

@@ -80,6 +80,7 @@ void setup_profile(CLI::App& app, Action& action, const std::string& command) {
         ->capture_default_str();
     cmd->add_option("--scale", o->scale, "problem sizes relative to the defaults")
         ->check(CLI::Range(0.001, 100.0))
+        ->check(finite_number)
         ->capture_default_str();
     cmd->footer(
         "Probes that cannot run here are waived with the reason; one failing never stops the others.\n"

@@ -146,11 +146,13 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--min-gain", o->min_gain_pct,
                     "adaptive: the least predicted gain per iteration, in percent, worth a repartition")
         ->check(CLI::Range(0.0, 100.0))
+        ->check(finite_number)
         ->capture_default_str();
     cmd->add_option("--jitter", o->jitter,
                     "per-device noise: each iteration a device's work takes exp(jitter x N(0,1)) times as long "
                     "(0 = none)")
         ->check(CLI::Range(0.0, 2.0))
+        ->check(finite_number)
         ->capture_default_str();
     cmd->add_option("--seed", o->seed, "seed of the jitter: the same seed gives every policy the same noise")
         ->capture_default_str();

@@ -165,9 +165,10 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--optimizer", o->optimizer, "sgd or adam (PyTorch's arithmetic)")
         ->check(CLI::IsMember({"sgd", "adam"}))
         ->capture_default_str();
-    cmd->add_option("--lr", o->lr, "learning rate")->check(CLI::Range(0.0, 1e3))->capture_default_str();
+    cmd->add_option("--lr", o->lr, "learning rate")->check(CLI::Range(0.0, 1e3))->check(finite_number)->capture_default_str();
     cmd->add_option("--timeout", o->timeout_s, "seconds a worker waits for a peer before it stops the run")
         ->check(CLI::Range(0.01, 86400.0))
+        ->check(finite_number)
         ->capture_default_str();
     cmd->add_option("--out-dir,-o", o->out_dir,
                     "write iterations.csv, stages.csv, timeline.csv and summary.toml there (atomically)");

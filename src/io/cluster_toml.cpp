@@ -18,6 +18,8 @@ std::optional<LinkSpec> read_link_pair(TableReader& r, std::string_view prefix) 
     const std::string latency_key = fmt::format("{}_latency_us", prefix);
     const auto gbs = r.optional_positive(gbs_key);
     const auto latency = r.optional_nonnegative(latency_key);
+    if (gbs) r.check_within(gbs_key, *gbs, min_rate, max_rate, "GB/s");
+    if (latency) r.check_within(latency_key, *latency, 0, max_latency_us, "us");
     if (gbs.has_value() != latency.has_value()) {
         const std::string& missing = gbs ? latency_key : gbs_key;
         r.reject_typo_of(missing);
@@ -41,6 +43,12 @@ Device read_device_figures(TableReader& r) {
     d.mem_gib = r.required_positive("mem_gib");
     d.mem_bw_gbs = r.required_positive("mem_bw_gbs");
     if (d.mem_gib >= 17179869184.0) r.fail("mem_gib", fmt::format("mem_gib {} overflows 64 bits of bytes", d.mem_gib));
+    r.check_within("tflops", d.tflops, min_rate, max_rate, "TFLOP/s");
+    for (DType t : {DType::fp32, DType::bf16, DType::fp16})
+        if (const auto& v = d.tflops_by_dtype[static_cast<std::size_t>(t)])
+            r.check_within(fmt::format("tflops_{}", to_string(t)), *v, min_rate, max_rate, "TFLOP/s");
+    if (d.tflops_tf32) r.check_within("tflops_tf32", *d.tflops_tf32, min_rate, max_rate, "TFLOP/s");
+    r.check_within("mem_bw_gbs", d.mem_bw_gbs, min_rate, max_rate, "GB/s");
     return d;
 }
 
@@ -84,8 +92,10 @@ public:
         if (ia == ib) r.fail("b", "a link joins two different devices");
         LinkSpec link;
         link.gbs = r.required_positive("gbs");
+        r.check_within("gbs", link.gbs, min_rate, max_rate, "GB/s");
         const auto latency = r.optional_nonnegative("latency_us");
         if (!latency) r.missing("latency_us");
+        r.check_within("latency_us", *latency, 0, max_latency_us, "us");
         link.latency_us = *latency;
         r.finish();
         auto [it, inserted] = link_lines_.emplace(Cluster::pair_key(ia, ib), r.where().line);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -104,6 +105,8 @@ CsvFile parse_csv(std::string_view text, const std::string& path, const std::vec
 }
 
 CsvFile read_csv(const std::string& path, const std::vector<std::string>& columns) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) throw InputError(SourceLocation{path}, "is a directory, not a file");
     std::ifstream in(path, std::ios::binary);
     if (!in) throw InputError(SourceLocation{path}, "cannot open the file for reading");
     std::ostringstream content;

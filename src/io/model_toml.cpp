@@ -2,10 +2,12 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "dpart/core/checked.hpp"
 #include "dpart/graph/transformer.hpp"
+#include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/toml_reader.hpp"
 
 namespace dpart {
@@ -172,6 +174,8 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
             if (!r.has(key)) r.missing(key, " (a measured layer gives both fwd_ms and bwd_ms)");
         o.fwd_ms = *r.optional_nonnegative("fwd_ms");
         o.bwd_ms = *r.optional_nonnegative("bwd_ms");
+        r.check_within("fwd_ms", o.fwd_ms, 0, max_measured_ms, "ms");
+        r.check_within("bwd_ms", o.bwd_ms, 0, max_measured_ms, "ms");
     }
     o.fwd_flops = r.optional_count("fwd_flops", 0, true);
     o.bwd_flops = r.optional_count("bwd_flops", 0, true);
@@ -254,6 +258,16 @@ TransformerSpec parse_transformer(TableReader& r) {
     return t;
 }
 
+/// Whether a layer takes time on a device: what the cost model charges is FLOPs, memory traffic
+/// and weights (a roofline), or a measured time.
+bool costs_time(const Layer& l) {
+    const LayerCost& c = l.cost;
+    if (c.fwd_flops != 0 || c.bwd_flops != 0 || c.fwd_mem_bytes != 0 || c.bwd_mem_bytes != 0 || c.weight_bytes != 0)
+        return true;
+    const auto* custom = std::get_if<CustomOp>(&l.op);
+    return custom != nullptr && custom->measured && (custom->fwd_ms > 0 || custom->bwd_ms > 0);
+}
+
 Model read_model(const toml::table& root, const std::string& path) {
     TableReader top(root, path, "");
     (void)top.optional_table("meta");  // provenance written by dpart import: free-form, not checked
@@ -279,6 +293,7 @@ Model read_model(const toml::table& root, const std::string& path) {
         at.batch = t.required_count("batch");
         at.device = t.optional_string("device").value_or("");
         at.tflops = t.optional_positive("tflops").value_or(0.0);
+        if (at.tflops > 0) t.check_within("tflops", at.tflops, min_rate, max_rate, "TFLOP/s");
         t.finish();
         spec.measured = at;
     }
@@ -300,7 +315,11 @@ Model read_model(const toml::table& root, const std::string& path) {
     } else {
         throw InputError(spec.where, "the model has no layers: add [[layer]] tables or a [transformer] table");
     }
-    return build_model(spec);
+    Model built = build_model(spec);
+    if (std::none_of(built.layers.begin(), built.layers.end(), costs_time))
+        throw InputError(spec.where, "the model computes nothing: no layer has FLOPs, memory traffic, weights or a "
+                                     "measured time, so every plan of it would take 0 ms");
+    return built;
 }
 
 }  // namespace

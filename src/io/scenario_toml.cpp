@@ -10,6 +10,11 @@
 namespace dpart {
 namespace {
 
+/// The range of an event's factor (docs/LIMITS.md): a device a million times slower has in effect
+/// failed (kind = "fail" says so), and within the range every time stays finite.
+constexpr double min_factor = 1e-6;
+constexpr double max_factor = 1e6;
+
 Scenario read_scenario(const toml::table& root, const std::string& path, const Cluster& cluster) {
     TableReader top(root, path, "");
     const toml::array* events = top.optional_table_array("event");
@@ -39,15 +44,24 @@ Scenario read_scenario(const toml::table& root, const std::string& path, const C
         if (!r.has("iteration")) r.missing("iteration");
         const std::string kind = r.choice("kind", {"slowdown", "recover", "fail", "link"}, "");
         if (kind == "link") {
+            r.expect({"a", "b", "factor"});
+            if (r.has("device"))
+                r.fail("device", "a link event names its two devices \"a\" and \"b\", not \"device\"");
             e.kind = EventKind::link;
             e.a = device(r, "a");
             e.b = device(r, "b");
             if (e.a == e.b) r.fail("b", "a link joins two different devices");
             e.factor = r.required_positive("factor");
+            r.check_within("factor", e.factor, min_factor, max_factor, "");
         } else {
+            r.expect({"device"});
+            if (kind == "slowdown") r.expect({"factor"});
             e.kind = kind == "slowdown" ? EventKind::slowdown : kind == "recover" ? EventKind::recover : EventKind::fail;
             e.device = device(r, "device");
-            if (e.kind == EventKind::slowdown) e.factor = r.required_positive("factor");
+            if (e.kind == EventKind::slowdown) {
+                e.factor = r.required_positive("factor");
+                r.check_within("factor", e.factor, min_factor, max_factor, "");
+            }
         }
         r.finish();
         sc.events.push_back(e);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -21,6 +22,8 @@ toml::table parse_toml_text(std::string_view text, const std::string& path) {
 }
 
 toml::table parse_toml_file(const std::string& path) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) throw InputError(SourceLocation{path}, "is a directory, not a file");
     std::ifstream in(path, std::ios::binary);
     if (!in) throw InputError(SourceLocation{path}, "cannot open the file for reading");
     std::ostringstream content;
@@ -192,6 +195,14 @@ std::optional<double> TableReader::optional_nonnegative(std::string_view key) {
     const double v = to_number(key, *n);
     if (v < 0) fail(key, fmt::format("\"{}\" must not be negative, got {}", key, v));
     return v;
+}
+
+void TableReader::check_within(std::string_view key, double value, double lo, double hi, std::string_view unit) const {
+    const std::string_view space = unit.empty() ? "" : " ";
+    if (value < lo)
+        fail(key, fmt::format("\"{}\" = {} is below {}{}{}, the least dpart accepts", key, value, lo, space, unit));
+    if (value > hi)
+        fail(key, fmt::format("\"{}\" = {} is above {}{}{}, the most dpart accepts", key, value, hi, space, unit));
 }
 
 std::optional<Shape> TableReader::optional_shape(std::string_view key) {

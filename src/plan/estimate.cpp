@@ -117,10 +117,14 @@ void validate_plan(const Plan& plan, const Model& model, const Cluster& cluster)
     for (std::size_t s = 0; s < plan.stages.size(); ++s) {
         const Stage& st = plan.stages[s];
         const std::string ctx = fmt::format("stage {}", s);
+        if (st.first_layer != next && s == 0)
+            throw InputError(st.where, fmt::format("{}: first_layer is {} but the first stage starts at layer 0 "
+                                                   "(stages must cover the layers in order, each once)",
+                                                   ctx, st.first_layer));
         if (st.first_layer != next)
             throw InputError(st.where, fmt::format("{}: first_layer is {} but the previous stage ends at layer {} "
                                                    "(stages must cover the layers in order, each once)",
-                                                   ctx, st.first_layer, static_cast<std::int64_t>(next) - 1));
+                                                   ctx, st.first_layer, next - 1));
         if (st.last_layer < st.first_layer || st.last_layer >= L)
             throw InputError(st.where, fmt::format("{}: last_layer {} is outside {}..{}", ctx, st.last_layer,
                                                    st.first_layer, L - 1));
@@ -136,8 +140,12 @@ void validate_plan(const Plan& plan, const Model& model, const Cluster& cluster)
                 throw InputError(st.where, fmt::format("{}: device \"{}\" appears more than once in the plan", ctx,
                                                        cluster.devices[d].name));
             if (i % st.tp != 0 && cluster.devices[d].node != cluster.devices[st.devices[i - i % st.tp]].node)
-                throw InputError(st.where, fmt::format("{}: tensor-parallel group of \"{}\" spans nodes", ctx,
-                                                       cluster.devices[d].name));
+                throw InputError(st.where, fmt::format("{}: the tensor-parallel group of \"{}\" and \"{}\" spans nodes "
+                                                       "\"{}\" and \"{}\" (tensor parallelism stays inside a node)",
+                                                       ctx, cluster.devices[st.devices[i - i % st.tp]].name,
+                                                       cluster.devices[d].name,
+                                                       cluster.nodes[cluster.devices[st.devices[i - i % st.tp]].node].name,
+                                                       cluster.nodes[cluster.devices[d].node].name));
         }
         if (plan.microbatch_size < st.replicas())
             throw InputError(st.where, fmt::format("{}: {} replicas need a microbatch of at least {} samples, got {}",

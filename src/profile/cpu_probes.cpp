@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <exception>
 #include <thread>
 #include <vector>
 
@@ -73,13 +74,21 @@ std::pair<double, double> transport_link(std::size_t bytes, int repeats) {
     rt::InProcessNetwork net(2, std::chrono::milliseconds(60000));
     auto pingpong = [&](std::size_t size, int rounds) {
         return median_seconds(repeats, [&] {
+            // An exception may not leave a thread (std::terminate): the echo's is rethrown here.
+            std::exception_ptr echo_error;
             std::jthread echo([&] {
-                for (int i = 0; i < rounds; ++i) net.endpoint(1).send(0, {}, net.endpoint(1).recv(0, {}));
+                try {
+                    for (int i = 0; i < rounds; ++i) net.endpoint(1).send(0, {}, net.endpoint(1).recv(0, {}));
+                } catch (...) {
+                    echo_error = std::current_exception();
+                }
             });
             for (int i = 0; i < rounds; ++i) {
                 net.endpoint(0).send(1, {}, rt::Bytes(size));
                 (void)net.endpoint(0).recv(1, {});
             }
+            echo.join();
+            if (echo_error) std::rethrow_exception(echo_error);
         }) / (2.0 * rounds);
     };
     const double latency = pingpong(1, 1000);

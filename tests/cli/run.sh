@@ -207,8 +207,10 @@ for trial in 1 2 3; do
         fi
     fi
 done
+check "a checkpointed run" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${ck_flags[@]}" \
+    --checkpoint-dir "$tmp/ck2"
 check "resume with another seed" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --iterations 24 --seed 6 \
-    --dataset-batches 3 --resume "$tmp/ck" && contains "another run's checkpoint" "$tmp/err" "written by another run"
+    --dataset-batches 3 --resume "$tmp/ck2" && contains "another run's checkpoint" "$tmp/err" "written by another run"
 check "resume from nothing" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --resume "$tmp/nothing"
 check "checkpoints need a directory" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --checkpoint-every 2
 

@@ -11,6 +11,8 @@ namespace dpart {
 /// Most layers one model may have (after the [transformer] expansion): beyond it the file is
 /// rejected before anything is allocated for it (a layer takes about 1 KiB once costed).
 inline constexpr std::size_t max_model_layers = 1u << 20;
+/// Largest measured time (fwd_ms, bwd_ms) a layer may give: 1e9 ms, about 11 days.
+inline constexpr double max_measured_ms = 1e9;
 
 /// Loads and validates a model file. Throws InputError ("file:line:col: ...") on bad input.
 [[nodiscard]] Model load_model(const std::string& path);

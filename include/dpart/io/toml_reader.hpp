@@ -9,7 +9,7 @@
 #include <string_view>
 #include <vector>
 
-#include <toml++/toml.h>
+#include "dpart/io/toml.hpp"
 
 #include "dpart/core/error.hpp"
 #include "dpart/graph/shape.hpp"
@@ -67,6 +67,11 @@ public:
     [[nodiscard]] std::optional<double> optional_positive(std::string_view key);
     /// A finite number >= 0.
     [[nodiscard]] std::optional<double> optional_nonnegative(std::string_view key);
+
+    /// Fails at the key unless lo <= value <= hi: a figure outside the range dpart accepts is
+    /// a typo (a unit off by 1e9), and beyond it the times computed from it overflow or vanish.
+    /// `unit` goes into the message ("TFLOP/s").
+    void check_within(std::string_view key, double value, double lo, double hi, std::string_view unit) const;
 
     /// An array of positive counts, e.g. input_shape = [3, 224, 224].
     [[nodiscard]] std::optional<Shape> optional_shape(std::string_view key);

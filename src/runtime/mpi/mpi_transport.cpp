@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <exception>
 #include <cstring>
 #include <list>
 #include <thread>
@@ -157,6 +158,9 @@ MpiSession::MpiSession(std::chrono::milliseconds timeout) {
 
 MpiSession::~MpiSession() {
     transport_.reset();
+    // Leaving on an error (a peer died or hung): MPI_Finalize could wait for that peer forever,
+    // before the error is even printed. The process ends with the error's exit code instead.
+    if (std::uncaught_exceptions() > 0) return;
     MPI_Finalize();
 }
 
