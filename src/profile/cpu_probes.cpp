@@ -49,16 +49,22 @@ double timed_on(unsigned threads, int repeats, const std::function<void(unsigned
     });
 }
 
-/// GFLOP/s per core of an n x n x n sgemm, on `threads` cores at once (each its own matrices).
+/// GFLOP/s per core of the three products of a linear layer's training step on n x n matrices
+/// (forward y = x W^T, backward dx = dy W and dW = dy^T x: the transposes training uses, not
+/// only the fastest one), on `threads` cores at once, each with its own matrices.
 double gemm_gflops(unsigned threads, std::size_t n, int repeats) {
     rt::use_single_threaded_blas();
-    const int dim = static_cast<int>(n);
+    const int d = static_cast<int>(n);
     std::vector<std::vector<float>> a(threads, std::vector<float>(n * n, 0.5f)), b = a, c = a;
     const double s = timed_on(threads, repeats, [&](unsigned t) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, dim, dim, dim, 1.0f, a[t].data(), dim, b[t].data(), dim,
-                    0.0f, c[t].data(), dim);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d, d, d, 1.0f, a[t].data(), d, b[t].data(), d, 0.0f,
+                    c[t].data(), d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d, d, d, 1.0f, a[t].data(), d, b[t].data(), d, 0.0f,
+                    c[t].data(), d);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, d, d, 1.0f, a[t].data(), d, b[t].data(), d, 1.0f,
+                    c[t].data(), d);
     });
-    return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) / s / 1e9;
+    return 3 * 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) / s / 1e9;
 }
 
 /// GB/s per core (bytes read + written) of a copy of `bytes`, on `threads` cores at once.
@@ -107,7 +113,10 @@ std::vector<Probe> cpu_probes(const ProbeSettings& st) {
     const std::size_t bytes = scaled(std::size_t{256} << 20, st.scale, std::size_t{1} << 20);
     return {
         {"cpu.facts", "CPU model, core count and memory", facts},
-        {"cpu.gemm_fp32", fmt::format("fp32 GEMM {}^3 through OpenBLAS on one core, then on every core at once", n),
+        {"cpu.gemm_fp32",
+         fmt::format("fp32 GEMM {}^3 through OpenBLAS (a training step's three transposes) on one core, then on every "
+                     "core at once",
+                     n),
          [=] {
              ProbeResult r;
              r.figures = {{"gflops_one_core", gemm_gflops(1, n, st.repeats), "GFLOP/s"},
