@@ -37,7 +37,10 @@ for t in "${targets[@]}"; do
   rate=$(awk '/stat::average_exec_per_sec/ { print $2 }' "$log" | tail -1)
   units=$(find "$work" -type f | wc -l)
   status=ok
-  if [ "$rc" -ne 0 ]; then
+  if [ "$rc" -eq 0 ] && [ "${execs:-0}" -eq 0 ]; then
+    status="FAILED: no input was executed"
+    failed=$((failed + 1))
+  elif [ "$rc" -ne 0 ]; then
     status="FAILED (exit $rc): $(grep -m1 -E 'runtime error|ERROR:|dpart fuzz finding|SUMMARY' "$log" || echo 'see the log')"
     failed=$((failed + 1))
     tail -40 "$log"

@@ -951,10 +951,19 @@ SolveResult solve_baseline(const Model& model, const Cluster& cluster, const Cos
 SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
                   const SolverOptions& sopt) {
     if (sopt.max_tp == 0) throw InputError("--max-tp must be at least 1");
-    if (model.layers.size() > max_plan_layers)
-        throw InputError(fmt::format("model \"{}\" has {} layers; the planner searches at most {} (its time grows with "
-                                     "the square of the layer count): merge consecutive layers into custom layers",
-                                     model.name, model.layers.size(), max_plan_layers));
+    const std::size_t L = model.layers.size(), D = cluster.devices.size();
+    if (L > max_plan_layers)
+        throw InputError(fmt::format("model \"{}\" has {} layers; the planner searches at most {} (its time grows faster "
+                                     "than the layer count): merge consecutive layers into custom layers",
+                                     model.name, L, max_plan_layers));
+    if (D > max_plan_devices)
+        throw InputError(fmt::format("cluster \"{}\" has {} devices; the planner searches at most {} (its time and memory "
+                                     "grow faster than the device count): plan for a part of the cluster",
+                                     cluster.name, D, max_plan_devices));
+    if (L * D > max_plan_layers_x_devices)
+        throw InputError(fmt::format("{} layers on {} devices is beyond what the planner searches (layers x devices at "
+                                     "most {}): merge layers, or plan for a part of the cluster",
+                                     L, D, max_plan_layers_x_devices));
     if (sopt.strategy == Strategy::optimal) return solve_optimal(model, cluster, cost, copt, sopt);
     return solve_baseline(model, cluster, cost, copt, sopt);
 }

@@ -13,6 +13,10 @@ failures=0
 checks=0
 RANDOM=${DPART_KILL_SEED:-20261127}
 python=/usr/bin/python3
+# Under AddressSanitizer (scripts/test.sh --sanitize) runs are several times slower: shorter ones
+# keep the test's time (about nine runs) in bounds; the kill moments scale with the measured time.
+replay_iterations=400 run_iterations=30
+if ldd "$dpart" 2>/dev/null | grep -q libasan; then replay_iterations=100 run_iterations=10; fi
 
 fail() {
     echo "FAIL $*"
@@ -116,7 +120,7 @@ clusters="$src/plans/clusters"
 # dpart replay: a long adaptive replay with every iteration's timeline (tens of MB written at the end).
 if "$dpart" plan "$models/llama3-8b.toml" -c "$clusters/h100-4x8.toml" -q --out "$tmp/plan.toml" 2>"$tmp/err"; then
     replay=("$dpart" replay "$tmp/plan.toml" -m "$models/llama3-8b.toml" -c "$clusters/h100-4x8.toml"
-        --scenario "$src/plans/scenarios/slow-gpu.toml" --policy adaptive --iterations 400 --timeline all)
+        --scenario "$src/plans/scenarios/slow-gpu.toml" --policy adaptive --iterations "$replay_iterations" --timeline all)
     measure replay "$tmp/replay-full" "${replay[@]}"
     check_dir "replay finished" "$tmp/replay-full"
     echo "replay: a whole run takes ${duration} ms"
@@ -127,7 +131,7 @@ fi
 
 # dpart run: real training steps of the small GPT on two CPU workers (threads).
 if "$dpart" plan "$models/tiny-gpt.toml" -c "$clusters/cpu-local.toml" -q --out "$tmp/run-plan.toml" 2>"$tmp/err"; then
-    run=("$dpart" run "$tmp/run-plan.toml" -m "$models/tiny-gpt.toml" -c "$clusters/cpu-local.toml" --iterations 30
+    run=("$dpart" run "$tmp/run-plan.toml" -m "$models/tiny-gpt.toml" -c "$clusters/cpu-local.toml" --iterations "$run_iterations"
         --timeline all)
     measure run "$tmp/run-full" "${run[@]}"
     check_dir "run finished" "$tmp/run-full"

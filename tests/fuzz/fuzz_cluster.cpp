@@ -5,6 +5,7 @@
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     using namespace dpart;
     const std::string text = fuzz::text_of(data, size);
+    if (fuzz::too_large_to_fuzz(text)) return 0;
     fuzz::expect_input_errors([&] {
         const Cluster c = parse_cluster(text, fuzz::input_name);
         if (c.devices.empty()) fuzz::finding("a cluster without devices was accepted");

@@ -16,6 +16,7 @@
 #include "dpart/graph/model.hpp"
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/model_toml.hpp"
+#include "dpart/io/toml.hpp"
 
 namespace dpart::fuzz {
 
@@ -42,6 +43,31 @@ void expect_input_errors(F&& parse) {
 
 inline std::string text_of(const std::uint8_t* data, std::size_t size) {
     return std::string(reinterpret_cast<const char*>(data), size);
+}
+
+/// Whether the text asks for a model or cluster so large that loading it takes seconds (a
+/// [transformer] of over 10,000 blocks, a [[device_group]] of over 100,000 devices): loading is
+/// linear, within the limits of docs/LIMITS.md, and measured by tests/cli/limits.sh; here such
+/// inputs would only be reported as slow (-timeout) or too large (-rss_limit_mb) under ASan.
+inline bool too_large_to_fuzz(std::string_view text) {
+    toml::table root;
+    try {
+        root = toml::parse(text, input_name);
+    } catch (const toml::parse_error&) {
+        return false;
+    }
+    auto count = [](const toml::node* n) -> double {
+        if (n == nullptr) return 0;
+        if (const auto* i = n->as_integer()) return static_cast<double>(i->get());
+        if (const auto* f = n->as_floating_point()) return f->get();
+        return 0;
+    };
+    if (count(root.at_path("transformer.layers").node()) > 10000) return true;
+    double devices = 0;
+    if (const auto* groups = root["device_group"].as_array())
+        for (const toml::node& g : *groups)
+            if (const auto* t = g.as_table()) devices += count(t->get("nodes")) * count(t->get("devices_per_node"));
+    return devices > 100000;
 }
 
 /// Bundled files the plan and scenario harnesses check their input against (DPART_SOURCE_DIR is

@@ -61,6 +61,17 @@ TEST_CASE("fuzz finding: a non-ASCII letter where toml++ looks for whitespace is
           "c.toml:2:11: TOML syntax error: Error while parsing key-value pair: expected space or tab, saw '\\u00A0'");
 }
 
+TEST_CASE("fuzz finding: a table header that starts with a non-ASCII letter is a syntax error") {
+    // toml++ 3.3.0 asserted (Debug) or assumed (clang release: undefined behaviour) that a key
+    // starts after '['; the plan fuzzer found it, the Debug sanitizer suite aborted on it.
+    for (const std::string header : {"[\xcf\xa7]\n", "[ \xc3\xa9]\n", "[[\xc3\xa9]]\n"}) {
+        CAPTURE(header);
+        const std::string e = error_of([&] { (void)parse_cluster(header, "c.toml"); });
+        CHECK(e.find("TOML syntax error: Error while parsing key: expected bare key starting character or string "
+                     "delimiter") != std::string::npos);
+    }
+}
+
 TEST_CASE("limits: figures outside the range dpart accepts are located errors") {
     auto with = [](const std::string& from, const std::string& to) {
         std::string t = cluster_text;

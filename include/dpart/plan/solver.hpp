@@ -58,14 +58,17 @@ struct Infeasibility {
     std::vector<std::string> suggestions;
 };
 
-/// Most layers the planner searches. The DP's time grows with the square of the layer count
-/// (4096 layers on 32 devices: about 45 s for the iteration objective on one core), so a larger
-/// model is refused at once rather than searched for hours. docs/LIMITS.md.
+/// What the planner searches at most (docs/LIMITS.md). Its time grows faster than the layer
+/// count and the device count (4096 layers on 32 devices: about 45 s on one core; gpt2-small on
+/// 100,000 devices: about 70 s and 1 GiB; seed-mlp on 1,048,576 devices took 257 s and 5.3 GiB),
+/// so a larger request is refused at once rather than searched for hours or out of memory.
 inline constexpr std::size_t max_plan_layers = 4096;
+inline constexpr std::size_t max_plan_devices = 131072;
+inline constexpr std::size_t max_plan_layers_x_devices = std::size_t{1} << 24;
 
 /// Solves for the best plan. Throws InfeasibleError (exit 3) with the smallest memory deficit
-/// and suggestions when no plan fits, InputError for contradictory options and for a model of
-/// more than max_plan_layers layers.
+/// and suggestions when no plan fits, InputError for contradictory options and for a request
+/// beyond max_plan_layers, max_plan_devices or max_plan_layers_x_devices.
 [[nodiscard]] SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& cost,
                                 const CostOptions& cost_options, const SolverOptions& options);
 
