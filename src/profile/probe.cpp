@@ -17,6 +17,12 @@ const Figure* ProbeResult::find(const std::string& name) const {
     return nullptr;
 }
 
+const Label* ProbeResult::label(const std::string& name) const {
+    for (const Label& l : labels)
+        if (l.name == name) return &l;
+    return nullptr;
+}
+
 std::string to_string(ProbeResult::Status s) {
     switch (s) {
         case ProbeResult::Status::ok: return "ok";

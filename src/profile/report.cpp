@@ -16,11 +16,9 @@ const std::vector<std::string>& result_columns() {
 
 void add_result_rows(CsvTable& table, const ProbeResult& r) {
     const std::string status = to_string(r.status);
-    if (r.figures.empty()) {
-        table.add_row({r.key, status, r.text.empty() ? "" : "text", r.text, "", r.reason});
-        return;
-    }
+    if (r.figures.empty()) table.add_row({r.key, status, r.text.empty() ? "" : "text", r.text, "", r.reason});
     for (const Figure& f : r.figures) table.add_row({r.key, status, f.name, fmt::format("{:.6g}", f.value), f.unit, r.reason});
+    for (const Label& l : r.labels) table.add_row({r.key, status, l.name, l.text, "", r.reason});
 }
 
 namespace {

@@ -23,7 +23,7 @@ std::vector<Probe> fakes() {
 }
 }  // namespace
 
-TEST_CASE("profile: probes are selected by key and by prefix; unknown ones are bad input") {
+TEST_CASE("profile: probes are selected by key and by prefix, and unknown ones are bad input") {
     const auto all = fakes();
     CHECK(select_probes(all, {}, {}).size() == 3);
     CHECK(select_probes(all, {"gpu.c"}, {}).size() == 1);

@@ -14,6 +14,12 @@ struct Figure {
     std::string unit;  ///< e.g. "GFLOP/s"
 };
 
+/// A named fact that is not a number (a GPU's name, its PCI bus, a cuDNN algorithm).
+struct Label {
+    std::string name;  ///< e.g. "gpu0.name"
+    std::string text;
+};
+
 struct ProbeResult {
     enum class Status { ok, waived, failed };
     std::string key;
@@ -21,8 +27,10 @@ struct ProbeResult {
     std::string reason;  ///< why waived or failed
     std::vector<Figure> figures;
     std::string text;  ///< facts that are not numbers (a CPU model name)
+    std::vector<Label> labels;
 
     [[nodiscard]] const Figure* find(const std::string& name) const;
+    [[nodiscard]] const Label* label(const std::string& name) const;
 };
 [[nodiscard]] std::string to_string(ProbeResult::Status s);
 
@@ -40,6 +48,10 @@ struct Probe {
 struct ProbeSettings {
     int repeats = 5;     ///< timed repeats after one warm-up; the median is reported
     double scale = 1.0;  ///< problem sizes relative to the defaults (tests use small ones)
+    /// The GPUs this process measures: those whose CUDA index d has d % gpu_stride ==
+    /// gpu_offset (several ranks of one host under mpirun share its GPUs out that way).
+    int gpu_stride = 1;
+    int gpu_offset = 0;
 };
 
 /// Every probe this build has, in a stable order.
@@ -67,7 +79,8 @@ namespace dpart::profile {
 #include "dpart/io/meta.hpp"
 
 namespace dpart::profile {
-/// key,status,figure,value,unit,reason: one row per figure (one row for a probe without).
+/// key,status,figure,value,unit,reason: one row per figure (one row for a probe without), then
+/// one per label (its text as the value, no unit).
 [[nodiscard]] const std::vector<std::string>& result_columns();
 void add_result_rows(CsvTable& table, const ProbeResult& r);
 
