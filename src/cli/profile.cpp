@@ -3,13 +3,21 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
+#include <optional>
+#include <tuple>
 
 #include "commands.hpp"
-#include "dpart/io/atomic_file.hpp"
 #include "dpart/core/error.hpp"
+#include "dpart/io/atomic_file.hpp"
+#include "dpart/profile/gpu.hpp"
 #include "dpart/profile/probe.hpp"
 #include "dpart/report/text_table.hpp"
+#include "dpart/runtime/mpi.hpp"
 
 namespace dpart::cli {
 namespace {
@@ -23,7 +31,29 @@ struct ProfileOptions {
     std::vector<std::string> prefixes;
     int repeats = 5;
     double scale = 1.0;
+    double timeout_s = 3600;
 };
+
+/// This rank's index among the ranks of its host, and their count (1 of 1 outside mpirun):
+/// OpenMPI's, MPICH's and Slurm's variables.
+std::pair<int, int> local_rank() {
+    auto env = [](const char* name) -> std::optional<int> {
+        const char* v = std::getenv(name);
+        if (v == nullptr || *v == '\0') return std::nullopt;
+        char* end = nullptr;
+        const long x = std::strtol(v, &end, 10);
+        if (*end != '\0' || x < 0 || x > 1 << 20) return std::nullopt;
+        return static_cast<int>(x);
+    };
+    for (auto [rank, size] : {std::pair{"OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"},
+                              std::pair{"MPI_LOCALRANKID", "MPI_LOCALNRANKS"},
+                              std::pair{"SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"}}) {
+        const auto r = env(rank);
+        const auto n = env(size);
+        if (r && n && *n > 0 && *r < *n) return {*r, *n};
+    }
+    return {0, 1};
+}
 
 std::string host_name() {
     char name[256] = {};
@@ -31,37 +61,89 @@ std::string host_name() {
     return name;
 }
 
+/// The console line of a result: its first figures (every one is in --csv).
+std::string result_line(const profile::ProbeResult& r, const std::string& who) {
+    constexpr std::size_t shown = 8;
+    std::string line = fmt::format("{}{:<20} {:<7}", who, r.key, to_string(r.status));
+    for (std::size_t i = 0; i < r.figures.size() && i < shown; ++i)
+        line += fmt::format(" {} {:.4g} {};", r.figures[i].name, r.figures[i].value, r.figures[i].unit);
+    if (r.figures.size() > shown) line += fmt::format(" ... {} more figures in --csv;", r.figures.size() - shown);
+    if (!r.text.empty()) line += " " + r.text;
+    if (!r.reason.empty()) line += " (" + r.reason + ")";
+    return line;
+}
+
 int run_profile(const ProfileOptions& o, const std::string& command) {
-    const auto probes = profile::select_probes(profile::all_probes({o.repeats, o.scale}), o.keys, o.prefixes);
+    profile::ProbeSettings settings{o.repeats, o.scale};
+    // Under mpirun every rank measures its own devices (the ranks of one host share its GPUs
+    // out by CUDA index) and rank 0 merges them into one cluster.toml.
+    std::unique_ptr<rt::MpiSession> mpi;
+    if (rt::launched_by_mpi() && !o.list) {
+        mpi = std::make_unique<rt::MpiSession>(std::chrono::milliseconds(static_cast<std::int64_t>(o.timeout_s * 1e3)));
+        std::tie(settings.gpu_offset, settings.gpu_stride) = local_rank();
+    }
+    const std::size_t rank = mpi ? mpi->transport().rank() : 0;
+    const std::size_t ranks = mpi ? mpi->transport().size() : 1;
+    const std::string who = ranks > 1 ? fmt::format("rank {} ({}): ", rank, host_name()) : "";
+
+    const auto probes = profile::select_probes(profile::all_probes(settings), o.keys, o.prefixes);
     if (o.list) {
-        for (const auto& p : probes) fmt::print("{:<18} {}\n", p.key, p.description);
+        for (const auto& p : probes) fmt::print("{:<20} {}\n", p.key, p.description);
         return 0;
     }
-    std::vector<profile::ProbeResult> results;
-    CsvTable csv(profile::result_columns());
-    const bool terminal = isatty(STDERR_FILENO) != 0;
+    profile::RankResults mine{rank, host_name(), {}};
+    const bool terminal = isatty(STDERR_FILENO) != 0 && ranks == 1;
     for (std::size_t i = 0; i < probes.size(); ++i) {
         if (terminal) fmt::print(stderr, "[{}/{}] {} ...\r", i + 1, probes.size(), probes[i].key);
-        results.push_back(profile::run_probe(probes[i]));
-        const auto& r = results.back();
-        std::string line = fmt::format("{:<18} {:<7}", r.key, to_string(r.status));
-        for (const auto& f : r.figures) line += fmt::format(" {} {:.4g} {};", f.name, f.value, f.unit);
-        if (!r.text.empty()) line += " " + r.text;
-        if (!r.reason.empty()) line += " (" + r.reason + ")";
+        mine.results.push_back(profile::run_probe(probes[i]));
         if (terminal) fmt::print(stderr, "\x1b[2K");
-        fmt::print("{}\n", line);
-        profile::add_result_rows(csv, r);
+        fmt::print("{}\n", result_line(mine.results.back(), who));
+        std::fflush(stdout);
     }
+    auto failed = [](const std::vector<profile::ProbeResult>& results) {
+        return std::any_of(results.begin(), results.end(),
+                           [](const auto& r) { return r.status == profile::ProbeResult::Status::failed; });
+    };
+
+    std::vector<profile::RankResults> all;
+    if (ranks > 1) {
+        const rt::Tag tag{rt::Tag::Kind::report, 0, 0, 0};
+        if (rank != 0) {
+            mpi->transport().send(0, tag, profile::encode(mine));
+            mpi->transport().flush();
+            return failed(mine.results) ? static_cast<int>(ExitCode::runtime_failure) : 0;
+        }
+        all.push_back(std::move(mine));
+        for (std::size_t src = 1; src < ranks; ++src)
+            all.push_back(profile::decode_rank_results(mpi->transport().recv(src, tag)));
+    } else {
+        all.push_back(std::move(mine));
+    }
+
     Meta meta;
     meta.command_line = command;
-    if (!o.csv.empty()) csv.write(o.csv);
+    if (!o.csv.empty()) {
+        CsvTable csv(profile::result_columns());
+        for (const auto& r : all)
+            for (auto res : r.results) {
+                // Several ranks: every figure says whose it is.
+                if (ranks > 1) {
+                    for (auto& f : res.figures) f.name = fmt::format("rank{}.{}", r.rank, f.name);
+                    for (auto& l : res.labels) l.name = fmt::format("rank{}.{}", r.rank, l.name);
+                }
+                profile::add_result_rows(csv, res);
+            }
+        csv.write(o.csv);
+    }
     if (!o.out.empty()) {
-        write_file_atomic(o.out, profile::cpu_cluster_toml(results, o.name.empty() ? host_name() : o.name, host_name(), meta));
+        const std::string name = o.name.empty() ? host_name() : o.name;
+        const bool gpus = std::any_of(all.begin(), all.end(), [](const auto& r) { return profile::has_gpu_figures(r.results); });
+        write_file_atomic(o.out, gpus || ranks > 1 ? profile::merged_cluster_toml(all, name, meta)
+                                                   : profile::cpu_cluster_toml(all[0].results, name, host_name(), meta));
         fmt::print("wrote {}\n", o.out);
     }
-    const bool failed = std::any_of(results.begin(), results.end(),
-                                    [](const auto& r) { return r.status == profile::ProbeResult::Status::failed; });
-    return failed ? static_cast<int>(ExitCode::runtime_failure) : 0;
+    const bool any_failed = std::any_of(all.begin(), all.end(), [&](const auto& r) { return failed(r.results); });
+    return any_failed ? static_cast<int>(ExitCode::runtime_failure) : 0;
 }
 
 }  // namespace
@@ -82,12 +164,17 @@ void setup_profile(CLI::App& app, Action& action, const std::string& command) {
         ->check(CLI::Range(0.001, 100.0))
         ->check(finite_number)
         ->capture_default_str();
+    cmd->add_option("--timeout", o->timeout_s, "under mpirun: seconds rank 0 waits for the other ranks' results")
+        ->check(positive_number)
+        ->capture_default_str();
     cmd->footer(
         "Probes that cannot run here are waived with the reason; one failing never stops the others.\n"
         "Examples:\n"
         "  dpart profile --list\n"
         "  dpart profile --out plans/clusters/this-host.toml --csv profile.csv\n"
         "  dpart profile -p cpu. --repeats 9\n"
+        "  dpart profile -p gpu. -p nccl. --out cluster.toml --csv profile.csv\n"
+        "  mpirun -np 2 dpart profile --out cluster.toml   (every rank measures its devices; rank 0 writes)\n"
         "Exit code 1 when a probe failed (the others still ran and were written).");
     cmd->callback([o, &action, command] { action = [o, command] { return run_profile(*o, command); }; });
 }

@@ -27,6 +27,8 @@ struct ReplayOptions {
     std::uint64_t window = 10;
     double jitter = 0;
     double min_gain_pct = 2;
+    std::uint64_t max_replicas = 0;
+    std::uint32_t max_tp = 8;
     std::uint64_t seed = 1;
     std::string out_dir;
     std::string timeline = "events";
@@ -59,6 +61,8 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     po.jitter = Jitter{o.jitter, o.seed};
     po.min_gain = o.min_gain_pct / 100;
     po.solver.objective = plan.objective;
+    po.solver.max_replicas = o.max_replicas;
+    po.solver.max_tp = o.max_tp;
     const PolicyReplay pr =
         replay_policy(plan, model, cluster, cost, copt, scenario, o.iterations, po,
                       [&](std::uint64_t it, const std::string& event, const Plan& in_force, const TaskGraph& g,
@@ -147,6 +151,12 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
                     "adaptive: the least predicted gain per iteration, in percent, worth a repartition")
         ->check(CLI::Range(0.0, 100.0))
         ->check(finite_number)
+        ->capture_default_str();
+    cmd->add_option("--max-replicas", o->max_replicas,
+                    "adaptive, oracle: re-plans use at most this many data-parallel replicas per stage (0: no limit)")
+        ->capture_default_str();
+    cmd->add_option("--max-tp", o->max_tp, "adaptive, oracle: largest tensor-parallel degree of re-plans")
+        ->check(CLI::Range(1u, 64u))
         ->capture_default_str();
     cmd->add_option("--jitter", o->jitter,
                     "per-device noise: each iteration a device's work takes exp(jitter x N(0,1)) times as long "

@@ -11,7 +11,10 @@
 #include "dpart/io/model_toml.hpp"
 #include "dpart/io/plan_toml.hpp"
 #include "dpart/io/run_trace.hpp"
+#include "dpart/io/meta.hpp"
 #include "dpart/io/trace.hpp"
+#include "dpart/sim/policy.hpp"
+#include "dpart/runtime/adaptive.hpp"
 #include "dpart/runtime/executor.hpp"
 #include "dpart/runtime/mpi.hpp"
 
@@ -34,6 +37,13 @@ struct RunCliOptions {
     std::uint64_t checkpoint_every = 0;
     std::string checkpoint_dir;
     std::string resume;
+    bool emulate = false;
+    bool adaptive = false;
+    std::uint64_t window = 10;
+    std::uint64_t copy_every = 10;
+    double min_gain = 0.02;
+    std::uint64_t max_replicas = 0;
+    std::uint32_t max_tp = 8;
 };
 
 void write_outputs(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
@@ -78,6 +88,108 @@ void check_host_memory(const rt::Execution& ex, const PlanEstimate& predicted, c
             activations / (1ull << 30), host / (1ull << 30)));
 }
 
+/// The trace files and summary of an adaptive run: iterations.csv in the order things happened,
+/// stages.csv and timeline.csv segment by segment (each with its plan), plan.toml (the initial
+/// plan) and final-plan.toml.
+void write_adaptive_outputs(const RunCliOptions& o, const std::string& command, const Model& model,
+                            const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+                            const rt::RunOptions& ro, const rt::AdaptiveResult& r, const RunSummary& summary) {
+    std::error_code ec;
+    std::filesystem::create_directories(o.out_dir, ec);
+    if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", o.out_dir, ec.message()));
+    const std::filesystem::path dir(o.out_dir);
+    CsvTable iterations(iteration_columns()), stages(stage_trace_columns()), timeline(timeline_columns());
+    for (const rt::AdaptiveIteration& it : r.iterations)
+        iterations.add_row({std::to_string(it.iteration), std::to_string(it.plan_version), ms_text(it.seconds),
+                            fmt::format("{:.6g}", it.seconds > 0 ? static_cast<double>(model.global_batch) / it.seconds : 0.0),
+                            it.event});
+    for (std::size_t k = 0; k < r.segments.size(); ++k) {
+        const rt::Segment& seg = r.segments[k];
+        if (seg.end <= seg.first) continue;
+        const Plan& plan = r.plans.at(seg.plan_version - 1);
+        const rt::Execution ex(plan, model, estimate_plan(plan, model, cluster, cost, copt), ro);
+        rt::RunResult part;
+        part.first_iteration = seg.first;
+        part.iteration_s.assign(seg.end - seg.first, 0.0);
+        for (const rt::WorkerReport& w : seg.workers)
+            for (std::size_t i = 0; i < part.iteration_s.size() && i < w.busy_s.size(); ++i)
+                part.iteration_s[i] = std::max(part.iteration_s[i], w.busy_s[i]);
+        part.workers = seg.workers;
+        add_run_stage_rows(stages, part, ex, cluster);
+        if (o.timeline == "all" || k == 0 || k + 1 == r.segments.size())
+            add_run_timeline_rows(timeline, part, ex, cluster, o.timeline == "all");
+    }
+    Meta meta;
+    meta.command_line = command;
+    meta.extra = {{"model", model.name}, {"cluster", cluster.name}, {"plan", o.plan}};
+    iterations.write((dir / "iterations.csv").string());
+    stages.write((dir / "stages.csv").string());
+    timeline.write((dir / "timeline.csv").string());
+    const Plan& first = r.plans.front();
+    const Plan& last = r.plans.back();
+    write_file_atomic((dir / "plan.toml").string(),
+                      plan_toml(first, estimate_plan(first, model, cluster, cost, copt), model, cluster, meta, "as run"));
+    write_file_atomic((dir / "final-plan.toml").string(),
+                      plan_toml(last, estimate_plan(last, model, cluster, cost, copt), model, cluster, meta,
+                                fmt::format("the last of {} plan versions of the adaptive run", r.plans.size())));
+    write_file_atomic((dir / "summary.toml").string(), summary_toml(summary, meta));
+}
+
+int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
+                     const Plan& plan, const CostModel& cost, const CostOptions& copt, const PlanEstimate& predicted,
+                     const rt::RunOptions& ro, rt::MpiSession* mpi) {
+    rt::AdaptiveJob job{model, cluster, cost, copt, plan, ro, {}};
+    job.adaptive.window = o.window;
+    job.adaptive.copy_every = o.copy_every;
+    job.adaptive.policy.policy = Policy::adaptive;
+    job.adaptive.policy.window = o.window;
+    job.adaptive.policy.min_gain = o.min_gain;
+    job.adaptive.policy.solver.objective = plan.objective;
+    job.adaptive.policy.solver.max_replicas = o.max_replicas;
+    job.adaptive.policy.solver.max_tp = o.max_tp;
+    const rt::AdaptiveResult r = mpi ? rt::run_adaptive(job, mpi->transport()) : rt::run_adaptive_in_process(job);
+    if (!r.writer) return 0;
+
+    std::vector<double> ms;
+    for (const rt::AdaptiveIteration& it : r.iterations) ms.push_back(it.seconds * 1e3);
+    RunSummary summary = summarise(ms, model.global_batch, predicted.iteration_s * 1e3);
+    summary.policy = "adaptive";
+    summary.backend = ro.emulate ? "cpu (emulated devices)" : "cpu";
+    summary.transport = mpi ? "mpi" : "in-process";
+    summary.loss = r.loss;
+    summary.weights_digest = rt::digest_text(r.weights_digest);
+    summary.repartitions = r.repartitions;
+    summary.migration_ms = r.migration_s * 1e3;
+    summary.plan_versions = r.plans.size();
+    std::string extra = "\n[adaptive]\n";
+    extra += fmt::format("window = {}\ncopy_every = {}\nmin_gain = {}\n", o.window, o.copy_every, o.min_gain);
+    extra += fmt::format("total_ms = {:.9g}\n", r.total_s() * 1e3);
+    extra += fmt::format("failures_survived = {}\nrerun_iterations = {}\n", r.failures, r.rerun_iterations);
+    extra += fmt::format("migrated_bytes = {}\ncopy_bytes = {}\nreplan_ms = {:.6g}\n", r.migrated_bytes, r.copy_bytes,
+                         r.replan_s * 1e3);
+    extra += "events = [\n";
+    for (const rt::Decision& d : r.decisions)
+        if (!d.text.empty()) extra += fmt::format("  {},\n", toml_string(fmt::format("iteration {}: {}", d.iteration, d.text)));
+    extra += "]\n";
+    summary.extra_toml = extra;
+
+    fmt::print("ran {} iterations of {} on {} ({} agents, {}, adaptive, window {}{})\n", r.iterations.size(), model.name,
+               cluster.name, rt::worker_places(plan).size(), summary.transport, o.window, ro.emulate ? ", emulated devices" : "");
+    for (const rt::Decision& d : r.decisions)
+        if (!d.text.empty()) fmt::print("  iteration {}: {}\n", d.iteration, d.text);
+    fmt::print("iteration ms: mean {:.6g}, p50 {:.6g}, p99 {:.6g}; total {:.6g}; first plan predicted {:.6g}\n",
+               summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms, r.total_s() * 1e3,
+               summary.predicted_iteration_ms);
+    fmt::print("{} repartitions ({} B migrated in {:.3g} ms, re-planning {:.3g} ms), {} failures survived, {} iterations "
+               "re-run; {} B of neighbour copies\n",
+               r.repartitions, r.migrated_bytes, r.migration_s * 1e3, r.replan_s * 1e3, r.failures, r.rerun_iterations,
+               r.copy_bytes);
+    if (!r.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", r.loss.front(), r.loss.back());
+    fmt::print("weights_digest: {}\n", summary.weights_digest);
+    if (!o.out_dir.empty()) write_adaptive_outputs(o, command, model, cluster, cost, copt, ro, r, summary);
+    return 0;
+}
+
 int run_run(const RunCliOptions& o, const std::string& command) {
     const auto timeout = std::chrono::milliseconds(static_cast<std::int64_t>(o.timeout_s * 1e3));
     // Under mpirun every rank reads the inputs and checks them; rank 0 reports and writes.
@@ -102,6 +214,10 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     ro.checkpoint_every = o.checkpoint_every;
     ro.checkpoint_dir = o.resume.empty() ? o.checkpoint_dir : o.resume;
     ro.resume = !o.resume.empty();
+    ro.emulate = o.emulate;
+    if (o.adaptive && (ro.checkpoint_every > 0 || ro.resume))
+        throw InputError("--adaptive keeps its state in memory (snapshots and neighbour copies): it does not take "
+                         "--checkpoint-every or --resume");
     if (ro.checkpoint_every > 0 && ro.checkpoint_dir.empty())
         throw InputError("--checkpoint-every needs --checkpoint-dir (or --resume DIR)");
     if (ro.checkpoint_every > 0) {
@@ -111,6 +227,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     }
     const rt::Execution ex(plan, model, predicted, ro);
     check_host_memory(ex, predicted, model);
+    if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get());
 
     rt::RunResult run;
     if (mpi) {
@@ -179,6 +296,30 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--resume", o->resume,
                     "continue from the last checkpoint in this directory (same plan, model, seed, data and optimizer); "
                     "with --checkpoint-every it keeps checkpointing there");
+    cmd->add_flag("--emulate", o->emulate,
+                  "emulated devices: every task takes the time the cluster file predicts for it (compute, then wait out "
+                  "the rest), so that a small host runs a cluster's timing");
+    cmd->add_flag("--adaptive", o->adaptive,
+                  "repartition live: measure stage times, re-plan every --window iterations, migrate the layers that "
+                  "change owner; survive a device that fails (scenario) by rolling back to the last neighbour copy");
+    cmd->add_option("--window", o->window, "adaptive: iterations between the controller's decisions")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40))
+        ->capture_default_str();
+    cmd->add_option("--copy-every", o->copy_every,
+                    "adaptive: every K iterations each worker snapshots its state and copies it to its neighbour")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40))
+        ->capture_default_str();
+    cmd->add_option("--min-gain", o->min_gain, "adaptive: least predicted gain per iteration (fraction) worth a repartition")
+        ->check(CLI::Range(0.0, 1.0))
+        ->check(finite_number)
+        ->capture_default_str();
+    cmd->add_option("--max-replicas", o->max_replicas,
+                    "adaptive: re-plans use at most this many data-parallel replicas per stage (0: no limit; 1 keeps "
+                    "plans pipeline-only, so that the weights stay bitwise those of a static run)")
+        ->capture_default_str();
+    cmd->add_option("--max-tp", o->max_tp, "adaptive: largest tensor-parallel degree of re-plans")
+        ->check(CLI::Range(1u, 64u))
+        ->capture_default_str();
     cmd->add_option("--timeline", o->timeline, "which iterations timeline.csv holds: ends (the first and last) or all")
         ->check(CLI::IsMember({"ends", "all"}))
         ->capture_default_str();

@@ -106,6 +106,7 @@ std::string summary_toml(const RunSummary& s, const Meta& meta) {
         out += "]\n";
     }
     if (!s.weights_digest.empty()) out += fmt::format("weights_digest = {}\n", toml_string(s.weights_digest));
+    out += s.extra_toml;
     return out;
 }
 

@@ -88,9 +88,16 @@ std::uint64_t read_checkpoint_iteration(const std::string& dir, const std::strin
 
 }  // namespace
 
-Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options)
-    : plan_(plan), model_(model), options_(std::move(options)), places_(worker_places(plan)) {
+Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options,
+                     RankMap ranks)
+    : plan_(plan), model_(model), options_(std::move(options)), places_(worker_places(plan)), ranks_(std::move(ranks)),
+      predicted_(estimate.stages) {
     const std::size_t S = plan.stages.size();
+    if (ranks_.of_worker.empty())
+        for (std::size_t w = 0; w < places_.size(); ++w) ranks_.of_worker.push_back(w);
+    if (ranks_.of_worker.size() != places_.size())
+        throw RuntimeError(fmt::format("{} transport ranks for a plan of {} devices", ranks_.of_worker.size(), places_.size()));
+    if (ranks_.members.empty()) ranks_.members = ranks_.of_worker;
     first_rank_.resize(S);
     for (std::size_t r = places_.size(); r-- > 0;) first_rank_[places_[r].stage] = r;
     // A layer's output crosses boundary s (into stage s) when it is made before the stage and
@@ -113,6 +120,7 @@ Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& e
     for (std::size_t l = 0; l < model.layers.size(); ++l)
         if (const auto* lin = std::get_if<LinearOp>(&model.layers[l].op); lin && lin->tied_to)
             tied_.push_back({*lin->tied_to, l});
+    first_iteration_ = options_.start_iteration;
     if (options_.resume) first_iteration_ = read_checkpoint_iteration(options_.checkpoint_dir, fingerprint(), workers());
     // Build every shard's kernel once so that an op without a kernel, or a split that does not
     // divide, is reported before any worker starts.
@@ -120,6 +128,25 @@ Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& e
         for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
             for (std::uint32_t t = 0; t < st.tp; ++t)
                 state_bytes_ += 4 * sizeof(float) * st.replicas() * make_cpu_kernel(model, l, Shard{t, st.tp})->shard_params();
+}
+
+ShardState initial_state(const Model& model, std::size_t layer, Shard shard, std::uint64_t seed) {
+    const auto k = make_cpu_kernel(model, layer, shard);
+    std::vector<float> full(k->full_params());
+    make_cpu_kernel(model, layer, {})->init(seed, full);
+    if (const auto* lin = std::get_if<LinearOp>(&model.layers[layer].op); lin && lin->tied_to) {
+        const auto emb = make_cpu_kernel(model, *lin->tied_to, {});
+        std::vector<float> table(emb->full_params());
+        emb->init(seed, table);
+        const auto& e = std::get<EmbeddingOp>(model.layers[*lin->tied_to].op);
+        std::copy_n(table.begin(), static_cast<std::size_t>(e.vocab * e.hidden), full.begin());
+    }
+    ShardState s;
+    s.params.resize(k->shard_params());
+    k->to_shard(full, s.params);
+    s.m.assign(s.params.size(), 0.0f);
+    s.v.assign(s.params.size(), 0.0f);
+    return s;
 }
 
 std::string Execution::fingerprint() const {
@@ -187,30 +214,54 @@ std::vector<std::size_t> sample_shape(const Model& model, std::size_t layer) {
     return {s.begin(), s.end()};
 }
 
+/// The start-of-iteration vote: every member says whether its device has failed; all learn
+/// who leaves (transport ranks, in member order).
+std::vector<std::size_t> departures(Transport& net, const std::vector<std::size_t>& members, std::uint32_t it,
+                                    bool leaving) {
+    const std::vector<std::uint8_t> votes =
+        group_vote(net, members, {Tag::Kind::barrier, it, 0, 0}, leaving ? std::uint8_t{1} : std::uint8_t{0});
+    std::vector<std::size_t> left;
+    for (std::size_t i = 0; i < members.size(); ++i)
+        if (votes[i] != 0) left.push_back(members[i]);
+    return left;
+}
+
 class Worker {
 public:
-    Worker(const Execution& ex, std::size_t rank, Transport& net)
+    Worker(const Execution& ex, std::size_t rank, Transport& net, std::vector<ShardState>* initial)
         : ex_(ex), model_(ex.model()), plan_(ex.plan()), place_(ex.places().at(rank)), stage_(plan_.stages[place_.stage]),
           rank_(rank), net_(net), tp_(net, group_of_tp()) {
         const auto t = static_cast<std::uint32_t>(place_.tp_rank);
+        const bool given = initial != nullptr && !initial->empty();
+        if (given && initial->size() != stage_.last_layer - stage_.first_layer + 1)
+            throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", initial->size(),
+                                           stage_.last_layer - stage_.first_layer + 1));
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             kernels_.push_back(make_cpu_kernel(model_, l, Shard{t, stage_.tp}));
             const LayerKernel& k = *kernels_.back();
-            std::vector<float> full(k.full_params());
-            init_layer(l, full);
-            params_.emplace_back(k.shard_params());
-            k.to_shard(full, params_.back());
+            ShardState st = given ? std::move((*initial)[l - stage_.first_layer])
+                                  : initial_state(model_, l, Shard{t, stage_.tp}, ex_.options().seed);
+            if (st.params.size() != k.shard_params() || st.m.size() != k.shard_params() || st.v.size() != k.shard_params())
+                throw RuntimeError(fmt::format("layer {}: given a state of {} values for a shard of {}", l,
+                                               st.params.size(), k.shard_params()));
+            params_.push_back(std::move(st.params));
             grads_.emplace_back(k.shard_params(), 0.0f);
-            m_.emplace_back(k.shard_params(), 0.0f);
-            v_.emplace_back(k.shard_params(), 0.0f);
+            m_.push_back(std::move(st.m));
+            v_.push_back(std::move(st.v));
         }
-        for (std::size_t r = 0; r < stage_.replicas(); ++r) dp_group_.push_back(ex.rank_of(place_.stage, r, place_.tp_rank));
+        for (std::size_t r = 0; r < stage_.replicas(); ++r) dp_group_.push_back(peer(place_.stage, r, place_.tp_rank));
+    }
+
+    /// The transport rank of (stage, replica, tp rank).
+    std::size_t peer(std::size_t stage, std::size_t replica, std::size_t tp_rank) const {
+        return ex_.transport_rank(ex_.rank_of(stage, replica, tp_rank));
     }
 
     WorkerReport run() {
         WorkerReport report;
         report.rank = rank_;
-        const auto all = all_ranks();
+        report.stopped_at = ex_.options().iterations;
+        const auto& all = ex_.members();
         const std::size_t S = plan_.stages.size();
         const auto order = stage_order(plan_.schedule, static_cast<std::uint32_t>(place_.stage),
                                        static_cast<std::uint32_t>(S), static_cast<std::uint32_t>(plan_.microbatches));
@@ -218,13 +269,21 @@ public:
         for (auto it = static_cast<std::uint32_t>(ex_.first_iteration()); it < ex_.options().iterations; ++it) {
             iteration_ = it;
             conditions_ = conditions_at(ex_.options().scenario, conditions_.slowdown.size(), it);
-            if (conditions_.failed.at(place_.device))
-                throw RuntimeError(fmt::format("its device failed at iteration {} (scenario)", it));
             if (const auto& f = ex_.options().fault; f && f->rank == rank_ && f->iteration == it) {
                 if (f->exit) std::_Exit(3);
                 throw RuntimeError("injected fault (DPART_INJECT_FAULT)");
             }
-            group_barrier(net_, all, {Tag::Kind::barrier, it, 0, 0});
+            if (ex_.options().leave_on_failure) {
+                report.left = departures(net_, all, it, conditions_.failed.at(place_.device));
+                if (!report.left.empty()) {
+                    report.stopped_at = it;
+                    break;
+                }
+            } else {
+                if (conditions_.failed.at(place_.device))
+                    throw RuntimeError(fmt::format("its device failed at iteration {} (scenario)", it));
+                group_barrier(net_, all, {Tag::Kind::barrier, it, 0, 0});
+            }
             t0_ = Clock::now();
             tp_.start_iteration(it);
             loss_ = 0;
@@ -241,7 +300,8 @@ public:
             const std::uint64_t every = ex_.options().checkpoint_every;
             if (every > 0 && (it + 1) % every == 0 && it + 1 < ex_.options().iterations) checkpoint(it + 1, all);
         }
-        report.params = params_;
+        for (std::size_t k = 0; k < params_.size(); ++k)
+            report.state.push_back({std::move(params_[k]), std::move(m_[k]), std::move(v_[k])});
         return report;
     }
 
@@ -251,6 +311,7 @@ private:
     /// Writes this worker's state as of the start of `next`; once every worker has, rank 0
     /// records `next` in checkpoint.toml; then each removes its previous file.
     void checkpoint(std::uint64_t next, const std::vector<std::size_t>& all) {
+        if (ex_.transport_rank(rank_) != rank_) throw RuntimeError("checkpoints need every worker at its own rank");
         const std::string& dir = ex_.options().checkpoint_dir;
         Bytes b;
         append_value(b, std::uint64_t{0x4b43504450ull});  // "DPCK"
@@ -309,26 +370,10 @@ private:
 
     std::vector<std::size_t> group_of_tp() const {
         std::vector<std::size_t> g;
-        for (std::size_t t = 0; t < stage_.tp; ++t) g.push_back(ex_.rank_of(place_.stage, place_.replica, t));
-        return g;
-    }
-    std::vector<std::size_t> all_ranks() const {
-        std::vector<std::size_t> g(ex_.workers());
-        for (std::size_t r = 0; r < g.size(); ++r) g[r] = r;
+        for (std::size_t t = 0; t < stage_.tp; ++t) g.push_back(peer(place_.stage, place_.replica, t));
         return g;
     }
 
-    /// The initial values of a layer; a tied linear layer starts from its embedding's table.
-    void init_layer(std::size_t l, std::span<float> full) const {
-        make_cpu_kernel(model_, l, {})->init(ex_.options().seed, full);
-        for (const auto& [emb, lin] : ex_.tied())
-            if (lin == l) {
-                std::vector<float> table(make_cpu_kernel(model_, emb, {})->full_params());
-                make_cpu_kernel(model_, emb, {})->init(ex_.options().seed, table);
-                const std::size_t n = tied_size(emb);
-                std::copy_n(table.begin(), n, full.begin());
-            }
-    }
     std::size_t tied_size(std::size_t emb) const {
         const auto& e = std::get<EmbeddingOp>(model_.layers[emb].op);
         return static_cast<std::size_t>(e.vocab * e.hidden);
@@ -337,16 +382,41 @@ private:
     double seconds_since_start() const { return std::chrono::duration<double>(Clock::now() - t0_).count(); }
     /// Runs and times one task; under a scenario, waits out the extra time a slowed device
     /// (compute) or link (sends) would have taken.
+    /// Emulated devices take the predicted time of the task instead (see RunOptions::emulate).
     template <class F>
     void timed(TaskKind kind, std::uint32_t mb, F&& f) {
         const double start = seconds_since_start();
-        f();
         const double factor = kind == TaskKind::forward || kind == TaskKind::backward || kind == TaskKind::optimizer
                                   ? conditions_.slowdown[place_.device]
                                   : send_factor(kind);
-        if (factor > 1.0)
-            std::this_thread::sleep_for(std::chrono::duration<double>((factor - 1.0) * (seconds_since_start() - start)));
+        const bool send = kind == TaskKind::send_activation || kind == TaskKind::send_gradient;
+        if (ex_.options().emulate) {
+            const auto until = [&](double s) {
+                const double left = s - seconds_since_start();
+                if (left > 0) std::this_thread::sleep_for(std::chrono::duration<double>(left));
+            };
+            const double target = start + predicted_seconds(kind) * factor;
+            if (send) until(target);  // the receiver gets the data when the transfer would end
+            f();
+            if (!send) until(target);
+        } else {
+            f();
+            if (factor > 1.0)
+                std::this_thread::sleep_for(std::chrono::duration<double>((factor - 1.0) * (seconds_since_start() - start)));
+        }
         records_->push_back({iteration_, kind, mb, start, seconds_since_start()});
+    }
+    double predicted_seconds(TaskKind kind) const {
+        const StageEstimate& e = ex_.predicted(place_.stage);
+        switch (kind) {
+            case TaskKind::forward: return e.replica_forward_s.at(place_.replica);
+            case TaskKind::backward: return e.replica_backward_s.at(place_.replica);
+            case TaskKind::send_activation: return e.send_activation_s;
+            case TaskKind::send_gradient: return e.send_gradient_s;
+            case TaskKind::allreduce: return e.allreduce_s;
+            case TaskKind::optimizer: return e.optimizer_s;
+        }
+        return 0;
     }
     double send_factor(TaskKind kind) const {
         const std::size_t s = place_.stage;
@@ -408,7 +478,7 @@ private:
             }
         }
         for (std::size_t t = 0; t < plan_.stages[dst_stage].tp; ++t)
-            net_.send(ex_.rank_of(dst_stage, o.replica, t), tag, msg);
+            net_.send(peer(dst_stage, o.replica, t), tag, msg);
     }
     /// Receives this replica's rows of `layers` from the replicas of `src_stage`.
     std::map<std::size_t, Tensor> recv_rows(std::size_t src_stage, const std::vector<std::size_t>& layers, Tag tag) {
@@ -419,7 +489,7 @@ private:
             out.emplace(l, Tensor(shape));
         }
         for (const Overlap& o : overlaps(src_stage)) {
-            const Bytes msg = net_.recv(ex_.rank_of(src_stage, o.replica, 0), tag);
+            const Bytes msg = net_.recv(peer(src_stage, o.replica, 0), tag);
             Reader in(msg);
             for (std::size_t l : layers) {
                 Tensor& t = out.at(l);
@@ -427,7 +497,7 @@ private:
                 in.read_into(std::span<float>(t.data).subspan((o.from - offset()) * row, (o.to - o.from) * row));
             }
             if (!in.done()) throw RuntimeError(fmt::format("{} from worker {} is longer than expected", describe(tag),
-                                                           ex_.rank_of(src_stage, o.replica, 0)));
+                                                           peer(src_stage, o.replica, 0)));
         }
         return out;
     }
@@ -565,10 +635,10 @@ private:
                 append(msg, std::span<const float>(g.data(), g.size()));
                 const Stage& o = plan_.stages[other_stage];
                 for (std::size_t i = 0; i < o.devices.size(); ++i)
-                    net_.send(ex_.rank_of(other_stage, i / o.tp, i % o.tp), tag, msg);
+                    net_.send(peer(other_stage, i / o.tp, i % o.tp), tag, msg);
             }
             std::vector<float> other(n);
-            Reader(net_.recv(ex_.rank_of(other_stage, 0, 0), tag)).read_into(std::span<float>(other));
+            Reader(net_.recv(peer(other_stage, 0, 0), tag)).read_into(std::span<float>(other));
             for (std::size_t i = 0; i < n; ++i) g[i] = holds(emb) ? g[i] + other[i] : other[i] + g[i];
         }
     }
@@ -607,12 +677,14 @@ private:
 
 }  // namespace
 
-WorkerReport Execution::run_worker(std::size_t rank, Transport& net) const {
+WorkerReport Execution::run_worker(std::size_t rank, Transport& net, std::vector<ShardState>* state) const {
     std::uint32_t iteration = 0;
     try {
-        Worker w(*this, rank, net);
+        Worker w(*this, rank, net, state);
         try {
-            return w.run();
+            WorkerReport report = w.run();
+            if (state != nullptr) *state = std::move(report.state), report.state.clear();
+            return report;
         } catch (...) {
             iteration = w.iteration();
             throw;
@@ -628,6 +700,25 @@ WorkerReport Execution::run_worker(std::size_t rank, Transport& net) const {
         if (const auto* in = dynamic_cast<const InputError*>(&e)) throw InputError(in->where(), in->detail());
         throw RuntimeError(msg);
     }
+}
+
+WorkerReport Execution::run_idle(std::size_t device, Transport& net) const {
+    WorkerReport report;
+    report.rank = net.rank();
+    report.stopped_at = options_.iterations;
+    std::size_t devices = device + 1;
+    for (const ScenarioEvent& e : options_.scenario.events) devices = std::max({devices, e.device + 1, e.a + 1, e.b + 1});
+    for (std::uint64_t it = first_iteration_; it < options_.iterations; ++it) {
+        const bool failed = conditions_at(options_.scenario, devices, it).failed.at(device);
+        report.left = departures(net, ranks_.members, static_cast<std::uint32_t>(it), failed);
+        if (!report.left.empty()) {
+            report.stopped_at = it;
+            break;
+        }
+        report.busy_s.push_back(0.0);
+        report.loss.push_back(0.0);
+    }
+    return report;
 }
 
 // --- Gathering the results ----------------------------------------------------------------
@@ -669,7 +760,7 @@ RunResult assemble(const Execution& ex, std::vector<WorkerReport> reports) {
             for (std::uint32_t t = 0; t < st.tp; ++t) {
                 const auto k = make_cpu_kernel(model, l, Shard{t, st.tp});
                 full.resize(k->full_params());
-                k->from_shard(reports.at(ex.rank_of(s, 0, t)).params.at(l - st.first_layer), full);
+                k->from_shard(reports.at(ex.rank_of(s, 0, t)).state.at(l - st.first_layer).params, full);
             }
         }
     }
@@ -683,22 +774,27 @@ RunResult assemble(const Execution& ex, std::vector<WorkerReport> reports) {
     return r;
 }
 
-Bytes serialise(const WorkerReport& w) {
+}  // namespace
+
+Bytes serialise_report(const WorkerReport& w) {
     Bytes b;
     append_value(b, static_cast<std::uint64_t>(w.tasks.size()));
     append(b, std::span<const TaskRecord>(w.tasks));
     append_value(b, static_cast<std::uint64_t>(w.busy_s.size()));
     append(b, std::span<const double>(w.busy_s));
     append(b, std::span<const double>(w.loss));
-    append_value(b, static_cast<std::uint64_t>(w.params.size()));
-    for (const auto& p : w.params) {
-        append_value(b, static_cast<std::uint64_t>(p.size()));
-        append(b, std::span<const float>(p));
+    append_value(b, w.stopped_at);
+    append_value(b, static_cast<std::uint64_t>(w.left.size()));
+    append(b, std::span<const std::size_t>(w.left));
+    append_value(b, static_cast<std::uint64_t>(w.state.size()));
+    for (const auto& p : w.state) {
+        append_value(b, static_cast<std::uint64_t>(p.params.size()));
+        append(b, std::span<const float>(p.params));
     }
     return b;
 }
 
-WorkerReport deserialise(const Bytes& b, std::size_t rank) {
+WorkerReport deserialise_report(const Bytes& b, std::size_t rank) {
     Reader in(b);
     WorkerReport w;
     w.rank = rank;
@@ -709,15 +805,16 @@ WorkerReport deserialise(const Bytes& b, std::size_t rank) {
     w.loss.resize(n);
     in.read_into(std::span<double>(w.busy_s));
     in.read_into(std::span<double>(w.loss));
-    w.params.resize(in.value<std::uint64_t>());
-    for (auto& p : w.params) {
-        p.resize(in.value<std::uint64_t>());
-        in.read_into(std::span<float>(p));
+    w.stopped_at = in.value<std::uint64_t>();
+    w.left.resize(in.value<std::uint64_t>());
+    in.read_into(std::span<std::size_t>(w.left));
+    w.state.resize(in.value<std::uint64_t>());
+    for (auto& p : w.state) {
+        p.params.resize(in.value<std::uint64_t>());
+        in.read_into(std::span<float>(p.params));
     }
     return w;
 }
-
-}  // namespace
 
 namespace {
 /// Workers allocate and free the same large tensors every microbatch. glibc serves blocks above
@@ -772,13 +869,13 @@ RunResult run_distributed(const Execution& ex, Transport& net) {
     WorkerReport mine = ex.run_worker(net.rank(), net);
     const Tag tag{Tag::Kind::report, 0, 0, 0};
     if (net.rank() != 0) {
-        net.send(0, tag, serialise(mine));
+        net.send(0, tag, serialise_report(mine));
         net.flush();
         return {};
     }
     std::vector<WorkerReport> reports;
     reports.push_back(std::move(mine));
-    for (std::size_t r = 1; r < net.size(); ++r) reports.push_back(deserialise(net.recv(r, tag), r));
+    for (std::size_t r = 1; r < net.size(); ++r) reports.push_back(deserialise_report(net.recv(r, tag), r));
     return assemble(ex, std::move(reports));
 }
 

@@ -24,6 +24,9 @@ std::string describe(const Tag& tag) {
         case Tag::Kind::tied: return fmt::format("tied-weight gradients at iteration {}", tag.iteration);
         case Tag::Kind::barrier: return fmt::format("the start of iteration {}", tag.iteration);
         case Tag::Kind::report: return "the final report";
+        case Tag::Kind::control: return fmt::format("the controller's exchange after iteration {}", tag.iteration);
+        case Tag::Kind::migrate: return fmt::format("layer {}'s state (shard {}) moving at iteration {}", tag.index, tag.microbatch, tag.iteration);
+        case Tag::Kind::copy: return fmt::format("a neighbour's state copy at iteration {}", tag.iteration);
     }
     return "a message";
 }
@@ -168,6 +171,31 @@ void group_barrier(Transport& t, std::span<const std::size_t> group, Tag tag) {
     }
     for (std::size_t k = 1; k < group.size(); ++k) (void)t.recv(group[k], tag);
     for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, {});
+}
+
+std::vector<std::uint8_t> group_vote(Transport& t, std::span<const std::size_t> group, Tag tag, std::uint8_t mine) {
+    std::vector<std::uint8_t> votes(group.size(), 0);
+    const auto me = std::find(group.begin(), group.end(), t.rank());
+    if (me == group.end()) throw RuntimeError(fmt::format("rank {} votes in a group it is not in", t.rank()));
+    if (group.size() <= 1) return {mine};
+    const std::size_t root = group.front();
+    if (t.rank() != root) {
+        t.send(root, tag, Bytes{std::byte{mine}});
+        const Bytes all = t.recv(root, tag);
+        if (all.size() != group.size()) throw RuntimeError(fmt::format("{}: a vote of the wrong size", describe(tag)));
+        for (std::size_t k = 0; k < all.size(); ++k) votes[k] = static_cast<std::uint8_t>(all[k]);
+        return votes;
+    }
+    votes[0] = mine;
+    for (std::size_t k = 1; k < group.size(); ++k) {
+        const Bytes b = t.recv(group[k], tag);
+        if (b.size() != 1) throw RuntimeError(fmt::format("{} from worker {}: not a vote", describe(tag), group[k]));
+        votes[k] = static_cast<std::uint8_t>(b[0]);
+    }
+    Bytes all(votes.size());
+    for (std::size_t k = 0; k < votes.size(); ++k) all[k] = std::byte{votes[k]};
+    for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, all);
+    return votes;
 }
 
 }  // namespace dpart::rt

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <map>
 #include <optional>
 #include <unordered_map>
@@ -170,6 +171,66 @@ bool uses_failed(const Plan& plan, const Conditions& c) {
 
 }  // namespace
 
+ReplanDecision consider_replan(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+                               const Conditions& view, const Plan& current, const PolicyOptions& options,
+                               std::uint64_t remaining, bool forced, std::uint64_t iteration) {
+    ReplanDecision d;
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::optional<Plan> next = replan(model, cluster, cost, copt, view, current, options);
+    d.solve_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!next) {
+        d.infeasible = true;
+        d.note = fmt::format("iteration {}: no plan fits on the devices alive", iteration);
+        return d;
+    }
+    if (*next == current) {
+        d.note = fmt::format("iteration {}: the current plan is still the best", iteration);
+        return d;
+    }
+    const ScaledCostModel seen(cost, view);
+    d.now_s = forced ? 0.0 : estimate_plan(current, model, cluster, seen, copt).iteration_s;
+    d.then_s = estimate_plan(*next, model, cluster, seen, copt).iteration_s;
+    const bool oracle = options.policy == Policy::oracle;
+    d.migration_s = oracle ? 0 : migration_seconds(current, *next, model, cost, copt);
+    const double gain = (d.now_s - d.then_s) * static_cast<double>(remaining);
+    const bool worth = oracle ? d.then_s < d.now_s : gain > d.migration_s && d.now_s - d.then_s >= options.min_gain * d.now_s;
+    if (forced || worth) {
+        d.plan = *next;
+        d.note = fmt::format("iteration {}: re-plan to {} stages ({:.6g} -> {:.6g} ms predicted, migration {:.6g} ms)",
+                             iteration, next->stages.size(), d.now_s * 1e3, d.then_s * 1e3, d.migration_s * 1e3);
+    } else {
+        d.note = fmt::format("iteration {}: a {}-stage plan would take {:.6g} instead of {:.6g} ms: not worth a "
+                             "migration of {:.6g} ms",
+                             iteration, next->stages.size(), d.then_s * 1e3, d.now_s * 1e3, d.migration_s * 1e3);
+    }
+    return d;
+}
+
+std::vector<double> measured_slowdowns(const std::vector<DeviceMeasurement>& measurements, std::vector<double> previous) {
+    std::map<std::size_t, std::pair<double, std::size_t>> ratio;  // device -> (sum, count)
+    for (const DeviceMeasurement& m : measurements) {
+        if (!(m.predicted_s > 0) || !(m.measured_s >= 0)) continue;
+        auto& r = ratio[m.device];
+        r.first += m.measured_s / m.predicted_s;
+        ++r.second;
+    }
+    if (ratio.empty()) return previous;
+    std::vector<double> mean;
+    for (const auto& [d, r] : ratio) mean.push_back(r.first / static_cast<double>(r.second));
+    const double least = *std::min_element(mean.begin(), mean.end());
+    std::vector<double> healthy;
+    for (double x : mean)
+        if (x <= 1.25 * least) healthy.push_back(x);
+    std::sort(healthy.begin(), healthy.end());
+    const std::size_t n = healthy.size();
+    const double reference = n % 2 == 1 ? healthy[n / 2] : 0.5 * (healthy[n / 2 - 1] + healthy[n / 2]);
+    for (const auto& [d, r] : ratio) {
+        if (d >= previous.size()) previous.resize(d + 1, 1.0);
+        previous[d] = reference > 0 ? std::max(1.0, r.first / static_cast<double>(r.second) / reference) : 1.0;
+    }
+    return previous;
+}
+
 PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
                            const CostOptions& copt, const Scenario& scenario, std::uint64_t iterations,
                            const PolicyOptions& options, const IterationObserver& observe) {
@@ -202,34 +263,23 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
         const bool forced = uses_failed(current, truth);
         if ((options.policy == Policy::oracle && changed) || window || forced || (failure && options.policy == Policy::adaptive)) {
             const Conditions& view = options.policy == Policy::oracle ? truth : believed;
-            const std::optional<Plan> next = replan(model, cluster, cost, copt, view, current, options);
-            if (!next) {
+            const ReplanDecision d =
+                consider_replan(model, cluster, cost, copt, view, current, options, iterations - it, forced, it);
+            if (d.infeasible) {
                 out.result.stopped = true;
                 out.result.stop_reason = fmt::format("no plan fits on the devices alive at iteration {}", it);
                 break;
             }
-            if (!(*next == current)) {
-                const ScaledCostModel seen(cost, view);
-                const double now = forced ? 1e300
-                                          : estimate_plan(current, model, cluster, seen, copt).iteration_s;
-                const double then = estimate_plan(*next, model, cluster, seen, copt).iteration_s;
-                const double move = options.policy == Policy::oracle ? 0 : migration_seconds(current, *next, model, cost, copt);
-                const double gain = (now - then) * static_cast<double>(iterations - it);
-                const bool worth = options.policy == Policy::oracle ? then < now
-                                                                    : gain > move && now - then >= options.min_gain * now;
-                if (forced || worth) {
-                    out.notes.push_back(fmt::format("iteration {}: re-plan to {} stages ({:.6g} -> {:.6g} ms predicted, "
-                                                    "migration {:.6g} ms)",
-                                                    it, next->stages.size(), forced ? 0.0 : now * 1e3, then * 1e3, move * 1e3));
-                    current = *next;
-                    nominal = estimate_plan(current, model, cluster, cost, copt);
-                    ++version;
-                    ++out.repartitions;
-                    migration = move;
-                    out.migration_s += move;
-                    if (!event.empty()) event += "; ";
-                    event += fmt::format("repartition to plan {}", version);
-                }
+            if (d.plan) {
+                out.notes.push_back(d.note);
+                current = *d.plan;
+                nominal = estimate_plan(current, model, cluster, cost, copt);
+                ++version;
+                ++out.repartitions;
+                migration = d.migration_s;
+                out.migration_s += d.migration_s;
+                if (!event.empty()) event += "; ";
+                event += fmt::format("repartition to plan {}", version);
             }
         }
         const Conditions noisy = jittered(truth, options.jitter, it);

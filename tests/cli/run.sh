@@ -248,6 +248,71 @@ check "profile an unknown probe" 2 "$dpart" profile -t cpu.gemm_fp3 && contains 
 check "profile waives the GPU without one" 0 "$dpart" profile -t gpu.facts
 if ! nvidia-smi >/dev/null 2>&1; then contains "the GPU probe is waived" "$tmp/out" "waived"; fi
 
+# --- --adaptive: slowdowns, repartitions and a failure lose nothing ------------------------------
+# tiny-gpt in four pipeline stages; device 1 slowed 4x at iteration 3, device 2 fails at 10.
+plan_file gpt4 1f1b 4 2 '0 1 "localhost0.cpu0" 1' '2 3 "localhost0.cpu1" 1' '4 5 "localhost0.cpu2" 1' \
+    '6 7 "localhost0.cpu3" 1'
+printf '[[event]]\niteration = 3\nkind = "slowdown"\ndevice = "localhost0.cpu1"\nfactor = 4.0\n[[event]]\niteration = 10\nkind = "fail"\ndevice = "localhost0.cpu2"\n' \
+    >"$tmp/adaptive-scenario.toml"
+adaptive_flags=(-n 16 --seed 4 --dataset-batches 2 --timeout 60 --adaptive --window 4 --copy-every 4 --min-gain 0
+    --max-replicas 1 --max-tp 1 -s "$tmp/adaptive-scenario.toml")
+if check "static tiny-gpt, 4 stages" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -c "$cpu4" -n 16 --seed 4 \
+    --dataset-batches 2 -o "$tmp/gpt4-static"; then
+    static_digest=$(summary_value "$tmp/gpt4-static/summary.toml" weights_digest)
+    if check "adaptive: slowdown and failure, threads" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -c "$cpu4" \
+        "${adaptive_flags[@]}" -o "$tmp/gpt4-adaptive"; then
+        same "adaptive (threads): the static run's digest" "$static_digest" \
+            "$(summary_value "$tmp/gpt4-adaptive/summary.toml" weights_digest)"
+        same "adaptive (threads): the static run's losses" "$(summary_value "$tmp/gpt4-static/summary.toml" loss)" \
+            "$(summary_value "$tmp/gpt4-adaptive/summary.toml" loss)"
+        same "adaptive: one failure survived" 1 "$(summary_value "$tmp/gpt4-adaptive/summary.toml" failures_survived)"
+        same "adaptive: rolled back to the copy at iteration 8" 2 \
+            "$(summary_value "$tmp/gpt4-adaptive/summary.toml" rerun_iterations)"
+        contains "adaptive: the failure and rollback in iterations.csv" "$tmp/gpt4-adaptive/iterations.csv" \
+            "localhost0.cpu2 left; rolled back to iteration 8"
+        contains "adaptive: migrations in iterations.csv" "$tmp/gpt4-adaptive/iterations.csv" "migrated"
+        contains "adaptive: events in summary.toml" "$tmp/gpt4-adaptive/summary.toml" "[adaptive]"
+        contains "adaptive: the final plan written" "$tmp/gpt4-adaptive/final-plan.toml" "[[stage]]"
+        # Its stages.csv holds several plans' stages: replay --trace (one plan) refuses it, naming the row.
+        check "adaptive: replay --trace of a repartitioned run" 2 "$dpart" replay "$tmp/gpt4.toml" \
+            --trace "$tmp/gpt4-adaptive" -m "$gpt" -c "$cpu4" -n 4 &&
+            contains "adaptive: replay --trace names the row" "$tmp/err" "but plan.toml puts it on"
+    fi
+    if command -v mpirun >/dev/null; then
+        if check "adaptive: slowdown and failure, mpirun" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" \
+            -c "$cpu4" "${adaptive_flags[@]}" -o "$tmp/gpt4-adaptive-mpi"; then
+            same "adaptive (mpirun): the static run's digest" "$static_digest" \
+                "$(summary_value "$tmp/gpt4-adaptive-mpi/summary.toml" weights_digest)"
+        fi
+        # The coordinator itself (rank 0) fails: the next rank takes over and writes the files.
+        printf '[[event]]\niteration = 5\nkind = "fail"\ndevice = "localhost0.cpu0"\n' >"$tmp/fail0.toml"
+        if check "adaptive: rank 0 fails, mpirun" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -c "$cpu4" \
+            -n 8 --seed 4 --dataset-batches 2 --adaptive --window 4 --copy-every 4 --max-replicas 1 --max-tp 1 \
+            -s "$tmp/fail0.toml" -o "$tmp/gpt4-fail0"; then
+            check "static tiny-gpt, 8 iterations" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -c "$cpu4" -n 8 --seed 4 \
+                --dataset-batches 2 -o "$tmp/gpt4-static8"
+            same "adaptive (rank 0 failed): the static run's digest" \
+                "$(summary_value "$tmp/gpt4-static8/summary.toml" weights_digest)" \
+                "$(summary_value "$tmp/gpt4-fail0/summary.toml" weights_digest)"
+        fi
+    fi
+fi
+check "adaptive with --checkpoint-every" 2 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -c "$cpu4" --adaptive \
+    --checkpoint-every 2 --checkpoint-dir "$tmp/ck-adaptive" && contains "adaptive and checkpoints: the message" \
+    "$tmp/err" "does not take --checkpoint-every"
+# Emulated devices: the run takes the time the cluster file gives each task.
+emu="$src/plans/clusters/cpu-4emulated.toml"
+if check "plan tiny-gpt on emulated devices" 0 "$dpart" plan "$gpt" -c "$emu" --max-replicas 1 --max-tp 1 -q \
+    --out "$tmp/emu-plan.toml" && check "run on emulated devices" 0 "$dpart" run "$tmp/emu-plan.toml" -m "$gpt" \
+    -c "$emu" -n 4 --emulate -o "$tmp/emu"; then
+    err=$(summary_value "$tmp/emu/summary.toml" prediction_error_pct)
+    checks=$((checks + 1))
+    if ! awk -v e="$err" 'BEGIN { exit !(e > -5 && e < 40) }'; then
+        echo "FAIL emulated devices: the run is ${err}% off the prediction (expected a few %)"
+        failures=$((failures + 1))
+    fi
+fi
+
 # --- Faults and mismatches ---------------------------------------------------------------------
 DPART_INJECT_FAULT=1:2 check "a failing worker stops the run" 1 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" \
     "${run_flags[@]}" && contains "the failing worker is named" "$tmp/err" "worker 1 (stage 1"

@@ -49,6 +49,8 @@ struct RunSummary {
     std::string transport;  ///< "in-process" or "mpi"
     std::vector<double> loss;  ///< per iteration
     std::string weights_digest;
+    /// Further tables, as TOML text, appended to summary.toml (an adaptive run's [adaptive]).
+    std::string extra_toml;
 };
 
 /// The summary of iteration times (ms) for a global batch.

@@ -51,6 +51,24 @@ struct RunOptions {
     /// Continue from the checkpoint in `checkpoint_dir` (the same plan, model, seed, data and
     /// optimizer, checked by a fingerprint) instead of from the initial weights.
     bool resume = false;
+    /// The first iteration to run; `iterations` is the end (exclusive). An adaptive run executes
+    /// its plans in segments [start_iteration, iterations).
+    std::uint64_t start_iteration = 0;
+    /// Emulated devices: every task takes the time the cost model predicts for it on its device
+    /// (times a scenario's factor): the worker computes, then waits out the rest of that time (a
+    /// send waits first, then sends). The figures are then those of the cluster file, whatever
+    /// the host's cores do; a task slower than predicted is not shortened.
+    bool emulate = false;
+    /// Adaptive runs: at the start of an iteration at which a device has failed, its worker leaves,
+    /// telling the others through the start-of-iteration vote, and every worker stops there
+    /// (WorkerReport::stopped_at, ::left) instead of the run failing.
+    bool leave_on_failure = false;
+};
+
+/// A layer's training state on one worker: its shard of the parameters and Adam's two moments
+/// (the same layout as the parameters).
+struct ShardState {
+    std::vector<float> params, m, v;
 };
 
 /// Reads a fault from DPART_INJECT_FAULT="rank:iteration[:exit]" (unset: none). Throws
@@ -81,8 +99,24 @@ struct WorkerReport {
     std::vector<TaskRecord> tasks;
     std::vector<double> busy_s;  ///< per iteration: when its last task ended
     std::vector<double> loss;    ///< per iteration: its part of the loss (0 off the last stage)
-    std::vector<std::vector<float>> params;  ///< final parameters of its stage's layers (its shard)
+    /// Final state of its stage's layers (its shard; moments only when kept by run_worker's caller).
+    std::vector<ShardState> state;
+    /// The iteration it stopped before: RunOptions::iterations, or the one at which `left` left.
+    std::uint64_t stopped_at = 0;
+    std::vector<std::size_t> left;  ///< transport ranks that left (RunOptions::leave_on_failure)
 };
+
+/// Which transport rank runs each worker of a plan, and which ranks vote at the start of every
+/// iteration (they include ranks holding no stage, in an adaptive run). Empty: worker w is rank w,
+/// and the members are the workers.
+struct RankMap {
+    std::vector<std::size_t> of_worker;
+    std::vector<std::size_t> members;
+};
+
+/// The initial training state of a layer's shard: the parameters a pure function of (seed,
+/// layer) (a tied linear layer starts from its embedding's table), zero moments.
+[[nodiscard]] ShardState initial_state(const Model& model, std::size_t layer, Shard shard, std::uint64_t seed);
 
 /// Everything workers share, computed once from the plan: the layers each stage receives
 /// and sends, each replica's samples of a microbatch, and the kernels' parameter sizes.
@@ -90,7 +124,8 @@ class Execution {
 public:
     /// Throws InputError when the model has an op without a CPU kernel or a stage's layers do
     /// not split over its tensor-parallel degree.
-    Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options);
+    Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options,
+              RankMap ranks = {});
 
     [[nodiscard]] const Plan& plan() const noexcept { return plan_; }
     [[nodiscard]] const Model& model() const noexcept { return model_; }
@@ -100,7 +135,13 @@ public:
 
     /// Runs worker `rank`'s part of every iteration over `net`. On failure it aborts `net` (so
     /// the others stop) and rethrows, naming the rank, its device and the iteration.
-    [[nodiscard]] WorkerReport run_worker(std::size_t rank, Transport& net) const;
+    /// With `state`: starts from it when it is not empty (the stage's layers in order) and
+    /// leaves the final state, moments included, in it instead of in the report.
+    [[nodiscard]] WorkerReport run_worker(std::size_t rank, Transport& net,
+                                          std::vector<ShardState>* state = nullptr) const;
+    /// A member holding no stage (an adaptive run's spare device): takes part in the votes at
+    /// the start of every iteration, on behalf of `device`, until the end or a departure.
+    [[nodiscard]] WorkerReport run_idle(std::size_t device, Transport& net) const;
 
     // Facts about the plan the workers (and tests) use.
     /// Layers whose outputs stage `s` receives from stage s-1 (ascending; empty for stage 0).
@@ -110,6 +151,11 @@ public:
     [[nodiscard]] const std::vector<std::uint64_t>& offsets(std::size_t s) const { return offsets_.at(s); }
     /// The rank of (stage, replica, tp rank).
     [[nodiscard]] std::size_t rank_of(std::size_t stage, std::size_t replica, std::size_t tp_rank) const;
+    /// The transport rank of worker `w`, and the ranks that vote at the start of an iteration.
+    [[nodiscard]] std::size_t transport_rank(std::size_t w) const { return ranks_.of_worker.at(w); }
+    [[nodiscard]] const std::vector<std::size_t>& members() const noexcept { return ranks_.members; }
+    /// The cost model's prediction for stage `s` (what emulated devices take).
+    [[nodiscard]] const StageEstimate& predicted(std::size_t s) const { return predicted_.at(s); }
     /// The first iteration to run: 0, or the checkpoint's when resuming.
     [[nodiscard]] std::uint64_t first_iteration() const noexcept { return first_iteration_; }
     /// What must not change between a checkpoint and its resume, as a digest.
@@ -125,6 +171,8 @@ private:
     const Model& model_;
     RunOptions options_;
     std::vector<WorkerPlace> places_;
+    RankMap ranks_;
+    std::vector<StageEstimate> predicted_;
     std::vector<std::size_t> first_rank_;  // per stage
     std::vector<std::vector<std::size_t>> live_in_;
     std::vector<std::vector<std::uint64_t>> shares_, offsets_;
@@ -150,6 +198,10 @@ struct RunResult {
 /// This process is one rank of `net` (size = ex.workers()): runs its worker, then rank 0
 /// gathers every report and returns the whole result; the other ranks return an empty one.
 [[nodiscard]] RunResult run_distributed(const Execution& ex, Transport& net);
+
+/// A report as a message (its tasks, times, losses, stop and final parameters; not the moments).
+[[nodiscard]] Bytes serialise_report(const WorkerReport& w);
+[[nodiscard]] WorkerReport deserialise_report(const Bytes& b, std::size_t rank);
 
 /// FNV-1a (64-bit) over the bytes of every parameter, layer by layer.
 [[nodiscard]] std::uint64_t digest(const std::vector<std::vector<float>>& weights);

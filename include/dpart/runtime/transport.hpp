@@ -26,7 +26,12 @@ using Bytes = std::vector<std::byte>;
 
 /// What a message is: its kind, the iteration and microbatch it belongs to, and a sub-index.
 struct Tag {
-    enum class Kind : std::uint8_t { activation, gradient, allreduce, allgather, tied, barrier, report };
+    enum class Kind : std::uint8_t {
+        activation, gradient, allreduce, allgather, tied, barrier, report,
+        control,  ///< an adaptive run's measurements and decisions
+        migrate,  ///< a layer's state moving to a new owner (index: layer, microbatch: shard)
+        copy      ///< a worker's state copied to its neighbour
+    };
     Kind kind = Kind::activation;
     std::uint32_t iteration = 0;
     std::uint32_t microbatch = 0;
@@ -107,5 +112,8 @@ void group_allgather(Transport& t, std::span<const std::size_t> group, Tag tag, 
                      std::span<float> all);
 /// Returns when every rank of `group` has called it.
 void group_barrier(Transport& t, std::span<const std::size_t> group, Tag tag);
+/// A barrier that also tells every member each member's byte (in group order).
+[[nodiscard]] std::vector<std::uint8_t> group_vote(Transport& t, std::span<const std::size_t> group, Tag tag,
+                                                   std::uint8_t mine);
 
 }  // namespace dpart::rt

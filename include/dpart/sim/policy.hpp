@@ -4,6 +4,7 @@
 // the new plan only when the predicted gain over the remaining iterations exceeds the migration.
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -65,6 +66,40 @@ struct PolicyReplay {
     double migration_s = 0;
     std::vector<std::string> notes;  ///< re-plans considered and taken
 };
+
+/// What re-planning under `view` (the conditions the policy believes) gives.
+struct ReplanDecision {
+    std::optional<Plan> plan;  ///< the plan to move to; none: keep the current one
+    bool infeasible = false;   ///< no plan fits on the devices alive
+    double now_s = 0;          ///< the current plan's predicted iteration under `view` (0 when forced)
+    double then_s = 0;         ///< the new plan's
+    double migration_s = 0;    ///< moving the layers that change owner (0 for the oracle)
+    double solve_s = 0;        ///< wall time of the planner's search
+    std::string note;          ///< what was decided, for traces
+};
+
+/// The controller's decision, the same for replay's policies and `dpart run --adaptive`: the
+/// best plan on the devices alive under `view`; it is taken when `forced` (the current plan uses
+/// a failed device), or, for the oracle, when it is faster, or, adaptive, when its predicted gain
+/// over the `remaining` iterations exceeds the migration and is at least `min_gain` per iteration.
+[[nodiscard]] ReplanDecision consider_replan(const Model& model, const Cluster& cluster, const CostModel& cost,
+                                             const CostOptions& copt, const Conditions& view, const Plan& current,
+                                             const PolicyOptions& options, std::uint64_t remaining, bool forced,
+                                             std::uint64_t iteration);
+
+/// A device's measured time for some work next to the cost model's prediction for it.
+struct DeviceMeasurement {
+    std::size_t device = 0;
+    double measured_s = 0;
+    double predicted_s = 0;
+};
+
+/// Effective slowdowns from measurements. A device's ratio measured / predicted includes what the
+/// cost model gets wrong for every device alike, so it is taken relative to the healthy devices'
+/// ratio: the median of the ratios within 25% of the smallest. A device measured several times
+/// gets its mean ratio; devices not measured keep `previous`.
+[[nodiscard]] std::vector<double> measured_slowdowns(const std::vector<DeviceMeasurement>& measurements,
+                                                     std::vector<double> previous);
 
 /// Replays `plan` for `iterations` under `scenario` with a policy (static: replay_static).
 [[nodiscard]] PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& cluster,

@@ -1,0 +1,152 @@
+// The adaptive runtime: the controller's speed estimate, the start-of-iteration vote, and a live
+// job that slows down, repartitions, loses a device and ends with the weights of a static run.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <thread>
+
+#include "dpart/io/cluster_toml.hpp"
+#include "dpart/io/model_toml.hpp"
+#include "dpart/plan/estimate.hpp"
+#include "dpart/runtime/adaptive.hpp"
+#include "dpart/runtime/executor.hpp"
+#include "dpart/sim/policy.hpp"
+
+using namespace dpart;
+using namespace dpart::rt;
+
+namespace {
+
+const std::string plans_dir = std::string(DPART_SOURCE_DIR) + "/plans/";
+
+Plan pipeline(std::uint64_t microbatches, std::uint64_t global_batch, const std::vector<std::pair<std::size_t, std::size_t>>& ranges) {
+    Plan p;
+    p.microbatches = microbatches;
+    p.microbatch_size = global_batch / microbatches;
+    for (std::size_t s = 0; s < ranges.size(); ++s) {
+        Stage st;
+        st.first_layer = ranges[s].first;
+        st.last_layer = ranges[s].second;
+        st.devices = {s};
+        p.stages.push_back(st);
+    }
+    return p;
+}
+
+ScenarioEvent event(std::uint64_t it, EventKind kind, std::size_t device, double factor = 1) {
+    ScenarioEvent e;
+    e.iteration = it;
+    e.kind = kind;
+    e.device = device;
+    e.factor = factor;
+    return e;
+}
+
+}  // namespace
+
+TEST_CASE("controller: slowdowns are measured against the healthy devices' ratio") {
+    // Every device runs 20% slower than predicted (the cost model's error); device 2 three times more.
+    const std::vector<DeviceMeasurement> m{{0, 1.2, 1.0}, {1, 2.4, 2.0}, {2, 3.6, 1.0}, {3, 1.26, 1.0}};
+    const std::vector<double> s = measured_slowdowns(m, std::vector<double>(5, 1.0));
+    REQUIRE(s.size() == 5);
+    CHECK(s[0] == doctest::Approx(1.0).epsilon(0.03));
+    CHECK(s[1] == doctest::Approx(1.0).epsilon(0.03));
+    CHECK(s[2] == doctest::Approx(3.0).epsilon(0.03));
+    CHECK(s[3] == doctest::Approx(1.05).epsilon(0.03));
+    CHECK(s[4] == 1.0);  // not measured: its previous value
+    // Nothing measured: nothing changes.
+    CHECK(measured_slowdowns({}, {1.0, 2.5}) == std::vector<double>{1.0, 2.5});
+}
+
+TEST_CASE("transport: the start-of-iteration vote tells every member who leaves") {
+    InProcessNetwork net(3, std::chrono::milliseconds(5000));
+    std::vector<std::vector<std::uint8_t>> got(3);
+    {
+        std::vector<std::jthread> threads;
+        for (std::size_t r = 0; r < 3; ++r)
+            threads.emplace_back([&, r] {
+                const std::vector<std::size_t> group{0, 1, 2};
+                got[r] = group_vote(net.endpoint(r), group, {Tag::Kind::barrier, 4, 0, 0}, r == 1 ? 1 : 0);
+            });
+    }
+    for (const auto& v : got) CHECK(v == std::vector<std::uint8_t>{0, 1, 0});
+}
+
+TEST_CASE("adaptive: a slowdown, repartitions and a failure lose nothing (bitwise the static run's weights)") {
+    const Model model = load_model(plans_dir + "models/tiny-gpt.toml");
+    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
+    const AnalyticalCostModel cost(model, cluster, {});
+    const Plan plan = pipeline(4, model.global_batch, {{0, 1}, {2, 3}, {4, 5}, {6, 7}});
+    RunOptions o;
+    o.iterations = 14;
+    o.seed = 3;
+    o.dataset_batches = 2;
+    o.timeout = std::chrono::milliseconds(30000);
+    const RunResult reference = run_in_process(Execution(plan, model, estimate_plan(plan, model, cluster, cost, {}), o));
+
+    RunOptions ao = o;
+    ao.scenario.events = {event(2, EventKind::slowdown, 1, 4.0), event(9, EventKind::fail, 2)};
+    AdaptiveJob job{model, cluster, cost, {}, plan, ao, {}};
+    job.adaptive.window = 3;
+    job.adaptive.copy_every = 3;
+    job.adaptive.policy.policy = Policy::adaptive;
+    job.adaptive.policy.min_gain = 0;
+    job.adaptive.policy.solver.max_replicas = 1;
+    job.adaptive.policy.solver.max_tp = 1;
+    const AdaptiveResult r = run_adaptive_in_process(job);
+    REQUIRE(r.writer);
+    CHECK(r.failures == 1);
+    CHECK(r.rerun_iterations == 9 - 9 / 3 * 3);  // rolled back to the copy at iteration 9 - (9 mod 3)
+    CHECK(r.repartitions >= 1);
+    CHECK(r.plans.size() == r.repartitions + 1);
+    // The last plan runs without the failed device.
+    for (const Stage& st : r.plans.back().stages) CHECK(std::find(st.devices.begin(), st.devices.end(), 2u) == st.devices.end());
+    CHECK(r.loss == reference.loss);
+    CHECK(r.weights_digest == reference.weights_digest);
+    // Every iteration ran, in order within each segment, and the rows carry the decisions.
+    std::vector<bool> seen(o.iterations, false);
+    for (const AdaptiveIteration& it : r.iterations) seen.at(it.iteration) = true;
+    CHECK(std::all_of(seen.begin(), seen.end(), [](bool b) { return b; }));
+    CHECK(r.migrated_bytes > 0);
+    CHECK(r.copy_bytes > 0);
+}
+
+TEST_CASE("adaptive: a failed replica is restored from its data-parallel twin") {
+    const Model model = load_model(plans_dir + "models/seed-mlp.toml");
+    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
+    const AnalyticalCostModel cost(model, cluster, {});
+    Plan plan = pipeline(2, model.global_batch, {{0, 1}, {2, 3}});
+    plan.stages[1].devices = {1, 2};  // two replicas of the second stage
+    RunOptions o;
+    o.iterations = 8;
+    o.seed = 5;
+    o.timeout = std::chrono::milliseconds(30000);
+    o.scenario.events = {event(5, EventKind::fail, 1)};
+    AdaptiveJob job{model, cluster, cost, {}, plan, o, {}};
+    job.adaptive.window = 4;
+    job.adaptive.copy_every = 2;
+    job.adaptive.policy.policy = Policy::adaptive;
+    const AdaptiveResult r = run_adaptive_in_process(job);
+    REQUIRE(r.writer);
+    CHECK(r.failures == 1);
+    CHECK(r.rerun_iterations == 1);
+    CHECK(r.iterations.back().iteration == 7);
+    CHECK(std::isfinite(r.loss.back()));
+}
+
+TEST_CASE("adaptive: when every device fails the job stops with a message") {
+    const Model model = load_model(plans_dir + "models/seed-mlp.toml");
+    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
+    const AnalyticalCostModel cost(model, cluster, {});
+    const Plan plan = pipeline(2, model.global_batch, {{0, 1}, {2, 3}});
+    RunOptions o;
+    o.iterations = 6;
+    o.timeout = std::chrono::milliseconds(30000);
+    // Two agents: each one's copy is on the other, and both fail together.
+    o.scenario.events = {event(3, EventKind::fail, 0), event(3, EventKind::fail, 1)};
+    AdaptiveJob job{model, cluster, cost, {}, plan, o, {}};
+    job.adaptive.policy.policy = Policy::adaptive;
+    CHECK_THROWS_WITH_AS((void)run_adaptive_in_process(job), doctest::Contains("every device of the job has failed"),
+                         RuntimeError);
+}
