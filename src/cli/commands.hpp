@@ -5,9 +5,35 @@
 
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <string>
 
+#include "dpart/cost/layer_times.hpp"
+
 namespace dpart::cli {
+
+/// The cost model of plan, replay and run: the analytical roofline, or with `--layer-times FILE`
+/// (dpart profile --model) measured layer times for the devices of the kind they were measured
+/// on. Throws InputError when no device of the cluster is of that kind.
+class CliCostModel {
+public:
+    CliCostModel(const Model& model, const Cluster& cluster, const CostOptions& copt, const std::string& layer_times)
+        : analytical_(model, cluster, copt) {
+        if (layer_times.empty()) return;
+        measured_ = std::make_unique<MeasuredCostModel>(analytical_, model, cluster, load_layer_times(layer_times, model));
+        if (measured_->measured_devices() == 0)
+            throw InputError(SourceLocation{layer_times, 0, 0},
+                             "these layer times were measured on devices of another kind than the cluster's (the \"kind\" "
+                             "column against each device's kind)");
+    }
+    [[nodiscard]] const CostModel& get() const {
+        return measured_ ? static_cast<const CostModel&>(*measured_) : analytical_;
+    }
+
+private:
+    AnalyticalCostModel analytical_;
+    std::unique_ptr<MeasuredCostModel> measured_;
+};
 
 using Action = std::function<int()>;
 

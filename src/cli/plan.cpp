@@ -35,6 +35,7 @@ struct PlanOptions {
     bool overlap_allreduce = false;
     bool compare = false;
     bool quiet = false;
+    std::string layer_times;  ///< --layer-times: measured layer costs (dpart profile --model)
     // --cost-model pipedream: PipeDream's planner on N identical workers, no cluster file.
     std::string cost_model = "analytical";
     std::size_t workers = 0;
@@ -243,7 +244,8 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     sopt.max_replicas = o.max_replicas;
     sopt.max_tp = o.max_tp;
     sopt.strategy = parse_strategy(o.strategy);
-    const AnalyticalCostModel cost(model, cluster, copt);
+    const CliCostModel cost_model(model, cluster, copt, o.layer_times);
+    const CostModel& cost = cost_model.get();
     const SolveResult r = solve(model, cluster, cost, copt, sopt);
     if (!o.quiet) {
         print_plan(r.plan, r.estimate, model, cluster, o.strategy);
@@ -303,6 +305,9 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "overlap the gradient all-reduce with the last backward");
     cmd->add_flag("--compare", o->compare, "also solve every baseline strategy and print a comparison");
     cmd->add_flag("--quiet,-q", o->quiet, "print nothing (write --out / --csv only)");
+    cmd->add_option("--layer-times", o->layer_times,
+                    "measured layer times (dpart profile --model ... --layer-times FILE): used for the cluster's devices "
+                    "of the kind they were measured on, instead of the roofline");
     cmd->add_option("--cost-model", o->cost_model,
                     "analytical: dpart's cost model on --cluster; pipedream: PipeDream's optimizer and cost model "
                     "(measured layer times, e.g. from dpart import pipedream) on --workers identical workers")

@@ -14,7 +14,10 @@
 #include "commands.hpp"
 #include "dpart/core/error.hpp"
 #include "dpart/io/atomic_file.hpp"
+#include "dpart/io/csv.hpp"
+#include "dpart/io/model_toml.hpp"
 #include "dpart/profile/gpu.hpp"
+#include "dpart/profile/layers.hpp"
 #include "dpart/profile/probe.hpp"
 #include "dpart/report/text_table.hpp"
 #include "dpart/runtime/mpi.hpp"
@@ -32,7 +35,32 @@ struct ProfileOptions {
     int repeats = 5;
     double scale = 1.0;
     double timeout_s = 3600;
+    std::string model;        ///< --model: time its layers
+    std::string layer_times;  ///< where their times go
 };
+
+/// dpart profile --model M --layer-times FILE: every layer's forward and backward at the
+/// microbatch sizes the planner considers, on one core, written as the CSV plan, replay and run
+/// take with --layer-times.
+int run_layer_timing(const ProfileOptions& o) {
+    if (o.layer_times.empty()) throw InputError("--model needs --layer-times FILE (where the layer times go)");
+    const Model model = load_model(o.model);
+    const auto sizes = profile::layer_timing_sizes(model.global_batch);
+    const LayerTimes t = profile::time_layers(model, sizes, o.repeats, profile::cpu_kind());
+    double fwd = 0, bwd = 0;
+    for (const auto& [layer, points] : t.layers) {
+        fwd += points.back().forward_s;
+        bwd += points.back().backward_s;
+    }
+    std::string list;
+    for (std::uint64_t q : sizes) list += (list.empty() ? "" : ", ") + std::to_string(q);
+    fmt::print("layers of {}: {} layers at {} samples on one core of {} (median of {}); at {} samples the whole model "
+               "takes {:.4g} ms forward, {:.4g} ms backward\n",
+               model.name, model.layers.size(), list, t.kind, o.repeats, sizes.back(), fwd * 1e3, bwd * 1e3);
+    layer_times_table(t, model).write(o.layer_times);
+    fmt::print("wrote {}\n", o.layer_times);
+    return 0;
+}
 
 /// This rank's index among the ranks of its host, and their count (1 of 1 outside mpirun):
 /// OpenMPI's, MPICH's and Slurm's variables.
@@ -74,6 +102,8 @@ std::string result_line(const profile::ProbeResult& r, const std::string& who) {
 }
 
 int run_profile(const ProfileOptions& o, const std::string& command) {
+    if (!o.model.empty() && !o.list) return run_layer_timing(o);
+    if (!o.layer_times.empty()) throw InputError("--layer-times names where --model's layer times go: give --model");
     profile::ProbeSettings settings{o.repeats, o.scale};
     // Under mpirun every rank measures its own devices (the ranks of one host share its GPUs
     // out by CUDA index) and rank 0 merges them into one cluster.toml.
@@ -155,6 +185,11 @@ void setup_profile(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--name", o->name, "the cluster's name in --out (default: this host's name)");
     cmd->add_option("--csv", o->csv, "write every figure there: key,status,figure,value,unit,reason");
     cmd->add_flag("--list", o->list, "list the probes (key and description) and exit");
+    cmd->add_option("--model", o->model,
+                    "time this model's layers (forward and backward, one core, at the microbatch sizes the planner "
+                    "considers) instead of running the probes; with --layer-times");
+    cmd->add_option("--layer-times", o->layer_times,
+                    "with --model: write the layer times there (CSV), for plan, replay and run --layer-times");
     cmd->add_option("-t,--test", o->keys, "run this probe (repeatable)");
     cmd->add_option("-p,--prefix", o->prefixes, "run the probes whose key starts with this (repeatable)");
     cmd->add_option("--repeats", o->repeats, "timed repeats per figure after one warm-up; the median is reported")

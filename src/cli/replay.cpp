@@ -21,6 +21,7 @@ struct ReplayOptions {
     std::string model;
     std::string cluster;
     std::string scenario;
+    std::string layer_times;  ///< --layer-times: measured layer costs (dpart profile --model)
     std::string trace;
     std::uint64_t iterations = 100;
     std::string policy = "static";
@@ -47,7 +48,8 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     copt.shard_optimizer = o.shard_optimizer;
     copt.recompute = o.recompute;
     copt.overlap_allreduce = o.overlap_allreduce;
-    const AnalyticalCostModel cost(model, cluster, copt);
+    const CliCostModel cost_model(model, cluster, copt, o.layer_times);
+    const CostModel& cost = cost_model.get();
     const Scenario scenario = !o.trace.empty()    ? scenario_from_run(o.trace, model, cluster, cost, copt)
                               : !o.scenario.empty() ? load_scenario(o.scenario, cluster)
                                                     : Scenario{};
@@ -152,6 +154,9 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
         ->check(CLI::Range(0.0, 100.0))
         ->check(finite_number)
         ->capture_default_str();
+    cmd->add_option("--layer-times", o->layer_times,
+                    "measured layer times (dpart profile --model ... --layer-times FILE): used for the cluster's devices "
+                    "of the kind they were measured on, instead of the roofline");
     cmd->add_option("--max-replicas", o->max_replicas,
                     "adaptive, oracle: re-plans use at most this many data-parallel replicas per stage (0: no limit)")
         ->capture_default_str();

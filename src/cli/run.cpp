@@ -26,6 +26,7 @@ struct RunCliOptions {
     std::string model;
     std::string cluster;
     std::string scenario;
+    std::string layer_times;  ///< --layer-times: measured layer costs (dpart profile --model)
     std::uint64_t iterations = 10;
     std::uint64_t seed = 1;
     std::uint64_t dataset_batches = 1;
@@ -199,7 +200,8 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     const Cluster cluster = load_cluster(o.cluster);
     const Plan plan = load_plan(o.plan, model, cluster);
     const CostOptions copt;
-    const AnalyticalCostModel cost(model, cluster, copt);
+    const CliCostModel cost_model(model, cluster, copt, o.layer_times);
+    const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);
 
     rt::RunOptions ro;
@@ -296,6 +298,9 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--resume", o->resume,
                     "continue from the last checkpoint in this directory (same plan, model, seed, data and optimizer); "
                     "with --checkpoint-every it keeps checkpointing there");
+    cmd->add_option("--layer-times", o->layer_times,
+                    "measured layer times (dpart profile --model ... --layer-times FILE): used for the cluster's devices "
+                    "of the kind they were measured on, instead of the roofline");
     cmd->add_flag("--emulate", o->emulate,
                   "emulated devices: every task takes the time the cluster file predicts for it (compute, then wait out "
                   "the rest), so that a small host runs a cluster's timing");

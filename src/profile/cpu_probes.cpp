@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "dpart/profile/layers.hpp"
 #include "dpart/profile/probe.hpp"
 #include "dpart/runtime/backend.hpp"
 #include "dpart/runtime/transport.hpp"
@@ -89,8 +90,11 @@ std::pair<double, double> transport_link(std::size_t bytes, int repeats) {
                     echo_error = std::current_exception();
                 }
             });
+            // The message is written as a worker's send writes it (a copy of the tensor's bytes):
+            // an untouched allocation would cost nothing and measure no bandwidth.
+            const rt::Bytes payload(size, std::byte{1});
             for (int i = 0; i < rounds; ++i) {
-                net.endpoint(0).send(1, {}, rt::Bytes(size));
+                net.endpoint(0).send(1, {}, rt::Bytes(payload.begin(), payload.end()));
                 (void)net.endpoint(0).recv(1, {});
             }
             echo.join();
@@ -107,6 +111,8 @@ std::size_t scaled(std::size_t base, double scale, std::size_t least) {
 }
 
 }  // namespace
+
+std::string cpu_kind() { return cpu_model_name(); }
 
 std::vector<Probe> cpu_probes(const ProbeSettings& st) {
     const std::size_t n = scaled(1024, st.scale, 64);

@@ -243,6 +243,24 @@ if check "profile the CPU" 0 "$dpart" profile -p cpu. --scale 0.02 --repeats 1 -
     check "run on the measured cluster" 0 "$dpart" run "$tmp/measured-plan.toml" -m "$mlp" -c "$tmp/measured.toml" \
         "${run_flags[@]}"
 fi
+# Measured layer times: profile --model times every layer; plan, replay and run take them.
+if check "profile --model: layer times" 0 "$dpart" profile --model "$mlp" --layer-times "$tmp/layers.csv" --repeats 1; then
+    contains "layer times: the CSV's header" "$tmp/layers.csv" "model,kind,layer,samples,fwd_ms,bwd_ms"
+    contains "layer times: the first layer" "$tmp/layers.csv" "seed-mlp,"
+    if [ -f "$tmp/measured.toml" ]; then
+        check "plan with the layer times" 0 "$dpart" plan "$mlp" -c "$tmp/measured.toml" --layer-times "$tmp/layers.csv" \
+            --out "$tmp/layers-plan.toml"
+        check "run with the layer times" 0 "$dpart" run "$tmp/layers-plan.toml" -m "$mlp" -c "$tmp/measured.toml" \
+            --layer-times "$tmp/layers.csv" -n 3
+        check "replay with the layer times" 0 "$dpart" replay "$tmp/layers-plan.toml" -m "$mlp" -c "$tmp/measured.toml" \
+            --layer-times "$tmp/layers.csv" -n 3
+    fi
+    check "layer times measured on another kind of device" 2 "$dpart" plan "$mlp" -c "$cpu4" --layer-times "$tmp/layers.csv" &&
+        contains "layer times of another kind: the message" "$tmp/err" "measured on devices of another kind"
+    check "layer times of another model" 2 "$dpart" plan "$gpt" -c "$cpu2" --layer-times "$tmp/layers.csv" &&
+        contains "layer times of another model: the message" "$tmp/err" 'not "tiny-gpt"'
+fi
+check "profile --layer-times without --model" 2 "$dpart" profile --layer-times "$tmp/x.csv"
 check "profile an unknown probe" 2 "$dpart" profile -t cpu.gemm_fp3 && contains "profile suggests a probe" "$tmp/err" \
     'did you mean "cpu.gemm_fp32"'
 check "profile waives the GPU without one" 0 "$dpart" profile -t gpu.facts
@@ -306,8 +324,9 @@ if check "plan tiny-gpt on emulated devices" 0 "$dpart" plan "$gpt" -c "$emu" --
     --out "$tmp/emu-plan.toml" && check "run on emulated devices" 0 "$dpart" run "$tmp/emu-plan.toml" -m "$gpt" \
     -c "$emu" -n 4 --emulate -o "$tmp/emu"; then
     err=$(summary_value "$tmp/emu/summary.toml" prediction_error_pct)
-    checks=$((checks + 1))
-    if ! awk -v e="$err" 'BEGIN { exit !(e > -5 && e < 40) }'; then
+    # Under AddressSanitizer the kernels are too slow to fit in the emulated time: no timing check.
+    ldd "$dpart" 2>/dev/null | grep -q libasan || checks=$((checks + 1))
+    if ! ldd "$dpart" 2>/dev/null | grep -q libasan && ! awk -v e="$err" 'BEGIN { exit !(e > -5 && e < 40) }'; then
         echo "FAIL emulated devices: the run is ${err}% off the prediction (expected a few %)"
         failures=$((failures + 1))
     fi
