@@ -3,10 +3,13 @@
 # measures the machine (`dpart profile`, so the prediction uses measured figures, not guesses),
 # then plans and runs each case and prints a Markdown table. Run it on a quiet machine: the
 # workers own the cores.
-# Usage: bench/run_vs_predicted.sh [DPART] [ITERATIONS]
+# With LAYERS = layers, each case also times the model's layers (`dpart profile --model`) and the
+# plan and its prediction use those measured layer times (`--layer-times`) instead of the roofline.
+# Usage: bench/run_vs_predicted.sh [DPART] [ITERATIONS] [roofline|layers]
 set -eu
 dpart=${1:-build/dpart}
 iterations=${2:-20}
+costs=${3:-roofline}
 root=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -20,8 +23,13 @@ case_row() {  # case_row MODEL LABEL PLAN_FLAGS...
     "$dpart" profile --repeats 3 --name cpu-local --out "$tmp/cluster.toml" >"$tmp/profile.txt"
     local gflops
     gflops=$(sed -n 's/.*gflops_per_core_all_busy \([0-9.]*\).*/\1/p' "$tmp/profile.txt")
-    "$dpart" plan "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" -q --out "$tmp/plan.toml" "$@"
-    "$dpart" run "$tmp/plan.toml" -m "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" \
+    local measured=()
+    if [ "$costs" = layers ]; then
+        "$dpart" profile --model "$root/plans/models/$model.toml" --layer-times "$tmp/layers.csv" --repeats 3 >/dev/null
+        measured=(--layer-times "$tmp/layers.csv")
+    fi
+    "$dpart" plan "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" -q --out "$tmp/plan.toml" "${measured[@]}" "$@"
+    "$dpart" run "$tmp/plan.toml" -m "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" "${measured[@]}" \
         --iterations "$iterations" --out-dir "$tmp/run" >/dev/null
     awk -v model="$model" -v label="$label" -v g="$gflops" -v m="$(sed -n 's/^microbatches = //p' "$tmp/plan.toml")" '
         /^mean_iteration_ms/ { mean = $3 } /^p50_iteration_ms/ { p50 = $3 } /^predicted_iteration_ms/ { pred = $3 }

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <tuple>
 
 #include "commands.hpp"
@@ -46,7 +47,9 @@ int run_layer_timing(const ProfileOptions& o) {
     if (o.layer_times.empty()) throw InputError("--model needs --layer-times FILE (where the layer times go)");
     const Model model = load_model(o.model);
     const auto sizes = profile::layer_timing_sizes(model.global_batch);
-    const LayerTimes t = profile::time_layers(model, sizes, o.repeats, profile::cpu_kind());
+    // Every core at once, as dpart run's workers use them (one worker per core).
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    const LayerTimes t = profile::time_layers(model, sizes, o.repeats, profile::cpu_kind(), 1, cores);
     double fwd = 0, bwd = 0;
     for (const auto& [layer, points] : t.layers) {
         fwd += points.back().forward_s;
@@ -54,9 +57,9 @@ int run_layer_timing(const ProfileOptions& o) {
     }
     std::string list;
     for (std::uint64_t q : sizes) list += (list.empty() ? "" : ", ") + std::to_string(q);
-    fmt::print("layers of {}: {} layers at {} samples on one core of {} (median of {}); at {} samples the whole model "
-               "takes {:.4g} ms forward, {:.4g} ms backward\n",
-               model.name, model.layers.size(), list, t.kind, o.repeats, sizes.back(), fwd * 1e3, bwd * 1e3);
+    fmt::print("layers of {}: {} layers at {} samples on each of {} cores of {} at once (median of {}); at {} samples "
+               "the whole model takes {:.4g} ms forward, {:.4g} ms backward\n",
+               model.name, model.layers.size(), list, cores, t.kind, o.repeats, sizes.back(), fwd * 1e3, bwd * 1e3);
     layer_times_table(t, model).write(o.layer_times);
     fmt::print("wrote {}\n", o.layer_times);
     return 0;

@@ -2,7 +2,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <exception>
 #include <map>
+#include <thread>
 
 #include "dpart/core/error.hpp"
 #include "dpart/profile/layers.hpp"
@@ -52,9 +54,11 @@ double median(std::vector<double> v) {
 
 }  // namespace
 
-LayerTimes time_layers(const Model& model, const std::vector<std::uint64_t>& sizes, int repeats, const std::string& kind,
-                       std::uint64_t seed) {
-    rt::use_single_threaded_blas();
+namespace {
+
+/// One core's measurement (see time_layers).
+LayerTimes time_layers_on_one_core(const Model& model, const std::vector<std::uint64_t>& sizes, int repeats,
+                                   const std::string& kind, std::uint64_t seed) {
     const std::size_t L = model.layers.size();
     std::vector<std::unique_ptr<rt::LayerKernel>> kernels;
     std::vector<std::vector<float>> params, grads;
@@ -113,6 +117,42 @@ LayerTimes time_layers(const Model& model, const std::vector<std::uint64_t>& siz
         }
         for (std::size_t l = 0; l < L; ++l) out.layers[l].push_back({q, median(fwd[l]), median(bwd[l])});
     }
+    return out;
+}
+
+}  // namespace
+
+LayerTimes time_layers(const Model& model, const std::vector<std::uint64_t>& sizes, int repeats, const std::string& kind,
+                       std::uint64_t seed, unsigned threads) {
+    rt::use_single_threaded_blas();
+    threads = std::max(1u, threads);
+    std::vector<LayerTimes> each(threads);
+    std::vector<std::exception_ptr> errors(threads);
+    {
+        std::vector<std::jthread> pool;
+        for (unsigned t = 0; t < threads; ++t)
+            pool.emplace_back([&, t] {
+                try {
+                    each[t] = time_layers_on_one_core(model, sizes, repeats, kind, seed);
+                } catch (...) {
+                    errors[t] = std::current_exception();
+                }
+            });
+    }
+    for (const auto& e : errors)
+        if (e) std::rethrow_exception(e);
+    // Per layer and size, the median over the cores.
+    LayerTimes out = each.front();
+    for (auto& [layer, points] : out.layers)
+        for (std::size_t k = 0; k < points.size(); ++k) {
+            std::vector<double> f, b;
+            for (const LayerTimes& e : each) {
+                f.push_back(e.layers.at(layer)[k].forward_s);
+                b.push_back(e.layers.at(layer)[k].backward_s);
+            }
+            points[k].forward_s = median(f);
+            points[k].backward_s = median(b);
+        }
     return out;
 }
 

@@ -16,10 +16,12 @@ namespace dpart::profile {
 /// always included.
 [[nodiscard]] std::vector<std::uint64_t> layer_timing_sizes(std::uint64_t global_batch, std::size_t most = 8);
 
-/// Runs the whole model forward and backward on one core at each size, `repeats` times after a
-/// warm-up, timing each layer's passes; a layer's figure is the median of its repeats.
+/// Runs the whole model forward and backward at each size, `repeats` times after a warm-up,
+/// timing each layer's passes, on `threads` cores at once (each its own copy: `dpart run`'s
+/// workers share the cores the same way); a layer's figure is the median of its repeats, then
+/// the median over the cores.
 [[nodiscard]] LayerTimes time_layers(const Model& model, const std::vector<std::uint64_t>& sizes, int repeats,
-                                     const std::string& kind, std::uint64_t seed = 1);
+                                     const std::string& kind, std::uint64_t seed = 1, unsigned threads = 1);
 
 /// This host's CPU model name (what `dpart profile --out` writes as its devices' kind).
 [[nodiscard]] std::string cpu_kind();
