@@ -106,17 +106,10 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     if (r.stopped) fmt::print("stopped: {}\n", r.stop_reason);
 
     if (!o.out_dir.empty()) {
-        std::error_code ec;
-        std::filesystem::create_directories(o.out_dir, ec);
-        if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", o.out_dir, ec.message()));
-        const std::filesystem::path dir(o.out_dir);
         Meta meta;
         meta.command_line = command;
         meta.extra = {{"model", model.name}, {"cluster", cluster.name}, {"plan", o.plan}};
-        iterations.write((dir / "iterations.csv").string());
-        stages.write((dir / "stages.csv").string());
-        timeline.write((dir / "timeline.csv").string());
-        write_file_atomic((dir / "summary.toml").string(), summary_toml(summary, meta));
+        (void)write_trace_dir(o.out_dir, meta, iterations, stages, timeline, summary);
     }
     // A run the policy could not finish is a runtime failure, after its files are written.
     return r.stopped ? static_cast<int>(ExitCode::runtime_failure) : 0;

@@ -47,26 +47,24 @@ struct RunCliOptions {
     std::uint32_t max_tp = 8;
 };
 
+Meta run_meta(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster) {
+    Meta meta;
+    meta.command_line = command;
+    meta.extra = {{"model", model.name}, {"cluster", cluster.name}, {"plan", o.plan}};
+    return meta;
+}
+
 void write_outputs(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
                    const rt::Execution& ex, const PlanEstimate& predicted, const rt::RunResult& run,
                    const RunSummary& summary) {
-    std::error_code ec;
-    std::filesystem::create_directories(o.out_dir, ec);
-    if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", o.out_dir, ec.message()));
-    const std::filesystem::path dir(o.out_dir);
     CsvTable iterations(iteration_columns()), stages(stage_trace_columns()), timeline(timeline_columns());
     add_run_iteration_rows(iterations, run, model.global_batch, ex.options().scenario, cluster);
     add_run_stage_rows(stages, run, ex, cluster);
     add_run_timeline_rows(timeline, run, ex, cluster, o.timeline == "all");
-    Meta meta;
-    meta.command_line = command;
-    meta.extra = {{"model", model.name}, {"cluster", cluster.name}, {"plan", o.plan}};
-    iterations.write((dir / "iterations.csv").string());
-    stages.write((dir / "stages.csv").string());
-    timeline.write((dir / "timeline.csv").string());
+    const Meta meta = run_meta(o, command, model, cluster);
+    const std::filesystem::path dir = write_trace_dir(o.out_dir, meta, iterations, stages, timeline, summary);
     // The plan as it ran, with its predictions: what `dpart replay --trace DIR` compares with.
     write_file_atomic((dir / "plan.toml").string(), plan_toml(ex.plan(), predicted, model, cluster, meta, "as run"));
-    write_file_atomic((dir / "summary.toml").string(), summary_toml(summary, meta));
 }
 
 /// Refuses a run that would not fit in this host's memory (rather than be killed by the
@@ -95,10 +93,6 @@ void check_host_memory(const rt::Execution& ex, const PlanEstimate& predicted, c
 void write_adaptive_outputs(const RunCliOptions& o, const std::string& command, const Model& model,
                             const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
                             const rt::RunOptions& ro, const rt::AdaptiveResult& r, const RunSummary& summary) {
-    std::error_code ec;
-    std::filesystem::create_directories(o.out_dir, ec);
-    if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", o.out_dir, ec.message()));
-    const std::filesystem::path dir(o.out_dir);
     CsvTable iterations(iteration_columns()), stages(stage_trace_columns()), timeline(timeline_columns());
     for (const rt::AdaptiveIteration& it : r.iterations)
         iterations.add_row({std::to_string(it.iteration), std::to_string(it.plan_version), ms_text(it.seconds),
@@ -120,12 +114,8 @@ void write_adaptive_outputs(const RunCliOptions& o, const std::string& command, 
         if (o.timeline == "all" || k == 0 || k + 1 == r.segments.size())
             add_run_timeline_rows(timeline, part, ex, cluster, o.timeline == "all");
     }
-    Meta meta;
-    meta.command_line = command;
-    meta.extra = {{"model", model.name}, {"cluster", cluster.name}, {"plan", o.plan}};
-    iterations.write((dir / "iterations.csv").string());
-    stages.write((dir / "stages.csv").string());
-    timeline.write((dir / "timeline.csv").string());
+    const Meta meta = run_meta(o, command, model, cluster);
+    const std::filesystem::path dir = write_trace_dir(o.out_dir, meta, iterations, stages, timeline, summary);
     const Plan& first = r.plans.front();
     const Plan& last = r.plans.back();
     write_file_atomic((dir / "plan.toml").string(),
@@ -133,7 +123,6 @@ void write_adaptive_outputs(const RunCliOptions& o, const std::string& command, 
     write_file_atomic((dir / "final-plan.toml").string(),
                       plan_toml(last, estimate_plan(last, model, cluster, cost, copt), model, cluster, meta,
                                 fmt::format("the last of {} plan versions of the adaptive run", r.plans.size())));
-    write_file_atomic((dir / "summary.toml").string(), summary_toml(summary, meta));
 }
 
 int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,

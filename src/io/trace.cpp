@@ -1,8 +1,12 @@
 #include "dpart/io/trace.hpp"
 
+#include "dpart/core/error.hpp"
+#include "dpart/io/atomic_file.hpp"
+
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <numeric>
 
@@ -108,6 +112,19 @@ std::string summary_toml(const RunSummary& s, const Meta& meta) {
     if (!s.weights_digest.empty()) out += fmt::format("weights_digest = {}\n", toml_string(s.weights_digest));
     out += s.extra_toml;
     return out;
+}
+
+std::string write_trace_dir(const std::string& dir, const Meta& meta, const CsvTable& iterations,
+                            const CsvTable& stages, const CsvTable& timeline, const RunSummary& summary) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", dir, ec.message()));
+    const std::filesystem::path d(dir);
+    iterations.write((d / "iterations.csv").string());
+    stages.write((d / "stages.csv").string());
+    timeline.write((d / "timeline.csv").string());
+    write_file_atomic((d / "summary.toml").string(), summary_toml(summary, meta));
+    return dir;
 }
 
 }  // namespace dpart

@@ -289,7 +289,7 @@ public:
             }
             if (d.plan) {
                 const auto t0 = Clock::now();
-                mine.migrated_bytes = migrate(*d.plan, d, seq);
+                mine.migrated_bytes = migrate(*d.plan, seq);
                 mine.migration_s = since(t0);
                 plan_ = *d.plan;
                 plans_.push_back(plan_);
@@ -312,12 +312,14 @@ private:
             if (alive_[a]) out.push_back(a);
         return out;
     }
-    std::int64_t worker_index(const Plan& p) const {
+    /// Agent `a`'s worker index in plan `p`, -1 when it holds no stage there.
+    std::int64_t worker_index(const Plan& p, std::size_t a) const {
         const auto places = worker_places(p);
         for (std::size_t w = 0; w < places.size(); ++w)
-            if (places[w].device == device_of_[me_]) return static_cast<std::int64_t>(w);
+            if (places[w].device == device_of_[a]) return static_cast<std::int64_t>(w);
         return -1;
     }
+    std::int64_t worker_index(const Plan& p) const { return worker_index(p, me_); }
     Entry& own_entry(std::uint64_t seq) {
         for (Entry& e : history_)
             if (e.seq == seq && e.agent == me_) return e;
@@ -483,12 +485,7 @@ private:
     }
 
     bool restorable(std::size_t lost, const std::map<std::size_t, std::size_t>& holder) const {
-        const std::int64_t w = [&] {
-            const auto places = worker_places(plan_);
-            for (std::size_t i = 0; i < places.size(); ++i)
-                if (places[i].device == device_of_[lost]) return static_cast<std::int64_t>(i);
-            return std::int64_t{-1};
-        }();
+        const std::int64_t w = worker_index(plan_, lost);
         if (w < 0) return true;  // it held no stage
         const auto h = holder.find(lost);
         if (h != holder.end() && alive_[h->second]) return true;
@@ -516,7 +513,7 @@ private:
 
     /// Moves the state of every layer whose owners change from the current plan to `next`;
     /// returns the bytes this agent sent.
-    std::uint64_t migrate(const Plan& next, const Decision& d, std::uint64_t seq) {
+    std::uint64_t migrate(const Plan& next, std::uint64_t seq) {
         std::vector<bool> failed_device(job_.cluster.devices.size(), false);
         for (std::size_t a = 0; a < alive_.size(); ++a) failed_device[device_of_[a]] = !alive_[a];
         const auto unchanged = [&](std::size_t l) {
@@ -528,7 +525,6 @@ private:
         const auto tag = [&](std::size_t l, std::uint32_t t) {
             return Tag{Tag::Kind::migrate, static_cast<std::uint32_t>(seq), t, static_cast<std::uint32_t>(l)};
         };
-        (void)d;
         const auto& holder = holder_;
         std::uint64_t sent = 0;
         // Sends first (they never block), then receives.
@@ -554,12 +550,7 @@ private:
             }
         }
         Holding next_own;
-        const std::int64_t w = [&] {
-            const auto places = worker_places(next);
-            for (std::size_t i = 0; i < places.size(); ++i)
-                if (places[i].device == device_of_[me_]) return static_cast<std::int64_t>(i);
-            return std::int64_t{-1};
-        }();
+        const std::int64_t w = worker_index(next);
         if (w >= 0) {
             const WorkerPlace p = worker_places(next)[static_cast<std::size_t>(w)];
             const Stage& to = next.stages[p.stage];
@@ -729,21 +720,9 @@ private:
         r.loss = std::move(loss);
         // The final weights, from replica 0 of each stage of the last plan.
         const Plan& last = plans_.back();
-        r.weights.resize(model_.layers.size());
-        for (const Stage& st : last.stages)
-            for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
-                std::vector<float>& full = r.weights[l];
-                for (std::uint32_t t = 0; t < st.tp; ++t) {
-                    const auto k = make_cpu_kernel(model_, l, Shard{t, st.tp});
-                    full.resize(k->full_params());
-                    k->from_shard(owned.at(agent_of_[st.devices[t]]).at(l).state.params, full);
-                }
-            }
-        for (std::size_t l = 0; l < model_.layers.size(); ++l)
-            if (const auto* lin = std::get_if<LinearOp>(&model_.layers[l].op); lin && lin->tied_to) {
-                const auto& e = std::get<EmbeddingOp>(model_.layers[*lin->tied_to].op);
-                r.weights[l].erase(r.weights[l].begin(), r.weights[l].begin() + static_cast<std::ptrdiff_t>(e.vocab * e.hidden));
-            }
+        r.weights = canonical_weights(model_, last, [&](std::size_t s, std::uint32_t t, std::size_t l) -> const std::vector<float>& {
+            return owned.at(agent_of_[last.stages[s].devices[t]]).at(l).state.params;
+        });
         r.weights_digest = digest(r.weights);
         return r;
     }
@@ -788,30 +767,7 @@ AdaptiveResult run_adaptive_in_process(const AdaptiveJob& job) {
     const std::size_t agents = worker_places(job.plan).size();
     InProcessNetwork network(agents, job.run.timeout);
     std::vector<AdaptiveResult> results(agents);
-    std::vector<std::exception_ptr> errors(agents);
-    {
-        std::vector<std::jthread> threads;
-        for (std::size_t a = 0; a < agents; ++a)
-            threads.emplace_back([&, a] {
-                try {
-                    results[a] = run_adaptive(job, network.endpoint(a));
-                } catch (...) {
-                    errors[a] = std::current_exception();
-                }
-            });
-    }
-    std::exception_ptr stopped;
-    for (const auto& e : errors) {
-        if (!e) continue;
-        try {
-            std::rethrow_exception(e);
-        } catch (const PeerStopped&) {
-            stopped = e;
-        } catch (...) {
-            throw;
-        }
-    }
-    if (stopped) std::rethrow_exception(stopped);
+    run_on_threads(agents, [&](std::size_t a) { results[a] = run_adaptive(job, network.endpoint(a)); });
     for (AdaptiveResult& r : results)
         if (r.writer) return std::move(r);
     throw RuntimeError("the adaptive job ended without a result");

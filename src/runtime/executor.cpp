@@ -752,23 +752,9 @@ RunResult assemble(const Execution& ex, std::vector<WorkerReport> reports) {
             r.iteration_s[it] = std::max(r.iteration_s[it], w.busy_s.at(it));
             r.loss[it] += w.loss.at(it);
         }
-    r.weights.resize(model.layers.size());
-    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
-        const Stage& st = plan.stages[s];
-        for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
-            std::vector<float>& full = r.weights[l];
-            for (std::uint32_t t = 0; t < st.tp; ++t) {
-                const auto k = make_cpu_kernel(model, l, Shard{t, st.tp});
-                full.resize(k->full_params());
-                k->from_shard(reports.at(ex.rank_of(s, 0, t)).state.at(l - st.first_layer).params, full);
-            }
-        }
-    }
-    for (const auto& [emb, lin] : ex.tied()) {
-        const auto& e = std::get<EmbeddingOp>(model.layers[emb].op);
-        auto& w = r.weights[lin];
-        w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(e.vocab * e.hidden));
-    }
+    r.weights = canonical_weights(model, plan, [&](std::size_t s, std::uint32_t t, std::size_t l) -> const std::vector<float>& {
+        return reports.at(ex.rank_of(s, 0, t)).state.at(l - plan.stages[s].first_layer).params;
+    });
     r.weights_digest = digest(r.weights);
     r.workers = std::move(reports);
     return r;
@@ -827,20 +813,37 @@ void keep_large_blocks_in_heap() {
 }
 }  // namespace
 
-RunResult run_in_process(const Execution& ex) {
-    use_single_threaded_blas();
-    keep_large_blocks_in_heap();
-    InProcessNetwork network(ex.workers(), ex.options().timeout);
-    std::vector<WorkerReport> reports(ex.workers());
-    std::vector<std::exception_ptr> errors(ex.workers());
+std::vector<std::vector<float>> canonical_weights(
+    const Model& model, const Plan& plan,
+    const std::function<const std::vector<float>&(std::size_t stage, std::uint32_t tp_rank, std::size_t layer)>& shard) {
+    std::vector<std::vector<float>> weights(model.layers.size());
+    for (std::size_t s = 0; s < plan.stages.size(); ++s) {
+        const Stage& st = plan.stages[s];
+        for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
+            for (std::uint32_t t = 0; t < st.tp; ++t) {
+                const auto k = make_cpu_kernel(model, l, Shard{t, st.tp});
+                weights[l].resize(k->full_params());
+                k->from_shard(shard(s, t, l), weights[l]);
+            }
+    }
+    for (std::size_t l = 0; l < model.layers.size(); ++l)
+        if (const auto* lin = std::get_if<LinearOp>(&model.layers[l].op); lin && lin->tied_to) {
+            const auto& e = std::get<EmbeddingOp>(model.layers[*lin->tied_to].op);
+            weights[l].erase(weights[l].begin(), weights[l].begin() + static_cast<std::ptrdiff_t>(e.vocab * e.hidden));
+        }
+    return weights;
+}
+
+void run_on_threads(std::size_t n, const std::function<void(std::size_t)>& body) {
+    std::vector<std::exception_ptr> errors(n);
     {
         std::vector<std::jthread> threads;
-        for (std::size_t r = 0; r < ex.workers(); ++r)
-            threads.emplace_back([&, r] {
+        for (std::size_t i = 0; i < n; ++i)
+            threads.emplace_back([&, i] {
                 try {
-                    reports[r] = ex.run_worker(r, network.endpoint(r));
+                    body(i);
                 } catch (...) {
-                    errors[r] = std::current_exception();
+                    errors[i] = std::current_exception();
                 }
             });
     }
@@ -857,6 +860,14 @@ RunResult run_in_process(const Execution& ex) {
         }
     }
     if (stopped) std::rethrow_exception(stopped);
+}
+
+RunResult run_in_process(const Execution& ex) {
+    use_single_threaded_blas();
+    keep_large_blocks_in_heap();
+    InProcessNetwork network(ex.workers(), ex.options().timeout);
+    std::vector<WorkerReport> reports(ex.workers());
+    run_on_threads(ex.workers(), [&](std::size_t r) { reports[r] = ex.run_worker(r, network.endpoint(r)); });
     return assemble(ex, std::move(reports));
 }
 

@@ -58,4 +58,10 @@ struct RunSummary {
                                    double predicted_iteration_ms);
 [[nodiscard]] std::string summary_toml(const RunSummary& s, const Meta& meta);
 
+/// The files of a trace directory (replay and run --out-dir): creates `dir`, then writes
+/// iterations.csv, stages.csv, timeline.csv and summary.toml there, each atomically. Returns
+/// the directory, for the caller's further files.
+std::string write_trace_dir(const std::string& dir, const Meta& meta, const CsvTable& iterations,
+                            const CsvTable& stages, const CsvTable& timeline, const RunSummary& summary);
+
 }  // namespace dpart

@@ -6,6 +6,7 @@
 // replicas in a fixed order and stepping the optimizer. Everything it does is timed.
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -191,6 +192,17 @@ struct RunResult {
     std::vector<std::vector<float>> weights;
     std::uint64_t weights_digest = 0;
 };
+
+/// Every layer's parameters in the canonical layout, assembled from replica 0 of each stage of
+/// `plan`: shard(stage, tp_rank, layer) gives that worker's shard of the layer. A tied linear
+/// layer's shared weight is left out (it is its embedding's).
+[[nodiscard]] std::vector<std::vector<float>> canonical_weights(
+    const Model& model, const Plan& plan,
+    const std::function<const std::vector<float>&(std::size_t stage, std::uint32_t tp_rank, std::size_t layer)>& shard);
+
+/// Runs body(0) .. body(n - 1) on n threads and waits for all. When bodies throw, rethrows the
+/// error that stopped the others (not a PeerStopped it caused, unless that is all there is).
+void run_on_threads(std::size_t n, const std::function<void(std::size_t)>& body);
 
 /// Every worker a thread of this process, over in-process queues.
 [[nodiscard]] RunResult run_in_process(const Execution& ex);
