@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
 #include <unordered_map>
 
 #include "dpart/core/checked.hpp"
@@ -50,6 +51,35 @@ Device read_device_figures(TableReader& r) {
     if (d.tflops_tf32) r.check_within("tflops_tf32", *d.tflops_tf32, min_rate, max_rate, "TFLOP/s");
     r.check_within("mem_bw_gbs", d.mem_bw_gbs, min_rate, max_rate, "GB/s");
     return d;
+}
+
+/// A [[device]]'s green-context partition: `sm` (with `gpu_sms`, and optionally `gpu` and
+/// `sm_granularity`), or none when `sm` is absent.
+std::optional<SmPartition> read_partition(TableReader& r) {
+    constexpr std::uint64_t max_sms = 4096;
+    if (!r.has("sm")) {
+        for (std::string_view key : {"gpu_sms", "gpu", "sm_granularity"})
+            if (r.has(key)) r.fail(key, fmt::format("\"{}\" describes a GPU partition: give \"sm\" too", key));
+        return std::nullopt;
+    }
+    SmPartition p;
+    const std::uint64_t sm = r.required_count("sm");
+    if (!r.has("gpu_sms")) r.missing("gpu_sms", " (the SMs of the whole GPU the partition is part of)");
+    const std::uint64_t gpu_sms = r.required_count("gpu_sms");
+    const std::uint64_t gpu = r.optional_count("gpu", 0, true);
+    const std::uint64_t step = r.optional_count("sm_granularity", 8);
+    if (gpu_sms > max_sms) r.fail("gpu_sms", fmt::format("gpu_sms {} is more than the {} dpart accepts", gpu_sms, max_sms));
+    if (gpu > 1023) r.fail("gpu", fmt::format("gpu {} is not a CUDA device index (0 to 1023)", gpu));
+    if (step > gpu_sms) r.fail("sm_granularity", fmt::format("sm_granularity {} exceeds gpu_sms {}", step, gpu_sms));
+    if (sm > gpu_sms) r.fail("sm", fmt::format("sm {} exceeds the GPU's gpu_sms {}", sm, gpu_sms));
+    if (sm % step != 0)
+        r.fail("sm", fmt::format("sm {} is not a multiple of {} (green contexts split a GPU in steps of {} SMs{}; "
+                                 "set sm_granularity for another GPU)",
+                                 sm, step, step, step == 8 ? " on Hopper" : ""));
+    p.sm = static_cast<std::uint32_t>(sm);
+    p.gpu_sms = static_cast<std::uint32_t>(gpu_sms);
+    p.gpu = static_cast<std::uint32_t>(gpu);
+    return p;
 }
 
 class ClusterBuilder {
@@ -116,6 +146,7 @@ public:
                                                             "intra_node_latency_us, or the node's own",
                                                             n.name, n.devices.size()));
         }
+        check_partitions();
         if (populated > 1 && !cluster_.inter_default)
             throw InputError(network_where, fmt::format("the cluster spans {} nodes but gives no inter-node link: "
                                                         "add [network] inter_node_gbs and inter_node_latency_us",
@@ -124,6 +155,32 @@ public:
     }
 
     Cluster& cluster() { return cluster_; }
+
+    /// The partitions of one GPU (same node and `gpu`) agree on its SMs and fit in them.
+    void check_partitions() const {
+        std::map<std::pair<std::size_t, std::uint32_t>, std::vector<std::size_t>> gpus;
+        for (std::size_t i = 0; i < cluster_.devices.size(); ++i)
+            if (const auto& p = cluster_.devices[i].partition) gpus[{cluster_.devices[i].node, p->gpu}].push_back(i);
+        for (const auto& [key, members] : gpus) {
+            const Device& first = cluster_.devices[members.front()];
+            std::uint64_t used = 0;
+            for (std::size_t i : members) {
+                const Device& d = cluster_.devices[i];
+                if (d.partition->gpu_sms != first.partition->gpu_sms)
+                    throw InputError(d.where, fmt::format("device \"{}\": gpu_sms {} differs from {} given by \"{}\" "
+                                                          "for the same GPU {} of node \"{}\" (line {})",
+                                                          d.name, d.partition->gpu_sms, first.partition->gpu_sms,
+                                                          first.name, key.second, cluster_.nodes[key.first].name,
+                                                          first.where.line));
+                used += d.partition->sm;
+                if (used > first.partition->gpu_sms)
+                    throw InputError(d.where, fmt::format("device \"{}\": the partitions of GPU {} of node \"{}\" "
+                                                          "take {} SMs up to here, more than its {}",
+                                                          d.name, key.second, cluster_.nodes[key.first].name, used,
+                                                          first.partition->gpu_sms));
+            }
+        }
+    }
 
 private:
     std::size_t node_for(const std::string& name, const TableReader& r, std::string_view key) {
@@ -214,9 +271,11 @@ Cluster read_cluster(const toml::table& root, const std::string& path) {
             const auto node = r.optional_string("node");
             if (!node) r.missing("node", " (every device belongs to a node)");
             if (node->empty()) r.fail("node", "\"node\" must not be empty");
+            r.expect({"gpu", "sm", "gpu_sms", "sm_granularity"});
             Device d = read_device_figures(r);
             d.name = name;
             d.where = r.where();
+            d.partition = read_partition(r);
             r.finish();
             builder.add_device(std::move(d), *node, r, "node");
         } else {

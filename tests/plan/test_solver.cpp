@@ -232,7 +232,7 @@ TEST_CASE("with no replication and an infinitely fast network the bottleneck is 
     Cluster& c = in.cluster;
     c.name = "fast";
     c.nodes.push_back(Node{"n0", std::nullopt, {0, 1, 2}, {}});
-    for (int d = 0; d < 3; ++d) c.devices.push_back(Device{"d" + std::to_string(d), "", 0, 100, {}, {}, 80, 3000, {}});
+    for (int d = 0; d < 3; ++d) c.devices.push_back(Device{"d" + std::to_string(d), "", 0, 100, {}, {}, 80, 3000, {}, {}});
     c.intra_default = LinkSpec{1e300, 0};
     SolverOptions sopt;
     sopt.objective = Objective::throughput;

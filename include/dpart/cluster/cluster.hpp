@@ -24,6 +24,20 @@ struct LinkSpec {
 
 enum class LinkKind { intra_node, inter_node, override_ };
 
+/// A virtual device: a green-context partition of `sm` of a GPU's `gpu_sms` streaming
+/// multiprocessors (CUDA device `gpu` of its node). Partitions of one GPU share its memory and
+/// run concurrently; their figures (tflops, mem_gib, mem_bw_gbs) are the partition's own.
+struct SmPartition {
+    std::uint32_t gpu = 0;
+    std::uint32_t sm = 0;
+    std::uint32_t gpu_sms = 0;
+    friend bool operator==(const SmPartition&, const SmPartition&) = default;
+};
+
+/// SMs per partition step on a GPU of compute capability `major`: Hopper (9.x) and later split
+/// in multiples of 8 SMs, earlier GPUs in multiples of 2 (cuDevSmResourceSplitByCount).
+[[nodiscard]] constexpr std::uint32_t sm_granularity(int major) noexcept { return major >= 9 ? 8 : 2; }
+
 struct Device {
     std::string name;
     std::string kind;  ///< free text, e.g. "H100-SXM5-80GB"
@@ -34,6 +48,7 @@ struct Device {
     std::optional<double> tflops_tf32;
     double mem_gib = 0;     ///< usable memory, GiB (2^30 bytes)
     double mem_bw_gbs = 0;  ///< achieved memory bandwidth, GB/s
+    std::optional<SmPartition> partition;  ///< set when the device is part of a GPU
     SourceLocation where;
 
     /// Matmul TFLOP/s for a model of this dtype: the per-dtype figure, else `tflops`.
