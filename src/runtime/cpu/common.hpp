@@ -11,57 +11,9 @@
 
 #include "dpart/graph/model.hpp"
 #include "dpart/runtime/backend.hpp"
+#include "dpart/runtime/param_layout.hpp"
 
 namespace dpart::rt::cpu {
-
-/// How a parameter matrix is divided over a tensor-parallel group: not at all, in blocks of
-/// rows (column-parallel weights, their biases) or in blocks of columns (row-parallel weights).
-enum class Split { none, rows, cols };
-/// Its initial values (docs/METHOD.md, "CPU kernels").
-enum class Init { weight, zero, one, table };
-
-/// A layer's parameters: matrices [rows, cols] one after another in the canonical order. A
-/// shard holds its own block of each, in the same order.
-class ParamLayout {
-public:
-    using Id = std::size_t;
-    static constexpr Id absent = std::numeric_limits<Id>::max();
-
-    explicit ParamLayout(Shard shard = {}) : shard_(shard) {}
-
-    /// Appends a matrix; fan_in scales Init::weight.
-    Id add(std::size_t rows, std::size_t cols, Split split, Init init, std::size_t fan_in = 1);
-    /// add() when `present`, else `absent`.
-    Id add_if(bool present, std::size_t rows, std::size_t cols, Split split, Init init);
-
-    [[nodiscard]] std::size_t full_size() const noexcept { return full_size_; }
-    [[nodiscard]] std::size_t shard_size() const noexcept { return shard_size_; }
-
-    void init(std::uint64_t seed, std::uint64_t stream, std::span<float> full) const;
-    void to_shard(std::span<const float> full, std::span<float> shard) const;
-    void from_shard(std::span<const float> shard, std::span<float> full) const;
-
-    /// The shard's block of matrix `id` within shard-sized `params`; null for `absent`.
-    [[nodiscard]] const float* at(std::span<const float> params, Id id) const;
-    [[nodiscard]] float* at(std::span<float> params, Id id) const;
-
-private:
-    struct Entry {
-        std::size_t rows, cols;
-        Split split;
-        Init init;
-        std::size_t fan_in;
-        std::size_t full_offset, shard_offset;
-    };
-    /// Calls f(full_index, shard_index, count) for each contiguous run of the shard's block.
-    template <class F>
-    void for_each_run(const Entry& e, F&& f) const;
-
-    Shard shard_;
-    std::vector<Entry> entries_;
-    std::size_t full_size_ = 0;
-    std::size_t shard_size_ = 0;
-};
 
 /// LayerKernel's parameter half, from a ParamLayout the derived kernel fills in its constructor.
 class Kernel : public LayerKernel {

@@ -1,0 +1,202 @@
+#pragma once
+// The device backend's two halves, both free of CUDA headers:
+//
+// - DeviceOps: everything a layer does to a device's memory (allocate, copy, matrix products,
+//   the element-wise, norm, softmax, embedding and loss kernels, the optimizer), enqueued in
+//   order. The CUDA implementation (runtime/cuda) runs them on one stream of one GPU or
+//   green-context partition, through cuBLAS and dpart's kernels; the host implementation runs
+//   the same operations on the CPU, so that every layer's composition is tested without a GPU.
+// - DeviceLayer: a model layer's forward and backward written once over DeviceOps, with the
+//   CPU kernels' parameter layout (ParamLayout), initial values and math: in fp32 a device
+//   layer agrees with the CPU kernel (tests/runtime/test_device_layers.cpp).
+//
+// Activations are kept in the compute precision (fp32 or bf16); parameters have an fp32 master
+// copy (what the optimizer updates, and what biases, norms and embeddings read) and a copy in
+// the compute precision (what the matrix products read); gradients are fp32.
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "dpart/graph/model.hpp"
+#include "dpart/runtime/optimizer.hpp"
+
+namespace dpart::rt {
+
+enum class Elem : std::uint8_t { f32, bf16, i32 };
+[[nodiscard]] constexpr std::size_t elem_bytes(Elem e) noexcept { return e == Elem::bf16 ? 2 : 4; }
+[[nodiscard]] const char* to_string(Elem e) noexcept;
+
+/// `count` elements of type `elem` at `ptr`, in the memory of the DeviceOps that made it.
+struct DeviceSpan {
+    void* ptr = nullptr;
+    std::size_t count = 0;
+    Elem elem = Elem::f32;
+
+    [[nodiscard]] std::size_t bytes() const noexcept { return count * elem_bytes(elem); }
+    /// Elements [first, first + n); throws std::out_of_range beyond the span.
+    [[nodiscard]] DeviceSpan sub(std::size_t first, std::size_t n) const;
+};
+
+enum class Trans : std::uint8_t { none, trans };
+
+class DeviceOps {
+public:
+    virtual ~DeviceOps() = default;
+    [[nodiscard]] virtual std::string name() const = 0;
+
+    // --- memory --------------------------------------------------------------------------
+    /// `count` elements, zero-filled. Throws RuntimeError when the device is out of memory.
+    [[nodiscard]] virtual DeviceSpan allocate(std::size_t count, Elem elem) = 0;
+    virtual void release(DeviceSpan span) noexcept = 0;
+    /// Host values into the span (rounded to bf16, or integers for i32); sizes must match.
+    virtual void upload(std::span<const float> from, DeviceSpan to) = 0;
+    /// The span's values as floats; waits for the work queued before it.
+    virtual void download(DeviceSpan from, std::span<float> to) = 0;
+    /// to = from, converting between f32 and bf16.
+    virtual void copy(DeviceSpan from, DeviceSpan to) = 0;
+    virtual void fill(DeviceSpan span, float value) = 0;
+    /// to += from, element-wise.
+    virtual void add(DeviceSpan from, DeviceSpan to) = 0;
+    /// out = a * b, element-wise.
+    virtual void mul(DeviceSpan a, DeviceSpan b, DeviceSpan out) = 0;
+    /// Waits for everything queued.
+    virtual void synchronize() = 0;
+
+    // --- matrix products (row-major, as cpu::gemm) -----------------------------------------
+    /// C = alpha op(A) op(B) + beta C: op(A) [m, k], op(B) [k, n], C [m, n]; lda, ldb, ldc are the
+    /// row strides as stored. A and B have one type; C has theirs or f32 (fp32 accumulation).
+    virtual void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float alpha, DeviceSpan a,
+                      std::size_t lda, DeviceSpan b, std::size_t ldb, float beta, DeviceSpan c, std::size_t ldc) = 0;
+    /// `batch` products, the i-th on A + i stride_a, B + i stride_b, C + i stride_c (elements).
+    virtual void gemm_batched(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float alpha,
+                              DeviceSpan a, std::size_t lda, std::size_t stride_a, DeviceSpan b, std::size_t ldb,
+                              std::size_t stride_b, float beta, DeviceSpan c, std::size_t ldc, std::size_t stride_c,
+                              std::size_t batch) = 0;
+
+    // --- layers' kernels -------------------------------------------------------------------
+    /// y[r, :] += bias (f32) for `rows` rows of `cols`.
+    virtual void bias_add(DeviceSpan y, DeviceSpan bias, std::size_t rows, std::size_t cols) = 0;
+    /// dbias[c] += sum over rows of dy[r, c], rows in order.
+    virtual void column_sums(DeviceSpan dy, DeviceSpan dbias, std::size_t rows, std::size_t cols) = 0;
+    virtual void activation_forward(Activation a, DeviceSpan x, DeviceSpan y) = 0;
+    /// dx = dy * activation'(x).
+    virtual void activation_backward(Activation a, DeviceSpan x, DeviceSpan dy, DeviceSpan dx) = 0;
+    /// y = norm(x) * gamma (+ beta) per row of f; stats [rows, 2] = (mean or 0, 1 / std).
+    virtual void norm_forward(NormKind kind, DeviceSpan x, DeviceSpan gamma, std::optional<DeviceSpan> beta,
+                              DeviceSpan y, DeviceSpan stats, std::size_t rows, std::size_t f) = 0;
+    /// dx = the input gradient; dgamma (and dbeta) += the parameter gradients.
+    virtual void norm_backward(NormKind kind, DeviceSpan x, DeviceSpan gamma, DeviceSpan stats, DeviceSpan dy,
+                               DeviceSpan dx, DeviceSpan dgamma, std::optional<DeviceSpan> dbeta, std::size_t rows,
+                               std::size_t f) = 0;
+    /// loss[r] (f32) = log-sum-exp(logits[r]) - logits[r, labels[r]] (labels i32).
+    virtual void softmax_xent_forward(DeviceSpan logits, DeviceSpan labels, DeviceSpan loss, std::size_t rows,
+                                      std::size_t classes) = 0;
+    /// dlogits = scale (softmax(logits) - onehot(labels)).
+    virtual void softmax_xent_backward(DeviceSpan logits, DeviceSpan labels, float scale, DeviceSpan dlogits,
+                                       std::size_t rows, std::size_t classes) = 0;
+    /// out[t] = table[ids[t]] (table f32, ids i32) for n tokens of dim.
+    virtual void embedding_forward(DeviceSpan ids, DeviceSpan table, DeviceSpan out, std::size_t n,
+                                   std::size_t dim) = 0;
+    /// dtable[ids[t]] += dout[t], tokens in order.
+    virtual void embedding_backward(DeviceSpan ids, DeviceSpan dout, DeviceSpan dtable, std::size_t n,
+                                    std::size_t dim) = 0;
+    /// Row i of each [s, s] block of scores (batch_heads blocks): scale, then softmax over the
+    /// columns <= i (all columns when not causal); the others become 0. In place.
+    virtual void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,
+                                           bool causal) = 0;
+    /// In: the probabilities and dprobs; out: dscores (the gradient of the scores before the
+    /// scale, times the scale), in place of dprobs.
+    virtual void attention_softmax_backward(DeviceSpan probs, DeviceSpan dprobs, std::size_t batch_heads,
+                                            std::size_t s, float scale) = 0;
+    /// One optimizer step on f32 params with f32 gradients; m and v are Adam's moments (unused
+    /// by SGD). `step` counts from 1.
+    virtual void optimizer_step(const OptimizerOptions& opt, std::uint64_t step, DeviceSpan params, DeviceSpan grads,
+                                DeviceSpan m, DeviceSpan v) = 0;
+};
+
+/// A DeviceSpan that releases itself.
+class DeviceBuffer {
+public:
+    DeviceBuffer() = default;
+    DeviceBuffer(DeviceOps& ops, std::size_t count, Elem elem) : ops_(&ops), span_(ops.allocate(count, elem)) {}
+    DeviceBuffer(DeviceBuffer&& o) noexcept : ops_(o.ops_), span_(o.span_) { o.span_ = {}; }
+    DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+        if (this != &o) {
+            reset();
+            ops_ = o.ops_;
+            span_ = o.span_;
+            o.span_ = {};
+        }
+        return *this;
+    }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    ~DeviceBuffer() { reset(); }
+
+    [[nodiscard]] const DeviceSpan& span() const noexcept { return span_; }
+    [[nodiscard]] std::size_t count() const noexcept { return span_.count; }
+    void reset() noexcept {
+        if (ops_ != nullptr && span_.ptr != nullptr) ops_->release(span_);
+        span_ = {};
+    }
+
+private:
+    DeviceOps* ops_ = nullptr;
+    DeviceSpan span_;
+};
+
+/// The DeviceOps of the host: the same operations on the CPU (products through OpenBLAS), bf16
+/// kept as bf16 (rounded to nearest even on every store), so that device layers run and are
+/// tested on any machine.
+[[nodiscard]] std::unique_ptr<DeviceOps> make_host_ops();
+
+/// A layer's parameters as a device layer reads them: the fp32 master copy and the copy in the
+/// compute precision (the same span in fp32).
+struct DeviceParams {
+    DeviceSpan master;
+    DeviceSpan compute;
+};
+
+/// What a step gives the layers: the labels of the loss (i32, one per position of each sample)
+/// and the scale of the loss gradient (1 / global batch).
+struct DeviceStep {
+    DeviceSpan labels;
+    float loss_scale = 1.0f;
+};
+
+class DeviceLayer {
+public:
+    virtual ~DeviceLayer() = default;
+    /// Parameters in the CPU kernel's canonical layout (initial values: make_cpu_kernel's init).
+    [[nodiscard]] virtual std::size_t params() const noexcept = 0;
+    /// Elements per sample of the output.
+    [[nodiscard]] virtual std::size_t out_row() const noexcept = 0;
+    /// Forward on n samples: inputs[i] is [n, ...] in the compute precision (i32 token ids for
+    /// an embedding); returns [n, ...out]; appends what backward needs to `saved`.
+    [[nodiscard]] virtual DeviceBuffer forward(DeviceOps& ops, const DeviceStep& step,
+                                               std::span<const DeviceSpan> inputs, std::size_t n,
+                                               const DeviceParams& params, std::vector<DeviceBuffer>& saved) const = 0;
+    /// Backward: adds the parameter gradients into `grads` (f32, the layout's size) and returns
+    /// one gradient per input, shaped like it (an empty buffer for token ids).
+    [[nodiscard]] virtual std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep& step, DeviceSpan dout,
+                                                             std::span<const DeviceSpan> inputs, std::size_t n,
+                                                             const DeviceParams& params,
+                                                             const std::vector<DeviceBuffer>& saved,
+                                                             DeviceSpan grads) const = 0;
+};
+
+/// The labels of the loss for samples [first_sample, first_sample + n), `positions` per sample,
+/// as exact floats: the CPU loss kernel's, drawn from (seed, sample, position).
+[[nodiscard]] std::vector<float> loss_labels(std::uint64_t seed, std::uint64_t first_sample, std::size_t n,
+                                             std::size_t positions, std::size_t classes);
+
+/// The device layer of `model.layers[layer]` computing in `compute` (f32 or bf16). Throws
+/// InputError at the layer's location for an op the device backend does not run (it names the
+/// ops it runs).
+[[nodiscard]] std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t layer, Elem compute);
+
+}  // namespace dpart::rt

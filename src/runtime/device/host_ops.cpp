@@ -1,0 +1,379 @@
+// DeviceOps on the host: every operation of the device backend computed on the CPU, with bf16
+// stored as bf16 (rounded to nearest even on every store, as the GPU stores it), so that the
+// device layers' composition runs and is tested on any machine. Products go through OpenBLAS
+// (cpu::gemm); reductions run in a fixed order.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "../cpu/blas.hpp"
+#include "dpart/core/error.hpp"
+#include "dpart/runtime/device.hpp"
+
+namespace dpart::rt {
+namespace {
+
+std::uint16_t to_bf16(float f) noexcept {
+    std::uint32_t u = 0;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return static_cast<std::uint16_t>(u >> 16);
+}
+
+float from_bf16(std::uint16_t h) noexcept {
+    const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
+    float f = 0;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+float get(const DeviceSpan& s, std::size_t i) {
+    switch (s.elem) {
+    case Elem::f32: return static_cast<const float*>(s.ptr)[i];
+    case Elem::bf16: return from_bf16(static_cast<const std::uint16_t*>(s.ptr)[i]);
+    case Elem::i32: return static_cast<float>(static_cast<const std::int32_t*>(s.ptr)[i]);
+    }
+    return 0.0f;
+}
+
+void put(const DeviceSpan& s, std::size_t i, float v) {
+    switch (s.elem) {
+    case Elem::f32: static_cast<float*>(s.ptr)[i] = v; break;
+    case Elem::bf16: static_cast<std::uint16_t*>(s.ptr)[i] = to_bf16(v); break;
+    case Elem::i32: static_cast<std::int32_t*>(s.ptr)[i] = static_cast<std::int32_t>(v); break;
+    }
+}
+
+std::int32_t id_at(const DeviceSpan& s, std::size_t i) {
+    if (s.elem != Elem::i32) throw std::invalid_argument("host ops: token ids and labels must be i32");
+    return static_cast<const std::int32_t*>(s.ptr)[i];
+}
+
+void need(const DeviceSpan& s, std::size_t count, const char* what) {
+    if (s.count < count)
+        throw std::invalid_argument(fmt::format("host ops: {} has {} elements, {} needed", what, s.count, count));
+}
+
+/// The span's first n values as floats.
+std::vector<float> floats(const DeviceSpan& s, std::size_t n) {
+    std::vector<float> out(n);
+    if (s.elem == Elem::f32) std::memcpy(out.data(), s.ptr, n * 4);
+    else
+        for (std::size_t i = 0; i < n; ++i) out[i] = get(s, i);
+    return out;
+}
+
+float activate(Activation a, float x) noexcept {
+    switch (a) {
+    case Activation::relu: return x > 0.0f ? x : 0.0f;
+    case Activation::gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678f));
+    case Activation::silu: return x / (1.0f + std::exp(-x));
+    }
+    return x;
+}
+
+float activate_grad(Activation a, float x) noexcept {
+    switch (a) {
+    case Activation::relu: return x > 0.0f ? 1.0f : 0.0f;
+    case Activation::gelu: {
+        const float cdf = 0.5f * (1.0f + std::erf(x * 0.70710678f));
+        const float pdf = 0.39894228f * std::exp(-0.5f * x * x);
+        return cdf + x * pdf;
+    }
+    case Activation::silu: {
+        const float s = 1.0f / (1.0f + std::exp(-x));
+        return s * (1.0f + x * (1.0f - s));
+    }
+    }
+    return 1.0f;
+}
+
+cpu::Op op(Trans t) { return t == Trans::trans ? cpu::Op::trans : cpu::Op::none; }
+
+class HostOps final : public DeviceOps {
+public:
+    ~HostOps() override = default;
+    [[nodiscard]] std::string name() const override { return "host"; }
+
+    DeviceSpan allocate(std::size_t count, Elem elem) override {
+        void* p = std::calloc(std::max<std::size_t>(count, 1), elem_bytes(elem));
+        if (p == nullptr) throw RuntimeError(fmt::format("host ops: out of memory allocating {} elements", count));
+        return {p, count, elem};
+    }
+    void release(DeviceSpan s) noexcept override { std::free(s.ptr); }
+
+    void upload(std::span<const float> from, DeviceSpan to) override {
+        need(to, from.size(), "upload's destination");
+        for (std::size_t i = 0; i < from.size(); ++i) put(to, i, from[i]);
+    }
+    void download(DeviceSpan from, std::span<float> to) override {
+        need(from, to.size(), "download's source");
+        for (std::size_t i = 0; i < to.size(); ++i) to[i] = get(from, i);
+    }
+    void copy(DeviceSpan from, DeviceSpan to) override {
+        need(to, from.count, "copy's destination");
+        if (from.elem == to.elem) std::memmove(to.ptr, from.ptr, from.bytes());
+        else
+            for (std::size_t i = 0; i < from.count; ++i) put(to, i, get(from, i));
+    }
+    void fill(DeviceSpan s, float value) override {
+        for (std::size_t i = 0; i < s.count; ++i) put(s, i, value);
+    }
+    void add(DeviceSpan from, DeviceSpan to) override {
+        need(to, from.count, "add's destination");
+        for (std::size_t i = 0; i < from.count; ++i) put(to, i, get(to, i) + get(from, i));
+    }
+    void mul(DeviceSpan a, DeviceSpan b, DeviceSpan out) override {
+        need(b, a.count, "mul's b");
+        need(out, a.count, "mul's output");
+        for (std::size_t i = 0; i < a.count; ++i) put(out, i, get(a, i) * get(b, i));
+    }
+    void synchronize() override {}
+
+    void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float alpha, DeviceSpan a,
+              std::size_t lda, DeviceSpan b, std::size_t ldb, float beta, DeviceSpan c, std::size_t ldc) override {
+        gemm_batched(ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
+    }
+    void gemm_batched(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float alpha, DeviceSpan a,
+                      std::size_t lda, std::size_t stride_a, DeviceSpan b, std::size_t ldb, std::size_t stride_b,
+                      float beta, DeviceSpan c, std::size_t ldc, std::size_t stride_c, std::size_t batch) override {
+        if (a.elem != b.elem || (c.elem != a.elem && c.elem != Elem::f32) || a.elem == Elem::i32)
+            throw std::invalid_argument("host ops: gemm on mismatched element types");
+        if (batch == 0 || m == 0 || n == 0) return;
+        const std::size_t a_rows = ta == Trans::none ? m : k;
+        const std::size_t b_rows = tb == Trans::none ? k : n;
+        const std::size_t a_need = (batch - 1) * stride_a + (a_rows - 1) * lda + (ta == Trans::none ? k : m);
+        const std::size_t b_need = (batch - 1) * stride_b + (b_rows - 1) * ldb + (tb == Trans::none ? n : k);
+        const std::size_t c_need = (batch - 1) * stride_c + (m - 1) * ldc + n;
+        need(a, k == 0 ? 0 : a_need, "gemm's A");
+        need(b, k == 0 ? 0 : b_need, "gemm's B");
+        need(c, c_need, "gemm's C");
+        // Products of bf16 values are exact in fp32: convert, multiply in fp32, round C once.
+        const std::vector<float> af = floats(a, k == 0 ? 0 : a_need);
+        const std::vector<float> bf = floats(b, k == 0 ? 0 : b_need);
+        std::vector<float> cf = floats(c, c_need);
+        for (std::size_t i = 0; i < batch; ++i)
+            cpu::gemm(op(ta), op(tb), m, n, k, alpha, af.data() + i * stride_a, lda, bf.data() + i * stride_b, ldb,
+                      beta, cf.data() + i * stride_c, ldc);
+        for (std::size_t i = 0; i < batch; ++i)
+            for (std::size_t r = 0; r < m; ++r)
+                for (std::size_t j = 0; j < n; ++j) {
+                    const std::size_t at = i * stride_c + r * ldc + j;
+                    put(c, at, cf[at]);
+                }
+    }
+
+    void bias_add(DeviceSpan y, DeviceSpan bias, std::size_t rows, std::size_t cols) override {
+        need(y, rows * cols, "bias_add's y");
+        need(bias, cols, "bias_add's bias");
+        for (std::size_t r = 0; r < rows; ++r)
+            for (std::size_t j = 0; j < cols; ++j) put(y, r * cols + j, get(y, r * cols + j) + get(bias, j));
+    }
+    void column_sums(DeviceSpan dy, DeviceSpan dbias, std::size_t rows, std::size_t cols) override {
+        need(dy, rows * cols, "column_sums' dy");
+        need(dbias, cols, "column_sums' dbias");
+        for (std::size_t j = 0; j < cols; ++j) {
+            float s = get(dbias, j);
+            for (std::size_t r = 0; r < rows; ++r) s += get(dy, r * cols + j);
+            put(dbias, j, s);
+        }
+    }
+    void activation_forward(Activation a, DeviceSpan x, DeviceSpan y) override {
+        need(y, x.count, "activation's y");
+        for (std::size_t i = 0; i < x.count; ++i) put(y, i, activate(a, get(x, i)));
+    }
+    void activation_backward(Activation a, DeviceSpan x, DeviceSpan dy, DeviceSpan dx) override {
+        need(dy, x.count, "activation's dy");
+        need(dx, x.count, "activation's dx");
+        for (std::size_t i = 0; i < x.count; ++i) put(dx, i, get(dy, i) * activate_grad(a, get(x, i)));
+    }
+
+    void norm_forward(NormKind kind, DeviceSpan x, DeviceSpan gamma, std::optional<DeviceSpan> beta, DeviceSpan y,
+                      DeviceSpan stats, std::size_t rows, std::size_t f) override {
+        constexpr double eps = 1e-5;
+        need(x, rows * f, "norm's x");
+        need(y, rows * f, "norm's y");
+        need(stats, rows * 2, "norm's stats");
+        for (std::size_t r = 0; r < rows; ++r) {
+            double mean = 0.0;
+            if (kind == NormKind::layernorm) {
+                for (std::size_t j = 0; j < f; ++j) mean += get(x, r * f + j);
+                mean /= static_cast<double>(f);
+            }
+            double var = 0.0;
+            for (std::size_t j = 0; j < f; ++j) {
+                const double d = get(x, r * f + j) - mean;
+                var += d * d;
+            }
+            const auto rstd = static_cast<float>(1.0 / std::sqrt(var / static_cast<double>(f) + eps));
+            const auto m = static_cast<float>(mean);
+            for (std::size_t j = 0; j < f; ++j) {
+                float v = (get(x, r * f + j) - m) * rstd * get(gamma, j);
+                if (beta) v += get(*beta, j);
+                put(y, r * f + j, v);
+            }
+            put(stats, 2 * r, m);
+            put(stats, 2 * r + 1, rstd);
+        }
+    }
+    void norm_backward(NormKind kind, DeviceSpan x, DeviceSpan gamma, DeviceSpan stats, DeviceSpan dy, DeviceSpan dx,
+                       DeviceSpan dgamma, std::optional<DeviceSpan> dbeta, std::size_t rows, std::size_t f) override {
+        need(dx, rows * f, "norm's dx");
+        std::vector<float> xhat(f), dxhat(f);
+        for (std::size_t r = 0; r < rows; ++r) {
+            const float m = get(stats, 2 * r);
+            const float rstd = get(stats, 2 * r + 1);
+            double mean_dxhat = 0.0, mean_dxhat_xhat = 0.0;
+            for (std::size_t j = 0; j < f; ++j) {
+                xhat[j] = (get(x, r * f + j) - m) * rstd;
+                dxhat[j] = get(dy, r * f + j) * get(gamma, j);
+                mean_dxhat += dxhat[j];
+                mean_dxhat_xhat += dxhat[j] * xhat[j];
+            }
+            const auto a = kind == NormKind::layernorm ? static_cast<float>(mean_dxhat / static_cast<double>(f)) : 0.0f;
+            const auto b = static_cast<float>(mean_dxhat_xhat / static_cast<double>(f));
+            for (std::size_t j = 0; j < f; ++j) put(dx, r * f + j, rstd * (dxhat[j] - a - xhat[j] * b));
+        }
+        // Parameter gradients: per column, rows in order.
+        for (std::size_t j = 0; j < f; ++j) {
+            float g = get(dgamma, j);
+            float bsum = dbeta ? get(*dbeta, j) : 0.0f;
+            for (std::size_t r = 0; r < rows; ++r) {
+                const float xh = (get(x, r * f + j) - get(stats, 2 * r)) * get(stats, 2 * r + 1);
+                g += get(dy, r * f + j) * xh;
+                bsum += get(dy, r * f + j);
+            }
+            put(dgamma, j, g);
+            if (dbeta) put(*dbeta, j, bsum);
+        }
+    }
+
+    void softmax_xent_forward(DeviceSpan logits, DeviceSpan labels, DeviceSpan loss, std::size_t rows,
+                              std::size_t classes) override {
+        need(logits, rows * classes, "softmax_xent's logits");
+        need(loss, rows, "softmax_xent's loss");
+        for (std::size_t r = 0; r < rows; ++r)
+            put(loss, r, log_sum_exp(logits, r * classes, classes) - get(logits, r * classes + label(labels, r, classes)));
+    }
+    void softmax_xent_backward(DeviceSpan logits, DeviceSpan labels, float scale, DeviceSpan dlogits,
+                               std::size_t rows, std::size_t classes) override {
+        need(dlogits, rows * classes, "softmax_xent's dlogits");
+        for (std::size_t r = 0; r < rows; ++r) {
+            const std::size_t at = r * classes;
+            const float lse = log_sum_exp(logits, at, classes);
+            const std::size_t y = label(labels, r, classes);
+            for (std::size_t c = 0; c < classes; ++c) {
+                float g = scale * std::exp(get(logits, at + c) - lse);
+                if (c == y) g -= scale;
+                put(dlogits, at + c, g);
+            }
+        }
+    }
+
+    void embedding_forward(DeviceSpan ids, DeviceSpan table, DeviceSpan out, std::size_t n, std::size_t dim) override {
+        need(out, n * dim, "embedding's output");
+        for (std::size_t t = 0; t < n; ++t) {
+            const auto row = static_cast<std::size_t>(id_at(ids, t));
+            need(table, (row + 1) * dim, "embedding's table");
+            for (std::size_t j = 0; j < dim; ++j) put(out, t * dim + j, get(table, row * dim + j));
+        }
+    }
+    void embedding_backward(DeviceSpan ids, DeviceSpan dout, DeviceSpan dtable, std::size_t n,
+                            std::size_t dim) override {
+        for (std::size_t t = 0; t < n; ++t) {
+            const auto row = static_cast<std::size_t>(id_at(ids, t));
+            need(dtable, (row + 1) * dim, "embedding's table gradient");
+            for (std::size_t j = 0; j < dim; ++j)
+                put(dtable, row * dim + j, get(dtable, row * dim + j) + get(dout, t * dim + j));
+        }
+    }
+
+    void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,
+                                   bool causal) override {
+        need(scores, batch_heads * s * s, "attention's scores");
+        std::vector<float> row(s);
+        for (std::size_t b = 0; b < batch_heads; ++b)
+            for (std::size_t i = 0; i < s; ++i) {
+                const std::size_t at = (b * s + i) * s;
+                const std::size_t visible = causal ? i + 1 : s;
+                float max = -INFINITY;
+                for (std::size_t j = 0; j < visible; ++j) {
+                    row[j] = get(scores, at + j) * scale;
+                    max = std::max(max, row[j]);
+                }
+                float sum = 0.0f;
+                for (std::size_t j = 0; j < visible; ++j) {
+                    row[j] = std::exp(row[j] - max);
+                    sum += row[j];
+                }
+                for (std::size_t j = 0; j < s; ++j) put(scores, at + j, j < visible ? row[j] / sum : 0.0f);
+            }
+    }
+    void attention_softmax_backward(DeviceSpan probs, DeviceSpan dprobs, std::size_t batch_heads, std::size_t s,
+                                    float scale) override {
+        need(probs, batch_heads * s * s, "attention's probabilities");
+        need(dprobs, batch_heads * s * s, "attention's dprobs");
+        for (std::size_t b = 0; b < batch_heads; ++b)
+            for (std::size_t i = 0; i < s; ++i) {
+                const std::size_t at = (b * s + i) * s;
+                float dot = 0.0f;
+                for (std::size_t j = 0; j < s; ++j) dot += get(probs, at + j) * get(dprobs, at + j);
+                for (std::size_t j = 0; j < s; ++j)
+                    put(dprobs, at + j, scale * get(probs, at + j) * (get(dprobs, at + j) - dot));
+            }
+    }
+
+    void optimizer_step(const OptimizerOptions& opt, std::uint64_t step, DeviceSpan params, DeviceSpan grads,
+                        DeviceSpan m, DeviceSpan v) override {
+        if (params.elem != Elem::f32 || grads.elem != Elem::f32)
+            throw std::invalid_argument("host ops: the optimizer steps f32 parameters with f32 gradients");
+        const std::span<float> p(static_cast<float*>(params.ptr), params.count);
+        const std::span<const float> g(static_cast<const float*>(grads.ptr), params.count);
+        if (opt.kind == OptimizerKind::sgd) {
+            sgd_step(p, g, opt.lr);
+            return;
+        }
+        adam_step(p, g, {static_cast<float*>(m.ptr), params.count}, {static_cast<float*>(v.ptr), params.count}, step,
+                  opt);
+    }
+
+private:
+    static float log_sum_exp(const DeviceSpan& x, std::size_t at, std::size_t n) {
+        float max = -INFINITY;
+        for (std::size_t c = 0; c < n; ++c) max = std::max(max, get(x, at + c));
+        float sum = 0.0f;
+        for (std::size_t c = 0; c < n; ++c) sum += std::exp(get(x, at + c) - max);
+        return max + std::log(sum);
+    }
+    static std::size_t label(const DeviceSpan& labels, std::size_t r, std::size_t classes) {
+        const std::int32_t y = id_at(labels, r);
+        if (y < 0 || static_cast<std::size_t>(y) >= classes)
+            throw std::invalid_argument(fmt::format("host ops: label {} of row {} is not a class below {}", y, r, classes));
+        return static_cast<std::size_t>(y);
+    }
+};
+
+}  // namespace
+
+const char* to_string(Elem e) noexcept {
+    switch (e) {
+    case Elem::f32: return "f32";
+    case Elem::bf16: return "bf16";
+    case Elem::i32: return "i32";
+    }
+    return "?";
+}
+
+DeviceSpan DeviceSpan::sub(std::size_t first, std::size_t n) const {
+    if (first > count || n > count - first)
+        throw std::out_of_range(fmt::format("DeviceSpan::sub: [{}, {}) of {} elements", first, first + n, count));
+    return {static_cast<char*>(ptr) + first * elem_bytes(elem), n, elem};
+}
+
+std::unique_ptr<DeviceOps> make_host_ops() { return std::make_unique<HostOps>(); }
+
+}  // namespace dpart::rt

@@ -1,0 +1,674 @@
+// The device backend's layers, written once over DeviceOps: the CPU kernels' math and parameter
+// layout (the same ParamLayout calls in the same order), with activations in the compute
+// precision, matrix products reading the compute copy of the weights, and biases, norms and
+// embeddings reading the fp32 master copy. Tensor parallelism is the CPU backend's for now:
+// device layers are built for whole layers (tp = 1).
+#include <fmt/format.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "dpart/core/error.hpp"
+#include "dpart/graph/ops.hpp"
+#include "dpart/runtime/device.hpp"
+#include "dpart/runtime/param_layout.hpp"
+#include "dpart/runtime/tensor.hpp"
+
+namespace dpart::rt {
+namespace {
+
+template <class... Ts>
+struct Overloaded : Ts... {
+    using Ts::operator()...;
+};
+template <class... Ts>
+Overloaded(Ts...) -> Overloaded<Ts...>;
+
+[[noreturn]] void bad_call(const std::string& layer, const std::string& message) {
+    throw RuntimeError(fmt::format("device layer \"{}\": {}", layer, message));
+}
+
+/// A part's view of its layer's parameters and gradients.
+struct Slices {
+    const ParamLayout* layout;
+    const DeviceParams* params;
+    DeviceSpan grads;
+
+    [[nodiscard]] DeviceSpan master(ParamLayout::Id id) const { return slice(params->master, id); }
+    [[nodiscard]] DeviceSpan compute(ParamLayout::Id id) const { return slice(params->compute, id); }
+    [[nodiscard]] DeviceSpan grad(ParamLayout::Id id) const { return slice(grads, id); }
+    [[nodiscard]] std::optional<DeviceSpan> maybe_master(ParamLayout::Id id) const {
+        return id == ParamLayout::absent ? std::nullopt : std::optional<DeviceSpan>(master(id));
+    }
+    [[nodiscard]] std::optional<DeviceSpan> maybe_grad(ParamLayout::Id id) const {
+        return id == ParamLayout::absent ? std::nullopt : std::optional<DeviceSpan>(grad(id));
+    }
+
+private:
+    [[nodiscard]] DeviceSpan slice(DeviceSpan all, ParamLayout::Id id) const {
+        return all.sub(layout->shard_offset(id), layout->shard_count(id));
+    }
+};
+
+/// y = x W^T (+ b): x [rows, in], W [out, in] (compute copy), b [out] (master).
+void dense_forward(DeviceOps& ops, const Slices& p, DeviceSpan x, std::size_t rows, std::size_t in,
+                   ParamLayout::Id w, ParamLayout::Id b, std::size_t out, DeviceSpan y) {
+    ops.gemm(Trans::none, Trans::trans, rows, out, in, 1.0f, x, in, p.compute(w), in, 0.0f, y, out);
+    if (b != ParamLayout::absent) ops.bias_add(y, p.master(b), rows, out);
+}
+
+/// dW += dy^T x, db += column sums of dy, dx = dx_beta dx + dy W.
+void dense_backward(DeviceOps& ops, const Slices& p, DeviceSpan x, DeviceSpan dy, std::size_t rows, std::size_t in,
+                    std::size_t out, ParamLayout::Id w, ParamLayout::Id b, DeviceSpan dx, float dx_beta) {
+    ops.gemm(Trans::trans, Trans::none, out, in, rows, 1.0f, dy, out, x, in, 1.0f, p.grad(w), in);
+    if (b != ParamLayout::absent) ops.column_sums(dy, p.grad(b), rows, out);
+    ops.gemm(Trans::none, Trans::none, rows, in, out, 1.0f, dy, out, p.compute(w), in, dx_beta, dx, in);
+}
+
+class Base : public DeviceLayer {
+public:
+    Base(const Model& model, std::size_t layer, Elem compute)
+        : name_(model.layers.at(layer).name), compute_(compute),
+          out_row_(element_count(model.layers.at(layer).out_shape)) {}
+    [[nodiscard]] std::size_t params() const noexcept final { return layout_.full_size(); }
+    [[nodiscard]] std::size_t out_row() const noexcept final { return out_row_; }
+
+protected:
+    [[nodiscard]] Slices slices(const DeviceParams& p, DeviceSpan grads = {}) const { return {&layout_, &p, grads}; }
+    [[nodiscard]] DeviceBuffer make(DeviceOps& ops, std::size_t count) const { return {ops, count, compute_}; }
+    [[nodiscard]] DeviceSpan single(std::span<const DeviceSpan> inputs) const {
+        if (inputs.size() != 1) bad_call(name_, fmt::format("expects one input, got {}", inputs.size()));
+        return inputs[0];
+    }
+
+    ParamLayout layout_;
+    std::string name_;
+    Elem compute_;
+    std::size_t out_row_;
+};
+
+// --- parts (shared by single-part layers and the transformer block) ----------------------
+
+class NormPart {
+public:
+    NormPart(ParamLayout& layout, NormKind kind, std::size_t features, bool bias) : kind_(kind), f_(features) {
+        gamma_ = layout.add(features, 1, Split::none, Init::one);
+        beta_ = layout.add_if(kind == NormKind::layernorm && bias, features, 1, Split::none, Init::zero);
+    }
+    static constexpr std::size_t saved_count = 1;
+    DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
+                         std::vector<DeviceBuffer>& saved) const {
+        const std::size_t rows = x.count / f_;
+        DeviceBuffer y(ops, x.count, compute);
+        DeviceBuffer stats(ops, rows * 2, Elem::f32);
+        ops.norm_forward(kind_, x, p.master(gamma_), p.maybe_master(beta_), y.span(), stats.span(), rows, f_);
+        saved.push_back(std::move(stats));
+        return y;
+    }
+    DeviceBuffer backward(DeviceOps& ops, const Slices& p, DeviceSpan dy, DeviceSpan x, Elem compute,
+                          std::span<const DeviceBuffer> saved) const {
+        const std::size_t rows = x.count / f_;
+        DeviceBuffer dx(ops, x.count, compute);
+        ops.norm_backward(kind_, x, p.master(gamma_), saved[0].span(), dy, dx.span(), p.grad(gamma_),
+                          p.maybe_grad(beta_), rows, f_);
+        return dx;
+    }
+
+private:
+    NormKind kind_;
+    std::size_t f_;
+    ParamLayout::Id gamma_, beta_;
+};
+
+/// Multi-head or grouped-query self-attention on [n, seq, hidden]. Saved: q, k, v, the
+/// probabilities [n, heads, seq, seq] and the heads' output o.
+class AttentionPart {
+public:
+    AttentionPart(ParamLayout& layout, const AttentionOp& op, std::size_t seq)
+        : hidden_(op.hidden), seq_(seq), d_(op.head_dim), heads_(op.heads), kv_heads_(op.kv_heads),
+          causal_(op.causal) {
+        const std::size_t q = op.heads * op.head_dim;
+        const std::size_t kv = op.kv_heads * op.head_dim;
+        wq_ = layout.add(q, hidden_, Split::rows, Init::weight, hidden_);
+        wk_ = layout.add(kv, hidden_, Split::rows, Init::weight, hidden_);
+        wv_ = layout.add(kv, hidden_, Split::rows, Init::weight, hidden_);
+        bq_ = layout.add_if(op.qkv_bias, q, 1, Split::rows, Init::zero);
+        bk_ = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
+        bv_ = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
+        wo_ = layout.add(hidden_, q, Split::cols, Init::weight, q);
+        bo_ = layout.add_if(op.bias, hidden_, 1, Split::none, Init::zero);
+    }
+    static constexpr std::size_t saved_count = 5;
+
+    DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
+                         std::vector<DeviceBuffer>& saved) const {
+        const std::size_t n = x.count / (seq_ * hidden_);
+        const std::size_t rows = n * seq_;
+        const std::size_t qd = heads_ * d_, kd = kv_heads_ * d_;
+        DeviceBuffer q(ops, rows * qd, compute), k(ops, rows * kd, compute), v(ops, rows * kd, compute);
+        dense_forward(ops, p, x, rows, hidden_, wq_, bq_, qd, q.span());
+        dense_forward(ops, p, x, rows, hidden_, wk_, bk_, kd, k.span());
+        dense_forward(ops, p, x, rows, hidden_, wv_, bv_, kd, v.span());
+        DeviceBuffer probs(ops, n * heads_ * seq_ * seq_, compute);
+        // S = Q K^T per head (scaled inside the softmax), then O = P V.
+        each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
+            ops.gemm_batched(Trans::none, Trans::trans, seq_, seq_, d_, 1.0f, q_at(q.span(), b, h0), qd, d_,
+                             kv_at(k.span(), b, h0), kd, k_stride, 0.0f, p_at(probs.span(), b, h0), seq_,
+                             seq_ * seq_, count);
+        });
+        ops.attention_softmax_forward(probs.span(), n * heads_, seq_, scale(), causal_);
+        DeviceBuffer o(ops, rows * qd, compute);
+        each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
+            ops.gemm_batched(Trans::none, Trans::none, seq_, d_, seq_, 1.0f, p_at(probs.span(), b, h0), seq_,
+                             seq_ * seq_, kv_at(v.span(), b, h0), kd, k_stride, 0.0f, q_at(o.span(), b, h0), qd, d_,
+                             count);
+        });
+        DeviceBuffer y(ops, rows * hidden_, compute);
+        dense_forward(ops, p, o.span(), rows, qd, wo_, bo_, hidden_, y.span());
+        saved.push_back(std::move(q));
+        saved.push_back(std::move(k));
+        saved.push_back(std::move(v));
+        saved.push_back(std::move(probs));
+        saved.push_back(std::move(o));
+        return y;
+    }
+
+    DeviceBuffer backward(DeviceOps& ops, const Slices& p, DeviceSpan dy, DeviceSpan x, Elem compute,
+                          std::span<const DeviceBuffer> saved) const {
+        const DeviceSpan q = saved[0].span(), k = saved[1].span(), v = saved[2].span();
+        const DeviceSpan probs = saved[3].span(), o = saved[4].span();
+        const std::size_t n = x.count / (seq_ * hidden_);
+        const std::size_t rows = n * seq_;
+        const std::size_t qd = heads_ * d_, kd = kv_heads_ * d_;
+        DeviceBuffer dout(ops, rows * qd, compute);
+        dense_backward(ops, p, o, dy, rows, qd, hidden_, wo_, bo_, dout.span(), 0.0f);
+        // dP = dO V^T, then dS (scaled) in its place.
+        DeviceBuffer ds(ops, n * heads_ * seq_ * seq_, compute);
+        each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
+            ops.gemm_batched(Trans::none, Trans::trans, seq_, seq_, d_, 1.0f, q_at(dout.span(), b, h0), qd, d_,
+                             kv_at(v, b, h0), kd, k_stride, 0.0f, p_at(ds.span(), b, h0), seq_, seq_ * seq_, count);
+        });
+        ops.attention_softmax_backward(probs, ds.span(), n * heads_, seq_, scale());
+        DeviceBuffer dq(ops, rows * qd, compute), dk(ops, rows * kd, compute), dv(ops, rows * kd, compute);
+        // dQ = dS K; dK += dS^T Q and dV += P^T dO, the heads of a group adding in head order.
+        each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
+            ops.gemm_batched(Trans::none, Trans::none, seq_, d_, seq_, 1.0f, p_at(ds.span(), b, h0), seq_,
+                             seq_ * seq_, kv_at(k, b, h0), kd, k_stride, 0.0f, q_at(dq.span(), b, h0), qd, d_, count);
+        });
+        for_each_head_into_group(n, [&](std::size_t b, std::size_t h0, std::size_t count) {
+            ops.gemm_batched(Trans::trans, Trans::none, seq_, d_, seq_, 1.0f, p_at(ds.span(), b, h0), seq_,
+                             seq_ * seq_, q_at(q, b, h0), qd, d_, 1.0f, kv_at(dk.span(), b, h0), kd, d_, count);
+            ops.gemm_batched(Trans::trans, Trans::none, seq_, d_, seq_, 1.0f, p_at(probs, b, h0), seq_, seq_ * seq_,
+                             q_at(dout.span(), b, h0), qd, d_, 1.0f, kv_at(dv.span(), b, h0), kd, d_, count);
+        });
+        DeviceBuffer dx(ops, x.count, compute);
+        dense_backward(ops, p, x, dq.span(), rows, hidden_, qd, wq_, bq_, dx.span(), 0.0f);
+        dense_backward(ops, p, x, dk.span(), rows, hidden_, kd, wk_, bk_, dx.span(), 1.0f);
+        dense_backward(ops, p, x, dv.span(), rows, hidden_, kd, wv_, bv_, dx.span(), 1.0f);
+        return dx;
+    }
+
+private:
+    [[nodiscard]] float scale() const { return 1.0f / std::sqrt(static_cast<float>(d_)); }
+    [[nodiscard]] std::size_t group() const { return heads_ / kv_heads_; }
+    /// Head h of sample b in q-like [n, seq, heads * d] and its group's K/V in [n, seq, kv * d].
+    [[nodiscard]] DeviceSpan q_at(DeviceSpan t, std::size_t b, std::size_t h) const {
+        return t.sub(b * seq_ * heads_ * d_ + h * d_, t.count - (b * seq_ * heads_ * d_ + h * d_));
+    }
+    [[nodiscard]] DeviceSpan kv_at(DeviceSpan t, std::size_t b, std::size_t h) const {
+        const std::size_t at = b * seq_ * kv_heads_ * d_ + (h / group()) * d_;
+        return t.sub(at, t.count - at);
+    }
+    [[nodiscard]] DeviceSpan p_at(DeviceSpan t, std::size_t b, std::size_t h) const {
+        const std::size_t at = (b * heads_ + h) * seq_ * seq_;
+        return t.sub(at, t.count - at);
+    }
+    /// Products whose outputs are per head: f(sample, first head, heads, K/V stride between
+    /// them). Multi-head attention batches a sample's heads (each its own K and V, d apart);
+    /// grouped-query attention a group's heads (sharing one K and V: stride 0).
+    template <class F>
+    void each_group(std::size_t n, F&& f) const {
+        for (std::size_t b = 0; b < n; ++b) {
+            if (group() == 1) f(b, 0, heads_, d_);
+            else
+                for (std::size_t g = 0; g < kv_heads_; ++g) f(b, g * group(), group(), 0);
+        }
+    }
+    /// Products that add into a group's K/V gradient: batched when every head has its own
+    /// (multi-head), else one head at a time in head order (deterministic sums).
+    template <class F>
+    void for_each_head_into_group(std::size_t n, F&& f) const {
+        for (std::size_t b = 0; b < n; ++b) {
+            if (group() == 1) f(b, 0, heads_);
+            else
+                for (std::size_t h = 0; h < heads_; ++h) f(b, h, 1);
+        }
+    }
+
+    std::size_t hidden_, seq_, d_, heads_, kv_heads_;
+    bool causal_;
+    ParamLayout::Id wq_, wk_, wv_, bq_, bk_, bv_, wo_, bo_;
+};
+
+/// Plain (act(x W1 + b1) W2 + b2) or gated MLP. Saved: the gate's pre-activation (gated), the
+/// up projection, and the activation h.
+class MlpPart {
+public:
+    MlpPart(ParamLayout& layout, const MlpOp& op)
+        : hidden_(op.hidden), ffn_(op.ffn_hidden), gated_(op.kind == MlpKind::gated), act_(op.activation) {
+        const std::size_t f = op.ffn_hidden, h = hidden_;
+        if (gated_) {
+            gate_ = layout.add(f, h, Split::rows, Init::weight, h);
+            up_ = layout.add(f, h, Split::rows, Init::weight, h);
+            down_ = layout.add(h, f, Split::cols, Init::weight, f);
+            bgate_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
+            bup_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
+            bdown_ = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
+        } else {
+            gate_ = bgate_ = ParamLayout::absent;
+            up_ = layout.add(f, h, Split::rows, Init::weight, h);
+            bup_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
+            down_ = layout.add(h, f, Split::cols, Init::weight, f);
+            bdown_ = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
+        }
+    }
+    static constexpr std::size_t saved_count = 3;  // gate (empty when plain), up, h
+
+    DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
+                         std::vector<DeviceBuffer>& saved) const {
+        const std::size_t rows = x.count / hidden_;
+        DeviceBuffer up(ops, rows * ffn_, compute), h(ops, rows * ffn_, compute), gate;
+        dense_forward(ops, p, x, rows, hidden_, up_, bup_, ffn_, up.span());
+        if (gated_) {
+            gate = DeviceBuffer(ops, rows * ffn_, compute);
+            dense_forward(ops, p, x, rows, hidden_, gate_, bgate_, ffn_, gate.span());
+            ops.activation_forward(act_, gate.span(), h.span());
+            ops.mul(h.span(), up.span(), h.span());
+        } else {
+            ops.activation_forward(act_, up.span(), h.span());
+        }
+        DeviceBuffer y(ops, rows * hidden_, compute);
+        dense_forward(ops, p, h.span(), rows, ffn_, down_, bdown_, hidden_, y.span());
+        saved.push_back(std::move(gate));
+        saved.push_back(std::move(up));
+        saved.push_back(std::move(h));
+        return y;
+    }
+
+    DeviceBuffer backward(DeviceOps& ops, const Slices& p, DeviceSpan dy, DeviceSpan x, Elem compute,
+                          std::span<const DeviceBuffer> saved) const {
+        const std::size_t rows = x.count / hidden_;
+        const DeviceSpan up = saved[1].span(), h = saved[2].span();
+        DeviceBuffer dh(ops, rows * ffn_, compute);
+        dense_backward(ops, p, h, dy, rows, ffn_, hidden_, down_, bdown_, dh.span(), 0.0f);
+        DeviceBuffer dx(ops, x.count, compute);
+        if (gated_) {
+            const DeviceSpan gate = saved[0].span();
+            DeviceBuffer dgate(ops, rows * ffn_, compute), dup(ops, rows * ffn_, compute);
+            ops.mul(dh.span(), up, dgate.span());                                // dh * up
+            ops.activation_backward(act_, gate, dgate.span(), dgate.span());    // * act'(gate)
+            ops.activation_forward(act_, gate, dup.span());                      // act(gate)
+            ops.mul(dh.span(), dup.span(), dup.span());                          // dh * act(gate)
+            dense_backward(ops, p, x, dgate.span(), rows, hidden_, ffn_, gate_, bgate_, dx.span(), 0.0f);
+            dense_backward(ops, p, x, dup.span(), rows, hidden_, ffn_, up_, bup_, dx.span(), 1.0f);
+        } else {
+            ops.activation_backward(act_, up, dh.span(), dh.span());
+            dense_backward(ops, p, x, dh.span(), rows, hidden_, ffn_, up_, bup_, dx.span(), 0.0f);
+        }
+        return dx;
+    }
+
+private:
+    std::size_t hidden_, ffn_;
+    bool gated_;
+    Activation act_;
+    ParamLayout::Id gate_, up_, down_, bgate_, bup_, bdown_;
+};
+
+// --- layers --------------------------------------------------------------------------------
+
+template <class Part>
+class PartLayer final : public Base {
+public:
+    template <class... Args>
+    PartLayer(const Model& model, std::size_t layer, Elem compute, const Args&... args)
+        : Base(model, layer, compute), part_(layout_, args...) {}
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+                         const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        return part_.forward(ops, slices(params), single(inputs), compute_, saved);
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams& params,
+                                       const std::vector<DeviceBuffer>& saved, DeviceSpan grads) const override {
+        std::vector<DeviceBuffer> dx;
+        dx.push_back(part_.backward(ops, slices(params, grads), dout, single(inputs), compute_, saved));
+        return dx;
+    }
+
+private:
+    Part part_;
+};
+
+class LinearLayer final : public Base {
+public:
+    LinearLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute) {
+        const auto& op = std::get<LinearOp>(model.layers[layer].op);
+        in_ = op.in_features;
+        out_ = op.out_features;
+        w_ = layout_.add(out_, in_, Split::none, Init::weight, in_);
+        b_ = layout_.add_if(op.bias, out_, 1, Split::none, Init::zero);
+    }
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+                         const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        const DeviceSpan x = single(inputs);
+        const std::size_t rows = x.count / in_;
+        DeviceBuffer y = make(ops, rows * out_);
+        dense_forward(ops, slices(params), x, rows, in_, w_, b_, out_, y.span());
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams& params,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan grads) const override {
+        const DeviceSpan x = single(inputs);
+        const std::size_t rows = x.count / in_;
+        std::vector<DeviceBuffer> dx;
+        dx.push_back(make(ops, x.count));
+        dense_backward(ops, slices(params, grads), x, dout, rows, in_, out_, w_, b_, dx[0].span(), 0.0f);
+        return dx;
+    }
+
+private:
+    std::size_t in_ = 0, out_ = 0;
+    ParamLayout::Id w_ = ParamLayout::absent, b_ = ParamLayout::absent;
+};
+
+class ActivationLayer final : public Base {
+public:
+    ActivationLayer(const Model& model, std::size_t layer, Elem compute, Activation a)
+        : Base(model, layer, compute), act_(a) {}
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+                         const DeviceParams&, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        const DeviceSpan x = single(inputs);
+        DeviceBuffer y = make(ops, x.count);
+        ops.activation_forward(act_, x, y.span());
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams&,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan) const override {
+        const DeviceSpan x = single(inputs);
+        std::vector<DeviceBuffer> dx;
+        dx.push_back(make(ops, x.count));
+        ops.activation_backward(act_, x, dout, dx[0].span());
+        return dx;
+    }
+
+private:
+    Activation act_;
+};
+
+/// Copies (flatten: the same values, another shape) and sums (add).
+class CopyLayer final : public Base {
+public:
+    using Base::Base;
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+                         const DeviceParams&, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        if (inputs.empty()) bad_call(name_, "expects an input");
+        DeviceBuffer y = make(ops, inputs[0].count);
+        ops.copy(inputs[0], y.span());
+        for (std::size_t i = 1; i < inputs.size(); ++i) {
+            if (inputs[i].count != inputs[0].count) bad_call(name_, "add needs inputs of one size");
+            ops.add(inputs[i], y.span());
+        }
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams&,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan) const override {
+        std::vector<DeviceBuffer> dx;
+        for (std::size_t i = 0; i < inputs.size(); ++i) {
+            dx.push_back(make(ops, dout.count));
+            ops.copy(dout, dx.back().span());
+        }
+        return dx;
+    }
+};
+
+/// Token (+ learned position, + token type 0) embeddings. Input: token ids (i32), [n, tokens].
+class EmbeddingLayer final : public Base {
+public:
+    EmbeddingLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute) {
+        const auto& op = std::get<EmbeddingOp>(model.layers[layer].op);
+        vocab_ = op.vocab;
+        hidden_ = op.hidden;
+        tok_ = layout_.add(vocab_, hidden_, Split::none, Init::table);
+        pos_ = layout_.add_if(op.positions != 0, op.positions, hidden_, Split::none, Init::table);
+        type_ = layout_.add_if(op.token_types != 0, op.token_types, hidden_, Split::none, Init::table);
+    }
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t n,
+                         const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        const DeviceSpan ids = single(inputs);
+        if (ids.elem != Elem::i32) bad_call(name_, "expects token ids (i32)");
+        const Slices p = slices(params);
+        const std::size_t tokens = ids.count;
+        DeviceBuffer y = make(ops, tokens * hidden_);
+        ops.embedding_forward(ids, p.master(tok_), y.span(), tokens, hidden_);
+        for (auto [id, which] : {std::pair{pos_, Which::position}, std::pair{type_, Which::type}}) {
+            if (id == ParamLayout::absent) continue;
+            const DeviceBuffer other_ids = extra_ids(ops, which, n, tokens / n);
+            DeviceBuffer rows = make(ops, tokens * hidden_);
+            ops.embedding_forward(other_ids.span(), p.master(id), rows.span(), tokens, hidden_);
+            ops.add(rows.span(), y.span());
+        }
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t n, const DeviceParams& params,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan grads) const override {
+        const DeviceSpan ids = single(inputs);
+        const Slices p = slices(params, grads);
+        const std::size_t tokens = ids.count;
+        ops.embedding_backward(ids, dout, p.grad(tok_), tokens, hidden_);
+        for (auto [id, which] : {std::pair{pos_, Which::position}, std::pair{type_, Which::type}}) {
+            if (id == ParamLayout::absent) continue;
+            const DeviceBuffer other_ids = extra_ids(ops, which, n, tokens / n);
+            ops.embedding_backward(other_ids.span(), dout, p.grad(id), tokens, hidden_);
+        }
+        std::vector<DeviceBuffer> dx(1);  // token ids have no gradient
+        return dx;
+    }
+
+private:
+    enum class Which { position, type };
+    /// Position p of each sample (0 for token types), as i32 ids.
+    static DeviceBuffer extra_ids(DeviceOps& ops, Which which, std::size_t n, std::size_t per_sample) {
+        std::vector<float> ids(n * per_sample, 0.0f);
+        if (which == Which::position)
+            for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<float>(i % per_sample);
+        DeviceBuffer b(ops, ids.size(), Elem::i32);
+        ops.upload(ids, b.span());
+        return b;
+    }
+
+    std::size_t vocab_ = 0, hidden_ = 0;
+    ParamLayout::Id tok_ = ParamLayout::absent, pos_ = ParamLayout::absent, type_ = ParamLayout::absent;
+};
+
+/// Per sample: the mean over its positions of -log softmax(x)[label]. Output f32 [n].
+class SoftmaxXentLayer final : public Base {
+public:
+    SoftmaxXentLayer(const Model& model, std::size_t layer, Elem compute, std::size_t classes)
+        : Base(model, layer, compute), classes_(classes) {}
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep& step, std::span<const DeviceSpan> inputs, std::size_t n,
+                         const DeviceParams&, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        const DeviceSpan x = single(inputs);
+        const std::size_t rows = x.count / classes_;
+        const std::size_t positions = rows / n;
+        DeviceBuffer per_row(ops, rows, Elem::f32);
+        ops.softmax_xent_forward(x, labels(step, rows), per_row.span(), rows, classes_);
+        // The mean over a sample's positions, as a product with a column of 1 / positions.
+        DeviceBuffer ones(ops, positions, Elem::f32);
+        ops.fill(ones.span(), 1.0f);
+        DeviceBuffer y(ops, n, Elem::f32);
+        ops.gemm(Trans::none, Trans::none, n, 1, positions, 1.0f / static_cast<float>(positions), per_row.span(),
+                 positions, ones.span(), 1, 0.0f, y.span(), 1);
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep& step, DeviceSpan,
+                                       std::span<const DeviceSpan> inputs, std::size_t n, const DeviceParams&,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan) const override {
+        const DeviceSpan x = single(inputs);
+        const std::size_t rows = x.count / classes_;
+        const std::size_t positions = rows / n;
+        std::vector<DeviceBuffer> dx;
+        dx.push_back(make(ops, x.count));
+        ops.softmax_xent_backward(x, labels(step, rows), step.loss_scale / static_cast<float>(positions),
+                                  dx[0].span(), rows, classes_);
+        return dx;
+    }
+
+private:
+    [[nodiscard]] DeviceSpan labels(const DeviceStep& step, std::size_t rows) const {
+        if (step.labels.elem != Elem::i32 || step.labels.count != rows)
+            bad_call(name_, fmt::format("needs {} labels (i32), got {} ({})", rows, step.labels.count,
+                                        to_string(step.labels.elem)));
+        return step.labels;
+    }
+    std::size_t classes_;
+};
+
+/// x1 = x + attn(norm1(x)); y = x1 + mlp(norm2(x1)). Saved: norm1(x), x1, norm2(x1), then the
+/// parts' own, in the order norm1, attention, norm2, mlp.
+class BlockLayer final : public Base {
+public:
+    BlockLayer(const Model& model, std::size_t layer, Elem compute, const TransformerBlockOp& op, std::size_t seq)
+        : Base(model, layer, compute), norm1_(layout_, op.norm, op.attention.hidden, op.norm_bias),
+          attn_(layout_, op.attention, seq), norm2_(layout_, op.norm, op.attention.hidden, op.norm_bias),
+          mlp_(layout_, op.mlp) {}
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+                         const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
+        const DeviceSpan x = single(inputs);
+        const Slices p = slices(params);
+        saved.clear();
+        saved.resize(3);
+        DeviceBuffer h1 = norm1_.forward(ops, p, x, compute_, saved);
+        DeviceBuffer x1 = attn_.forward(ops, p, h1.span(), compute_, saved);
+        ops.add(x, x1.span());
+        DeviceBuffer h2 = norm2_.forward(ops, p, x1.span(), compute_, saved);
+        DeviceBuffer y = mlp_.forward(ops, p, h2.span(), compute_, saved);
+        ops.add(x1.span(), y.span());
+        saved[0] = std::move(h1);
+        saved[1] = std::move(x1);
+        saved[2] = std::move(h2);
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams& params,
+                                       const std::vector<DeviceBuffer>& saved, DeviceSpan grads) const override {
+        const DeviceSpan x = single(inputs);
+        const Slices p = slices(params, grads);
+        const std::span<const DeviceBuffer> s = saved;
+        constexpr std::size_t n1 = 3;
+        constexpr std::size_t at = n1 + NormPart::saved_count;
+        constexpr std::size_t n2 = at + AttentionPart::saved_count;
+        constexpr std::size_t m = n2 + NormPart::saved_count;
+        const DeviceBuffer dh2 = mlp_.backward(ops, p, dout, s[2].span(), compute_, s.subspan(m, MlpPart::saved_count));
+        DeviceBuffer dx1 = norm2_.backward(ops, p, dh2.span(), s[1].span(), compute_, s.subspan(n2, NormPart::saved_count));
+        ops.add(dout, dx1.span());
+        const DeviceBuffer dh1 =
+            attn_.backward(ops, p, dx1.span(), s[0].span(), compute_, s.subspan(at, AttentionPart::saved_count));
+        std::vector<DeviceBuffer> dx;
+        dx.push_back(norm1_.backward(ops, p, dh1.span(), x, compute_, s.subspan(n1, NormPart::saved_count)));
+        ops.add(dx1.span(), dx[0].span());
+        return dx;
+    }
+
+private:
+    NormPart norm1_;
+    AttentionPart attn_;
+    NormPart norm2_;
+    MlpPart mlp_;
+};
+
+std::size_t xent_classes(const Model& model, std::size_t layer) {
+    const Layer& l = model.layers[layer];
+    const auto& op = std::get<SoftmaxXentOp>(l.op);
+    if (op.classes != 0) return op.classes;
+    const Shape& in = l.inputs.empty() ? model.input_shape : model.layers[l.inputs[0]].out_shape;
+    return in.back();
+}
+
+}  // namespace
+
+std::vector<float> loss_labels(std::uint64_t seed, std::uint64_t first_sample, std::size_t n, std::size_t positions,
+                               std::size_t classes) {
+    std::vector<float> labels(n * positions);
+    for (std::size_t i = 0; i < n; ++i)
+        for (std::size_t p = 0; p < positions; ++p)
+            labels[i * positions + p] = static_cast<float>(
+                random_bits(seed, stream_of(Stream::label), (first_sample + i) * positions + p) % classes);
+    return labels;
+}
+
+std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t layer, Elem compute) {
+    if (layer >= model.layers.size())
+        throw std::out_of_range(fmt::format("make_device_layer: layer {} of a {}-layer model", layer, model.layers.size()));
+    if (compute != Elem::f32 && compute != Elem::bf16)
+        throw std::invalid_argument("make_device_layer: layers compute in f32 or bf16");
+    const Layer& l = model.layers[layer];
+    const auto unsupported = [&](const std::string& what) -> std::unique_ptr<DeviceLayer> {
+        throw InputError(l.where, fmt::format("layer \"{}\": {} has no device kernel yet (the device backend runs "
+                                              "linear, relu, gelu, silu, layernorm, rmsnorm, embedding, attention, "
+                                              "mlp, transformer_block, add, flatten and softmax_xent)",
+                                              l.name, what));
+    };
+    const auto make = Overloaded{
+        [&](const LinearOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<LinearLayer>(model, layer, compute); },
+        [&](const EmbeddingOp&) -> std::unique_ptr<DeviceLayer> {
+            return std::make_unique<EmbeddingLayer>(model, layer, compute);
+        },
+        [&](const NormOp& op) -> std::unique_ptr<DeviceLayer> {
+            const std::size_t features = op.features != 0 ? op.features : l.out_shape.back();
+            return std::make_unique<PartLayer<NormPart>>(model, layer, compute, op.kind, features, op.bias);
+        },
+        [&](const ElementwiseOp& op) -> std::unique_ptr<DeviceLayer> {
+            if (op.kind == Elementwise::dropout) return unsupported("dropout");
+            const Activation a = op.kind == Elementwise::relu   ? Activation::relu
+                                 : op.kind == Elementwise::gelu ? Activation::gelu
+                                                                : Activation::silu;
+            return std::make_unique<ActivationLayer>(model, layer, compute, a);
+        },
+        [&](const AttentionOp& op) -> std::unique_ptr<DeviceLayer> {
+            return std::make_unique<PartLayer<AttentionPart>>(model, layer, compute, op, std::size_t{l.out_shape[0]});
+        },
+        [&](const MlpOp& op) -> std::unique_ptr<DeviceLayer> {
+            if (op.experts > 1) return unsupported("a mixture of experts");
+            return std::make_unique<PartLayer<MlpPart>>(model, layer, compute, op);
+        },
+        [&](const TransformerBlockOp& op) -> std::unique_ptr<DeviceLayer> {
+            if (op.mlp.experts > 1) return unsupported("a mixture of experts");
+            return std::make_unique<BlockLayer>(model, layer, compute, op, std::size_t{l.out_shape[0]});
+        },
+        [&](const AddOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<CopyLayer>(model, layer, compute); },
+        [&](const FlattenOp&) -> std::unique_ptr<DeviceLayer> {
+            return std::make_unique<CopyLayer>(model, layer, compute);
+        },
+        [&](const SoftmaxXentOp&) -> std::unique_ptr<DeviceLayer> {
+            return std::make_unique<SoftmaxXentLayer>(model, layer, compute, xent_classes(model, layer));
+        },
+        [&](const BatchNormOp&) { return unsupported("batchnorm"); },
+        [&](const Conv2dOp&) { return unsupported("conv2d"); },
+        [&](const PoolOp&) { return unsupported("pool"); },
+        [&](const ConcatOp&) { return unsupported("concat"); },
+        [&](const CustomOp&) { return unsupported("a custom layer"); },
+    };
+    return std::visit(make, l.op);
+}
+
+}  // namespace dpart::rt

@@ -1,0 +1,106 @@
+#include "dpart/runtime/param_layout.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "dpart/runtime/tensor.hpp"
+
+namespace dpart::rt {
+namespace {
+
+/// Embedding tables start uniform in [-a, a) with a = 0.02 * sqrt(3): standard deviation 0.02,
+/// as GPT-2 initialises its tables (with a normal distribution).
+constexpr float table_amplitude = 0.034641016f;
+
+}  // namespace
+
+ParamLayout::Id ParamLayout::add(std::size_t rows, std::size_t cols, Split split, Init init, std::size_t fan_in) {
+    const std::size_t t = shard_.size;
+    if ((split == Split::rows && rows % t != 0) || (split == Split::cols && cols % t != 0))
+        throw std::logic_error("ParamLayout: a split that does not divide (checked by the kernel's factory)");
+    const std::size_t full = rows * cols;
+    const std::size_t mine = split == Split::none ? full : full / t;
+    entries_.push_back(Entry{rows, cols, split, init, std::max<std::size_t>(fan_in, 1), full_size_, shard_size_});
+    full_size_ += full;
+    shard_size_ += mine;
+    return entries_.size() - 1;
+}
+
+ParamLayout::Id ParamLayout::add_if(bool present, std::size_t rows, std::size_t cols, Split split, Init init) {
+    return present ? add(rows, cols, split, init) : absent;
+}
+
+template <class F>
+void ParamLayout::for_each_run(const Entry& e, F&& f) const {
+    const std::size_t t = shard_.size;
+    const std::size_t r = shard_.rank;
+    switch (e.split) {
+    case Split::none:
+        f(e.full_offset, e.shard_offset, e.rows * e.cols);
+        break;
+    case Split::rows: {
+        const std::size_t own = e.rows / t;
+        f(e.full_offset + r * own * e.cols, e.shard_offset, own * e.cols);
+        break;
+    }
+    case Split::cols: {
+        const std::size_t own = e.cols / t;
+        for (std::size_t i = 0; i < e.rows; ++i) f(e.full_offset + i * e.cols + r * own, e.shard_offset + i * own, own);
+        break;
+    }
+    }
+}
+
+void ParamLayout::init(std::uint64_t seed, std::uint64_t stream, std::span<float> full) const {
+    if (full.size() != full_size_) throw std::invalid_argument("ParamLayout::init: wrong size");
+    for (const Entry& e : entries_) {
+        const float scale = 1.0f / std::sqrt(static_cast<float>(e.fan_in));
+        for (std::size_t j = e.full_offset; j < e.full_offset + e.rows * e.cols; ++j) {
+            switch (e.init) {
+            case Init::weight: full[j] = random_symmetric(seed, stream, j) * scale; break;
+            case Init::table: full[j] = random_symmetric(seed, stream, j) * table_amplitude; break;
+            case Init::zero: full[j] = 0.0f; break;
+            case Init::one: full[j] = 1.0f; break;
+            }
+        }
+    }
+}
+
+void ParamLayout::to_shard(std::span<const float> full, std::span<float> shard) const {
+    if (full.size() != full_size_ || shard.size() != shard_size_)
+        throw std::invalid_argument("ParamLayout::to_shard: wrong size");
+    for (const Entry& e : entries_)
+        for_each_run(e, [&](std::size_t f, std::size_t s, std::size_t n) {
+            std::copy_n(full.begin() + static_cast<std::ptrdiff_t>(f), n, shard.begin() + static_cast<std::ptrdiff_t>(s));
+        });
+}
+
+void ParamLayout::from_shard(std::span<const float> shard, std::span<float> full) const {
+    if (full.size() != full_size_ || shard.size() != shard_size_)
+        throw std::invalid_argument("ParamLayout::from_shard: wrong size");
+    for (const Entry& e : entries_)
+        for_each_run(e, [&](std::size_t f, std::size_t s, std::size_t n) {
+            std::copy_n(shard.begin() + static_cast<std::ptrdiff_t>(s), n, full.begin() + static_cast<std::ptrdiff_t>(f));
+        });
+}
+
+const float* ParamLayout::at(std::span<const float> params, Id id) const {
+    if (id == absent) return nullptr;
+    if (params.size() != shard_size_) throw std::invalid_argument("ParamLayout::at: parameters of the wrong size");
+    return params.data() + entries_[id].shard_offset;
+}
+
+float* ParamLayout::at(std::span<float> params, Id id) const {
+    if (id == absent) return nullptr;
+    if (params.size() != shard_size_) throw std::invalid_argument("ParamLayout::at: gradients of the wrong size");
+    return params.data() + entries_[id].shard_offset;
+}
+
+std::size_t ParamLayout::shard_count(Id id) const {
+    const Entry& e = entries_.at(id);
+    const std::size_t full = e.rows * e.cols;
+    return e.split == Split::none ? full : full / shard_.size;
+}
+
+}  // namespace dpart::rt

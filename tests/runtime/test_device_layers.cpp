@@ -1,0 +1,205 @@
+// The device backend's layers, run through the host DeviceOps: in fp32 every layer of the
+// bundled models agrees with the CPU kernel (forward, input gradients and parameter gradients),
+// and in bf16 within bf16's precision; the host ops round bf16 as the GPU does.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "dpart/io/model_toml.hpp"
+#include "dpart/runtime/backend.hpp"
+#include "dpart/runtime/device.hpp"
+#include "dpart/runtime/tensor.hpp"
+
+using namespace dpart;
+using namespace dpart::rt;
+
+namespace {
+
+const std::string models_dir = std::string(DPART_SOURCE_DIR) + "/plans/models/";
+
+/// max |a - b| / max(max |b|, 1e-3): the error relative to the reference's scale.
+double relative_error(std::span<const float> a, std::span<const float> b) {
+    REQUIRE(a.size() == b.size());
+    double diff = 0.0, scale = 1e-3;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - b[i]));
+        scale = std::max(scale, std::fabs(static_cast<double>(b[i])));
+    }
+    return diff / scale;
+}
+
+std::vector<float> download(DeviceOps& ops, const DeviceSpan& s) {
+    std::vector<float> out(s.count);
+    ops.download(s, out);
+    return out;
+}
+
+DeviceBuffer upload(DeviceOps& ops, std::span<const float> values, Elem elem) {
+    DeviceBuffer b(ops, values.size(), elem);
+    ops.upload(values, b.span());
+    return b;
+}
+
+struct Errors {
+    double forward = 0, input_grad = 0, param_grad = 0;
+};
+
+/// Runs every layer of a sequential model forward and backward on the CPU kernels and on the
+/// device layers (host ops computing in `compute`), each layer fed the CPU's inputs, and returns
+/// the largest relative error of each kind over the layers.
+std::map<std::string, Errors> compare_model(const std::string& file, Elem compute, std::size_t n = 3) {
+    const Model model = load_model(models_dir + file);
+    const auto ops = make_host_ops();
+    const std::uint64_t seed = 7;
+    const std::uint64_t first_sample = 5;
+    StepContext ctx;
+    ctx.seed = seed;
+    ctx.first_sample = first_sample;
+    const float loss_scale = 1.0f / static_cast<float>(n);
+
+    std::vector<Tensor> outputs;  // CPU outputs, per layer
+    std::vector<std::unique_ptr<LayerKernel>> kernels;
+    std::vector<std::vector<float>> params;
+    std::vector<Saved> saved(model.layers.size());
+    const Tensor input = synthetic_input(model, seed, first_sample, n);
+    std::map<std::string, Errors> errors;
+
+    const auto inputs_of = [&](std::size_t l) {
+        std::vector<const Tensor*> in;
+        if (model.layers[l].inputs.empty()) in.push_back(&input);
+        for (std::size_t i : model.layers[l].inputs) in.push_back(&outputs[i]);
+        return in;
+    };
+    for (std::size_t l = 0; l < model.layers.size(); ++l) {
+        kernels.push_back(make_cpu_kernel(model, l));
+        params.emplace_back(kernels[l]->full_params());
+        kernels[l]->init(seed, params[l]);
+        const auto in = inputs_of(l);
+        outputs.push_back(kernels[l]->forward(ctx, in, params[l], saved[l]));
+    }
+
+    for (std::size_t l = 0; l < model.layers.size(); ++l) {
+        const Layer& layer = model.layers[l];
+        CAPTURE(layer.name);
+        const auto dev = make_device_layer(model, l, compute);
+        REQUIRE(dev->params() == params[l].size());
+        const DeviceBuffer master = upload(*ops, params[l], Elem::f32);
+        const DeviceBuffer copy = upload(*ops, params[l], compute);
+        const DeviceParams p{master.span(), copy.span()};
+        const auto in = inputs_of(l);
+        const bool ids = std::holds_alternative<EmbeddingOp>(layer.op);
+        std::vector<DeviceBuffer> in_buffers;
+        std::vector<DeviceSpan> in_spans;
+        for (const Tensor* t : in) {
+            in_buffers.push_back(upload(*ops, t->data, ids ? Elem::i32 : compute));
+            in_spans.push_back(in_buffers.back().span());
+        }
+        DeviceStep step;
+        DeviceBuffer labels;
+        const bool loss = std::holds_alternative<SoftmaxXentOp>(layer.op);
+        if (loss) {
+            const auto& op = std::get<SoftmaxXentOp>(layer.op);
+            const std::size_t classes = op.classes != 0 ? op.classes : in[0]->shape.back();
+            const std::size_t positions = in[0]->row_size() / classes;
+            labels = upload(*ops, loss_labels(seed, first_sample, n, positions, classes), Elem::i32);
+            step.labels = labels.span();
+            step.loss_scale = loss_scale;
+        }
+        std::vector<DeviceBuffer> dsaved;
+        const DeviceBuffer y = dev->forward(*ops, step, in_spans, n, p, dsaved);
+        errors[layer.name].forward = relative_error(download(*ops, y.span()), outputs[l].data);
+
+        // Backward with a fixed output gradient (the loss: every sample's loss_scale).
+        Tensor dout(outputs[l].shape);
+        for (std::size_t i = 0; i < dout.size(); ++i)
+            dout.data[i] = loss ? loss_scale : random_symmetric(11, 1, l * 100000 + i);
+        std::vector<float> grads(params[l].size(), 0.0f);
+        const auto dx = kernels[l]->backward(ctx, dout, in, params[l], saved[l], grads);
+        const DeviceBuffer ddout = upload(*ops, dout.data, loss ? Elem::f32 : compute);
+        DeviceBuffer dgrads(*ops, grads.size(), Elem::f32);
+        const auto ddx = dev->backward(*ops, step, ddout.span(), in_spans, n, p, dsaved, dgrads.span());
+        REQUIRE(ddx.size() == dx.size());
+        if (!grads.empty()) errors[layer.name].param_grad = relative_error(download(*ops, dgrads.span()), grads);
+        if (!ids)
+            for (std::size_t i = 0; i < dx.size(); ++i)
+                errors[layer.name].input_grad =
+                    std::max(errors[layer.name].input_grad, relative_error(download(*ops, ddx[i].span()), dx[i].data));
+    }
+    return errors;
+}
+
+void check_all(const std::map<std::string, Errors>& errors, double tolerance) {
+    for (const auto& [name, e] : errors) {
+        MESSAGE(name << ": forward " << e.forward << ", input grad " << e.input_grad << ", param grad " << e.param_grad);
+        CAPTURE(name);
+        CHECK(e.forward <= tolerance);
+        CHECK(e.input_grad <= tolerance);
+        CHECK(e.param_grad <= tolerance);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("device layers in fp32 agree with the CPU kernels: seed-mlp") {
+    const auto errors = compare_model("seed-mlp.toml", Elem::f32);
+    CHECK(errors.size() == 4);
+    check_all(errors, 1e-5);
+}
+
+TEST_CASE("device layers in fp32 agree with the CPU kernels: tiny-gpt (embedding + positions, blocks, tied head)") {
+    const auto errors = compare_model("tiny-gpt.toml", Elem::f32, 2);
+    CHECK(errors.size() >= 7);
+    check_all(errors, 1e-5);
+}
+
+TEST_CASE("device layers in fp32 agree with the CPU kernels: tiny-llama (rmsnorm, grouped-query, gated silu)") {
+    const auto errors = compare_model("tiny-llama.toml", Elem::f32, 2);
+    check_all(errors, 1e-5);
+}
+
+TEST_CASE("device layers in bf16 agree with the CPU kernels within bf16's precision") {
+    check_all(compare_model("seed-mlp.toml", Elem::bf16), 3e-2);
+    check_all(compare_model("tiny-gpt.toml", Elem::bf16, 2), 5e-2);
+}
+
+TEST_CASE("the host ops round to bf16 as the GPU does: to nearest, ties to even") {
+    const auto ops = make_host_ops();
+    const std::vector<float> in{1.0f, 1.00390625f, 1.01171875f, -2.5f, 3.0e38f, 1.0e-40f};
+    const DeviceBuffer b = upload(*ops, in, Elem::bf16);
+    const auto out = download(*ops, b.span());
+    CHECK(out[0] == 1.0f);
+    CHECK(out[1] == 1.0f);          // 1 + 2^-8: halfway, to the even 1
+    CHECK(out[2] == 1.015625f);     // 1 + 3 * 2^-8: halfway, to the even 1 + 2^-6
+    CHECK(out[3] == -2.5f);
+    CHECK(std::fabs(out[4] - 3.0e38f) / 3.0e38f < 4e-3);
+    CHECK(out[5] >= 0.0f);
+    CHECK(b.span().bytes() == in.size() * 2);
+}
+
+TEST_CASE("a device span's sub-span stays within it") {
+    const auto ops = make_host_ops();
+    const DeviceBuffer b(*ops, 10, Elem::bf16);
+    const DeviceSpan s = b.span().sub(4, 6);
+    CHECK(s.count == 6);
+    CHECK(static_cast<char*>(s.ptr) - static_cast<char*>(b.span().ptr) == 8);
+    CHECK_THROWS_AS((void)b.span().sub(5, 6), std::out_of_range);
+}
+
+TEST_CASE("ops without a device kernel are refused at the layer") {
+    const Model m = parse_model(R"([model]
+name = "c"
+dtype = "fp32"
+global_batch = 2
+input_shape = [3, 8, 8]
+[[layer]]
+name = "conv"
+op = "conv2d"
+in_channels = 3
+out_channels = 4
+kernel = 3
+)", "m.toml");
+    CHECK_THROWS_WITH_AS((void)make_device_layer(m, 0, Elem::f32),
+                         doctest::Contains("layer \"conv\": conv2d has no device kernel yet"), InputError);
+}
