@@ -47,15 +47,6 @@ std::optional<RunOptions::Fault> fault_from_environment() {
 
 namespace {
 
-constexpr std::size_t model_input = static_cast<std::size_t>(-1);
-
-/// The inputs a layer reads: its listed inputs, or the model input for the first layer.
-std::vector<std::size_t> inputs_of(const Model& model, std::size_t l) {
-    const Layer& layer = model.layers[l];
-    if (layer.inputs.empty()) return {l == 0 ? model_input : l - 1};
-    return layer.inputs;
-}
-
 bool is_loss(const Layer& layer) { return std::holds_alternative<SoftmaxXentOp>(layer.op); }
 
 // --- Checkpoints: DIR/checkpoint.toml names the iteration; DIR/rank{R}-it{I}.bin each worker's state.
@@ -87,6 +78,12 @@ std::uint64_t read_checkpoint_iteration(const std::string& dir, const std::strin
 }
 
 }  // namespace
+
+std::vector<std::size_t> inputs_of(const Model& model, std::size_t l) {
+    const Layer& layer = model.layers[l];
+    if (layer.inputs.empty()) return {l == 0 ? model_input : l - 1};
+    return layer.inputs;
+}
 
 Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& estimate, RunOptions options,
                      RankMap ranks)
@@ -198,16 +195,6 @@ private:
     std::uint32_t calls_ = 0;
 };
 
-void accumulate(std::map<std::size_t, Tensor>& grads, std::size_t i, Tensor&& g) {
-    auto it = grads.find(i);
-    if (it == grads.end()) {
-        grads.emplace(i, std::move(g));
-        return;
-    }
-    std::vector<float>& acc = it->second.data;
-    for (std::size_t k = 0; k < acc.size(); ++k) acc[k] += g.data[k];
-}
-
 /// Per-sample shape of a layer's output, as the runtime's tensors carry it.
 std::vector<std::size_t> sample_shape(const Model& model, std::size_t layer) {
     const Shape& s = model.layers[layer].out_shape;
@@ -236,20 +223,14 @@ public:
         if (given && initial->size() != stage_.last_layer - stage_.first_layer + 1)
             throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", initial->size(),
                                            stage_.last_layer - stage_.first_layer + 1));
-        for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
-            kernels_.push_back(make_cpu_kernel(model_, l, Shard{t, stage_.tp}));
-            const LayerKernel& k = *kernels_.back();
-            ShardState st = given ? std::move((*initial)[l - stage_.first_layer])
-                                  : initial_state(model_, l, Shard{t, stage_.tp}, ex_.options().seed);
-            if (st.params.size() != k.shard_params() || st.m.size() != k.shard_params() || st.v.size() != k.shard_params())
-                throw RuntimeError(fmt::format("layer {}: given a state of {} values for a shard of {}", l,
-                                               st.params.size(), k.shard_params()));
-            params_.push_back(std::move(st.params));
-            grads_.emplace_back(k.shard_params(), 0.0f);
-            m_.push_back(std::move(st.m));
-            v_.push_back(std::move(st.v));
-        }
+        StageSetup setup{&model_, &stage_, place_, ex_.options().seed, {}};
+        for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l)
+            setup.state.push_back(given ? std::move((*initial)[l - stage_.first_layer])
+                                        : initial_state(model_, l, Shard{t, stage_.tp}, ex_.options().seed));
+        compute_ = ex_.options().backend ? ex_.options().backend(std::move(setup)) : make_cpu_stage(std::move(setup));
         for (std::size_t r = 0; r < stage_.replicas(); ++r) dp_group_.push_back(peer(place_.stage, r, place_.tp_rank));
+        if (place_.stage + 1 < plan_.stages.size()) keep_ = ex_.live_in(place_.stage + 1);
+        keep_.push_back(stage_.last_layer);
     }
 
     /// The transport rank of (stage, replica, tp rank).
@@ -300,8 +281,7 @@ public:
             const std::uint64_t every = ex_.options().checkpoint_every;
             if (every > 0 && (it + 1) % every == 0 && it + 1 < ex_.options().iterations) checkpoint(it + 1, all);
         }
-        for (std::size_t k = 0; k < params_.size(); ++k)
-            report.state.push_back({std::move(params_[k]), std::move(m_[k]), std::move(v_[k])});
+        report.state = std::move(compute_->pull_state());
         return report;
     }
 
@@ -316,12 +296,13 @@ private:
         Bytes b;
         append_value(b, std::uint64_t{0x4b43504450ull});  // "DPCK"
         append_value(b, next);
-        append_value(b, static_cast<std::uint64_t>(params_.size()));
-        for (std::size_t k = 0; k < params_.size(); ++k) {
-            append_value(b, static_cast<std::uint64_t>(params_[k].size()));
-            append(b, std::span<const float>(params_[k]));
-            append(b, std::span<const float>(m_[k]));
-            append(b, std::span<const float>(v_[k]));
+        const std::vector<ShardState>& state = compute_->pull_state();
+        append_value(b, static_cast<std::uint64_t>(state.size()));
+        for (const ShardState& st : state) {
+            append_value(b, static_cast<std::uint64_t>(st.params.size()));
+            append(b, std::span<const float>(st.params));
+            append(b, std::span<const float>(st.m));
+            append(b, std::span<const float>(st.v));
         }
         write_file_atomic(rank_file(dir, rank_, next).string(),
                           std::string_view(reinterpret_cast<const char*>(b.data()), b.size()));
@@ -345,26 +326,27 @@ private:
         const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
         const Bytes b(reinterpret_cast<const std::byte*>(raw.data()), reinterpret_cast<const std::byte*>(raw.data()) + raw.size());
         Reader r(b);
+        std::vector<ShardState>& state = compute_->pull_state();
         try {
             if (r.value<std::uint64_t>() != 0x4b43504450ull || r.value<std::uint64_t>() != iteration ||
-                r.value<std::uint64_t>() != params_.size())
+                r.value<std::uint64_t>() != state.size())
                 throw RuntimeError("header");
-            for (std::size_t k = 0; k < params_.size(); ++k) {
-                if (r.value<std::uint64_t>() != params_[k].size()) throw RuntimeError("layer size");
-                r.read_into(std::span<float>(params_[k]));
-                r.read_into(std::span<float>(m_[k]));
-                r.read_into(std::span<float>(v_[k]));
+            for (ShardState& st : state) {
+                if (r.value<std::uint64_t>() != st.params.size()) throw RuntimeError("layer size");
+                r.read_into(std::span<float>(st.params));
+                r.read_into(std::span<float>(st.m));
+                r.read_into(std::span<float>(st.v));
             }
             if (!r.done()) throw RuntimeError("trailing bytes");
         } catch (const RuntimeError& e) {
             throw InputError(fmt::format("{}: not this worker's state at iteration {} ({})", path, iteration, e.what()));
         }
+        compute_->push_state();
         last_checkpoint_ = iteration;
     }
 
     struct InFlight {
-        std::map<std::size_t, Tensor> acts;  // layer (or model_input) -> output
-        std::vector<Saved> saved;
+        const TensorMap* acts = nullptr;  // the stage's outputs (and what it received), until backward
         std::uint64_t first_sample = 0;
     };
 
@@ -508,27 +490,19 @@ private:
         f = InFlight{};
         f.first_sample = microbatch_first_sample(mb) + offset();
         const std::size_t s = place_.stage, S = plan_.stages.size();
+        TensorMap in;
         if (s == 0)
-            f.acts.emplace(model_input, synthetic_input(model_, ex_.options().seed, f.first_sample, rows()));
+            in.emplace(model_input, synthetic_input(model_, ex_.options().seed, f.first_sample, rows()));
         else
-            f.acts = recv_rows(s - 1, ex_.live_in(s), {Tag::Kind::activation, iteration_, mb, 0});
-        timed(TaskKind::forward, mb, [&] {
-            const StepContext ctx = context(f);
-            f.saved.resize(kernels_.size());
-            for (std::size_t k = 0; k < kernels_.size(); ++k) {
-                const std::size_t l = stage_.first_layer + k;
-                std::vector<const Tensor*> in;
-                for (std::size_t i : inputs_of(model_, l)) in.push_back(&f.acts.at(i));
-                f.acts[l] = kernels_[k]->forward(ctx, in, params_[k], f.saved[k]);
-            }
-        });
+            in = recv_rows(s - 1, ex_.live_in(s), {Tag::Kind::activation, iteration_, mb, 0});
+        timed(TaskKind::forward, mb, [&] { f.acts = &compute_->forward(mb, context(f), std::move(in), keep_); });
         if (s + 1 < S) {
             timed(TaskKind::send_activation, mb, [&] {
                 for (const Overlap& o : overlaps(s + 1))
-                    send_rows(s + 1, o, ex_.live_in(s + 1), f.acts, {Tag::Kind::activation, iteration_, mb, 0});
+                    send_rows(s + 1, o, ex_.live_in(s + 1), *f.acts, {Tag::Kind::activation, iteration_, mb, 0});
             });
         } else if (place_.tp_rank == 0) {
-            loss_ += loss_sum(f.acts.at(stage_.last_layer));
+            loss_ += loss_sum(f.acts->at(stage_.last_layer));
         }
     }
 
@@ -553,26 +527,13 @@ private:
     void backward(std::uint32_t mb) {
         InFlight& f = in_flight_[mb];
         const std::size_t s = place_.stage, S = plan_.stages.size();
-        std::map<std::size_t, Tensor> grads;
+        TensorMap grads;
         if (s + 1 < S)
             grads = recv_rows(s + 1, ex_.live_in(s + 1), {Tag::Kind::gradient, iteration_, mb, 0});
         else
-            grads.emplace(stage_.last_layer, loss_gradient(f.acts.at(stage_.last_layer)));
-        timed(TaskKind::backward, mb, [&] {
-            const StepContext ctx = context(f);
-            for (std::size_t k = kernels_.size(); k-- > 0;) {
-                const std::size_t l = stage_.first_layer + k;
-                const auto g = grads.find(l);
-                if (g == grads.end()) continue;  // nothing reads it
-                const auto inputs = inputs_of(model_, l);
-                std::vector<const Tensor*> in;
-                for (std::size_t i : inputs) in.push_back(&f.acts.at(i));
-                std::vector<Tensor> din = kernels_[k]->backward(ctx, g->second, in, params_[k], f.saved[k], grads_[k]);
-                grads.erase(g);
-                for (std::size_t j = 0; j < inputs.size(); ++j)
-                    if (inputs[j] != model_input) accumulate(grads, inputs[j], std::move(din[j]));
-            }
-        });
+            grads.emplace(stage_.last_layer, loss_gradient(f.acts->at(stage_.last_layer)));
+        timed(TaskKind::backward, mb,
+              [&] { grads = compute_->backward(mb, context(f), std::move(grads), ex_.live_in(s)); });
         if (s > 0) {
             timed(TaskKind::send_gradient, mb, [&] {
                 for (const Overlap& o : overlaps(s - 1))
@@ -586,42 +547,37 @@ private:
         const bool tied = std::any_of(ex_.tied().begin(), ex_.tied().end(),
                                       [&](const auto& p) { return holds(p.first) || holds(p.second); });
         if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
+            std::vector<std::vector<float>>& grads = compute_->pull_grads();
             // All of the stage's gradients in one message, summed in replica order.
             if (dp_group_.size() > 1) {
                 std::vector<float> flat;
-                for (const auto& g : grads_) flat.insert(flat.end(), g.begin(), g.end());
+                for (const auto& g : grads) flat.insert(flat.end(), g.begin(), g.end());
                 group_allreduce_sum(net_, dp_group_, {Tag::Kind::allreduce, iteration_, 1, 0}, flat);
                 std::size_t at = 0;
-                for (auto& g : grads_) {
+                for (auto& g : grads) {
                     std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), g.size(), g.begin());
                     at += g.size();
                 }
             }
-            exchange_tied();
+            exchange_tied(grads);
+            compute_->push_grads();
         });
-        timed(TaskKind::optimizer, 0, [&] {
-            const OptimizerOptions& o = ex_.options().optimizer;
-            for (std::size_t k = 0; k < params_.size(); ++k) {
-                if (o.kind == OptimizerKind::sgd)
-                    sgd_step(params_[k], grads_[k], o.lr);
-                else
-                    adam_step(params_[k], grads_[k], m_[k], v_[k], iteration_ + 1, o);
-                std::fill(grads_[k].begin(), grads_[k].end(), 0.0f);
-            }
-        });
+        timed(TaskKind::optimizer, 0, [&] { compute_->step(ex_.options().optimizer, iteration_ + 1); });
     }
 
     bool holds(std::size_t l) const { return l >= stage_.first_layer && l <= stage_.last_layer; }
-    std::span<float> tied_grad(std::size_t l, std::size_t n) { return std::span<float>(grads_[l - stage_.first_layer]).first(n); }
+    std::span<float> tied_grad(std::vector<std::vector<float>>& grads, std::size_t l, std::size_t n) const {
+        return std::span<float>(grads[l - stage_.first_layer]).first(n);
+    }
 
     /// An embedding and the linear layer tied to it each end the iteration with the sum of
     /// both gradients (embedding's + linear's, in that order), so that their copies stay equal.
-    void exchange_tied() {
+    void exchange_tied(std::vector<std::vector<float>>& grads) {
         for (const auto& [emb, lin] : ex_.tied()) {
             if (!holds(emb) && !holds(lin)) continue;
             const std::size_t n = tied_size(emb);
             if (holds(emb) && holds(lin)) {
-                auto e = tied_grad(emb, n), h = tied_grad(lin, n);
+                auto e = tied_grad(grads, emb, n), h = tied_grad(grads, lin, n);
                 for (std::size_t i = 0; i < n; ++i) e[i] = e[i] + h[i];
                 std::copy(e.begin(), e.end(), h.begin());
                 continue;
@@ -629,7 +585,7 @@ private:
             const std::size_t mine = holds(emb) ? emb : lin, theirs = holds(emb) ? lin : emb;
             const std::size_t other_stage = stage_of(theirs);
             const Tag tag{Tag::Kind::tied, iteration_, 0, static_cast<std::uint32_t>(lin)};
-            auto g = tied_grad(mine, n);
+            auto g = tied_grad(grads, mine, n);
             if (place_.replica == 0 && place_.tp_rank == 0) {
                 Bytes msg;
                 append(msg, std::span<const float>(g.data(), g.size()));
@@ -657,8 +613,8 @@ private:
     Transport& net_;
     TransportGroup tp_;
     std::vector<std::size_t> dp_group_;
-    std::vector<std::unique_ptr<LayerKernel>> kernels_;
-    std::vector<std::vector<float>> params_, grads_, m_, v_;
+    std::unique_ptr<StageCompute> compute_;
+    std::vector<std::size_t> keep_;  // the outputs forward must return: what the next stage reads, the last layer
     std::map<std::uint32_t, InFlight> in_flight_;
     std::uint32_t iteration_ = 0;
     Clock::time_point t0_;

@@ -15,6 +15,7 @@
 #include "dpart/plan/plan.hpp"
 #include "dpart/runtime/backend.hpp"
 #include "dpart/runtime/optimizer.hpp"
+#include "dpart/runtime/stage_compute.hpp"
 #include "dpart/runtime/transport.hpp"
 #include "dpart/sim/scenario.hpp"
 #include "dpart/sim/schedule.hpp"
@@ -64,26 +65,16 @@ struct RunOptions {
     /// telling the others through the start-of-iteration vote, and every worker stops there
     /// (WorkerReport::stopped_at, ::left) instead of the run failing.
     bool leave_on_failure = false;
+    /// What computes each worker's stage: null for the CPU kernels (make_cpu_stage), or a device
+    /// backend (make_device_stage_factory).
+    StageFactory backend;
 };
 
-/// A layer's training state on one worker: its shard of the parameters and Adam's two moments
-/// (the same layout as the parameters).
-struct ShardState {
-    std::vector<float> params, m, v;
-};
 
 /// Reads a fault from DPART_INJECT_FAULT="rank:iteration[:exit]" (unset: none). Throws
 /// InputError when it is malformed.
 [[nodiscard]] std::optional<RunOptions::Fault> fault_from_environment();
 
-/// Where a worker sits. Ranks are numbered stage by stage, then replica, then tensor-parallel
-/// rank: rank r runs plan.stages[stage].devices[replica * tp + tp_rank].
-struct WorkerPlace {
-    std::size_t stage = 0;
-    std::size_t replica = 0;
-    std::size_t tp_rank = 0;
-    std::size_t device = 0;
-};
 [[nodiscard]] std::vector<WorkerPlace> worker_places(const Plan& plan);
 
 /// One timed task of a worker, in seconds from the start of its iteration.

@@ -1,0 +1,85 @@
+#pragma once
+// What computes a worker's stage: its layers' training state, and forward and backward of one
+// microbatch. The executor (schedule, transfers, collectives, timing) is the same whatever
+// computes: the CPU kernels in host memory (make_cpu_stage), or the device layers on a
+// DeviceOps (make_device_stage_factory: a GPU or a green-context partition through CUDA; the
+// host DeviceOps in tests). Tensors cross stages, and gradients cross replicas, in host memory.
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "dpart/graph/model.hpp"
+#include "dpart/plan/plan.hpp"
+#include "dpart/runtime/backend.hpp"
+#include "dpart/runtime/optimizer.hpp"
+#include "dpart/runtime/tensor.hpp"
+
+namespace dpart::rt {
+
+/// A layer's training state on one worker: its shard of the parameters and Adam's two moments
+/// (the same layout as the parameters).
+struct ShardState {
+    std::vector<float> params, m, v;
+};
+
+/// Where a worker sits. Ranks are numbered stage by stage, then replica, then tensor-parallel
+/// rank: rank r runs plan.stages[stage].devices[replica * tp + tp_rank].
+struct WorkerPlace {
+    std::size_t stage = 0;
+    std::size_t replica = 0;
+    std::size_t tp_rank = 0;
+    std::size_t device = 0;
+};
+
+/// Tensors of one microbatch by layer index (model_input: the model's input).
+using TensorMap = std::map<std::size_t, Tensor>;
+inline constexpr std::size_t model_input = static_cast<std::size_t>(-1);
+
+/// The inputs a layer reads: its listed inputs, or the model input (layer 0) or the previous
+/// layer's output.
+[[nodiscard]] std::vector<std::size_t> inputs_of(const Model& model, std::size_t layer);
+
+class StageCompute {
+public:
+    virtual ~StageCompute() = default;
+    /// Forward of the stage's layers for microbatch `mb` on `inputs` (the model input, or the
+    /// layers received from the previous stage). Returns host tensors holding at least the
+    /// outputs listed in `keep` that the stage has (computed or received), valid until
+    /// backward(mb); keeps what backward needs.
+    [[nodiscard]] virtual const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, TensorMap inputs,
+                                                   std::span<const std::size_t> keep) = 0;
+    /// Backward for `mb` from the gradients of the stage's outputs: adds the parameter
+    /// gradients, and returns (at least) the gradients of `want` (layers received from the
+    /// previous stage) that reached them. Ends the microbatch.
+    [[nodiscard]] virtual TensorMap backward(std::uint32_t mb, const StepContext& ctx, TensorMap grads,
+                                             std::span<const std::size_t> want) = 0;
+    /// Every layer's gradients (stage order) in host memory, from pull_grads() until
+    /// push_grads() writes them back (the CPU stage: its own storage, no copy).
+    [[nodiscard]] virtual std::vector<std::vector<float>>& pull_grads() = 0;
+    virtual void push_grads() = 0;
+    /// One optimizer step (step counts from 1) on every layer; zeroes the gradients.
+    virtual void step(const OptimizerOptions& o, std::uint64_t step) = 0;
+    /// Every layer's state in host memory, from pull_state() until push_state().
+    [[nodiscard]] virtual std::vector<ShardState>& pull_state() = 0;
+    virtual void push_state() = 0;
+};
+
+/// What a stage's compute is built from.
+struct StageSetup {
+    const Model* model = nullptr;
+    const Stage* stage = nullptr;
+    WorkerPlace place;
+    std::uint64_t seed = 0;
+    /// The initial state of the stage's layers, in order.
+    std::vector<ShardState> state;
+};
+using StageFactory = std::function<std::unique_ptr<StageCompute>(StageSetup)>;
+
+/// The CPU kernels' stage (fp32, host memory, tensor-parallel shards through ctx.tp).
+[[nodiscard]] std::unique_ptr<StageCompute> make_cpu_stage(StageSetup setup);
+
+}  // namespace dpart::rt

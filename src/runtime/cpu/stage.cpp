@@ -1,0 +1,107 @@
+// The CPU kernels' stage: every layer's state in host memory, forward and backward through
+// the CPU kernels (tensor-parallel shards calling the group in ctx.tp).
+#include <fmt/format.h>
+
+#include "dpart/core/error.hpp"
+#include "dpart/runtime/stage_compute.hpp"
+
+namespace dpart::rt {
+namespace {
+
+void accumulate(TensorMap& grads, std::size_t i, Tensor&& g) {
+    auto it = grads.find(i);
+    if (it == grads.end()) {
+        grads.emplace(i, std::move(g));
+        return;
+    }
+    std::vector<float>& acc = it->second.data;
+    for (std::size_t k = 0; k < acc.size(); ++k) acc[k] += g.data[k];
+}
+
+class CpuStage final : public StageCompute {
+public:
+    explicit CpuStage(StageSetup setup) : model_(*setup.model), stage_(*setup.stage) {
+        const Shard shard{static_cast<std::uint32_t>(setup.place.tp_rank), stage_.tp};
+        if (setup.state.size() != stage_.last_layer - stage_.first_layer + 1)
+            throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", setup.state.size(),
+                                           stage_.last_layer - stage_.first_layer + 1));
+        for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
+            kernels_.push_back(make_cpu_kernel(model_, l, shard));
+            const LayerKernel& k = *kernels_.back();
+            ShardState& st = setup.state[l - stage_.first_layer];
+            if (st.params.size() != k.shard_params() || st.m.size() != k.shard_params() || st.v.size() != k.shard_params())
+                throw RuntimeError(fmt::format("layer {}: given a state of {} values for a shard of {}", l,
+                                               st.params.size(), k.shard_params()));
+            grads_.emplace_back(k.shard_params(), 0.0f);
+        }
+        state_ = std::move(setup.state);
+    }
+
+    const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, TensorMap inputs,
+                             std::span<const std::size_t>) override {
+        InFlight& f = in_flight_[mb];
+        f.acts = std::move(inputs);
+        f.saved.assign(kernels_.size(), Saved{});
+        for (std::size_t k = 0; k < kernels_.size(); ++k) {
+            const std::size_t l = stage_.first_layer + k;
+            std::vector<const Tensor*> in;
+            for (std::size_t i : inputs_of(model_, l)) in.push_back(&f.acts.at(i));
+            f.acts[l] = kernels_[k]->forward(ctx, in, state_[k].params, f.saved[k]);
+        }
+        return f.acts;
+    }
+
+    TensorMap backward(std::uint32_t mb, const StepContext& ctx, TensorMap grads,
+                       std::span<const std::size_t>) override {
+        InFlight& f = in_flight_.at(mb);
+        for (std::size_t k = kernels_.size(); k-- > 0;) {
+            const std::size_t l = stage_.first_layer + k;
+            const auto g = grads.find(l);
+            if (g == grads.end()) continue;  // nothing reads it
+            const auto inputs = inputs_of(model_, l);
+            std::vector<const Tensor*> in;
+            for (std::size_t i : inputs) in.push_back(&f.acts.at(i));
+            std::vector<Tensor> din = kernels_[k]->backward(ctx, g->second, in, state_[k].params, f.saved[k], grads_[k]);
+            grads.erase(g);
+            for (std::size_t j = 0; j < inputs.size(); ++j)
+                if (inputs[j] != model_input) accumulate(grads, inputs[j], std::move(din[j]));
+        }
+        in_flight_.erase(mb);
+        return grads;
+    }
+
+    std::vector<std::vector<float>>& pull_grads() override { return grads_; }
+    void push_grads() override {}
+
+    void step(const OptimizerOptions& o, std::uint64_t step) override {
+        for (std::size_t k = 0; k < state_.size(); ++k) {
+            ShardState& st = state_[k];
+            if (o.kind == OptimizerKind::sgd)
+                sgd_step(st.params, grads_[k], o.lr);
+            else
+                adam_step(st.params, grads_[k], st.m, st.v, step, o);
+            std::fill(grads_[k].begin(), grads_[k].end(), 0.0f);
+        }
+    }
+
+    std::vector<ShardState>& pull_state() override { return state_; }
+    void push_state() override {}
+
+private:
+    struct InFlight {
+        TensorMap acts;
+        std::vector<Saved> saved;
+    };
+    const Model& model_;
+    const Stage& stage_;
+    std::vector<std::unique_ptr<LayerKernel>> kernels_;
+    std::vector<ShardState> state_;
+    std::vector<std::vector<float>> grads_;
+    std::map<std::uint32_t, InFlight> in_flight_;
+};
+
+}  // namespace
+
+std::unique_ptr<StageCompute> make_cpu_stage(StageSetup setup) { return std::make_unique<CpuStage>(std::move(setup)); }
+
+}  // namespace dpart::rt

@@ -1,0 +1,224 @@
+// A worker's stage on a DeviceOps: parameters (an fp32 master copy and a copy in the compute
+// precision), gradients and Adam's moments live on the device; a microbatch's activations stay
+// there from forward to backward. Only what crosses the stage comes back to the host: the
+// outputs the next stage reads, the loss, and the gradients the previous stage reads.
+#include <fmt/format.h>
+
+#include "dpart/core/error.hpp"
+#include "dpart/runtime/device.hpp"
+#include "dpart/runtime/device_stage.hpp"
+
+namespace dpart::rt {
+namespace {
+
+class DeviceStage final : public StageCompute {
+public:
+    DeviceStage(StageSetup setup, std::unique_ptr<DeviceOps> ops, Elem compute)
+        : model_(*setup.model), stage_(*setup.stage), ops_(std::move(ops)), compute_(compute), seed_(setup.seed) {
+        if (stage_.tp != 1)
+            throw InputError(stage_.where, fmt::format("stage of layers {}-{}: tensor parallelism (tp = {}) runs on the "
+                                                       "CPU backend only; the device backend runs tp = 1",
+                                                       stage_.first_layer, stage_.last_layer, stage_.tp));
+        if (setup.state.size() != stage_.last_layer - stage_.first_layer + 1)
+            throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", setup.state.size(),
+                                           stage_.last_layer - stage_.first_layer + 1));
+        host_state_ = std::move(setup.state);
+        for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
+            layers_.push_back(make_device_layer(model_, l, compute_));
+            const std::size_t n = layers_.back()->params();
+            const ShardState& st = host_state_[l - stage_.first_layer];
+            if (st.params.size() != n || st.m.size() != n || st.v.size() != n)
+                throw RuntimeError(fmt::format("layer {}: given a state of {} values for a layer of {}", l,
+                                               st.params.size(), n));
+            LayerState dev;
+            dev.master = DeviceBuffer(*ops_, n, Elem::f32);
+            if (compute_ != Elem::f32) dev.compute = DeviceBuffer(*ops_, n, compute_);
+            dev.grads = DeviceBuffer(*ops_, n, Elem::f32);
+            dev.m = DeviceBuffer(*ops_, n, Elem::f32);
+            dev.v = DeviceBuffer(*ops_, n, Elem::f32);
+            dev_.push_back(std::move(dev));
+        }
+        host_grads_.resize(layers_.size());
+        push_state();
+        const dpart::Layer& last = model_.layers[stage_.last_layer];
+        if (const auto* xent = std::get_if<SoftmaxXentOp>(&last.op)) {
+            const std::size_t from = inputs_of(model_, stage_.last_layer).front();
+            const Shape& in = from == model_input ? model_.input_shape : model_.layers[from].out_shape;
+            classes_ = xent->classes != 0 ? xent->classes : in.back();
+            positions_ = element_count(in) / classes_;
+        }
+    }
+
+    const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, TensorMap inputs,
+                             std::span<const std::size_t> keep) override {
+        InFlight& f = in_flight_[mb];
+        f = InFlight{};
+        f.rows = inputs.empty() ? 0 : inputs.begin()->second.rows();
+        f.step.loss_scale = 1.0f / static_cast<float>(model_.global_batch);
+        const bool ids = std::holds_alternative<EmbeddingOp>(model_.layers.front().op);
+        for (const auto& [l, t] : inputs) {
+            DeviceBuffer b(*ops_, t.size(), l == model_input && ids ? Elem::i32 : compute_);
+            ops_->upload(t.data, b.span());
+            f.acts.emplace(l, std::move(b));
+        }
+        if (classes_ != 0) {
+            f.labels = DeviceBuffer(*ops_, f.rows * positions_, Elem::i32);
+            ops_->upload(loss_labels(seed_, ctx.first_sample, f.rows, positions_, classes_), f.labels.span());
+            f.step.labels = f.labels.span();
+        }
+        f.saved.resize(layers_.size());
+        for (std::size_t k = 0; k < layers_.size(); ++k) {
+            const std::size_t l = stage_.first_layer + k;
+            std::vector<DeviceSpan> in;
+            for (std::size_t i : inputs_of(model_, l)) in.push_back(f.acts.at(i).span());
+            f.acts[l] = layers_[k]->forward(*ops_, f.step, in, f.rows, params(k), f.saved[k]);
+        }
+        // Hand back what leaves the stage: computed here (downloaded) or passing through.
+        for (std::size_t l : keep) {
+            if (auto it = inputs.find(l); it != inputs.end()) {
+                f.out.emplace(l, std::move(it->second));
+                continue;
+            }
+            const auto a = f.acts.find(l);
+            if (a == f.acts.end()) continue;
+            Tensor t(shape_of(l, f.rows));
+            ops_->download(a->second.span(), t.data);
+            f.out.emplace(l, std::move(t));
+        }
+        ops_->synchronize();
+        return f.out;
+    }
+
+    TensorMap backward(std::uint32_t mb, const StepContext&, TensorMap grads,
+                       std::span<const std::size_t> want) override {
+        InFlight& f = in_flight_.at(mb);
+        std::map<std::size_t, DeviceBuffer> dgrads;
+        for (const auto& [l, t] : grads) {
+            const auto a = f.acts.find(l);
+            DeviceBuffer b(*ops_, t.size(), a != f.acts.end() ? a->second.span().elem : compute_);
+            ops_->upload(t.data, b.span());
+            dgrads.emplace(l, std::move(b));
+        }
+        for (std::size_t k = layers_.size(); k-- > 0;) {
+            const std::size_t l = stage_.first_layer + k;
+            const auto g = dgrads.find(l);
+            if (g == dgrads.end()) continue;  // nothing reads it
+            const auto inputs = inputs_of(model_, l);
+            std::vector<DeviceSpan> in;
+            for (std::size_t i : inputs) in.push_back(f.acts.at(i).span());
+            std::vector<DeviceBuffer> din =
+                layers_[k]->backward(*ops_, f.step, g->second.span(), in, f.rows, params(k), f.saved[k],
+                                     dev_[k].grads.span());
+            dgrads.erase(g);
+            f.saved[k].clear();
+            for (std::size_t j = 0; j < inputs.size(); ++j) {
+                if (inputs[j] == model_input || din[j].span().ptr == nullptr) continue;
+                auto it = dgrads.find(inputs[j]);
+                if (it == dgrads.end()) dgrads.emplace(inputs[j], std::move(din[j]));
+                else ops_->add(din[j].span(), it->second.span());
+            }
+        }
+        TensorMap out;
+        for (std::size_t l : want) {
+            const auto g = dgrads.find(l);
+            if (g == dgrads.end()) continue;
+            Tensor t(shape_of(l, f.rows));
+            ops_->download(g->second.span(), t.data);
+            out.emplace(l, std::move(t));
+        }
+        ops_->synchronize();
+        in_flight_.erase(mb);
+        return out;
+    }
+
+    std::vector<std::vector<float>>& pull_grads() override {
+        for (std::size_t k = 0; k < dev_.size(); ++k) {
+            host_grads_[k].resize(dev_[k].grads.count());
+            ops_->download(dev_[k].grads.span(), host_grads_[k]);
+        }
+        return host_grads_;
+    }
+    void push_grads() override {
+        for (std::size_t k = 0; k < dev_.size(); ++k) ops_->upload(host_grads_[k], dev_[k].grads.span());
+    }
+
+    void step(const OptimizerOptions& o, std::uint64_t step) override {
+        for (std::size_t k = 0; k < dev_.size(); ++k) {
+            LayerState& d = dev_[k];
+            ops_->optimizer_step(o, step, d.master.span(), d.grads.span(), d.m.span(), d.v.span());
+            if (compute_ != Elem::f32) ops_->copy(d.master.span(), d.compute.span());
+            ops_->fill(d.grads.span(), 0.0f);
+        }
+        ops_->synchronize();
+    }
+
+    std::vector<ShardState>& pull_state() override {
+        for (std::size_t k = 0; k < dev_.size(); ++k) {
+            ShardState& st = host_state_[k];
+            ops_->download(dev_[k].master.span(), st.params);
+            ops_->download(dev_[k].m.span(), st.m);
+            ops_->download(dev_[k].v.span(), st.v);
+        }
+        return host_state_;
+    }
+    void push_state() override {
+        for (std::size_t k = 0; k < dev_.size(); ++k) {
+            const ShardState& st = host_state_[k];
+            LayerState& d = dev_[k];
+            ops_->upload(st.params, d.master.span());
+            if (compute_ != Elem::f32) ops_->copy(d.master.span(), d.compute.span());
+            ops_->upload(st.m, d.m.span());
+            ops_->upload(st.v, d.v.span());
+        }
+        ops_->synchronize();
+    }
+
+private:
+    struct LayerState {
+        DeviceBuffer master, compute, grads, m, v;
+    };
+    struct InFlight {
+        std::size_t rows = 0;
+        std::map<std::size_t, DeviceBuffer> acts;
+        std::vector<std::vector<DeviceBuffer>> saved;
+        DeviceBuffer labels;
+        DeviceStep step;
+        TensorMap out;
+    };
+
+    [[nodiscard]] DeviceParams params(std::size_t k) const {
+        const LayerState& d = dev_[k];
+        return {d.master.span(), compute_ == Elem::f32 ? d.master.span() : d.compute.span()};
+    }
+    [[nodiscard]] std::vector<std::size_t> shape_of(std::size_t l, std::size_t rows) const {
+        std::vector<std::size_t> shape{rows};
+        const Shape& s = model_.layers[l].out_shape;
+        shape.insert(shape.end(), s.begin(), s.end());
+        return shape;
+    }
+
+    const Model& model_;
+    const Stage& stage_;
+    // Declared before everything it allocates, so that it is destroyed after them.
+    std::unique_ptr<DeviceOps> ops_;
+    Elem compute_;
+    std::uint64_t seed_;
+    std::vector<std::unique_ptr<DeviceLayer>> layers_;
+    std::vector<LayerState> dev_;
+    std::vector<ShardState> host_state_;
+    std::vector<std::vector<float>> host_grads_;
+    std::size_t classes_ = 0, positions_ = 0;
+    std::map<std::uint32_t, InFlight> in_flight_;
+};
+
+}  // namespace
+
+StageFactory make_device_stage_factory(std::function<std::unique_ptr<DeviceOps>(const WorkerPlace&)> make_ops,
+                                       Elem compute) {
+    return [make_ops = std::move(make_ops), compute](StageSetup setup) -> std::unique_ptr<StageCompute> {
+        std::unique_ptr<DeviceOps> ops = make_ops(setup.place);
+        return std::make_unique<DeviceStage>(std::move(setup), std::move(ops), compute);
+    };
+}
+
+}  // namespace dpart::rt
