@@ -15,6 +15,8 @@
 #include "dpart/io/trace.hpp"
 #include "dpart/sim/policy.hpp"
 #include "dpart/runtime/adaptive.hpp"
+#include "dpart/runtime/cuda_backend.hpp"
+#include "dpart/runtime/device_stage.hpp"
 #include "dpart/runtime/executor.hpp"
 #include "dpart/runtime/mpi.hpp"
 
@@ -39,6 +41,9 @@ struct RunCliOptions {
     std::string checkpoint_dir;
     std::string resume;
     bool emulate = false;
+    std::string backend = "cpu";
+    std::string precision;  ///< empty: the model's dtype (cuda), fp32 (cpu)
+    bool tf32 = false;
     bool adaptive = false;
     std::uint64_t window = 10;
     std::uint64_t copy_every = 10;
@@ -125,6 +130,41 @@ void write_adaptive_outputs(const RunCliOptions& o, const std::string& command, 
                                 fmt::format("the last of {} plan versions of the adaptive run", r.plans.size())));
 }
 
+/// The compute precision of the device backends: --precision, else the model's dtype (bf16 and
+/// fp16 models compute in bf16).
+rt::Elem device_precision(const RunCliOptions& o, const Model& model) {
+    if (o.precision == "fp32") return rt::Elem::f32;
+    if (o.precision == "bf16") return rt::Elem::bf16;
+    return model.dtype == DType::fp32 ? rt::Elem::f32 : rt::Elem::bf16;
+}
+
+std::string backend_label(const RunCliOptions& o, const Model& model) {
+    if (o.backend == "cpu") return "cpu";
+    const bool bf16 = device_precision(o, model) == rt::Elem::bf16;
+    return fmt::format("{} ({}{})", o.backend, bf16 ? "bf16" : "fp32", !bf16 && o.tf32 ? ", tf32 products" : "");
+}
+
+/// Plugs the chosen backend into the run's options; returns its label for the summary.
+std::string configure_backend(const RunCliOptions& o, const Model& model, const Cluster& cluster, rt::RunOptions& ro) {
+    if (o.backend == "cpu") {
+        if (o.precision == "bf16")
+            throw InputError("--precision bf16 needs a device backend (--backend cuda or host-device): the CPU kernels "
+                             "compute in fp32");
+        if (o.tf32) throw InputError("--tf32 needs --backend cuda");
+        return backend_label(o, model);
+    }
+    if (o.emulate) throw InputError(fmt::format("--emulate runs on the CPU backend, not --backend {}", o.backend));
+    const rt::Elem elem = device_precision(o, model);
+    if (o.backend == "host-device") {
+        ro.backend = rt::make_device_stage_factory([](const rt::WorkerPlace&) { return rt::make_host_ops(); }, elem);
+    } else {
+        auto gpus = std::make_shared<rt::CudaDevices>(cluster);
+        ro.backend = rt::make_device_stage_factory(
+            [gpus, tf32 = o.tf32](const rt::WorkerPlace& p) { return gpus->ops(p.device, tf32); }, elem);
+    }
+    return backend_label(o, model);
+}
+
 int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
                      const Plan& plan, const CostModel& cost, const CostOptions& copt, const PlanEstimate& predicted,
                      const rt::RunOptions& ro, rt::MpiSession* mpi) {
@@ -138,13 +178,14 @@ int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const M
     job.adaptive.policy.solver.max_replicas = o.max_replicas;
     job.adaptive.policy.solver.max_tp = o.max_tp;
     const rt::AdaptiveResult r = mpi ? rt::run_adaptive(job, mpi->transport()) : rt::run_adaptive_in_process(job);
+    const std::string backend = backend_label(o, model);
     if (!r.writer) return 0;
 
     std::vector<double> ms;
     for (const rt::AdaptiveIteration& it : r.iterations) ms.push_back(it.seconds * 1e3);
     RunSummary summary = summarise(ms, model.global_batch, predicted.iteration_s * 1e3);
     summary.policy = "adaptive";
-    summary.backend = ro.emulate ? "cpu (emulated devices)" : "cpu";
+    summary.backend = ro.emulate ? backend + " (emulated devices)" : backend;
     summary.transport = mpi ? "mpi" : "in-process";
     summary.loss = r.loss;
     summary.weights_digest = rt::digest_text(r.weights_digest);
@@ -216,6 +257,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
         std::filesystem::create_directories(ro.checkpoint_dir, ec);
         if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", ro.checkpoint_dir, ec.message()));
     }
+    const std::string backend = configure_backend(o, model, cluster, ro);
     const rt::Execution ex(plan, model, predicted, ro);
     check_host_memory(ex, predicted, model);
     if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get());
@@ -232,7 +274,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     for (double s : run.iteration_s) ms.push_back(s * 1e3);
     RunSummary summary = summarise(ms, model.global_batch, predicted.iteration_s * 1e3);
     summary.policy = "static";
-    summary.backend = "cpu";
+    summary.backend = backend;
     summary.transport = mpi ? "mpi" : "in-process";
     summary.loss = run.loss;
     summary.weights_digest = rt::digest_text(run.weights_digest);
@@ -293,6 +335,17 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--emulate", o->emulate,
                   "emulated devices: every task takes the time the cluster file predicts for it (compute, then wait out "
                   "the rest), so that a small host runs a cluster's timing");
+    cmd->add_option("--backend", o->backend,
+                    "what computes: cpu (the CPU kernels, fp32), cuda (cuBLAS and dpart's kernels on this machine's "
+                    "GPUs or their green-context partitions), or host-device (the cuda backend's layers on host "
+                    "memory: its code path without a GPU, for tests)")
+        ->check(CLI::IsMember({"cpu", "cuda", "host-device"}))
+        ->capture_default_str();
+    cmd->add_option("--precision", o->precision,
+                    "device backends' compute precision: fp32 or bf16 (default: the model's dtype; the cpu backend "
+                    "is fp32)")
+        ->check(CLI::IsMember({"fp32", "bf16"}));
+    cmd->add_flag("--tf32", o->tf32, "cuda backend, fp32: matrix products on TF32 tensor cores");
     cmd->add_flag("--adaptive", o->adaptive,
                   "repartition live: measure stage times, re-plan every --window iterations, migrate the layers that "
                   "change owner; survive a device that fails (scenario) by rolling back to the last neighbour copy");

@@ -1,0 +1,509 @@
+// The CUDA backend (host code, compiled as C++20; the kernels are in device_ops.cu): DeviceOps on one stream of a GPU or of a green-context partition of it,
+// through cuBLAS (gemm.cuh) and dpart's kernels (device_ops.cuh); and CudaDevices, which maps a
+// cluster's devices to this machine's GPUs and cuts partitioned GPUs into green contexts
+// (CUDA driver API: cuDevSmResourceSplitByCount, cuDevResourceGenerateDesc, cuGreenCtxCreate,
+// cuGreenCtxStreamCreate), in the order sm_partition's split_steps gives.
+//
+// Memory comes from the device's stream-ordered pool (cudaMallocAsync), kept cached (release
+// threshold: unlimited), so a worker's per-microbatch buffers cost no cudaMalloc after warm-up
+// and freeing never synchronises the other partitions.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "check.cuh"
+#include "device_ops.cuh"
+#include "dpart/runtime/cuda_backend.hpp"
+#include "dpart/runtime/sm_partition.hpp"
+#include "gemm.cuh"
+
+namespace dpart::rt {
+namespace {
+
+using cuda::check_cuda;
+
+/// The driver API functions green contexts need, looked up through the runtime
+/// (cudaGetDriverEntryPointByVersion) so that dpart does not link libcuda: the binary starts,
+/// and runs the CPU backend, on machines without a GPU driver.
+struct Driver {
+    decltype(&::cuGetErrorName) get_error_name = nullptr;
+    decltype(&::cuGetErrorString) get_error_string = nullptr;
+    decltype(&::cuDeviceGet) device_get = nullptr;
+    decltype(&::cuDeviceGetDevResource) device_get_dev_resource = nullptr;
+    decltype(&::cuDevSmResourceSplitByCount) sm_resource_split_by_count = nullptr;
+    decltype(&::cuDevResourceGenerateDesc) dev_resource_generate_desc = nullptr;
+    decltype(&::cuGreenCtxCreate) green_ctx_create = nullptr;
+    decltype(&::cuGreenCtxDestroy) green_ctx_destroy = nullptr;
+    decltype(&::cuGreenCtxStreamCreate) green_ctx_stream_create = nullptr;
+    decltype(&::cuCtxFromGreenCtx) ctx_from_green_ctx = nullptr;
+    decltype(&::cuCtxSetCurrent) ctx_set_current = nullptr;
+    decltype(&::cuStreamDestroy) stream_destroy = nullptr;
+
+    template <class F>
+    static void load(F& fn, const char* symbol) {
+        void* p = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+        const cudaError_t e = cudaGetDriverEntryPointByVersion(symbol, &p, CUDA_VERSION, cudaEnableDefault, &found);
+        if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || p == nullptr) {
+            cudaGetLastError();
+            throw RuntimeError(fmt::format("the CUDA driver has no {} (green contexts need CUDA 12.4 or later): {}",
+                                           symbol, cudaGetErrorString(e)));
+        }
+        fn = reinterpret_cast<F>(p);
+    }
+    static const Driver& get() {
+        static const Driver d = [] {
+            Driver x;
+            load(x.get_error_name, "cuGetErrorName");
+            load(x.get_error_string, "cuGetErrorString");
+            load(x.device_get, "cuDeviceGet");
+            load(x.device_get_dev_resource, "cuDeviceGetDevResource");
+            load(x.sm_resource_split_by_count, "cuDevSmResourceSplitByCount");
+            load(x.dev_resource_generate_desc, "cuDevResourceGenerateDesc");
+            load(x.green_ctx_create, "cuGreenCtxCreate");
+            load(x.green_ctx_destroy, "cuGreenCtxDestroy");
+            load(x.green_ctx_stream_create, "cuGreenCtxStreamCreate");
+            load(x.ctx_from_green_ctx, "cuCtxFromGreenCtx");
+            load(x.ctx_set_current, "cuCtxSetCurrent");
+            load(x.stream_destroy, "cuStreamDestroy");
+            return x;
+        }();
+        return d;
+    }
+};
+
+void check_cu(CUresult r, const char* what) {
+    if (r == CUDA_SUCCESS) return;
+    const char* name = nullptr;
+    const char* text = nullptr;
+    Driver::get().get_error_name(r, &name);
+    Driver::get().get_error_string(r, &text);
+    throw RuntimeError(fmt::format("{}: {} ({})", what, text != nullptr ? text : "unknown error",
+                                   name != nullptr ? name : "?"));
+}
+
+cudaDataType data_type(Elem e) {
+    switch (e) {
+    case Elem::f32: return CUDA_R_32F;
+    case Elem::bf16: return CUDA_R_16BF;
+    case Elem::i32: break;
+    }
+    throw RuntimeError("cuda ops: matrix products on i32 values");
+}
+
+cuda::Op op(Trans t) { return t == Trans::trans ? cuda::Op::trans : cuda::Op::none; }
+
+cuda::Act act(Activation a) {
+    switch (a) {
+    case Activation::relu: return cuda::Act::relu;
+    case Activation::gelu: return cuda::Act::gelu;
+    case Activation::silu: return cuda::Act::silu;
+    }
+    return cuda::Act::relu;
+}
+
+cuda::Norm norm(NormKind k) { return k == NormKind::layernorm ? cuda::Norm::layernorm : cuda::Norm::rmsnorm; }
+
+void need(const DeviceSpan& s, std::size_t count, const char* what) {
+    if (s.count < count)
+        throw RuntimeError(fmt::format("cuda ops: {} has {} elements, {} needed", what, s.count, count));
+}
+
+/// Calls f with the span's pointer typed as its element (float or bf16).
+template <class F>
+void typed(const DeviceSpan& s, F&& f) {
+    if (s.elem == Elem::f32) f(static_cast<float*>(s.ptr));
+    else if (s.elem == Elem::bf16) f(static_cast<__nv_bfloat16*>(s.ptr));
+    else throw RuntimeError("cuda ops: an operation on floats was given i32 values");
+}
+const std::int32_t* ints(const DeviceSpan& s, const char* what) {
+    if (s.elem != Elem::i32) throw RuntimeError(fmt::format("cuda ops: {} must be i32", what));
+    return static_cast<const std::int32_t*>(s.ptr);
+}
+float* f32(const DeviceSpan& s, const char* what) {
+    if (s.elem != Elem::f32) throw RuntimeError(fmt::format("cuda ops: {} must be f32", what));
+    return static_cast<float*>(s.ptr);
+}
+
+class CudaOps final : public DeviceOps {
+public:
+    /// On `stream` (nullptr: a stream of its own on `device`, made current here). A partition's
+    /// caller has made its green context current and passes that context's stream.
+    CudaOps(int device, cudaStream_t stream, std::string name, bool tf32)
+        : device_(device), stream_(stream), name_(std::move(name)) {
+        if (stream_ == nullptr) {
+            check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+            check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+            own_stream_ = true;
+        }
+        blas_ = std::make_unique<cuda::Blas>(stream_);
+        blas_->set_tf32(tf32);
+    }
+    ~CudaOps() override {
+        cudaStreamSynchronize(stream_);
+        blas_.reset();
+        if (own_stream_) cudaStreamDestroy(stream_);
+    }
+    [[nodiscard]] std::string name() const override { return name_; }
+
+    DeviceSpan allocate(std::size_t count, Elem elem) override {
+        const std::size_t bytes = std::max<std::size_t>(count, 1) * elem_bytes(elem);
+        void* p = nullptr;
+        const cudaError_t e = cudaMallocAsync(&p, bytes, stream_);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            throw RuntimeError(fmt::format("{}: cannot allocate {} bytes ({})", name_, bytes, cudaGetErrorString(e)));
+        }
+        check_cuda(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
+        return {p, count, elem};
+    }
+    void release(DeviceSpan s) noexcept override {
+        if (s.ptr != nullptr) cudaFreeAsync(s.ptr, stream_);
+    }
+
+    void upload(std::span<const float> from, DeviceSpan to) override {
+        need(to, from.size(), "upload's destination");
+        if (from.empty()) return;
+        if (to.elem == Elem::f32) {
+            check_cuda(cudaMemcpyAsync(to.ptr, from.data(), from.size_bytes(), cudaMemcpyHostToDevice, stream_),
+                       "cudaMemcpyAsync (upload)");
+        } else if (to.elem == Elem::i32) {
+            std::vector<std::int32_t> v(from.size());
+            for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<std::int32_t>(from[i]);
+            check_cuda(cudaMemcpyAsync(to.ptr, v.data(), v.size() * 4, cudaMemcpyHostToDevice, stream_),
+                       "cudaMemcpyAsync (upload)");
+            synchronize();  // v is about to go
+        } else {
+            const DeviceSpan tmp = allocate(from.size(), Elem::f32);
+            check_cuda(cudaMemcpyAsync(tmp.ptr, from.data(), from.size_bytes(), cudaMemcpyHostToDevice, stream_),
+                       "cudaMemcpyAsync (upload)");
+            cuda::cast(static_cast<const float*>(tmp.ptr), static_cast<__nv_bfloat16*>(to.ptr), from.size(), stream_);
+            release(tmp);
+        }
+        synchronize();  // the caller may reuse `from` at once
+    }
+    void download(DeviceSpan from, std::span<float> to) override {
+        need(from, to.size(), "download's source");
+        if (to.empty()) return;
+        if (from.elem == Elem::f32) {
+            check_cuda(cudaMemcpyAsync(to.data(), from.ptr, to.size_bytes(), cudaMemcpyDeviceToHost, stream_),
+                       "cudaMemcpyAsync (download)");
+            synchronize();
+        } else if (from.elem == Elem::i32) {
+            std::vector<std::int32_t> v(to.size());
+            check_cuda(cudaMemcpyAsync(v.data(), from.ptr, v.size() * 4, cudaMemcpyDeviceToHost, stream_),
+                       "cudaMemcpyAsync (download)");
+            synchronize();
+            for (std::size_t i = 0; i < v.size(); ++i) to[i] = static_cast<float>(v[i]);
+        } else {
+            const DeviceSpan tmp = allocate(to.size(), Elem::f32);
+            cuda::cast(static_cast<const __nv_bfloat16*>(from.ptr), static_cast<float*>(tmp.ptr), to.size(), stream_);
+            check_cuda(cudaMemcpyAsync(to.data(), tmp.ptr, to.size_bytes(), cudaMemcpyDeviceToHost, stream_),
+                       "cudaMemcpyAsync (download)");
+            release(tmp);
+            synchronize();
+        }
+    }
+    void copy(DeviceSpan from, DeviceSpan to) override {
+        need(to, from.count, "copy's destination");
+        if (from.count == 0) return;
+        if (from.elem == to.elem) {
+            check_cuda(cudaMemcpyAsync(to.ptr, from.ptr, from.bytes(), cudaMemcpyDeviceToDevice, stream_),
+                       "cudaMemcpyAsync (copy)");
+        } else if (from.elem == Elem::f32 && to.elem == Elem::bf16) {
+            cuda::cast(static_cast<const float*>(from.ptr), static_cast<__nv_bfloat16*>(to.ptr), from.count, stream_);
+        } else if (from.elem == Elem::bf16 && to.elem == Elem::f32) {
+            cuda::cast(static_cast<const __nv_bfloat16*>(from.ptr), static_cast<float*>(to.ptr), from.count, stream_);
+        } else {
+            throw RuntimeError("cuda ops: copy between i32 and floats");
+        }
+    }
+    void fill(DeviceSpan s, float value) override {
+        if (s.count == 0) return;
+        if (s.elem == Elem::f32) {
+            cuda::fill(static_cast<float*>(s.ptr), value, s.count, stream_);
+            return;
+        }
+        if (s.elem == Elem::i32) throw RuntimeError("cuda ops: fill of i32 values");
+        const DeviceSpan tmp = allocate(s.count, Elem::f32);
+        cuda::fill(static_cast<float*>(tmp.ptr), value, s.count, stream_);
+        copy(tmp, s);
+        release(tmp);
+    }
+    void add(DeviceSpan from, DeviceSpan to) override {
+        need(to, from.count, "add's destination");
+        if (from.elem != to.elem) throw RuntimeError("cuda ops: add of different element types");
+        if (from.count == 0) return;
+        typed(to, [&](auto* t) {
+            using T = std::remove_pointer_t<decltype(t)>;
+            cuda::add(static_cast<const T*>(from.ptr), t, from.count, stream_);
+        });
+    }
+    void mul(DeviceSpan a, DeviceSpan b, DeviceSpan out) override {
+        need(b, a.count, "mul's b");
+        need(out, a.count, "mul's output");
+        if (a.elem != b.elem || a.elem != out.elem) throw RuntimeError("cuda ops: mul of different element types");
+        if (a.count == 0) return;
+        typed(out, [&](auto* o) {
+            using T = std::remove_pointer_t<decltype(o)>;
+            cuda::mul(static_cast<const T*>(a.ptr), static_cast<const T*>(b.ptr), o, a.count, stream_);
+        });
+    }
+    void synchronize() override { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+    void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float alpha, DeviceSpan a,
+              std::size_t lda, DeviceSpan b, std::size_t ldb, float beta, DeviceSpan c, std::size_t ldc) override {
+        gemm_batched(ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
+    }
+    void gemm_batched(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float alpha, DeviceSpan a,
+                      std::size_t lda, std::size_t stride_a, DeviceSpan b, std::size_t ldb, std::size_t stride_b,
+                      float beta, DeviceSpan c, std::size_t ldc, std::size_t stride_c, std::size_t batch) override {
+        if (a.elem != b.elem) throw RuntimeError("cuda ops: gemm of A and B of different types");
+        blas_->gemm_ex(op(ta), op(tb), m, n, k, alpha, a.ptr, data_type(a.elem), lda,
+                       static_cast<long long>(stride_a), b.ptr, ldb, static_cast<long long>(stride_b), beta, c.ptr,
+                       data_type(c.elem), ldc, static_cast<long long>(stride_c), batch);
+    }
+
+    void bias_add(DeviceSpan y, DeviceSpan bias, std::size_t rows, std::size_t cols) override {
+        need(y, rows * cols, "bias_add's y");
+        need(bias, cols, "bias_add's bias");
+        typed(y, [&](auto* p) { cuda::bias_add(p, f32(bias, "bias"), rows, cols, stream_); });
+    }
+    void column_sums(DeviceSpan dy, DeviceSpan dbias, std::size_t rows, std::size_t cols) override {
+        need(dy, rows * cols, "column_sums' dy");
+        need(dbias, cols, "column_sums' dbias");
+        typed(dy, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::column_sums(static_cast<const T*>(p), f32(dbias, "dbias"), rows, cols, stream_);
+        });
+    }
+    void activation_forward(Activation a, DeviceSpan x, DeviceSpan y) override {
+        need(y, x.count, "activation's y");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::activation_forward(act(a), static_cast<const T*>(p), static_cast<T*>(y.ptr), x.count, stream_);
+        });
+    }
+    void activation_backward(Activation a, DeviceSpan x, DeviceSpan dy, DeviceSpan dx) override {
+        need(dy, x.count, "activation's dy");
+        need(dx, x.count, "activation's dx");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::activation_backward(act(a), static_cast<const T*>(p), static_cast<const T*>(dy.ptr),
+                                      static_cast<T*>(dx.ptr), x.count, stream_);
+        });
+    }
+    void norm_forward(NormKind kind, DeviceSpan x, DeviceSpan gamma, std::optional<DeviceSpan> beta, DeviceSpan y,
+                      DeviceSpan stats, std::size_t rows, std::size_t f) override {
+        need(x, rows * f, "norm's x");
+        need(y, rows * f, "norm's y");
+        need(stats, rows * 2, "norm's stats");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::norm_forward(norm(kind), static_cast<const T*>(p), f32(gamma, "gamma"),
+                               beta ? f32(*beta, "beta") : nullptr, static_cast<T*>(y.ptr), f32(stats, "stats"), rows,
+                               f, 1e-5f, stream_);
+        });
+    }
+    void norm_backward(NormKind kind, DeviceSpan x, DeviceSpan gamma, DeviceSpan stats, DeviceSpan dy, DeviceSpan dx,
+                       DeviceSpan dgamma, std::optional<DeviceSpan> dbeta, std::size_t rows, std::size_t f) override {
+        need(dx, rows * f, "norm's dx");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::norm_backward(norm(kind), static_cast<const T*>(p), f32(gamma, "gamma"), f32(stats, "stats"),
+                                static_cast<const T*>(dy.ptr), static_cast<T*>(dx.ptr), f32(dgamma, "dgamma"),
+                                dbeta ? f32(*dbeta, "dbeta") : nullptr, rows, f, stream_);
+        });
+    }
+    void softmax_xent_forward(DeviceSpan logits, DeviceSpan labels, DeviceSpan loss, std::size_t rows,
+                              std::size_t classes) override {
+        need(logits, rows * classes, "softmax_xent's logits");
+        need(loss, rows, "softmax_xent's loss");
+        typed(logits, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::softmax_xent_forward(static_cast<const T*>(p), ints(labels, "labels"), f32(loss, "loss"), rows,
+                                       classes, stream_);
+        });
+    }
+    void softmax_xent_backward(DeviceSpan logits, DeviceSpan labels, float scale, DeviceSpan dlogits, std::size_t rows,
+                               std::size_t classes) override {
+        need(dlogits, rows * classes, "softmax_xent's dlogits");
+        typed(logits, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::softmax_xent_backward(static_cast<const T*>(p), ints(labels, "labels"), scale,
+                                        static_cast<T*>(dlogits.ptr), rows, classes, stream_);
+        });
+    }
+    void embedding_forward(DeviceSpan ids, DeviceSpan table, DeviceSpan out, std::size_t n, std::size_t dim) override {
+        need(out, n * dim, "embedding's output");
+        typed(out, [&](auto* p) {
+            cuda::embedding_forward(ints(ids, "token ids"), f32(table, "embedding table"), p, n, dim, stream_);
+        });
+    }
+    void embedding_backward(DeviceSpan ids, DeviceSpan dout, DeviceSpan dtable, std::size_t n,
+                            std::size_t dim) override {
+        typed(dout, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::embedding_backward(ints(ids, "token ids"), static_cast<const T*>(p), f32(dtable, "table gradient"),
+                                     n, dim, stream_);
+        });
+    }
+    void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,
+                                   bool causal) override {
+        need(scores, batch_heads * s * s, "attention's scores");
+        typed(scores, [&](auto* p) { cuda::causal_softmax_forward(p, batch_heads, s, scale, causal, stream_); });
+    }
+    void attention_softmax_backward(DeviceSpan probs, DeviceSpan dprobs, std::size_t batch_heads, std::size_t s,
+                                    float scale) override {
+        need(probs, batch_heads * s * s, "attention's probabilities");
+        need(dprobs, batch_heads * s * s, "attention's dprobs");
+        // Masked probabilities are 0, so every column may be treated as visible.
+        typed(dprobs, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::causal_softmax_backward(static_cast<const T*>(probs.ptr), p, batch_heads, s, scale, false, stream_);
+        });
+    }
+    void optimizer_step(const OptimizerOptions& o, std::uint64_t step, DeviceSpan params, DeviceSpan grads,
+                        DeviceSpan m, DeviceSpan v) override {
+        float* p = f32(params, "parameters");
+        const float* g = f32(grads, "gradients");
+        if (o.kind == OptimizerKind::sgd) {
+            cuda::sgd_step(p, g, params.count, o.lr, stream_);
+            return;
+        }
+        cuda::adam_step(p, g, f32(m, "Adam's m"), f32(v, "Adam's v"), params.count, o.lr, o.beta1, o.beta2, o.eps,
+                        0.0f, step, stream_);
+    }
+
+private:
+    int device_;
+    cudaStream_t stream_ = nullptr;
+    bool own_stream_ = false;
+    std::string name_;
+    std::unique_ptr<cuda::Blas> blas_;
+};
+
+}  // namespace
+
+// --- CudaDevices --------------------------------------------------------------------------
+
+struct CudaDevices::Impl {
+    struct Target {
+        int gpu = 0;
+        std::string name;
+        // A partition: the green context and a stream on it.
+        CUgreenCtx green = nullptr;
+        CUstream stream = nullptr;
+        std::uint32_t sms = 0;
+    };
+    std::map<std::size_t, Target> targets;  // by cluster device
+    std::mutex mutex;
+
+    ~Impl() {
+        for (auto& [d, t] : targets) {
+            if (t.stream != nullptr) Driver::get().stream_destroy(t.stream);
+            if (t.green != nullptr) Driver::get().green_ctx_destroy(t.green);
+        }
+    }
+};
+
+CudaDevices::CudaDevices(const Cluster& cluster) : impl_(std::make_unique<Impl>()) {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        throw RuntimeError(fmt::format("--backend cuda: no CUDA device is visible ({})",
+                                       e != cudaSuccess ? cudaGetErrorString(e) : "0 devices"));
+    }
+    // Whole devices: the k-th of its node is CUDA device k.
+    std::map<std::size_t, int> next_whole;
+    for (std::size_t i = 0; i < cluster.devices.size(); ++i) {
+        const Device& d = cluster.devices[i];
+        if (d.partition) continue;
+        const int gpu = next_whole[d.node]++;
+        if (gpu >= count)
+            throw InputError(d.where, fmt::format("device \"{}\" is whole GPU #{} of its node, but this machine has {}",
+                                                  d.name, gpu, count));
+        cudaDeviceProp prop{};
+        check_cuda(cudaGetDeviceProperties(&prop, gpu), "cudaGetDeviceProperties");
+        impl_->targets[i] = {gpu, fmt::format("CUDA device {} ({})", gpu, prop.name)};
+    }
+    // Partitions: each GPU's layout cut at once.
+    for (const GpuLayout& layout : gpu_layouts(cluster)) {
+        const int gpu = static_cast<int>(layout.gpu);
+        if (gpu >= count)
+            throw InputError(cluster.devices.at(layout.devices.front()).where,
+                             fmt::format("partitions of GPU {}, but this machine has {} GPU(s)", gpu, count));
+        cudaDeviceProp prop{};
+        check_cuda(cudaGetDeviceProperties(&prop, gpu), "cudaGetDeviceProperties");
+        check_layout_fits(layout, {prop.multiProcessorCount, prop.major, prop.minor, prop.name}, cluster);
+        check_cuda(cudaSetDevice(gpu), "cudaSetDevice");
+        check_cuda(cudaFree(nullptr), "cudaFree(0) (primary context)");  // green contexts want it active
+        cudaMemPool_t pool = nullptr;
+        if (cudaDeviceGetDefaultMemPool(&pool, gpu) == cudaSuccess) {
+            std::uint64_t keep = UINT64_MAX;
+            cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+        }
+        const Driver& cu = Driver::get();
+        CUdevice dev = 0;
+        check_cu(cu.device_get(&dev, gpu), "cuDeviceGet");
+        CUdevResource input{};
+        check_cu(cu.device_get_dev_resource(dev, &input, CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource");
+        std::size_t next = 0;
+        for (const SplitStep& step : split_steps(layout.sms)) {
+            std::vector<CUdevResource> groups(step.groups);
+            unsigned n = step.groups;
+            CUdevResource rest{};
+            check_cu(cu.sm_resource_split_by_count(groups.data(), &n, &input, &rest, 0, step.sm),
+                     "cuDevSmResourceSplitByCount");
+            if (n < step.groups)
+                throw RuntimeError(fmt::format("GPU {}: could cut only {} of {} partitions of {} SMs", gpu, n,
+                                               step.groups, step.sm));
+            for (unsigned g = 0; g < n; ++g, ++next) {
+                const std::size_t device = layout.devices.at(next);
+                Impl::Target t;
+                t.gpu = gpu;
+                t.sms = groups[g].sm.smCount;
+                CUdevResourceDesc desc = nullptr;
+                check_cu(cu.dev_resource_generate_desc(&desc, &groups[g], 1), "cuDevResourceGenerateDesc");
+                check_cu(cu.green_ctx_create(&t.green, desc, dev, CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate");
+                check_cu(cu.green_ctx_stream_create(&t.stream, t.green, CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate");
+                t.name = fmt::format("CUDA device {} ({}), green context of {} SMs", gpu, prop.name, t.sms);
+                impl_->targets[device] = std::move(t);
+            }
+            input = rest;
+        }
+    }
+}
+
+CudaDevices::~CudaDevices() = default;
+
+std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t device, bool tf32) {
+    std::lock_guard lock(impl_->mutex);
+    const auto it = impl_->targets.find(device);
+    if (it == impl_->targets.end()) throw RuntimeError(fmt::format("cluster device {} has no CUDA target", device));
+    const Impl::Target& t = it->second;
+    check_cuda(cudaSetDevice(t.gpu), "cudaSetDevice");
+    if (t.green != nullptr) {
+        // Work this thread enqueues runs on the partition's SMs: its green context is current.
+        CUcontext ctx = nullptr;
+        check_cu(Driver::get().ctx_from_green_ctx(&ctx, t.green), "cuCtxFromGreenCtx");
+        check_cu(Driver::get().ctx_set_current(ctx), "cuCtxSetCurrent");
+    }
+    return std::make_unique<CudaOps>(t.gpu, reinterpret_cast<cudaStream_t>(t.stream), t.name, tf32);  // null: its own
+}
+
+std::string CudaDevices::describe(std::size_t device) const {
+    const auto it = impl_->targets.find(device);
+    return it == impl_->targets.end() ? std::string("none") : it->second.name;
+}
+
+bool built_with_cuda_backend() noexcept { return true; }
+
+}  // namespace dpart::rt

@@ -1,0 +1,560 @@
+// The device kernels of the CUDA backend (contracts in device_ops.cuh).
+//
+// Three launch shapes only, chosen to be obviously correct rather than fast:
+// - elementwise: 1-D grid-stride loops, 256 threads, at most 65535 blocks;
+// - per row: one block of 256 threads per row (grid-stride over rows, at most 65535 blocks),
+//   each thread walking the row with stride 256 in order, then block_reduce (a fixed
+//   butterfly in each warp, then across the 8 warps): the same order on every run;
+// - per column: blocks of 32 x 8 threads, 32 columns per block, each of the 8 thread rows
+//   summing rows r = y, y + 8, ... in order, then the 8 partial sums added in order.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "check.cuh"
+#include "device_ops.cuh"
+
+namespace dpart::rt::cuda {
+namespace {
+
+constexpr unsigned kThreads = 256;          // every 1-D launch; block_reduce relies on it
+constexpr unsigned kWarps = kThreads / 32;  // partial sums per block_reduce
+constexpr std::size_t kMaxBlocks = 65535;   // well under every grid limit; loops cover the rest
+constexpr unsigned kColX = 32;              // per-column launches: columns per block
+constexpr unsigned kColY = 8;               //                      row slices per block
+
+// --- Element access: fp32 arithmetic whatever the stored type -----------------------------
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) {
+    return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+__device__ __forceinline__ std::size_t global_index() {
+    return static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ std::size_t grid_stride() { return static_cast<std::size_t>(gridDim.x) * blockDim.x; }
+
+// --- Block reduction ------------------------------------------------------------------------
+
+struct SumOp {
+    __device__ float operator()(float a, float b) const { return a + b; }
+    __device__ static float identity() { return 0.0f; }
+};
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+    __device__ static float identity() { return __int_as_float(0xff800000); }  // -inf
+};
+
+/// The reduction of v over the block's kThreads threads, returned to every thread. Every
+/// thread of the block must call it (it synchronises). The order is fixed: a butterfly inside
+/// each warp, then a butterfly over the warps' results; every lane ends with the same value
+/// because a + b == b + a exactly.
+template <class Op>
+__device__ float block_reduce(float v, Op op) {
+    __shared__ float partial[kWarps];
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned warp = threadIdx.x / 32;
+    for (int o = 16; o > 0; o /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();  // the previous call's readers are done with partial
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < kWarps ? partial[lane] : Op::identity();
+    for (int o = 16; o > 0; o /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// --- Launch helpers (host) ------------------------------------------------------------------
+
+unsigned elementwise_blocks(std::size_t n) {
+    return static_cast<unsigned>(std::min((n + kThreads - 1) / kThreads, kMaxBlocks));
+}
+unsigned row_blocks(std::size_t rows) { return static_cast<unsigned>(std::min(rows, kMaxBlocks)); }
+unsigned column_blocks(std::size_t cols) {
+    return static_cast<unsigned>(std::min((cols + kColX - 1) / kColX, kMaxBlocks));
+}
+void launched(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+// --- Per-column sums --------------------------------------------------------------------------
+
+/// out[c] += sum over r of f(r, c), rows in a fixed order (see the file comment). Launch with
+/// blocks of (kColX, kColY) threads.
+template <class F>
+__global__ void column_reduce_kernel(F f, float* out, std::size_t rows, std::size_t cols) {
+    __shared__ float partial[kColY][kColX + 1];
+    for (std::size_t c0 = static_cast<std::size_t>(blockIdx.x) * kColX; c0 < cols;
+         c0 += static_cast<std::size_t>(gridDim.x) * kColX) {
+        const std::size_t c = c0 + threadIdx.x;
+        float acc = 0.0f;
+        if (c < cols)
+            for (std::size_t r = threadIdx.y; r < rows; r += kColY) acc += f(r, c);
+        partial[threadIdx.y][threadIdx.x] = acc;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < cols) {
+            float s = partial[0][threadIdx.x];
+            for (unsigned k = 1; k < kColY; ++k) s += partial[k][threadIdx.x];
+            out[c] += s;
+        }
+        __syncthreads();
+    }
+}
+
+template <class F>
+void column_reduce(F f, float* out, std::size_t rows, std::size_t cols, cudaStream_t stream, const char* kernel) {
+    if (rows == 0 || cols == 0) return;
+    column_reduce_kernel<<<column_blocks(cols), dim3(kColX, kColY), 0, stream>>>(f, out, rows, cols);
+    launched(kernel);
+}
+
+template <class T>
+struct ElementOf {
+    const T* a;
+    std::size_t cols;
+    __device__ float operator()(std::size_t r, std::size_t c) const { return to_f(a[r * cols + c]); }
+};
+
+/// dy * xhat with xhat = (x - mean) * rstd, as the CPU kernel computes it.
+template <class T>
+struct DyXhat {
+    const T* x;
+    const T* dy;
+    const float* stats;
+    std::size_t f;
+    __device__ float operator()(std::size_t r, std::size_t c) const {
+        const float xhat = (to_f(x[r * f + c]) - stats[2 * r]) * stats[2 * r + 1];
+        return to_f(dy[r * f + c]) * xhat;
+    }
+};
+
+// --- Elementwise kernels ----------------------------------------------------------------------
+
+template <class In, class Out>
+__global__ void cast_kernel(const In* in, Out* out, std::size_t n) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) out[i] = from_f<Out>(to_f(in[i]));
+}
+
+template <class T>
+__global__ void bias_add_kernel(T* y, const float* bias, std::size_t rows, std::size_t cols) {
+    const std::size_t n = rows * cols;
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) y[i] = from_f<T>(to_f(y[i]) + bias[i % cols]);
+}
+
+// The constants of the CPU kernel (src/runtime/cpu/common.cpp, activate / activate_grad).
+__device__ __forceinline__ float act_forward(Act act, float x) {
+    if (act == Act::relu) return x > 0.0f ? x : 0.0f;
+    if (act == Act::silu) return x / (1.0f + expf(-x));
+    return 0.5f * x * (1.0f + erff(x * 0.70710678f));
+}
+__device__ __forceinline__ float act_grad(Act act, float x) {
+    if (act == Act::relu) return x > 0.0f ? 1.0f : 0.0f;
+    if (act == Act::silu) {
+        const float sig = 1.0f / (1.0f + expf(-x));
+        return sig * (1.0f + x * (1.0f - sig));
+    }
+    const float cdf = 0.5f * (1.0f + erff(x * 0.70710678f));
+    const float pdf = 0.39894228f * expf(-0.5f * x * x);
+    return cdf + x * pdf;
+}
+
+template <class T>
+__global__ void activation_forward_kernel(Act act, const T* x, T* y, std::size_t n) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) y[i] = from_f<T>(act_forward(act, to_f(x[i])));
+}
+
+template <class T>
+__global__ void activation_backward_kernel(Act act, const T* x, const T* dy, T* dx, std::size_t n) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride())
+        dx[i] = from_f<T>(to_f(dy[i]) * act_grad(act, to_f(x[i])));
+}
+
+template <class T>
+__global__ void embedding_forward_kernel(const std::int32_t* ids, const float* table, T* out, std::size_t n,
+                                         std::size_t dim) {
+    const std::size_t total = n * dim;
+    for (std::size_t i = global_index(); i < total; i += grid_stride()) {
+        const std::int32_t id = ids[i / dim];
+        const float v = id < 0 ? quiet_nan() : table[static_cast<std::size_t>(id) * dim + i % dim];
+        out[i] = from_f<T>(v);
+    }
+}
+
+/// One thread per column, the tokens in order: deterministic with no atomics.
+template <class T>
+__global__ void embedding_backward_kernel(const std::int32_t* ids, const T* dout, float* dtable, std::size_t n,
+                                          std::size_t dim) {
+    for (std::size_t c = global_index(); c < dim; c += grid_stride())
+        for (std::size_t t = 0; t < n; ++t) {
+            const std::int32_t id = ids[t];
+            if (id >= 0) dtable[static_cast<std::size_t>(id) * dim + c] += to_f(dout[t * dim + c]);
+        }
+}
+
+/// PyTorch's single-tensor Adam in the order of src/runtime/optimizer.cpp; the _rn intrinsics
+/// keep nvcc from fusing multiply-adds, so the result is bitwise the CPU's.
+__global__ void adam_kernel(float* p, const float* g, float* m, float* v, std::size_t n, float beta1, float beta2,
+                            float one_minus_b1, float one_minus_b2, float eps, float weight_decay, float step_size,
+                            float correction2_sqrt) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) {
+        float gi = g[i];
+        if (weight_decay != 0.0f) gi = __fadd_rn(gi, __fmul_rn(weight_decay, p[i]));
+        const float mi = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(gi, one_minus_b1));
+        const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), one_minus_b2));
+        m[i] = mi;
+        v[i] = vi;
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), correction2_sqrt), eps);
+        p[i] = __fadd_rn(p[i], __fmul_rn(-step_size, __fdiv_rn(mi, denom)));
+    }
+}
+
+__global__ void sgd_kernel(float* p, const float* g, std::size_t n, float lr) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) p[i] = __fadd_rn(p[i], __fmul_rn(-lr, g[i]));
+}
+
+__global__ void fill_kernel(float* p, float value, std::size_t n) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) p[i] = value;
+}
+
+// --- Per-row kernels (one block of kThreads per row) ------------------------------------------
+
+template <class T>
+__global__ void norm_forward_kernel(bool subtract_mean, const T* x, const float* gamma, const float* beta, T* y,
+                                    float* stats, std::size_t rows, std::size_t f, float eps) {
+    for (std::size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* in = x + r * f;
+        T* out = y + r * f;
+        float mean = 0.0f;
+        if (subtract_mean) {  // uniform over the block: block_reduce is reached by all threads
+            float s = 0.0f;
+            for (std::size_t j = threadIdx.x; j < f; j += kThreads) s += to_f(in[j]);
+            mean = block_reduce(s, SumOp{}) / static_cast<float>(f);
+        }
+        float sq = 0.0f;
+        for (std::size_t j = threadIdx.x; j < f; j += kThreads) {
+            const float d = to_f(in[j]) - mean;
+            sq += d * d;
+        }
+        const float var = block_reduce(sq, SumOp{}) / static_cast<float>(f);
+        const float rstd = 1.0f / sqrtf(var + eps);
+        for (std::size_t j = threadIdx.x; j < f; j += kThreads)
+            out[j] = from_f<T>((to_f(in[j]) - mean) * rstd * gamma[j] + (beta != nullptr ? beta[j] : 0.0f));
+        if (threadIdx.x == 0) {
+            stats[2 * r] = mean;
+            stats[2 * r + 1] = rstd;
+        }
+    }
+}
+
+template <class T>
+__global__ void norm_backward_dx_kernel(bool subtract_mean, const T* x, const float* gamma, const float* stats,
+                                        const T* dy, T* dx, std::size_t rows, std::size_t f) {
+    for (std::size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* in = x + r * f;
+        const T* g = dy + r * f;
+        T* out = dx + r * f;
+        const float m = stats[2 * r];
+        const float rstd = stats[2 * r + 1];
+        float s1 = 0.0f, s2 = 0.0f;
+        for (std::size_t j = threadIdx.x; j < f; j += kThreads) {
+            const float xhat = (to_f(in[j]) - m) * rstd;
+            const float dxhat = to_f(g[j]) * gamma[j];
+            s1 += dxhat;
+            s2 += dxhat * xhat;
+        }
+        const float sum_dxhat = block_reduce(s1, SumOp{});
+        const float sum_dxhat_xhat = block_reduce(s2, SumOp{});
+        // rmsnorm subtracts no mean, so its gradient has no mean term either.
+        const float a = subtract_mean ? sum_dxhat / static_cast<float>(f) : 0.0f;
+        const float b = sum_dxhat_xhat / static_cast<float>(f);
+        for (std::size_t j = threadIdx.x; j < f; j += kThreads) {
+            const float xhat = (to_f(in[j]) - m) * rstd;
+            const float dxhat = to_f(g[j]) * gamma[j];
+            out[j] = from_f<T>(rstd * (dxhat - a - xhat * b));
+        }
+    }
+}
+
+/// The row's maximum and sum of exp(x - max), over its first `visible` entries times `scale`.
+template <class T>
+__device__ void row_softmax_stats(const T* row, std::size_t visible, float scale, float& max, float& sum) {
+    float mx = MaxOp::identity();
+    for (std::size_t j = threadIdx.x; j < visible; j += kThreads) mx = fmaxf(mx, scale * to_f(row[j]));
+    max = block_reduce(mx, MaxOp{});
+    float s = 0.0f;
+    for (std::size_t j = threadIdx.x; j < visible; j += kThreads) s += expf(scale * to_f(row[j]) - max);
+    sum = block_reduce(s, SumOp{});
+}
+
+template <class T>
+__global__ void xent_forward_kernel(const T* logits, const std::int32_t* labels, float* loss, std::size_t rows,
+                                    std::size_t classes) {
+    for (std::size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* row = logits + r * classes;
+        float max = 0.0f, sum = 0.0f;
+        row_softmax_stats(row, classes, 1.0f, max, sum);
+        if (threadIdx.x == 0) {
+            const std::int32_t label = labels[r];
+            const bool valid = label >= 0 && static_cast<std::size_t>(label) < classes;
+            loss[r] = valid ? (max + logf(sum)) - to_f(row[label]) : quiet_nan();
+        }
+    }
+}
+
+template <class T>
+__global__ void xent_backward_kernel(const T* logits, const std::int32_t* labels, float scale, T* dlogits,
+                                     std::size_t rows, std::size_t classes) {
+    for (std::size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* row = logits + r * classes;
+        T* out = dlogits + r * classes;
+        float max = 0.0f, sum = 0.0f;
+        row_softmax_stats(row, classes, 1.0f, max, sum);
+        const std::int32_t label = labels[r];
+        const bool valid = label >= 0 && static_cast<std::size_t>(label) < classes;
+        const float lse = max + logf(sum);
+        // Each element is read and written by the same thread, after the reductions: dlogits
+        // may alias logits.
+        for (std::size_t j = threadIdx.x; j < classes; j += kThreads) {
+            float gj = scale * expf(to_f(row[j]) - lse);
+            if (j == static_cast<std::size_t>(label)) gj -= scale;
+            out[j] = from_f<T>(valid ? gj : quiet_nan());
+        }
+    }
+}
+
+template <class T>
+__global__ void causal_softmax_forward_kernel(T* scores, std::size_t total_rows, std::size_t s, float scale,
+                                              bool causal) {
+    for (std::size_t r = blockIdx.x; r < total_rows; r += gridDim.x) {
+        T* row = scores + r * s;
+        const std::size_t visible = causal ? r % s + 1 : s;
+        float max = 0.0f, sum = 0.0f;
+        row_softmax_stats(row, visible, scale, max, sum);
+        for (std::size_t j = threadIdx.x; j < s; j += kThreads)
+            row[j] = from_f<T>(j < visible ? expf(scale * to_f(row[j]) - max) / sum : 0.0f);
+    }
+}
+
+template <class T>
+__global__ void causal_softmax_backward_kernel(const T* probs, T* dscores, std::size_t total_rows, std::size_t s,
+                                               float scale, bool causal) {
+    for (std::size_t r = blockIdx.x; r < total_rows; r += gridDim.x) {
+        const T* p = probs + r * s;
+        T* d = dscores + r * s;
+        const std::size_t visible = causal ? r % s + 1 : s;
+        float dot = 0.0f;
+        for (std::size_t j = threadIdx.x; j < visible; j += kThreads) dot += to_f(p[j]) * to_f(d[j]);
+        dot = block_reduce(dot, SumOp{});
+        for (std::size_t j = threadIdx.x; j < s; j += kThreads)
+            d[j] = from_f<T>(j < visible ? scale * to_f(p[j]) * (to_f(d[j]) - dot) : 0.0f);
+    }
+}
+
+template <class T>
+__global__ void add_kernel(const T* from, T* to, std::size_t n) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) to[i] = from_f<T>(to_f(to[i]) + to_f(from[i]));
+}
+
+template <class T>
+__global__ void mul_kernel(const T* a, const T* b, T* out, std::size_t n) {
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) out[i] = from_f<T>(to_f(a[i]) * to_f(b[i]));
+}
+
+}  // namespace
+
+// --- Host entry points ------------------------------------------------------------------------
+
+template <class T>
+void add(const T* from, T* to, std::size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    add_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(from, to, n);
+    launched("add kernel launch");
+}
+
+template <class T>
+void mul(const T* a, const T* b, T* out, std::size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    mul_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(a, b, out, n);
+    launched("mul kernel launch");
+}
+
+void cast(const float* in, __nv_bfloat16* out, std::size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    cast_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(in, out, n);
+    launched("cast fp32->bf16 kernel launch");
+}
+
+void cast(const __nv_bfloat16* in, float* out, std::size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    cast_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(in, out, n);
+    launched("cast bf16->fp32 kernel launch");
+}
+
+template <class T>
+void bias_add(T* y, const float* bias, std::size_t rows, std::size_t cols, cudaStream_t stream) {
+    if (rows == 0 || cols == 0) return;
+    bias_add_kernel<<<elementwise_blocks(rows * cols), kThreads, 0, stream>>>(y, bias, rows, cols);
+    launched("bias_add kernel launch");
+}
+
+template <class T>
+void column_sums(const T* dy, float* dbias, std::size_t rows, std::size_t cols, cudaStream_t stream) {
+    column_reduce(ElementOf<T>{dy, cols}, dbias, rows, cols, stream, "column_sums kernel launch");
+}
+
+template <class T>
+void activation_forward(Act act, const T* x, T* y, std::size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    activation_forward_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(act, x, y, n);
+    launched("activation_forward kernel launch");
+}
+
+template <class T>
+void activation_backward(Act act, const T* x, const T* dy, T* dx, std::size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    activation_backward_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(act, x, dy, dx, n);
+    launched("activation_backward kernel launch");
+}
+
+template <class T>
+void norm_forward(Norm kind, const T* x, const float* gamma, const float* beta, T* y, float* stats, std::size_t rows,
+                  std::size_t f, float eps, cudaStream_t stream) {
+    if (rows == 0 || f == 0) return;
+    const bool layer = kind == Norm::layernorm;
+    norm_forward_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(layer, x, gamma, layer ? beta : nullptr, y, stats,
+                                                                    rows, f, eps);
+    launched("norm_forward kernel launch");
+}
+
+template <class T>
+void norm_backward(Norm kind, const T* x, const float* gamma, const float* stats, const T* dy, T* dx, float* dgamma,
+                   float* dbeta, std::size_t rows, std::size_t f, cudaStream_t stream) {
+    if (rows == 0 || f == 0) return;
+    // The parameter gradients first: they read x and dy, which dx may then overwrite.
+    column_reduce(DyXhat<T>{x, dy, stats, f}, dgamma, rows, f, stream, "norm_backward dgamma kernel launch");
+    if (dbeta != nullptr) column_reduce(ElementOf<T>{dy, f}, dbeta, rows, f, stream, "norm_backward dbeta kernel launch");
+    norm_backward_dx_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(kind == Norm::layernorm, x, gamma, stats, dy,
+                                                                        dx, rows, f);
+    launched("norm_backward dx kernel launch");
+}
+
+template <class T>
+void softmax_xent_forward(const T* logits, const std::int32_t* labels, float* loss, std::size_t rows,
+                          std::size_t classes, cudaStream_t stream) {
+    if (rows == 0 || classes == 0) return;
+    xent_forward_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(logits, labels, loss, rows, classes);
+    launched("softmax_xent_forward kernel launch");
+}
+
+template <class T>
+void softmax_xent_backward(const T* logits, const std::int32_t* labels, float scale, T* dlogits, std::size_t rows,
+                           std::size_t classes, cudaStream_t stream) {
+    if (rows == 0 || classes == 0) return;
+    xent_backward_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(logits, labels, scale, dlogits, rows, classes);
+    launched("softmax_xent_backward kernel launch");
+}
+
+template <class T>
+void embedding_forward(const std::int32_t* ids, const float* table, T* out, std::size_t n, std::size_t dim,
+                       cudaStream_t stream) {
+    if (n == 0 || dim == 0) return;
+    embedding_forward_kernel<<<elementwise_blocks(n * dim), kThreads, 0, stream>>>(ids, table, out, n, dim);
+    launched("embedding_forward kernel launch");
+}
+
+template <class T>
+void embedding_backward(const std::int32_t* ids, const T* dout, float* dtable, std::size_t n, std::size_t dim,
+                        cudaStream_t stream) {
+    if (n == 0 || dim == 0) return;
+    embedding_backward_kernel<<<elementwise_blocks(dim), kThreads, 0, stream>>>(ids, dout, dtable, n, dim);
+    launched("embedding_backward kernel launch");
+}
+
+template <class T>
+void causal_softmax_forward(T* scores, std::size_t batch_heads, std::size_t s, float scale, bool causal,
+                            cudaStream_t stream) {
+    if (batch_heads == 0 || s == 0) return;
+    const std::size_t rows = batch_heads * s;
+    causal_softmax_forward_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(scores, rows, s, scale, causal);
+    launched("causal_softmax_forward kernel launch");
+}
+
+template <class T>
+void causal_softmax_backward(const T* probs, T* dscores, std::size_t batch_heads, std::size_t s, float scale,
+                             bool causal, cudaStream_t stream) {
+    if (batch_heads == 0 || s == 0) return;
+    const std::size_t rows = batch_heads * s;
+    causal_softmax_backward_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(probs, dscores, rows, s, scale, causal);
+    launched("causal_softmax_backward kernel launch");
+}
+
+void adam_step(float* p, const float* g, float* m, float* v, std::size_t n, float lr, float beta1, float beta2,
+               float eps, float weight_decay, std::uint64_t step, cudaStream_t stream) {
+    if (step == 0) throw RuntimeError("adam_step: step is 1-based, got 0");
+    if (n == 0) return;
+    // As src/runtime/optimizer.cpp: the bias corrections in double, then fp32 scalars.
+    const double correction1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
+    const double correction2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+    const auto step_size = static_cast<float>(static_cast<double>(lr) / correction1);
+    const auto correction2_sqrt = static_cast<float>(std::sqrt(correction2));
+    const float one_minus_b1 = 1.0f - beta1;
+    const float one_minus_b2 = 1.0f - beta2;
+    adam_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(p, g, m, v, n, beta1, beta2, one_minus_b1, one_minus_b2,
+                                                                eps, weight_decay, step_size, correction2_sqrt);
+    launched("adam_step kernel launch");
+}
+
+void sgd_step(float* p, const float* g, std::size_t n, float lr, cudaStream_t stream) {
+    if (n == 0) return;
+    sgd_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(p, g, n, lr);
+    launched("sgd_step kernel launch");
+}
+
+void fill(float* p, float value, std::size_t n, cudaStream_t stream) {
+    if (n == 0) return;
+    fill_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(p, value, n);
+    launched("fill kernel launch");
+}
+
+// --- Explicit instantiations: float and __nv_bfloat16 ------------------------------------------
+
+#define DPART_DEVICE_OPS_INSTANTIATE(T)                                                                              \
+    template void bias_add<T>(T*, const float*, std::size_t, std::size_t, cudaStream_t);                             \
+    template void column_sums<T>(const T*, float*, std::size_t, std::size_t, cudaStream_t);                          \
+    template void activation_forward<T>(Act, const T*, T*, std::size_t, cudaStream_t);                               \
+    template void activation_backward<T>(Act, const T*, const T*, T*, std::size_t, cudaStream_t);                    \
+    template void norm_forward<T>(Norm, const T*, const float*, const float*, T*, float*, std::size_t, std::size_t,  \
+                                  float, cudaStream_t);                                                              \
+    template void norm_backward<T>(Norm, const T*, const float*, const float*, const T*, T*, float*, float*,         \
+                                   std::size_t, std::size_t, cudaStream_t);                                          \
+    template void softmax_xent_forward<T>(const T*, const std::int32_t*, float*, std::size_t, std::size_t,           \
+                                          cudaStream_t);                                                             \
+    template void softmax_xent_backward<T>(const T*, const std::int32_t*, float, T*, std::size_t, std::size_t,       \
+                                           cudaStream_t);                                                            \
+    template void embedding_forward<T>(const std::int32_t*, const float*, T*, std::size_t, std::size_t,              \
+                                       cudaStream_t);                                                                \
+    template void embedding_backward<T>(const std::int32_t*, const T*, float*, std::size_t, std::size_t,             \
+                                        cudaStream_t);                                                               \
+    template void add<T>(const T*, T*, std::size_t, cudaStream_t);                                                   \
+    template void mul<T>(const T*, const T*, T*, std::size_t, cudaStream_t);                                         \
+    template void causal_softmax_forward<T>(T*, std::size_t, std::size_t, float, bool, cudaStream_t);                \
+    template void causal_softmax_backward<T>(const T*, T*, std::size_t, std::size_t, float, bool, cudaStream_t);
+
+DPART_DEVICE_OPS_INSTANTIATE(float)
+DPART_DEVICE_OPS_INSTANTIATE(__nv_bfloat16)
+#undef DPART_DEVICE_OPS_INSTANTIATE
+
+}  // namespace dpart::rt::cuda

@@ -1,0 +1,18 @@
+// The CUDA backend's entry points in a build without CUDA: a clear refusal.
+#include "dpart/core/error.hpp"
+#include "dpart/runtime/cuda_backend.hpp"
+
+namespace dpart::rt {
+
+struct CudaDevices::Impl {};
+
+CudaDevices::CudaDevices(const Cluster&) {
+    throw RuntimeError("this dpart was built without CUDA (no nvcc when it was configured, or -DDPART_WITH_CUDA=OFF): "
+                       "--backend cuda is not available; use --backend cpu");
+}
+CudaDevices::~CudaDevices() = default;
+std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t, bool) { return nullptr; }
+std::string CudaDevices::describe(std::size_t) const { return {}; }
+bool built_with_cuda_backend() noexcept { return false; }
+
+}  // namespace dpart::rt
