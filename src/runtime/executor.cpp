@@ -546,7 +546,17 @@ private:
     void finish_iteration() {
         const bool tied = std::any_of(ex_.tied().begin(), ex_.tied().end(),
                                       [&](const auto& p) { return holds(p.first) || holds(p.second); });
-        if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
+        // Ties within the stage are summed where the gradients are (on the device, for a device
+        // stage); the host copy is needed only for replicas or a tie across stages.
+        const bool across = std::any_of(ex_.tied().begin(), ex_.tied().end(),
+                                        [&](const auto& p) { return holds(p.first) != holds(p.second); });
+        if (tied && !across && dp_group_.size() == 1) {
+            timed(TaskKind::allreduce, 0, [&] {
+                for (const auto& [emb, lin] : ex_.tied())
+                    if (holds(emb))
+                        compute_->tie_gradients(emb - stage_.first_layer, lin - stage_.first_layer, tied_size(emb));
+            });
+        } else if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
             std::vector<std::vector<float>>& grads = compute_->pull_grads();
             // All of the stage's gradients in one message, summed in replica order.
             if (dp_group_.size() > 1) {

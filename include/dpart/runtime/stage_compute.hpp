@@ -61,6 +61,10 @@ public:
     /// push_grads() writes them back (the CPU stage: its own storage, no copy).
     [[nodiscard]] virtual std::vector<std::vector<float>>& pull_grads() = 0;
     virtual void push_grads() = 0;
+    /// An embedding and the linear layer tied to it, both on this stage (stage-relative layer
+    /// indices): each ends with the sum of both gradients of the first n values (embedding's +
+    /// linear's), where they are kept (no copy to the host on a device).
+    virtual void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) = 0;
     /// One optimizer step (step counts from 1) on every layer; zeroes the gradients.
     virtual void step(const OptimizerOptions& o, std::uint64_t step) = 0;
     /// Every layer's state in host memory, from pull_state() until push_state().

@@ -2,6 +2,8 @@
 // the CPU kernels (tensor-parallel shards calling the group in ctx.tp).
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "dpart/core/error.hpp"
 #include "dpart/runtime/stage_compute.hpp"
 
@@ -72,6 +74,13 @@ public:
 
     std::vector<std::vector<float>>& pull_grads() override { return grads_; }
     void push_grads() override {}
+
+    void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) override {
+        std::vector<float>& e = grads_.at(embedding);
+        std::vector<float>& h = grads_.at(linear);
+        for (std::size_t i = 0; i < n; ++i) e[i] = e[i] + h[i];
+        std::copy_n(e.begin(), static_cast<std::ptrdiff_t>(n), h.begin());
+    }
 
     void step(const OptimizerOptions& o, std::uint64_t step) override {
         for (std::size_t k = 0; k < state_.size(); ++k) {

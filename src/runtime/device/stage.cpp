@@ -142,6 +142,13 @@ public:
         for (std::size_t k = 0; k < dev_.size(); ++k) ops_->upload(host_grads_[k], dev_[k].grads.span());
     }
 
+    void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) override {
+        const DeviceSpan e = dev_.at(embedding).grads.span().sub(0, n);
+        const DeviceSpan h = dev_.at(linear).grads.span().sub(0, n);
+        ops_->add(h, e);  // e + h, element by element, as the CPU stage sums them
+        ops_->copy(e, h);
+    }
+
     void step(const OptimizerOptions& o, std::uint64_t step) override {
         for (std::size_t k = 0; k < dev_.size(); ++k) {
             LayerState& d = dev_[k];
