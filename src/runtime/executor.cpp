@@ -546,15 +546,22 @@ private:
     void finish_iteration() {
         const bool tied = std::any_of(ex_.tied().begin(), ex_.tied().end(),
                                       [&](const auto& p) { return holds(p.first) || holds(p.second); });
-        // Ties within the stage are summed where the gradients are (on the device, for a device
-        // stage); the host copy is needed only for replicas or a tie across stages.
-        const bool across = std::any_of(ex_.tied().begin(), ex_.tied().end(),
-                                        [&](const auto& p) { return holds(p.first) != holds(p.second); });
-        if (tied && !across && dp_group_.size() == 1) {
+        // Without replicas, ties are summed where the gradients are (on the device, for a device
+        // stage): within the stage in place, across stages by exchanging the tied rows only.
+        if (tied && dp_group_.size() == 1) {
             timed(TaskKind::allreduce, 0, [&] {
-                for (const auto& [emb, lin] : ex_.tied())
-                    if (holds(emb))
-                        compute_->tie_gradients(emb - stage_.first_layer, lin - stage_.first_layer, tied_size(emb));
+                for (const auto& [emb, lin] : ex_.tied()) {
+                    const std::size_t n = tied_size(emb);
+                    if (holds(emb) && holds(lin)) {
+                        compute_->tie_gradients(emb - stage_.first_layer, lin - stage_.first_layer, n);
+                    } else if (holds(emb) || holds(lin)) {
+                        const std::size_t mine = holds(emb) ? emb : lin;
+                        std::vector<std::vector<float>> one(stage_.last_layer - stage_.first_layer + 1);
+                        one[mine - stage_.first_layer] = compute_->gradient(mine - stage_.first_layer, n);
+                        exchange_tied(one, emb, lin);
+                        compute_->set_gradient(mine - stage_.first_layer, one[mine - stage_.first_layer]);
+                    }
+                }
             });
         } else if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
             std::vector<std::vector<float>>& grads = compute_->pull_grads();
@@ -582,8 +589,11 @@ private:
 
     /// An embedding and the linear layer tied to it each end the iteration with the sum of
     /// both gradients (embedding's + linear's, in that order), so that their copies stay equal.
-    void exchange_tied(std::vector<std::vector<float>>& grads) {
+    /// Every tie (or only the one of `only_emb` and `only_lin`), on host copies of the gradients.
+    void exchange_tied(std::vector<std::vector<float>>& grads, std::size_t only_emb = model_input,
+                       std::size_t only_lin = model_input) {
         for (const auto& [emb, lin] : ex_.tied()) {
+            if (only_emb != model_input && (emb != only_emb || lin != only_lin)) continue;
             if (!holds(emb) && !holds(lin)) continue;
             const std::size_t n = tied_size(emb);
             if (holds(emb) && holds(lin)) {

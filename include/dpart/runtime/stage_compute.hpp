@@ -61,6 +61,10 @@ public:
     /// push_grads() writes them back (the CPU stage: its own storage, no copy).
     [[nodiscard]] virtual std::vector<std::vector<float>>& pull_grads() = 0;
     virtual void push_grads() = 0;
+    /// The first n gradient values of one layer (stage-relative index), and back: what a tie
+    /// across stages exchanges, without copying the other layers' gradients.
+    [[nodiscard]] virtual std::vector<float> gradient(std::size_t layer, std::size_t n) = 0;
+    virtual void set_gradient(std::size_t layer, std::span<const float> values) = 0;
     /// An embedding and the linear layer tied to it, both on this stage (stage-relative layer
     /// indices): each ends with the sum of both gradients of the first n values (embedding's +
     /// linear's), where they are kept (no copy to the host on a device).

@@ -75,6 +75,14 @@ public:
     std::vector<std::vector<float>>& pull_grads() override { return grads_; }
     void push_grads() override {}
 
+    std::vector<float> gradient(std::size_t layer, std::size_t n) override {
+        const std::vector<float>& g = grads_.at(layer);
+        return {g.begin(), g.begin() + static_cast<std::ptrdiff_t>(n)};
+    }
+    void set_gradient(std::size_t layer, std::span<const float> values) override {
+        std::copy(values.begin(), values.end(), grads_.at(layer).begin());
+    }
+
     void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) override {
         std::vector<float>& e = grads_.at(embedding);
         std::vector<float>& h = grads_.at(linear);

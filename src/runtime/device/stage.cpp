@@ -142,6 +142,15 @@ public:
         for (std::size_t k = 0; k < dev_.size(); ++k) ops_->upload(host_grads_[k], dev_[k].grads.span());
     }
 
+    std::vector<float> gradient(std::size_t layer, std::size_t n) override {
+        std::vector<float> g(n);
+        ops_->download(dev_.at(layer).grads.span().sub(0, n), g);
+        return g;
+    }
+    void set_gradient(std::size_t layer, std::span<const float> values) override {
+        ops_->upload(values, dev_.at(layer).grads.span().sub(0, values.size()));
+    }
+
     void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) override {
         const DeviceSpan e = dev_.at(embedding).grads.span().sub(0, n);
         const DeviceSpan h = dev_.at(linear).grads.span().sub(0, n);
