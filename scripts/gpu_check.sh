@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of `dpart profile` (issue 7) on the H100 machine (../shared/DEVICE.md): every
-# gpu.* and nccl.* probe writing $OUT/cluster.toml and $OUT/profile.csv; in the same script,
-# references measured without dpart (PyTorch: a bf16 8192^3 matmul, a 1 GiB device copy, a
-# pinned 1 GiB host-to-device copy) and dpart's figure / reference for each (target >= 0.95);
-# then `dpart plan` on the measured cluster. Everything it writes is under $OUT.
+# Every GPU check, on the H100 machine (../shared/DEVICE.md), in one run:
+# - `dpart profile` (issue 7): every gpu.* and nccl.* probe writing $OUT/cluster.toml and
+#   $OUT/profile.csv; references measured without dpart (PyTorch: a bf16 8192^3 matmul, a 1 GiB
+#   device copy, a pinned 1 GiB host-to-device copy) and dpart's figure / reference for each
+#   (target >= 0.95); then `dpart plan` on the measured cluster;
+# - the CUDA backend of `dpart run` (issue 8): scripts/gpu_run_check.sh (kernel tests, training
+#   against the CPU backend, steps against PyTorch eager, a pipeline on green-context partitions).
+# Everything it writes is under $OUT.
 #
 #   scripts/gpu_check.sh [DPART]        DPART: the binary (default: .devbin/dpart, else build-h/dpart)
 #
@@ -11,8 +14,9 @@
 #
 # Getting the binary there (no CMake step on the GPU machine: toml++ is not there, and nothing
 # can be installed). On the CPU machine:
-#   cmake -S . -B build-h -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-h -j2 --target dpart
+#   cmake -S . -B build-h -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-h -j2 --target dpart dpart_gpu_tests
 #   mkdir -p .devbin && strip -o .devbin/dpart build-h/dpart     # under the 64 MiB a run carries
+#   strip -o .devbin/dpart_gpu_tests build-h/dpart_gpu_tests
 #   ldd build-h/dpart                                            # what it needs at run time
 # toml++ is compiled into the binary and fmt is header-only; the CUDA runtime is static. It
 # needs libnccl, libcudnn, libcublas (there: /lib/x86_64-linux-gnu, /usr/local/cuda/lib64),
@@ -21,7 +25,7 @@
 # carried: copy it from the CPU machine into .devbin/lib (e.g. `cp -L
 # /lib/x86_64-linux-gnu/libopenblas.so.0 /lib/x86_64-linux-gnu/libgfortran.so.5 .devbin/lib/`)
 # and this script puts .devbin/lib on LD_LIBRARY_PATH. With the device tool:
-#   run(command="scripts/gpu_check.sh", carry=[".devbin"], timeout_s=480)
+#   run(command="scripts/gpu_check.sh", carry=[".devbin"], timeout_s=600)
 # (.devbin must be ignored by git, e.g. listed in .git/info/exclude, to be carried.)
 set -u
 cd "$(dirname "$0")/.."
@@ -153,6 +157,10 @@ else
     say "no cluster.toml was written"
     status=1
 fi
+
+step "the CUDA backend of dpart run (scripts/gpu_run_check.sh)"
+TESTS=$(dirname "$DPART")/dpart_gpu_tests
+OUT="$OUT" scripts/gpu_run_check.sh "$DPART" "$TESTS" || status=1
 
 say
 say "gpu_check: $([[ $status == 0 ]] && echo PASS || echo FAIL); files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
