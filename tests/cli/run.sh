@@ -332,6 +332,35 @@ if check "plan tiny-gpt on emulated devices" 0 "$dpart" plan "$gpt" -c "$emu" --
     fi
 fi
 
+# --- The device backend's code path without a GPU (--backend host-device) ---------------------
+# The CUDA backend's layers and stage on host memory: in fp32 the training of the CPU backend.
+if check "host-device: tiny-gpt, 2 stages" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" \
+    --backend host-device -o "$tmp/gpt2-dev"; then
+    contains "host-device: named in the summary" "$tmp/gpt2-dev/summary.toml" 'backend = "host-device (fp32)"'
+    awk -v a="$(summary_value "$tmp/gpt2/summary.toml" final_loss)" \
+        -v b="$(summary_value "$tmp/gpt2-dev/summary.toml" final_loss)" \
+        'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 1e-5 * a) }' && checks=$((checks + 1)) ||
+        { echo "FAIL host-device: final loss differs from the CPU backend's"; failures=$((failures + 1)); }
+fi
+if check "host-device, bf16: tiny-gpt, 2 stages" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" \
+    "${run_flags[@]}" --backend host-device --precision bf16 -o "$tmp/gpt2-bf16"; then
+    contains "host-device bf16: named in the summary" "$tmp/gpt2-bf16/summary.toml" 'backend = "host-device (bf16)"'
+fi
+check "bf16 on the cpu backend" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --precision bf16 &&
+    contains "bf16 on cpu explained" "$tmp/err" "--precision bf16 needs a device backend"
+check "tf32 on the cpu backend" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --tf32
+check "emulate on a device backend" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --emulate \
+    --backend host-device
+check "an unknown backend" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --backend tpu
+plan_file tp2 1f1b 2 4 '0 7 "cpu0","cpu1" 2'
+check "tensor parallelism on a device backend" 2 "$dpart" run "$tmp/tp2.toml" -m "$gpt" -c "$cpu2" \
+    --backend host-device && contains "tp refused, naming the stage" "$tmp/err" "tensor parallelism (tp = 2)"
+# --backend cuda on a machine without a GPU (or a build without CUDA): one clear message, exit 1.
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi >/dev/null 2>&1; then
+    check "cuda without a GPU" 1 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --backend cuda &&
+        contains "cuda without a GPU explained" "$tmp/err" "cuda"
+fi
+
 # --- Faults and mismatches ---------------------------------------------------------------------
 DPART_INJECT_FAULT=1:2 check "a failing worker stops the run" 1 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" \
     "${run_flags[@]}" && contains "the failing worker is named" "$tmp/err" "worker 1 (stage 1"
