@@ -250,6 +250,7 @@ public:
         for (auto it = static_cast<std::uint32_t>(ex_.first_iteration()); it < ex_.options().iterations; ++it) {
             iteration_ = it;
             conditions_ = conditions_at(ex_.options().scenario, conditions_.slowdown.size(), it);
+            device_slowed_ = compute_->apply_slowdown(conditions_.slowdown.at(place_.device));
             if (const auto& f = ex_.options().fault; f && f->rank == rank_ && f->iteration == it) {
                 if (f->exit) std::_Exit(3);
                 throw RuntimeError("injected fault (DPART_INJECT_FAULT)");
@@ -368,9 +369,9 @@ private:
     template <class F>
     void timed(TaskKind kind, std::uint32_t mb, F&& f) {
         const double start = seconds_since_start();
-        const double factor = kind == TaskKind::forward || kind == TaskKind::backward || kind == TaskKind::optimizer
-                                  ? conditions_.slowdown[place_.device]
-                                  : send_factor(kind);
+        const bool compute = kind == TaskKind::forward || kind == TaskKind::backward || kind == TaskKind::optimizer;
+        // A device that realises its slowdown (a shrunk GPU partition) is not also waited for.
+        const double factor = compute ? (device_slowed_ ? 1.0 : conditions_.slowdown[place_.device]) : send_factor(kind);
         const bool send = kind == TaskKind::send_activation || kind == TaskKind::send_gradient;
         if (ex_.options().emulate) {
             const auto until = [&](double s) {
@@ -635,6 +636,7 @@ private:
     std::vector<std::size_t> dp_group_;
     std::unique_ptr<StageCompute> compute_;
     std::vector<std::size_t> keep_;  // the outputs forward must return: what the next stage reads, the last layer
+    bool device_slowed_ = false;     // the stage realises this iteration's slowdown itself
     std::map<std::uint32_t, InFlight> in_flight_;
     std::uint32_t iteration_ = 0;
     Clock::time_point t0_;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <mutex>
 
 #include "dpart/io/model_toml.hpp"
 #include "dpart/runtime/backend.hpp"
@@ -229,7 +230,8 @@ Plan device_plan(std::uint64_t microbatches, std::uint64_t global_batch,
     return p;
 }
 
-RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& backend, std::uint64_t iterations = 3) {
+RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& backend, std::uint64_t iterations = 3,
+                   const Scenario& scenario = {}) {
     const Cluster cluster = load_cluster(std::string(DPART_SOURCE_DIR) + "/plans/clusters/cpu-4workers.toml");
     const AnalyticalCostModel cost(model, cluster, {});
     const PlanEstimate est = estimate_plan(plan, model, cluster, cost, {});
@@ -238,6 +240,7 @@ RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& bac
     o.seed = 7;
     o.timeout = std::chrono::milliseconds(20000);
     o.backend = backend;
+    o.scenario = scenario;
     return run_in_process(Execution(plan, model, est, o));
 }
 
@@ -293,4 +296,108 @@ TEST_CASE("the device backend refuses tensor-parallel stages, naming the stage")
     plan.stages[0].tp = 2;
     CHECK_THROWS_WITH_AS((void)run_plan(model, plan, host_backend(Elem::f32)),
                          doctest::Contains("tensor parallelism (tp = 2) runs on the CPU backend only"), InputError);
+}
+
+namespace {
+
+/// Host ops that can be "resized" as a GPU partition can: they record every resize and report
+/// the slowdown as realised, so the executor must not wait it out as well.
+class ResizableOps final : public DeviceOps {
+public:
+    ResizableOps(std::vector<double>& log, std::mutex& mutex) : host_(make_host_ops()), log_(log), mutex_(mutex) {}
+    std::string name() const override { return "resizable host"; }
+    double resize(double factor) override {
+        std::lock_guard lock(mutex_);
+        log_.push_back(factor);
+        return factor > 1.0 ? factor : 1.0;
+    }
+    // Everything else is the host's.
+    DeviceSpan allocate(std::size_t c, Elem e) override { return host_->allocate(c, e); }
+    void release(DeviceSpan s) noexcept override { host_->release(s); }
+    void upload(std::span<const float> f, DeviceSpan t) override { host_->upload(f, t); }
+    void download(DeviceSpan f, std::span<float> t) override { host_->download(f, t); }
+    void copy(DeviceSpan f, DeviceSpan t) override { host_->copy(f, t); }
+    void fill(DeviceSpan s, float v) override { host_->fill(s, v); }
+    void add(DeviceSpan f, DeviceSpan t) override { host_->add(f, t); }
+    void mul(DeviceSpan a, DeviceSpan b, DeviceSpan o) override { host_->mul(a, b, o); }
+    void synchronize() override { host_->synchronize(); }
+    void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float al, DeviceSpan a, std::size_t lda,
+              DeviceSpan b, std::size_t ldb, float be, DeviceSpan c, std::size_t ldc) override {
+        host_->gemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc);
+    }
+    void gemm_batched(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float al, DeviceSpan a,
+                      std::size_t lda, std::size_t sa, DeviceSpan b, std::size_t ldb, std::size_t sb, float be,
+                      DeviceSpan c, std::size_t ldc, std::size_t sc, std::size_t batch) override {
+        host_->gemm_batched(ta, tb, m, n, k, al, a, lda, sa, b, ldb, sb, be, c, ldc, sc, batch);
+    }
+    void bias_add(DeviceSpan y, DeviceSpan b, std::size_t r, std::size_t c) override { host_->bias_add(y, b, r, c); }
+    void column_sums(DeviceSpan d, DeviceSpan b, std::size_t r, std::size_t c) override { host_->column_sums(d, b, r, c); }
+    void activation_forward(Activation a, DeviceSpan x, DeviceSpan y) override { host_->activation_forward(a, x, y); }
+    void activation_backward(Activation a, DeviceSpan x, DeviceSpan dy, DeviceSpan dx) override {
+        host_->activation_backward(a, x, dy, dx);
+    }
+    void norm_forward(NormKind k, DeviceSpan x, DeviceSpan g, std::optional<DeviceSpan> b, DeviceSpan y, DeviceSpan s,
+                      std::size_t r, std::size_t f) override {
+        host_->norm_forward(k, x, g, b, y, s, r, f);
+    }
+    void norm_backward(NormKind k, DeviceSpan x, DeviceSpan g, DeviceSpan s, DeviceSpan dy, DeviceSpan dx, DeviceSpan dg,
+                       std::optional<DeviceSpan> db, std::size_t r, std::size_t f) override {
+        host_->norm_backward(k, x, g, s, dy, dx, dg, db, r, f);
+    }
+    void softmax_xent_forward(DeviceSpan l, DeviceSpan y, DeviceSpan loss, std::size_t r, std::size_t c) override {
+        host_->softmax_xent_forward(l, y, loss, r, c);
+    }
+    void softmax_xent_backward(DeviceSpan l, DeviceSpan y, float s, DeviceSpan d, std::size_t r, std::size_t c) override {
+        host_->softmax_xent_backward(l, y, s, d, r, c);
+    }
+    void embedding_forward(DeviceSpan i, DeviceSpan t, DeviceSpan o, std::size_t n, std::size_t d) override {
+        host_->embedding_forward(i, t, o, n, d);
+    }
+    void embedding_backward(DeviceSpan i, DeviceSpan d, DeviceSpan t, std::size_t n, std::size_t dim) override {
+        host_->embedding_backward(i, d, t, n, dim);
+    }
+    void attention_softmax_forward(DeviceSpan s, std::size_t bh, std::size_t n, float sc, bool causal) override {
+        host_->attention_softmax_forward(s, bh, n, sc, causal);
+    }
+    void attention_softmax_backward(DeviceSpan p, DeviceSpan d, std::size_t bh, std::size_t n, float sc) override {
+        host_->attention_softmax_backward(p, d, bh, n, sc);
+    }
+    void optimizer_step(const OptimizerOptions& o, std::uint64_t st, DeviceSpan p, DeviceSpan g, DeviceSpan m,
+                        DeviceSpan v) override {
+        host_->optimizer_step(o, st, p, g, m, v);
+    }
+
+private:
+    std::unique_ptr<DeviceOps> host_;
+    std::vector<double>& log_;
+    std::mutex& mutex_;
+};
+
+}  // namespace
+
+TEST_CASE("a device that resizes itself is resized once when a scenario slows it and restored when it recovers") {
+    const Model model = load_model(models_dir + "seed-mlp.toml");
+    const Plan plan = device_plan(2, 64, {{0, 1}, {2, 3}}, {{0}, {1}});
+    Scenario scenario;
+    ScenarioEvent slow;
+    slow.iteration = 1;
+    slow.device = 1;
+    slow.factor = 40.0;  // were it waited out, the run would take seconds
+    ScenarioEvent back;
+    back.iteration = 3;
+    back.kind = EventKind::recover;
+    back.device = 1;
+    scenario.events = {slow, back};
+    std::vector<double> log0, log1;
+    std::mutex mutex;
+    const StageFactory resizable = [&](StageSetup setup) {
+        std::vector<double>& log = setup.place.device == 0 ? log0 : log1;
+        return make_device_stage_factory([&](const WorkerPlace&) { return std::make_unique<ResizableOps>(log, mutex); },
+                                         Elem::f32)(std::move(setup));
+    };
+    const RunResult plain = run_plan(model, plan, nullptr, 5);
+    const RunResult resized = run_plan(model, plan, resizable, 5, scenario);
+    CHECK(log0.empty());                                 // device 0 never slowed
+    CHECK(log1 == std::vector<double>{40.0, 1.0});       // shrunk at iteration 1, restored at 3
+    CHECK(weights_error(resized, plain) < 1e-6);         // a slowdown changes no value
 }

@@ -65,6 +65,10 @@ public:
     virtual void mul(DeviceSpan a, DeviceSpan b, DeviceSpan out) = 0;
     /// Waits for everything queued.
     virtual void synchronize() = 0;
+    /// Makes the device `factor` times slower for real, if it can (a green-context partition
+    /// moves to fewer SMs: sm_partition's shrunk_sms; a factor <= 1 restores it) and returns the
+    /// slowdown it now has; a device that cannot be resized returns 1 and is left as it is.
+    virtual double resize(double /*factor*/) { return 1.0; }
 
     // --- matrix products (row-major, as cpu::gemm) -----------------------------------------
     /// C = alpha op(A) op(B) + beta C: op(A) [m, k], op(B) [k, n], C [m, n]; lda, ldb, ldc are the

@@ -69,6 +69,11 @@ public:
     /// indices): each ends with the sum of both gradients of the first n values (embedding's +
     /// linear's), where they are kept (no copy to the host on a device).
     virtual void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) = 0;
+    /// A scenario slows the stage's device by `factor` from this iteration on (1: not slowed).
+    /// Returns true when the stage realises the slowdown itself (a GPU partition shrunk to
+    /// fewer SMs), so that the executor does not also wait it out; false (the default) when the
+    /// executor should emulate it by waiting.
+    virtual bool apply_slowdown(double /*factor*/) { return false; }
     /// One optimizer step (step counts from 1) on every layer; zeroes the gradients.
     virtual void step(const OptimizerOptions& o, std::uint64_t step) = 0;
     /// Every layer's state in host memory, from pull_state() until push_state().

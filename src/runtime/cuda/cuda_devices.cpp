@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -41,6 +42,7 @@ struct Driver {
     decltype(&::cuGreenCtxCreate) green_ctx_create = nullptr;
     decltype(&::cuGreenCtxDestroy) green_ctx_destroy = nullptr;
     decltype(&::cuGreenCtxStreamCreate) green_ctx_stream_create = nullptr;
+    decltype(&::cuGreenCtxGetDevResource) green_ctx_get_dev_resource = nullptr;
     decltype(&::cuCtxFromGreenCtx) ctx_from_green_ctx = nullptr;
     decltype(&::cuCtxSetCurrent) ctx_set_current = nullptr;
     decltype(&::cuStreamDestroy) stream_destroy = nullptr;
@@ -69,6 +71,7 @@ struct Driver {
             load(x.green_ctx_create, "cuGreenCtxCreate");
             load(x.green_ctx_destroy, "cuGreenCtxDestroy");
             load(x.green_ctx_stream_create, "cuGreenCtxStreamCreate");
+            load(x.green_ctx_get_dev_resource, "cuGreenCtxGetDevResource");
             load(x.ctx_from_green_ctx, "cuCtxFromGreenCtx");
             load(x.ctx_set_current, "cuCtxSetCurrent");
             load(x.stream_destroy, "cuStreamDestroy");
@@ -135,8 +138,12 @@ class CudaOps final : public DeviceOps {
 public:
     /// On `stream` (nullptr: a stream of its own on `device`, made current here). A partition's
     /// caller has made its green context current and passes that context's stream.
-    CudaOps(int device, cudaStream_t stream, std::string name, bool tf32)
-        : device_(device), stream_(stream), name_(std::move(name)) {
+    /// `resizer(factor, realised)` returns the stream of the partition shrunk for `factor` (and
+    /// sets the slowdown it gives); empty for a device that cannot be resized.
+    using Resizer = std::function<cudaStream_t(double factor, double& realised)>;
+
+    CudaOps(int device, cudaStream_t stream, std::string name, bool tf32, Resizer resizer = {})
+        : device_(device), stream_(stream), name_(std::move(name)), resizer_(std::move(resizer)) {
         if (stream_ == nullptr) {
             check_cuda(cudaSetDevice(device_), "cudaSetDevice");
             check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -256,6 +263,18 @@ public:
         });
     }
     void synchronize() override { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+    double resize(double factor) override {
+        if (!resizer_) return 1.0;
+        synchronize();  // everything queued on the old partition is done; buffers stay valid
+        double realised = 1.0;
+        const cudaStream_t next = resizer_(factor, realised);
+        if (next != stream_) {
+            stream_ = next;
+            blas_->set_stream(stream_);
+        }
+        return realised;
+    }
 
     void gemm(Trans ta, Trans tb, std::size_t m, std::size_t n, std::size_t k, float alpha, DeviceSpan a,
               std::size_t lda, DeviceSpan b, std::size_t ldb, float beta, DeviceSpan c, std::size_t ldc) override {
@@ -386,6 +405,7 @@ private:
     cudaStream_t stream_ = nullptr;
     bool own_stream_ = false;
     std::string name_;
+    Resizer resizer_;
     std::unique_ptr<cuda::Blas> blas_;
 };
 
@@ -401,12 +421,61 @@ struct CudaDevices::Impl {
         CUgreenCtx green = nullptr;
         CUstream stream = nullptr;
         std::uint32_t sms = 0;
+        std::uint32_t step = 8;  // the GPU's partition step
+        // The partition shrunk by a slowdown, while it is.
+        CUgreenCtx shrunk = nullptr;
+        CUstream shrunk_stream = nullptr;
     };
+
+    /// The stream of `device`'s partition shrunk for `factor` (its own when factor <= 1 or the
+    /// shrink leaves every SM), made current on the calling thread; `realised` = the slowdown.
+    cudaStream_t resize(std::size_t device, double factor, double& realised) {
+        std::lock_guard lock(mutex);
+        Target& t = targets.at(device);
+        const Driver& cu = Driver::get();
+        if (t.shrunk != nullptr) {  // the caller has synchronised the shrunk stream
+            cu.stream_destroy(t.shrunk_stream);
+            cu.green_ctx_destroy(t.shrunk);
+            t.shrunk = nullptr;
+            t.shrunk_stream = nullptr;
+        }
+        const std::uint32_t want = shrunk_sms(t.sms, factor, t.step);
+        realised = 1.0;
+        CUgreenCtx current = t.green;
+        CUstream stream = t.stream;
+        if (want < t.sms) {
+            // A green context's resources can be split again once it exists (CUDA's rule).
+            CUdevResource mine{};
+            check_cu(cu.green_ctx_get_dev_resource(t.green, &mine, CU_DEV_RESOURCE_TYPE_SM),
+                     "cuGreenCtxGetDevResource");
+            CUdevResource part{};
+            CUdevResource rest{};
+            unsigned n = 1;
+            check_cu(cu.sm_resource_split_by_count(&part, &n, &mine, &rest, 0, want), "cuDevSmResourceSplitByCount");
+            if (n != 1) throw RuntimeError(fmt::format("{}: could not cut {} SMs for a slowdown of {}", t.name, want, factor));
+            CUdevResourceDesc desc = nullptr;
+            check_cu(cu.dev_resource_generate_desc(&desc, &part, 1), "cuDevResourceGenerateDesc");
+            CUdevice dev = 0;
+            check_cu(cu.device_get(&dev, t.gpu), "cuDeviceGet");
+            check_cu(cu.green_ctx_create(&t.shrunk, desc, dev, CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate");
+            check_cu(cu.green_ctx_stream_create(&t.shrunk_stream, t.shrunk, CU_STREAM_NON_BLOCKING, 0),
+                     "cuGreenCtxStreamCreate");
+            realised = partition_slowdown(t.sms, part.sm.smCount);
+            current = t.shrunk;
+            stream = t.shrunk_stream;
+        }
+        CUcontext ctx = nullptr;
+        check_cu(cu.ctx_from_green_ctx(&ctx, current), "cuCtxFromGreenCtx");
+        check_cu(cu.ctx_set_current(ctx), "cuCtxSetCurrent");
+        return reinterpret_cast<cudaStream_t>(stream);
+    }
     std::map<std::size_t, Target> targets;  // by cluster device
     std::mutex mutex;
 
     ~Impl() {
         for (auto& [d, t] : targets) {
+            if (t.shrunk_stream != nullptr) Driver::get().stream_destroy(t.shrunk_stream);
+            if (t.shrunk != nullptr) Driver::get().green_ctx_destroy(t.shrunk);
             if (t.stream != nullptr) Driver::get().stream_destroy(t.stream);
             if (t.green != nullptr) Driver::get().green_ctx_destroy(t.green);
         }
@@ -470,6 +539,7 @@ CudaDevices::CudaDevices(const Cluster& cluster) : impl_(std::make_unique<Impl>(
                 Impl::Target t;
                 t.gpu = gpu;
                 t.sms = groups[g].sm.smCount;
+                t.step = sm_granularity(prop.major);
                 CUdevResourceDesc desc = nullptr;
                 check_cu(cu.dev_resource_generate_desc(&desc, &groups[g], 1), "cuDevResourceGenerateDesc");
                 check_cu(cu.green_ctx_create(&t.green, desc, dev, CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate");
@@ -496,7 +566,12 @@ std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t device, bool tf32) {
         check_cu(Driver::get().ctx_from_green_ctx(&ctx, t.green), "cuCtxFromGreenCtx");
         check_cu(Driver::get().ctx_set_current(ctx), "cuCtxSetCurrent");
     }
-    return std::make_unique<CudaOps>(t.gpu, reinterpret_cast<cudaStream_t>(t.stream), t.name, tf32);  // null: its own
+    if (t.green == nullptr) return std::make_unique<CudaOps>(t.gpu, nullptr, t.name, tf32);  // a stream of its own
+    Impl* impl = impl_.get();
+    return std::make_unique<CudaOps>(t.gpu, reinterpret_cast<cudaStream_t>(t.stream), t.name, tf32,
+                                     [impl, device](double factor, double& realised) {
+                                         return impl->resize(device, factor, realised);
+                                     });
 }
 
 std::string CudaDevices::describe(std::size_t device) const {

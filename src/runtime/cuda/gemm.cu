@@ -85,6 +85,13 @@ Blas::Blas(cudaStream_t stream) : stream_(stream) {
     }
 }
 
+void Blas::set_stream(cudaStream_t stream) {
+    check_cublas(cublasSetStream(handle_, stream), "cublasSetStream");
+    // cublasSetStream resets the workspace to cuBLAS's pool: give it ours again.
+    check_cublas(cublasSetWorkspace(handle_, workspace_, kWorkspaceBytes), "cublasSetWorkspace");
+    stream_ = stream;
+}
+
 Blas::~Blas() {
     // cublasDestroy synchronises the device, so no product still uses the workspace; errors
     // cannot be reported from a destructor.

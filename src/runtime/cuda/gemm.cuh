@@ -29,6 +29,8 @@ public:
     void set_tf32(bool on) noexcept { tf32_ = on; }
     [[nodiscard]] bool tf32() const noexcept { return tf32_; }
     [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
+    /// Moves the handle to another stream (the caller has synchronised the old one).
+    void set_stream(cudaStream_t stream);
 
     /// C = alpha * op(A) op(B) + beta * C on row-major matrices: op(A) is [m, k], op(B) is [k, n],
     /// C is [m, n]; lda, ldb and ldc are the row strides of A, B and C as stored (A is stored

@@ -158,6 +158,16 @@ public:
         ops_->copy(e, h);
     }
 
+    bool apply_slowdown(double factor) override {
+        if (factor != applied_factor_) {
+            realised_ = ops_->resize(factor);
+            applied_factor_ = factor;
+        }
+        // A device that resized itself shows the slowdown for real; one that could not (1.0)
+        // leaves it to the executor's emulation.
+        return factor > 1.0 && realised_ > 1.0;
+    }
+
     void step(const OptimizerOptions& o, std::uint64_t step) override {
         for (std::size_t k = 0; k < dev_.size(); ++k) {
             LayerState& d = dev_[k];
@@ -224,6 +234,8 @@ private:
     std::vector<ShardState> host_state_;
     std::vector<std::vector<float>> host_grads_;
     std::size_t classes_ = 0, positions_ = 0;
+    double applied_factor_ = 1.0;  // the slowdown last passed to resize()
+    double realised_ = 1.0;        // what the device made of it
     std::map<std::uint32_t, InFlight> in_flight_;
 };
 
