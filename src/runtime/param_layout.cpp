@@ -103,4 +103,63 @@ std::size_t ParamLayout::shard_count(Id id) const {
     return e.split == Split::none ? full : full / shard_.size;
 }
 
+LinearParams add_linear_params(ParamLayout& layout, std::size_t in, std::size_t out, bool bias, bool split) {
+    const Split rows = split ? Split::rows : Split::none;
+    LinearParams p;
+    p.w = layout.add(out, in, rows, Init::weight, in);
+    p.b = layout.add_if(bias, out, 1, rows, Init::zero);
+    return p;
+}
+
+EmbeddingParams add_embedding_params(ParamLayout& layout, const EmbeddingOp& op) {
+    EmbeddingParams p;
+    p.tok = layout.add(op.vocab, op.hidden, Split::none, Init::table);
+    p.pos = layout.add_if(op.positions != 0, op.positions, op.hidden, Split::none, Init::table);
+    p.type = layout.add_if(op.token_types != 0, op.token_types, op.hidden, Split::none, Init::table);
+    return p;
+}
+
+NormParams add_norm_params(ParamLayout& layout, NormKind kind, std::size_t features, bool bias) {
+    NormParams p;
+    p.gamma = layout.add(features, 1, Split::none, Init::one);
+    p.beta = layout.add_if(kind == NormKind::layernorm && bias, features, 1, Split::none, Init::zero);
+    return p;
+}
+
+AttentionParams add_attention_params(ParamLayout& layout, const AttentionOp& op) {
+    const std::size_t h = op.hidden;
+    const std::size_t q = op.heads * op.head_dim;
+    const std::size_t kv = op.kv_heads * op.head_dim;
+    AttentionParams p{};
+    // Q, K and V are column-parallel (a rank's rows are its heads), the output row-parallel.
+    p.wq = layout.add(q, h, Split::rows, Init::weight, h);
+    p.wk = layout.add(kv, h, Split::rows, Init::weight, h);
+    p.wv = layout.add(kv, h, Split::rows, Init::weight, h);
+    p.bq = layout.add_if(op.qkv_bias, q, 1, Split::rows, Init::zero);
+    p.bk = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
+    p.bv = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
+    p.wo = layout.add(h, q, Split::cols, Init::weight, q);
+    p.bo = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
+    return p;
+}
+
+MlpParams add_mlp_params(ParamLayout& layout, const MlpOp& op) {
+    const std::size_t f = op.ffn_hidden, h = op.hidden;
+    MlpParams p;
+    if (op.kind == MlpKind::gated) {
+        p.gate = layout.add(f, h, Split::rows, Init::weight, h);
+        p.up = layout.add(f, h, Split::rows, Init::weight, h);
+        p.down = layout.add(h, f, Split::cols, Init::weight, f);
+        p.bgate = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
+        p.bup = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
+        p.bdown = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
+    } else {
+        p.up = layout.add(f, h, Split::rows, Init::weight, h);
+        p.bup = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
+        p.down = layout.add(h, f, Split::cols, Init::weight, f);
+        p.bdown = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
+    }
+    return p;
+}
+
 }  // namespace dpart::rt

@@ -9,6 +9,7 @@
 #include <span>
 #include <vector>
 
+#include "dpart/graph/op.hpp"
 #include "dpart/runtime/backend.hpp"
 
 namespace dpart::rt {
@@ -65,5 +66,39 @@ private:
     std::size_t full_size_ = 0;
     std::size_t shard_size_ = 0;
 };
+
+// --- Each op's parameters, in canonical order: the one definition both backends use --------
+
+/// A linear layer: weight [out, in] (fan-in in), then its bias [out]; both split by rows
+/// (column-parallel) when `split`.
+struct LinearParams {
+    ParamLayout::Id w = ParamLayout::absent, b = ParamLayout::absent;
+};
+LinearParams add_linear_params(ParamLayout& layout, std::size_t in, std::size_t out, bool bias, bool split);
+
+/// An embedding: the token table, then learned positions and token types when present.
+struct EmbeddingParams {
+    ParamLayout::Id tok = ParamLayout::absent, pos = ParamLayout::absent, type = ParamLayout::absent;
+};
+EmbeddingParams add_embedding_params(ParamLayout& layout, const EmbeddingOp& op);
+
+/// A norm: gamma (ones), then beta (zeros; layernorm with a bias only).
+struct NormParams {
+    ParamLayout::Id gamma = ParamLayout::absent, beta = ParamLayout::absent;
+};
+NormParams add_norm_params(ParamLayout& layout, NormKind kind, std::size_t features, bool bias);
+
+/// Self-attention: Wq, Wk, Wv (column-parallel), their biases, Wo (row-parallel), bo.
+struct AttentionParams {
+    ParamLayout::Id wq, wk, wv, bq, bk, bv, wo, bo;
+};
+AttentionParams add_attention_params(ParamLayout& layout, const AttentionOp& op);
+
+/// An MLP. Plain: up, b_up, down, b_down. Gated: gate, up, down, b_gate, b_up, b_down.
+struct MlpParams {
+    ParamLayout::Id gate = ParamLayout::absent, up = ParamLayout::absent, down = ParamLayout::absent;
+    ParamLayout::Id bgate = ParamLayout::absent, bup = ParamLayout::absent, bdown = ParamLayout::absent;
+};
+MlpParams add_mlp_params(ParamLayout& layout, const MlpOp& op);
 
 }  // namespace dpart::rt

@@ -12,17 +12,8 @@ namespace dpart::rt::cpu {
 AttentionPart::AttentionPart(ParamLayout& layout, const AttentionOp& op, std::size_t seq, Shard shard)
     : layout_(&layout), shard_(shard), hidden_(op.hidden), seq_(seq), head_dim_(op.head_dim),
       heads_(op.heads / shard.size), kv_heads_(op.kv_heads / shard.size), causal_(op.causal) {
-    const std::size_t q = op.heads * op.head_dim;
-    const std::size_t kv = op.kv_heads * op.head_dim;
-    // Q, K and V are column-parallel (a rank's rows are its heads), the output row-parallel.
-    wq_ = layout.add(q, hidden_, Split::rows, Init::weight, hidden_);
-    wk_ = layout.add(kv, hidden_, Split::rows, Init::weight, hidden_);
-    wv_ = layout.add(kv, hidden_, Split::rows, Init::weight, hidden_);
-    bq_ = layout.add_if(op.qkv_bias, q, 1, Split::rows, Init::zero);
-    bk_ = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
-    bv_ = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
-    wo_ = layout.add(hidden_, q, Split::cols, Init::weight, q);
-    bo_ = layout.add_if(op.bias, hidden_, 1, Split::none, Init::zero);
+    const AttentionParams p = add_attention_params(layout, op);
+    wq_ = p.wq, wk_ = p.wk, wv_ = p.wv, bq_ = p.bq, bk_ = p.bk, bv_ = p.bv, wo_ = p.wo, bo_ = p.bo;
 }
 
 void AttentionPart::project(const Tensor& x, std::span<const float> params, Tensor& q, Tensor& k, Tensor& v) const {

@@ -21,9 +21,9 @@ public:
         split_ = shard.size > 1 && !op.tied_to;
         if (split_) require_split(l, out_, "out_features", shard);
         own_ = split_ ? out_ / shard.size : out_;
-        const Split rows = split_ ? Split::rows : Split::none;
-        w_ = layout_.add(out_, in_, rows, Init::weight, in_);
-        b_ = layout_.add_if(op.bias, out_, 1, rows, Init::zero);
+        const LinearParams p = add_linear_params(layout_, in_, out_, op.bias, split_);
+        w_ = p.w;
+        b_ = p.b;
     }
 
     [[nodiscard]] Tensor forward(const StepContext& ctx, std::span<const Tensor* const> inputs,
@@ -85,22 +85,8 @@ Tensor like(const Tensor& x, std::size_t last) {
 MlpPart::MlpPart(ParamLayout& layout, const MlpOp& op, Shard shard)
     : layout_(&layout), shard_(shard), hidden_(op.hidden), ffn_(op.ffn_hidden / shard.size),
       gated_(op.kind == MlpKind::gated), act_(op.activation) {
-    const std::size_t f = op.ffn_hidden;
-    const std::size_t h = hidden_;
-    if (gated_) {
-        gate_ = layout.add(f, h, Split::rows, Init::weight, h);
-        up_ = layout.add(f, h, Split::rows, Init::weight, h);
-        down_ = layout.add(h, f, Split::cols, Init::weight, f);
-        bgate_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
-        bup_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
-        bdown_ = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
-    } else {
-        gate_ = bgate_ = ParamLayout::absent;
-        up_ = layout.add(f, h, Split::rows, Init::weight, h);
-        bup_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
-        down_ = layout.add(h, f, Split::cols, Init::weight, f);
-        bdown_ = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
-    }
+    const MlpParams p = add_mlp_params(layout, op);
+    gate_ = p.gate, up_ = p.up, down_ = p.down, bgate_ = p.bgate, bup_ = p.bup, bdown_ = p.bdown;
 }
 
 Tensor MlpPart::forward(const StepContext& ctx, const Tensor& x, std::span<const float> params,

@@ -16,9 +16,10 @@ public:
         const auto& op = std::get<EmbeddingOp>(model.layers[layer].op);
         vocab_ = op.vocab;
         hidden_ = op.hidden;
-        tok_ = layout_.add(vocab_, hidden_, Split::none, Init::table);
-        pos_ = layout_.add_if(op.positions != 0, op.positions, hidden_, Split::none, Init::table);
-        type_ = layout_.add_if(op.token_types != 0, op.token_types, hidden_, Split::none, Init::table);
+        const EmbeddingParams p = add_embedding_params(layout_, op);
+        tok_ = p.tok;
+        pos_ = p.pos;
+        type_ = p.type;
     }
 
     [[nodiscard]] Tensor forward(const StepContext&, std::span<const Tensor* const> inputs,
@@ -78,8 +79,9 @@ private:
 
 NormPart::NormPart(ParamLayout& layout, NormKind kind, std::size_t features, bool bias)
     : layout_(&layout), kind_(kind), features_(features) {
-    gamma_ = layout.add(features, 1, Split::none, Init::one);
-    beta_ = layout.add_if(kind == NormKind::layernorm && bias, features, 1, Split::none, Init::zero);
+    const NormParams p = add_norm_params(layout, kind, features, bias);
+    gamma_ = p.gamma;
+    beta_ = p.beta;
 }
 
 Tensor NormPart::forward(const StepContext&, const Tensor& x, std::span<const float> params,

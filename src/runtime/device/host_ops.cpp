@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "../cpu/blas.hpp"
+#include "../cpu/common.hpp"
 #include "dpart/core/error.hpp"
 #include "dpart/runtime/device.hpp"
 
@@ -65,31 +66,6 @@ std::vector<float> floats(const DeviceSpan& s, std::size_t n) {
     else
         for (std::size_t i = 0; i < n; ++i) out[i] = get(s, i);
     return out;
-}
-
-float activate(Activation a, float x) noexcept {
-    switch (a) {
-    case Activation::relu: return x > 0.0f ? x : 0.0f;
-    case Activation::gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678f));
-    case Activation::silu: return x / (1.0f + std::exp(-x));
-    }
-    return x;
-}
-
-float activate_grad(Activation a, float x) noexcept {
-    switch (a) {
-    case Activation::relu: return x > 0.0f ? 1.0f : 0.0f;
-    case Activation::gelu: {
-        const float cdf = 0.5f * (1.0f + std::erf(x * 0.70710678f));
-        const float pdf = 0.39894228f * std::exp(-0.5f * x * x);
-        return cdf + x * pdf;
-    }
-    case Activation::silu: {
-        const float s = 1.0f / (1.0f + std::exp(-x));
-        return s * (1.0f + x * (1.0f - s));
-    }
-    }
-    return 1.0f;
 }
 
 cpu::Op op(Trans t) { return t == Trans::trans ? cpu::Op::trans : cpu::Op::none; }
@@ -184,12 +160,12 @@ public:
     }
     void activation_forward(Activation a, DeviceSpan x, DeviceSpan y) override {
         need(y, x.count, "activation's y");
-        for (std::size_t i = 0; i < x.count; ++i) put(y, i, activate(a, get(x, i)));
+        for (std::size_t i = 0; i < x.count; ++i) put(y, i, cpu::activate(a, get(x, i)));
     }
     void activation_backward(Activation a, DeviceSpan x, DeviceSpan dy, DeviceSpan dx) override {
         need(dy, x.count, "activation's dy");
         need(dx, x.count, "activation's dx");
-        for (std::size_t i = 0; i < x.count; ++i) put(dx, i, get(dy, i) * activate_grad(a, get(x, i)));
+        for (std::size_t i = 0; i < x.count; ++i) put(dx, i, get(dy, i) * cpu::activate_grad(a, get(x, i)));
     }
 
     void norm_forward(NormKind kind, DeviceSpan x, DeviceSpan gamma, std::optional<DeviceSpan> beta, DeviceSpan y,

@@ -92,8 +92,9 @@ protected:
 class NormPart {
 public:
     NormPart(ParamLayout& layout, NormKind kind, std::size_t features, bool bias) : kind_(kind), f_(features) {
-        gamma_ = layout.add(features, 1, Split::none, Init::one);
-        beta_ = layout.add_if(kind == NormKind::layernorm && bias, features, 1, Split::none, Init::zero);
+        const NormParams p = add_norm_params(layout, kind, features, bias);
+        gamma_ = p.gamma;
+        beta_ = p.beta;
     }
     static constexpr std::size_t saved_count = 1;
     DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
@@ -127,16 +128,8 @@ public:
     AttentionPart(ParamLayout& layout, const AttentionOp& op, std::size_t seq)
         : hidden_(op.hidden), seq_(seq), d_(op.head_dim), heads_(op.heads), kv_heads_(op.kv_heads),
           causal_(op.causal) {
-        const std::size_t q = op.heads * op.head_dim;
-        const std::size_t kv = op.kv_heads * op.head_dim;
-        wq_ = layout.add(q, hidden_, Split::rows, Init::weight, hidden_);
-        wk_ = layout.add(kv, hidden_, Split::rows, Init::weight, hidden_);
-        wv_ = layout.add(kv, hidden_, Split::rows, Init::weight, hidden_);
-        bq_ = layout.add_if(op.qkv_bias, q, 1, Split::rows, Init::zero);
-        bk_ = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
-        bv_ = layout.add_if(op.qkv_bias, kv, 1, Split::rows, Init::zero);
-        wo_ = layout.add(hidden_, q, Split::cols, Init::weight, q);
-        bo_ = layout.add_if(op.bias, hidden_, 1, Split::none, Init::zero);
+        const AttentionParams p = add_attention_params(layout, op);
+        wq_ = p.wq, wk_ = p.wk, wv_ = p.wv, bq_ = p.bq, bk_ = p.bk, bv_ = p.bv, wo_ = p.wo, bo_ = p.bo;
     }
     static constexpr std::size_t saved_count = 5;
 
@@ -256,21 +249,8 @@ class MlpPart {
 public:
     MlpPart(ParamLayout& layout, const MlpOp& op)
         : hidden_(op.hidden), ffn_(op.ffn_hidden), gated_(op.kind == MlpKind::gated), act_(op.activation) {
-        const std::size_t f = op.ffn_hidden, h = hidden_;
-        if (gated_) {
-            gate_ = layout.add(f, h, Split::rows, Init::weight, h);
-            up_ = layout.add(f, h, Split::rows, Init::weight, h);
-            down_ = layout.add(h, f, Split::cols, Init::weight, f);
-            bgate_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
-            bup_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
-            bdown_ = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
-        } else {
-            gate_ = bgate_ = ParamLayout::absent;
-            up_ = layout.add(f, h, Split::rows, Init::weight, h);
-            bup_ = layout.add_if(op.bias, f, 1, Split::rows, Init::zero);
-            down_ = layout.add(h, f, Split::cols, Init::weight, f);
-            bdown_ = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
-        }
+        const MlpParams p = add_mlp_params(layout, op);
+        gate_ = p.gate, up_ = p.up, down_ = p.down, bgate_ = p.bgate, bup_ = p.bup, bdown_ = p.bdown;
     }
     static constexpr std::size_t saved_count = 3;  // gate (empty when plain), up, h
 
@@ -356,8 +336,9 @@ public:
         const auto& op = std::get<LinearOp>(model.layers[layer].op);
         in_ = op.in_features;
         out_ = op.out_features;
-        w_ = layout_.add(out_, in_, Split::none, Init::weight, in_);
-        b_ = layout_.add_if(op.bias, out_, 1, Split::none, Init::zero);
+        const LinearParams p = add_linear_params(layout_, in_, out_, op.bias, false);
+        w_ = p.w;
+        b_ = p.b;
     }
     DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
                          const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
@@ -445,9 +426,10 @@ public:
         const auto& op = std::get<EmbeddingOp>(model.layers[layer].op);
         vocab_ = op.vocab;
         hidden_ = op.hidden;
-        tok_ = layout_.add(vocab_, hidden_, Split::none, Init::table);
-        pos_ = layout_.add_if(op.positions != 0, op.positions, hidden_, Split::none, Init::table);
-        type_ = layout_.add_if(op.token_types != 0, op.token_types, hidden_, Split::none, Init::table);
+        const EmbeddingParams p = add_embedding_params(layout_, op);
+        tok_ = p.tok;
+        pos_ = p.pos;
+        type_ = p.type;
     }
     DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t n,
                          const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
