@@ -652,6 +652,20 @@ void check_determinism() {
         };
         const std::vector<float> e1 = emb();
         expect_bitwise("determinism: embedding_backward twice", e1, emb());
+
+        // The grouped form (tokens grouped by id on the host, as the backend calls it): the same
+        // sums in the same order, so bitwise the plain kernel's result.
+        std::vector<std::int32_t> unique, offsets{0}, positions;
+        for (std::size_t id = 0; id < vocab; ++id) {
+            bool any = false;
+            for (std::size_t t = 0; t < n; ++t)
+                if (ids[t] == static_cast<std::int32_t>(id)) positions.push_back(static_cast<std::int32_t>(t)), any = true;
+            if (any) unique.push_back(static_cast<std::int32_t>(id)), offsets.push_back(static_cast<std::int32_t>(positions.size()));
+        }
+        DevBuf<std::int32_t> gid(unique), goff(offsets), gpos(positions);
+        fill(table.get(), 0.0f, vocab * dim, stream);
+        embedding_backward_grouped(gid.get(), goff.get(), gpos.get(), unique.size(), dout.get(), table.get(), dim, stream);
+        expect_bitwise("embedding_backward_grouped equals embedding_backward", table.download(), e1);
     });
 }
 

@@ -204,6 +204,24 @@ __global__ void embedding_backward_kernel(const std::int32_t* ids, const T* dout
         }
 }
 
+/// The same sums with the tokens grouped by id (CSR: group g is token id ids[g], its tokens
+/// positions[offsets[g] .. offsets[g + 1]) in token order): one block per id, threads over the
+/// columns, so every row of the table is summed in parallel, in the same order as above.
+template <class T>
+__global__ void embedding_backward_grouped_kernel(const std::int32_t* ids, const std::int32_t* offsets,
+                                                  const std::int32_t* positions, std::size_t groups, const T* dout,
+                                                  float* dtable, std::size_t dim) {
+    for (std::size_t g = blockIdx.x; g < groups; g += gridDim.x) {
+        float* row = dtable + static_cast<std::size_t>(ids[g]) * dim;
+        for (std::size_t c = threadIdx.x; c < dim; c += blockDim.x) {
+            float acc = row[c];
+            for (std::int32_t k = offsets[g]; k < offsets[g + 1]; ++k)
+                acc += to_f(dout[static_cast<std::size_t>(positions[k]) * dim + c]);
+            row[c] = acc;
+        }
+    }
+}
+
 /// PyTorch's single-tensor Adam in the order of src/runtime/optimizer.cpp; the _rn intrinsics
 /// keep nvcc from fusing multiply-adds, so the result is bitwise the CPU's.
 __global__ void adam_kernel(float* p, const float* g, float* m, float* v, std::size_t n, float beta1, float beta2,
@@ -378,6 +396,16 @@ __global__ void mul_kernel(const T* a, const T* b, T* out, std::size_t n) {
 // --- Host entry points ------------------------------------------------------------------------
 
 template <class T>
+void embedding_backward_grouped(const std::int32_t* ids, const std::int32_t* offsets, const std::int32_t* positions,
+                                std::size_t groups, const T* dout, float* dtable, std::size_t dim,
+                                cudaStream_t stream) {
+    if (groups == 0 || dim == 0) return;
+    embedding_backward_grouped_kernel<<<row_blocks(groups), kThreads, 0, stream>>>(ids, offsets, positions, groups,
+                                                                                  dout, dtable, dim);
+    launched("embedding_backward_grouped kernel launch");
+}
+
+template <class T>
 void add(const T* from, T* to, std::size_t n, cudaStream_t stream) {
     if (n == 0) return;
     add_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(from, to, n);
@@ -548,6 +576,8 @@ void fill(float* p, float value, std::size_t n, cudaStream_t stream) {
                                        cudaStream_t);                                                                \
     template void embedding_backward<T>(const std::int32_t*, const T*, float*, std::size_t, std::size_t,             \
                                         cudaStream_t);                                                               \
+    template void embedding_backward_grouped<T>(const std::int32_t*, const std::int32_t*, const std::int32_t*,        \
+                                                std::size_t, const T*, float*, std::size_t, cudaStream_t);           \
     template void add<T>(const T*, T*, std::size_t, cudaStream_t);                                                   \
     template void mul<T>(const T*, const T*, T*, std::size_t, cudaStream_t);                                         \
     template void causal_softmax_forward<T>(T*, std::size_t, std::size_t, float, bool, cudaStream_t);                \

@@ -32,6 +32,14 @@ void bias_add(T* y, const float* bias, std::size_t rows, std::size_t cols, cudaS
 template <class T>
 void column_sums(const T* dy, float* dbias, std::size_t rows, std::size_t cols, cudaStream_t stream);
 
+/// embedding_backward with the tokens grouped by id on the host (CSR: group g is id ids[g],
+/// its tokens positions[offsets[g] .. offsets[g + 1]), in token order; ids unique): the same
+/// sums in the same order, one block per id, for tables whose tokens are many.
+template <class T>
+void embedding_backward_grouped(const std::int32_t* ids, const std::int32_t* offsets, const std::int32_t* positions,
+                                std::size_t groups, const T* dout, float* dtable, std::size_t dim,
+                                cudaStream_t stream);
+
 /// to += from, element-wise.
 template <class T>
 void add(const T* from, T* to, std::size_t n, cudaStream_t stream);
