@@ -492,11 +492,12 @@ private:
         f.first_sample = microbatch_first_sample(mb) + offset();
         const std::size_t s = place_.stage, S = plan_.stages.size();
         TensorMap in;
-        if (s == 0)
-            in.emplace(model_input, synthetic_input(model_, ex_.options().seed, f.first_sample, rows()));
-        else
+        if (s > 0)
             in = recv_rows(s - 1, ex_.live_in(s), {Tag::Kind::activation, iteration_, mb, 0});
-        timed(TaskKind::forward, mb, [&] { f.acts = &compute_->forward(mb, context(f), std::move(in), keep_); });
+        else if (!compute_->makes_model_input())
+            in.emplace(model_input, synthetic_input(model_, ex_.options().seed, f.first_sample, rows()));
+        timed(TaskKind::forward, mb,
+              [&] { f.acts = &compute_->forward(mb, context(f), rows(), std::move(in), keep_); });
         if (s + 1 < S) {
             timed(TaskKind::send_activation, mb, [&] {
                 for (const Overlap& o : overlaps(s + 1))

@@ -25,6 +25,7 @@ double relative_error(std::span<const float> a, std::span<const float> b) {
     REQUIRE(a.size() == b.size());
     double diff = 0.0, scale = 1e-3;
     for (std::size_t i = 0; i < a.size(); ++i) {
+        if (!std::isfinite(a[i]) && std::isfinite(b[i])) return INFINITY;  // NaN must not pass as 0 error
         diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - b[i]));
         scale = std::max(scale, std::fabs(static_cast<double>(b[i])));
     }
@@ -254,6 +255,7 @@ double weights_error(const RunResult& a, const RunResult& b) {
     for (std::size_t l = 0; l < a.weights.size(); ++l) {
         REQUIRE(a.weights[l].size() == b.weights[l].size());
         for (std::size_t i = 0; i < a.weights[l].size(); ++i) {
+            if (!std::isfinite(a.weights[l][i])) return INFINITY;
             diff = std::max(diff, std::fabs(static_cast<double>(a.weights[l][i]) - b.weights[l][i]));
             scale = std::max(scale, std::fabs(static_cast<double>(b.weights[l][i])));
         }

@@ -51,6 +51,9 @@ public:
     // --- memory --------------------------------------------------------------------------
     /// `count` elements, zero-filled. Throws RuntimeError when the device is out of memory.
     [[nodiscard]] virtual DeviceSpan allocate(std::size_t count, Elem elem) = 0;
+    /// `count` elements with any values: for a buffer the next operation overwrites entirely
+    /// (a product with beta = 0, a kernel's output). Saves the zero-fill of allocate().
+    [[nodiscard]] virtual DeviceSpan allocate_uninitialized(std::size_t count, Elem elem) { return allocate(count, elem); }
     virtual void release(DeviceSpan span) noexcept = 0;
     /// Host values into the span (rounded to bf16, or integers for i32); sizes must match.
     virtual void upload(std::span<const float> from, DeviceSpan to) = 0;
@@ -125,8 +128,15 @@ public:
 /// A DeviceSpan that releases itself.
 class DeviceBuffer {
 public:
+    /// Tag: the buffer's first values do not matter (DeviceOps::allocate_uninitialized).
+    struct Uninitialized {};
+    static constexpr Uninitialized uninitialized{};
+
     DeviceBuffer() = default;
+    /// Zero-filled.
     DeviceBuffer(DeviceOps& ops, std::size_t count, Elem elem) : ops_(&ops), span_(ops.allocate(count, elem)) {}
+    DeviceBuffer(DeviceOps& ops, std::size_t count, Elem elem, Uninitialized)
+        : ops_(&ops), span_(ops.allocate_uninitialized(count, elem)) {}
     DeviceBuffer(DeviceBuffer&& o) noexcept : ops_(o.ops_), span_(o.span_) { o.span_ = {}; }
     DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
         if (this != &o) {

@@ -50,8 +50,13 @@ public:
     /// layers received from the previous stage). Returns host tensors holding at least the
     /// outputs listed in `keep` that the stage has (computed or received), valid until
     /// backward(mb); keeps what backward needs.
-    [[nodiscard]] virtual const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, TensorMap inputs,
-                                                   std::span<const std::size_t> keep) = 0;
+    /// `rows` is the microbatch's samples on this worker. On the first stage, `inputs` holds the
+    /// model input unless makes_model_input().
+    [[nodiscard]] virtual const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t rows,
+                                                   TensorMap inputs, std::span<const std::size_t> keep) = 0;
+    /// Whether the stage makes the model input itself (synthetic_input of ctx.first_sample and
+    /// rows): a device stage keeps it on the device for the batches it sees again.
+    [[nodiscard]] virtual bool makes_model_input() const { return false; }
     /// Backward for `mb` from the gradients of the stage's outputs: adds the parameter
     /// gradients, and returns (at least) the gradients of `want` (layers received from the
     /// previous stage) that reached them. Ends the microbatch.

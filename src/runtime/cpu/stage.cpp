@@ -39,7 +39,7 @@ public:
         state_ = std::move(setup.state);
     }
 
-    const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, TensorMap inputs,
+    const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t, TensorMap inputs,
                              std::span<const std::size_t>) override {
         InFlight& f = in_flight_[mb];
         f.acts = std::move(inputs);

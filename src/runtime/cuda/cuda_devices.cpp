@@ -140,9 +140,9 @@ public:
     /// caller has made its green context current and passes that context's stream.
     /// `resizer(factor, realised)` returns the stream of the partition shrunk for `factor` (and
     /// sets the slowdown it gives); empty for a device that cannot be resized.
-    using Resizer = std::function<cudaStream_t(double factor, double& realised)>;
+    using Resizer = std::function<cudaStream_t(double factor, double& realised, std::uint32_t& sms)>;
 
-    CudaOps(int device, cudaStream_t stream, std::string name, bool tf32, Resizer resizer = {})
+    CudaOps(int device, cudaStream_t stream, std::string name, bool tf32, std::uint32_t sms = 0, Resizer resizer = {})
         : device_(device), stream_(stream), name_(std::move(name)), resizer_(std::move(resizer)) {
         if (stream_ == nullptr) {
             check_cuda(cudaSetDevice(device_), "cudaSetDevice");
@@ -151,6 +151,8 @@ public:
         }
         blas_ = std::make_unique<cuda::Blas>(stream_);
         blas_->set_tf32(tf32);
+        // On a partition, cuBLAS sizes its persistent kernels' grids for the partition's SMs.
+        if (sms > 0) blas_->set_sm_count_target(static_cast<int>(sms));
     }
     ~CudaOps() override {
         cudaStreamSynchronize(stream_);
@@ -160,6 +162,12 @@ public:
     [[nodiscard]] std::string name() const override { return name_; }
 
     DeviceSpan allocate(std::size_t count, Elem elem) override {
+        const DeviceSpan s = allocate_uninitialized(count, elem);
+        check_cuda(cudaMemsetAsync(s.ptr, 0, std::max<std::size_t>(count, 1) * elem_bytes(elem), stream_),
+                   "cudaMemsetAsync");
+        return s;
+    }
+    DeviceSpan allocate_uninitialized(std::size_t count, Elem elem) override {
         const std::size_t bytes = std::max<std::size_t>(count, 1) * elem_bytes(elem);
         void* p = nullptr;
         const cudaError_t e = cudaMallocAsync(&p, bytes, stream_);
@@ -167,7 +175,6 @@ public:
             cudaGetLastError();
             throw RuntimeError(fmt::format("{}: cannot allocate {} bytes ({})", name_, bytes, cudaGetErrorString(e)));
         }
-        check_cuda(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
         return {p, count, elem};
     }
     void release(DeviceSpan s) noexcept override {
@@ -268,10 +275,12 @@ public:
         if (!resizer_) return 1.0;
         synchronize();  // everything queued on the old partition is done; buffers stay valid
         double realised = 1.0;
-        const cudaStream_t next = resizer_(factor, realised);
+        std::uint32_t sms = 0;
+        const cudaStream_t next = resizer_(factor, realised, sms);
         if (next != stream_) {
             stream_ = next;
             blas_->set_stream(stream_);
+            blas_->set_sm_count_target(static_cast<int>(sms));
         }
         return realised;
     }
@@ -458,20 +467,25 @@ struct CudaDevices::Impl {
 
     /// The stream of `device`'s partition shrunk for `factor` (its own when factor <= 1 or the
     /// shrink leaves every SM), made current on the calling thread; `realised` = the slowdown.
-    cudaStream_t resize(std::size_t device, double factor, double& realised) {
+    cudaStream_t resize(std::size_t device, double factor, double& realised, std::uint32_t& sms_out) {
         std::lock_guard lock(mutex);
         Target& t = targets.at(device);
         const Driver& cu = Driver::get();
-        if (t.shrunk != nullptr) {  // the caller has synchronised the shrunk stream
-            cu.stream_destroy(t.shrunk_stream);
-            cu.green_ctx_destroy(t.shrunk);
-            t.shrunk = nullptr;
-            t.shrunk_stream = nullptr;
-        }
+        // The previous shrunk context goes once the new one exists (the caller has synchronised
+        // its stream): a failure below leaves the caller on a stream that still exists.
+        CUgreenCtx old_ctx = t.shrunk;
+        CUstream old_stream = t.shrunk_stream;
+        t.shrunk = nullptr;
+        t.shrunk_stream = nullptr;
+        const auto drop_old = [&] {
+            if (old_stream != nullptr) cu.stream_destroy(old_stream);
+            if (old_ctx != nullptr) cu.green_ctx_destroy(old_ctx);
+        };
         const std::uint32_t want = shrunk_sms(t.sms, factor, t.step);
         realised = 1.0;
         CUgreenCtx current = t.green;
         CUstream stream = t.stream;
+        std::uint32_t sms = t.sms;
         if (want < t.sms) {
             // A green context's resources can be split again once it exists (CUDA's rule).
             CUdevResource mine{};
@@ -492,10 +506,13 @@ struct CudaDevices::Impl {
             realised = partition_slowdown(t.sms, part.sm.smCount);
             current = t.shrunk;
             stream = t.shrunk_stream;
+            sms = part.sm.smCount;
         }
         CUcontext ctx = nullptr;
         check_cu(cu.ctx_from_green_ctx(&ctx, current), "cuCtxFromGreenCtx");
         check_cu(cu.ctx_set_current(ctx), "cuCtxSetCurrent");
+        drop_old();
+        sms_out = sms;
         return reinterpret_cast<cudaStream_t>(stream);
     }
     std::map<std::size_t, Target> targets;  // by cluster device
@@ -510,6 +527,27 @@ struct CudaDevices::Impl {
         }
     }
 };
+
+namespace {
+
+/// Makes `gpu`'s primary context (green contexts want it active) and keeps its stream-ordered
+/// pool's memory cached: by default the pool returns memory to the OS at every synchronisation,
+/// and a worker synchronises after every upload and task. Partitions share the pool; a
+/// partition's allocation must not wait on another's pending frees (internal dependencies off).
+void prepare_gpu(int gpu) {
+    check_cuda(cudaSetDevice(gpu), "cudaSetDevice");
+    check_cuda(cudaFree(nullptr), "cudaFree(0) (primary context)");
+    cudaMemPool_t pool = nullptr;
+    check_cuda(cudaDeviceGetDefaultMemPool(&pool, gpu), "cudaDeviceGetDefaultMemPool");
+    std::uint64_t keep = UINT64_MAX;
+    check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+               "cudaMemPoolSetAttribute(release threshold)");
+    int no = 0;
+    check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &no),
+               "cudaMemPoolSetAttribute(internal dependencies)");
+}
+
+}  // namespace
 
 CudaDevices::CudaDevices(const Cluster& cluster) : impl_(std::make_unique<Impl>()) {
     int count = 0;
@@ -530,7 +568,11 @@ CudaDevices::CudaDevices(const Cluster& cluster) : impl_(std::make_unique<Impl>(
                                                   d.name, gpu, count));
         cudaDeviceProp prop{};
         check_cuda(cudaGetDeviceProperties(&prop, gpu), "cudaGetDeviceProperties");
-        impl_->targets[i] = {gpu, fmt::format("CUDA device {} ({})", gpu, prop.name)};
+        prepare_gpu(gpu);
+        Impl::Target t;
+        t.gpu = gpu;
+        t.name = fmt::format("CUDA device {} ({})", gpu, prop.name);
+        impl_->targets[i] = std::move(t);
     }
     // Partitions: each GPU's layout cut at once.
     for (const GpuLayout& layout : gpu_layouts(cluster)) {
@@ -541,20 +583,25 @@ CudaDevices::CudaDevices(const Cluster& cluster) : impl_(std::make_unique<Impl>(
         cudaDeviceProp prop{};
         check_cuda(cudaGetDeviceProperties(&prop, gpu), "cudaGetDeviceProperties");
         check_layout_fits(layout, {prop.multiProcessorCount, prop.major, prop.minor, prop.name}, cluster);
-        check_cuda(cudaSetDevice(gpu), "cudaSetDevice");
-        check_cuda(cudaFree(nullptr), "cudaFree(0) (primary context)");  // green contexts want it active
-        cudaMemPool_t pool = nullptr;
-        if (cudaDeviceGetDefaultMemPool(&pool, gpu) == cudaSuccess) {
-            std::uint64_t keep = UINT64_MAX;
-            cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
-        }
+        prepare_gpu(gpu);
         const Driver& cu = Driver::get();
         CUdevice dev = 0;
         check_cu(cu.device_get(&dev, gpu), "cuDeviceGet");
         CUdevResource input{};
         check_cu(cu.device_get_dev_resource(dev, &input, CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource");
         std::size_t next = 0;
-        for (const SplitStep& step : split_steps(layout.sms)) {
+        // A split's outputs cannot be split again until a green context is made of them (CUDA's
+        // rule): the rest of each step becomes a temporary green context, whose resource the
+        // next step splits.
+        std::vector<CUgreenCtx> temporaries;
+        const auto drop_temporaries = [&] {
+            for (CUgreenCtx g : temporaries) cu.green_ctx_destroy(g);
+            temporaries.clear();
+        };
+        const std::vector<SplitStep> steps = split_steps(layout.sms);
+        try {
+        for (std::size_t si = 0; si < steps.size(); ++si) {
+            const SplitStep& step = steps[si];
             std::vector<CUdevResource> groups(step.groups);
             unsigned n = step.groups;
             CUdevResource rest{};
@@ -576,8 +623,21 @@ CudaDevices::CudaDevices(const Cluster& cluster) : impl_(std::make_unique<Impl>(
                 t.name = fmt::format("CUDA device {} ({}), green context of {} SMs", gpu, prop.name, t.sms);
                 impl_->targets[device] = std::move(t);
             }
-            input = rest;
+            if (si + 1 < steps.size()) {
+                CUdevResourceDesc desc = nullptr;
+                check_cu(cu.dev_resource_generate_desc(&desc, &rest, 1), "cuDevResourceGenerateDesc (rest)");
+                CUgreenCtx tmp = nullptr;
+                check_cu(cu.green_ctx_create(&tmp, desc, dev, CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate (rest)");
+                temporaries.push_back(tmp);
+                check_cu(cu.green_ctx_get_dev_resource(tmp, &input, CU_DEV_RESOURCE_TYPE_SM),
+                         "cuGreenCtxGetDevResource (rest)");
+            }
         }
+        } catch (...) {
+            drop_temporaries();
+            throw;
+        }
+        drop_temporaries();
     }
 }
 
@@ -597,9 +657,9 @@ std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t device, bool tf32) {
     }
     if (t.green == nullptr) return std::make_unique<CudaOps>(t.gpu, nullptr, t.name, tf32);  // a stream of its own
     Impl* impl = impl_.get();
-    return std::make_unique<CudaOps>(t.gpu, reinterpret_cast<cudaStream_t>(t.stream), t.name, tf32,
-                                     [impl, device](double factor, double& realised) {
-                                         return impl->resize(device, factor, realised);
+    return std::make_unique<CudaOps>(t.gpu, reinterpret_cast<cudaStream_t>(t.stream), t.name, tf32, t.sms,
+                                     [impl, device](double factor, double& realised, std::uint32_t& sms) {
+                                         return impl->resize(device, factor, realised, sms);
                                      });
 }
 

@@ -92,6 +92,10 @@ void Blas::set_stream(cudaStream_t stream) {
     stream_ = stream;
 }
 
+void Blas::set_sm_count_target(int sms) {
+    check_cublas(cublasSetSmCountTarget(handle_, sms), "cublasSetSmCountTarget");
+}
+
 Blas::~Blas() {
     // cublasDestroy synchronises the device, so no product still uses the workspace; errors
     // cannot be reported from a destructor.

@@ -31,6 +31,8 @@ public:
     [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
     /// Moves the handle to another stream (the caller has synchronised the old one).
     void set_stream(cudaStream_t stream);
+    /// The SMs its kernels should size their grids for (a green-context partition's; 0: the GPU's).
+    void set_sm_count_target(int sms);
 
     /// C = alpha * op(A) op(B) + beta * C on row-major matrices: op(A) is [m, k], op(B) is [k, n],
     /// C is [m, n]; lda, ldb and ldc are the row strides of A, B and C as stored (A is stored

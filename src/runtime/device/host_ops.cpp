@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 
 #include "../cpu/blas.hpp"
@@ -79,6 +80,15 @@ public:
         void* p = std::calloc(std::max<std::size_t>(count, 1), elem_bytes(elem));
         if (p == nullptr) throw RuntimeError(fmt::format("host ops: out of memory allocating {} elements", count));
         return {p, count, elem};
+    }
+    /// Filled with NaN (i32: -1): a layer that reads a buffer it was meant to overwrite then
+    /// fails its tests here instead of reading stale values on a GPU.
+    DeviceSpan allocate_uninitialized(std::size_t count, Elem elem) override {
+        const DeviceSpan s = allocate(count, elem);
+        if (elem == Elem::i32) std::memset(s.ptr, 0xff, count * 4);
+        else
+            for (std::size_t i = 0; i < count; ++i) put(s, i, std::numeric_limits<float>::quiet_NaN());
+        return s;
     }
     void release(DeviceSpan s) noexcept override { std::free(s.ptr); }
 

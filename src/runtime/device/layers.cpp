@@ -75,7 +75,10 @@ public:
 
 protected:
     [[nodiscard]] Slices slices(const DeviceParams& p, DeviceSpan grads = {}) const { return {&layout_, &p, grads}; }
-    [[nodiscard]] DeviceBuffer make(DeviceOps& ops, std::size_t count) const { return {ops, count, compute_}; }
+    /// A buffer its op overwrites entirely (every use of make() does).
+    [[nodiscard]] DeviceBuffer make(DeviceOps& ops, std::size_t count) const {
+        return {ops, count, compute_, DeviceBuffer::uninitialized};
+    }
     [[nodiscard]] DeviceSpan single(std::span<const DeviceSpan> inputs) const {
         if (inputs.size() != 1) bad_call(name_, fmt::format("expects one input, got {}", inputs.size()));
         return inputs[0];
@@ -100,8 +103,8 @@ public:
     DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
                          std::vector<DeviceBuffer>& saved) const {
         const std::size_t rows = x.count / f_;
-        DeviceBuffer y(ops, x.count, compute);
-        DeviceBuffer stats(ops, rows * 2, Elem::f32);
+        DeviceBuffer y(ops, x.count, compute, DeviceBuffer::uninitialized);
+        DeviceBuffer stats(ops, rows * 2, Elem::f32, DeviceBuffer::uninitialized);
         ops.norm_forward(kind_, x, p.master(gamma_), p.maybe_master(beta_), y.span(), stats.span(), rows, f_);
         saved.push_back(std::move(stats));
         return y;
@@ -109,7 +112,7 @@ public:
     DeviceBuffer backward(DeviceOps& ops, const Slices& p, DeviceSpan dy, DeviceSpan x, Elem compute,
                           std::span<const DeviceBuffer> saved) const {
         const std::size_t rows = x.count / f_;
-        DeviceBuffer dx(ops, x.count, compute);
+        DeviceBuffer dx(ops, x.count, compute, DeviceBuffer::uninitialized);
         ops.norm_backward(kind_, x, p.master(gamma_), saved[0].span(), dy, dx.span(), p.grad(gamma_),
                           p.maybe_grad(beta_), rows, f_);
         return dx;
@@ -138,11 +141,11 @@ public:
         const std::size_t n = x.count / (seq_ * hidden_);
         const std::size_t rows = n * seq_;
         const std::size_t qd = heads_ * d_, kd = kv_heads_ * d_;
-        DeviceBuffer q(ops, rows * qd, compute), k(ops, rows * kd, compute), v(ops, rows * kd, compute);
+        DeviceBuffer q(ops, rows * qd, compute, DeviceBuffer::uninitialized), k(ops, rows * kd, compute, DeviceBuffer::uninitialized), v(ops, rows * kd, compute, DeviceBuffer::uninitialized);
         dense_forward(ops, p, x, rows, hidden_, wq_, bq_, qd, q.span());
         dense_forward(ops, p, x, rows, hidden_, wk_, bk_, kd, k.span());
         dense_forward(ops, p, x, rows, hidden_, wv_, bv_, kd, v.span());
-        DeviceBuffer probs(ops, n * heads_ * seq_ * seq_, compute);
+        DeviceBuffer probs(ops, n * heads_ * seq_ * seq_, compute, DeviceBuffer::uninitialized);
         // S = Q K^T per head (scaled inside the softmax), then O = P V.
         each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
             ops.gemm_batched(Trans::none, Trans::trans, seq_, seq_, d_, 1.0f, q_at(q.span(), b, h0), qd, d_,
@@ -150,13 +153,13 @@ public:
                              seq_ * seq_, count);
         });
         ops.attention_softmax_forward(probs.span(), n * heads_, seq_, scale(), causal_);
-        DeviceBuffer o(ops, rows * qd, compute);
+        DeviceBuffer o(ops, rows * qd, compute, DeviceBuffer::uninitialized);
         each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
             ops.gemm_batched(Trans::none, Trans::none, seq_, d_, seq_, 1.0f, p_at(probs.span(), b, h0), seq_,
                              seq_ * seq_, kv_at(v.span(), b, h0), kd, k_stride, 0.0f, q_at(o.span(), b, h0), qd, d_,
                              count);
         });
-        DeviceBuffer y(ops, rows * hidden_, compute);
+        DeviceBuffer y(ops, rows * hidden_, compute, DeviceBuffer::uninitialized);
         dense_forward(ops, p, o.span(), rows, qd, wo_, bo_, hidden_, y.span());
         saved.push_back(std::move(q));
         saved.push_back(std::move(k));
@@ -173,16 +176,17 @@ public:
         const std::size_t n = x.count / (seq_ * hidden_);
         const std::size_t rows = n * seq_;
         const std::size_t qd = heads_ * d_, kd = kv_heads_ * d_;
-        DeviceBuffer dout(ops, rows * qd, compute);
+        DeviceBuffer dout(ops, rows * qd, compute, DeviceBuffer::uninitialized);
         dense_backward(ops, p, o, dy, rows, qd, hidden_, wo_, bo_, dout.span(), 0.0f);
         // dP = dO V^T, then dS (scaled) in its place.
-        DeviceBuffer ds(ops, n * heads_ * seq_ * seq_, compute);
+        DeviceBuffer ds(ops, n * heads_ * seq_ * seq_, compute, DeviceBuffer::uninitialized);
         each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
             ops.gemm_batched(Trans::none, Trans::trans, seq_, seq_, d_, 1.0f, q_at(dout.span(), b, h0), qd, d_,
                              kv_at(v, b, h0), kd, k_stride, 0.0f, p_at(ds.span(), b, h0), seq_, seq_ * seq_, count);
         });
         ops.attention_softmax_backward(probs, ds.span(), n * heads_, seq_, scale());
-        DeviceBuffer dq(ops, rows * qd, compute), dk(ops, rows * kd, compute), dv(ops, rows * kd, compute);
+        DeviceBuffer dq(ops, rows * qd, compute, DeviceBuffer::uninitialized);
+        DeviceBuffer dk(ops, rows * kd, compute), dv(ops, rows * kd, compute);  // zeros: the heads add into them
         // dQ = dS K; dK += dS^T Q and dV += P^T dO, the heads of a group adding in head order.
         each_group(n, [&](std::size_t b, std::size_t h0, std::size_t count, std::size_t k_stride) {
             ops.gemm_batched(Trans::none, Trans::none, seq_, d_, seq_, 1.0f, p_at(ds.span(), b, h0), seq_,
@@ -194,7 +198,7 @@ public:
             ops.gemm_batched(Trans::trans, Trans::none, seq_, d_, seq_, 1.0f, p_at(probs, b, h0), seq_, seq_ * seq_,
                              q_at(dout.span(), b, h0), qd, d_, 1.0f, kv_at(dv.span(), b, h0), kd, d_, count);
         });
-        DeviceBuffer dx(ops, x.count, compute);
+        DeviceBuffer dx(ops, x.count, compute, DeviceBuffer::uninitialized);
         dense_backward(ops, p, x, dq.span(), rows, hidden_, qd, wq_, bq_, dx.span(), 0.0f);
         dense_backward(ops, p, x, dk.span(), rows, hidden_, kd, wk_, bk_, dx.span(), 1.0f);
         dense_backward(ops, p, x, dv.span(), rows, hidden_, kd, wv_, bv_, dx.span(), 1.0f);
@@ -257,17 +261,17 @@ public:
     DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
                          std::vector<DeviceBuffer>& saved) const {
         const std::size_t rows = x.count / hidden_;
-        DeviceBuffer up(ops, rows * ffn_, compute), h(ops, rows * ffn_, compute), gate;
+        DeviceBuffer up(ops, rows * ffn_, compute, DeviceBuffer::uninitialized), h(ops, rows * ffn_, compute, DeviceBuffer::uninitialized), gate;
         dense_forward(ops, p, x, rows, hidden_, up_, bup_, ffn_, up.span());
         if (gated_) {
-            gate = DeviceBuffer(ops, rows * ffn_, compute);
+            gate = DeviceBuffer(ops, rows * ffn_, compute, DeviceBuffer::uninitialized);
             dense_forward(ops, p, x, rows, hidden_, gate_, bgate_, ffn_, gate.span());
             ops.activation_forward(act_, gate.span(), h.span());
             ops.mul(h.span(), up.span(), h.span());
         } else {
             ops.activation_forward(act_, up.span(), h.span());
         }
-        DeviceBuffer y(ops, rows * hidden_, compute);
+        DeviceBuffer y(ops, rows * hidden_, compute, DeviceBuffer::uninitialized);
         dense_forward(ops, p, h.span(), rows, ffn_, down_, bdown_, hidden_, y.span());
         saved.push_back(std::move(gate));
         saved.push_back(std::move(up));
@@ -279,12 +283,12 @@ public:
                           std::span<const DeviceBuffer> saved) const {
         const std::size_t rows = x.count / hidden_;
         const DeviceSpan up = saved[1].span(), h = saved[2].span();
-        DeviceBuffer dh(ops, rows * ffn_, compute);
+        DeviceBuffer dh(ops, rows * ffn_, compute, DeviceBuffer::uninitialized);
         dense_backward(ops, p, h, dy, rows, ffn_, hidden_, down_, bdown_, dh.span(), 0.0f);
-        DeviceBuffer dx(ops, x.count, compute);
+        DeviceBuffer dx(ops, x.count, compute, DeviceBuffer::uninitialized);
         if (gated_) {
             const DeviceSpan gate = saved[0].span();
-            DeviceBuffer dgate(ops, rows * ffn_, compute), dup(ops, rows * ffn_, compute);
+            DeviceBuffer dgate(ops, rows * ffn_, compute, DeviceBuffer::uninitialized), dup(ops, rows * ffn_, compute, DeviceBuffer::uninitialized);
             ops.mul(dh.span(), up, dgate.span());                                // dh * up
             ops.activation_backward(act_, gate, dgate.span(), dgate.span());    // * act'(gate)
             ops.activation_forward(act_, gate, dup.span());                      // act(gate)
@@ -492,12 +496,12 @@ public:
         const DeviceSpan x = single(inputs);
         const std::size_t rows = x.count / classes_;
         const std::size_t positions = rows / n;
-        DeviceBuffer per_row(ops, rows, Elem::f32);
+        DeviceBuffer per_row(ops, rows, Elem::f32, DeviceBuffer::uninitialized);
         ops.softmax_xent_forward(x, labels(step, rows), per_row.span(), rows, classes_);
         // The mean over a sample's positions, as a product with a column of 1 / positions.
-        DeviceBuffer ones(ops, positions, Elem::f32);
+        DeviceBuffer ones(ops, positions, Elem::f32, DeviceBuffer::uninitialized);
         ops.fill(ones.span(), 1.0f);
-        DeviceBuffer y(ops, n, Elem::f32);
+        DeviceBuffer y(ops, n, Elem::f32, DeviceBuffer::uninitialized);
         ops.gemm(Trans::none, Trans::none, n, 1, positions, 1.0f / static_cast<float>(positions), per_row.span(),
                  positions, ones.span(), 1, 0.0f, y.span(), 1);
         return y;

@@ -4,6 +4,9 @@
 // outputs the next stage reads, the loss, and the gradients the previous stage reads.
 #include <fmt/format.h>
 
+#include <map>
+#include <utility>
+
 #include "dpart/core/error.hpp"
 #include "dpart/runtime/device.hpp"
 #include "dpart/runtime/device_stage.hpp"
@@ -49,18 +52,20 @@ public:
         }
     }
 
-    const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, TensorMap inputs,
+    [[nodiscard]] bool makes_model_input() const override { return true; }
+
+    const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t rows, TensorMap inputs,
                              std::span<const std::size_t> keep) override {
         InFlight& f = in_flight_[mb];
         f = InFlight{};
-        f.rows = inputs.empty() ? 0 : inputs.begin()->second.rows();
+        f.rows = rows;
         f.step.loss_scale = 1.0f / static_cast<float>(model_.global_batch);
-        const bool ids = std::holds_alternative<EmbeddingOp>(model_.layers.front().op);
         for (const auto& [l, t] : inputs) {
-            DeviceBuffer b(*ops_, t.size(), l == model_input && ids ? Elem::i32 : compute_);
+            DeviceBuffer b(*ops_, t.size(), compute_, DeviceBuffer::uninitialized);
             ops_->upload(t.data, b.span());
             f.acts.emplace(l, std::move(b));
         }
+        if (stage_.first_layer == 0) f.input = model_input_for(f, ctx.first_sample, rows);
         if (classes_ != 0) {
             f.labels = DeviceBuffer(*ops_, f.rows * positions_, Elem::i32);
             ops_->upload(loss_labels(seed_, ctx.first_sample, f.rows, positions_, classes_), f.labels.span());
@@ -70,7 +75,7 @@ public:
         for (std::size_t k = 0; k < layers_.size(); ++k) {
             const std::size_t l = stage_.first_layer + k;
             std::vector<DeviceSpan> in;
-            for (std::size_t i : inputs_of(model_, l)) in.push_back(f.acts.at(i).span());
+            for (std::size_t i : inputs_of(model_, l)) in.push_back(span_of(f, i));
             f.acts[l] = layers_[k]->forward(*ops_, f.step, in, f.rows, params(k), f.saved[k]);
         }
         // Hand back what leaves the stage: computed here (downloaded) or passing through.
@@ -95,7 +100,8 @@ public:
         std::map<std::size_t, DeviceBuffer> dgrads;
         for (const auto& [l, t] : grads) {
             const auto a = f.acts.find(l);
-            DeviceBuffer b(*ops_, t.size(), a != f.acts.end() ? a->second.span().elem : compute_);
+            DeviceBuffer b(*ops_, t.size(), a != f.acts.end() ? a->second.span().elem : compute_,
+                           DeviceBuffer::uninitialized);
             ops_->upload(t.data, b.span());
             dgrads.emplace(l, std::move(b));
         }
@@ -105,7 +111,7 @@ public:
             if (g == dgrads.end()) continue;  // nothing reads it
             const auto inputs = inputs_of(model_, l);
             std::vector<DeviceSpan> in;
-            for (std::size_t i : inputs) in.push_back(f.acts.at(i).span());
+            for (std::size_t i : inputs) in.push_back(span_of(f, i));
             std::vector<DeviceBuffer> din =
                 layers_[k]->backward(*ops_, f.step, g->second.span(), in, f.rows, params(k), f.saved[k],
                                      dev_[k].grads.span());
@@ -205,12 +211,38 @@ private:
     };
     struct InFlight {
         std::size_t rows = 0;
+        DeviceSpan input;          // the model input (first stage): in input_cache_, or owned_input
+        DeviceBuffer owned_input;
         std::map<std::size_t, DeviceBuffer> acts;
         std::vector<std::vector<DeviceBuffer>> saved;
         DeviceBuffer labels;
         DeviceStep step;
         TensorMap out;
     };
+
+    [[nodiscard]] DeviceSpan span_of(const InFlight& f, std::size_t layer) const {
+        return layer == model_input ? f.input : f.acts.at(layer).span();
+    }
+
+    /// The model input of samples [first, first + rows) on the device: made and uploaded once,
+    /// then kept while the run sees few distinct batches (a run trains on dataset_batches x
+    /// microbatches of them), so that a large input is neither regenerated nor copied again.
+    DeviceSpan model_input_for(InFlight& f, std::uint64_t first, std::size_t rows) {
+        const auto key = std::make_pair(first, rows);
+        if (auto it = input_cache_.find(key); it != input_cache_.end()) return it->second.span();
+        const Tensor x = synthetic_input(model_, seed_, first, rows);
+        const bool ids = std::holds_alternative<EmbeddingOp>(model_.layers.front().op);
+        DeviceBuffer b(*ops_, x.size(), ids ? Elem::i32 : compute_, DeviceBuffer::uninitialized);
+        ops_->upload(x.data, b.span());
+        constexpr std::size_t max_entries = 64;
+        constexpr std::size_t max_bytes = std::size_t{2} << 30;
+        if (input_cache_.size() >= max_entries || cached_bytes_ + b.span().bytes() > max_bytes) {
+            f.owned_input = std::move(b);  // this microbatch's alone
+            return f.owned_input.span();
+        }
+        cached_bytes_ += b.span().bytes();
+        return input_cache_.emplace(key, std::move(b)).first->second.span();
+    }
 
     [[nodiscard]] DeviceParams params(std::size_t k) const {
         const LayerState& d = dev_[k];
@@ -236,6 +268,8 @@ private:
     std::size_t classes_ = 0, positions_ = 0;
     double applied_factor_ = 1.0;  // the slowdown last passed to resize()
     double realised_ = 1.0;        // what the device made of it
+    std::map<std::pair<std::uint64_t, std::size_t>, DeviceBuffer> input_cache_;
+    std::size_t cached_bytes_ = 0;
     std::map<std::uint32_t, InFlight> in_flight_;
 };
 
