@@ -5,8 +5,11 @@
 // - per row: one block of 256 threads per row (grid-stride over rows, at most 65535 blocks),
 //   each thread walking the row with stride 256 in order, then block_reduce (a fixed
 //   butterfly in each warp, then across the 8 warps): the same order on every run;
-// - per column: blocks of 32 x 8 threads, 32 columns per block, each of the 8 thread rows
-//   summing rows r = y, y + 8, ... in order, then the 8 partial sums added in order.
+// - per column: rows cut into chunks of 256; blocks of 32 x 8 threads take 32 columns of one
+//   chunk, each of the 8 thread rows summing rows r = y, y + 8, ... of the chunk in order, the
+//   8 partial sums added in order into the chunk's partial sum (a scratch buffer); a second
+//   kernel adds every column's chunk sums in chunk order. Fixed order, and parallel over rows
+//   too (a column of 8192 rows is 32 chunks, not one thread walking 1024 rows).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -92,33 +95,55 @@ void launched(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
 // --- Per-column sums --------------------------------------------------------------------------
 
-/// out[c] += sum over r of f(r, c), rows in a fixed order (see the file comment). Launch with
-/// blocks of (kColX, kColY) threads.
+constexpr std::size_t kRowChunk = 256;  // rows per partial column sum
+
+/// partial[chunk][c] = sum over the chunk's rows of f(r, c), in a fixed order (see the file
+/// comment). Launch with blocks of (kColX, kColY) threads, grid (column blocks, chunks).
 template <class F>
-__global__ void column_reduce_kernel(F f, float* out, std::size_t rows, std::size_t cols) {
-    __shared__ float partial[kColY][kColX + 1];
+__global__ void column_partial_kernel(F f, float* partial, std::size_t rows, std::size_t cols, std::size_t chunks) {
+    __shared__ float part[kColY][kColX + 1];
     for (std::size_t c0 = static_cast<std::size_t>(blockIdx.x) * kColX; c0 < cols;
-         c0 += static_cast<std::size_t>(gridDim.x) * kColX) {
-        const std::size_t c = c0 + threadIdx.x;
-        float acc = 0.0f;
-        if (c < cols)
-            for (std::size_t r = threadIdx.y; r < rows; r += kColY) acc += f(r, c);
-        partial[threadIdx.y][threadIdx.x] = acc;
-        __syncthreads();
-        if (threadIdx.y == 0 && c < cols) {
-            float s = partial[0][threadIdx.x];
-            for (unsigned k = 1; k < kColY; ++k) s += partial[k][threadIdx.x];
-            out[c] += s;
+         c0 += static_cast<std::size_t>(gridDim.x) * kColX)
+        for (std::size_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+            const std::size_t c = c0 + threadIdx.x;
+            const std::size_t begin = chunk * kRowChunk;
+            const std::size_t end = begin + kRowChunk < rows ? begin + kRowChunk : rows;
+            float acc = 0.0f;
+            if (c < cols)
+                for (std::size_t r = begin + threadIdx.y; r < end; r += kColY) acc += f(r, c);
+            part[threadIdx.y][threadIdx.x] = acc;
+            __syncthreads();
+            if (threadIdx.y == 0 && c < cols) {
+                float sum = part[0][threadIdx.x];
+                for (unsigned k = 1; k < kColY; ++k) sum += part[k][threadIdx.x];
+                partial[chunk * cols + c] = sum;
+            }
+            __syncthreads();
         }
-        __syncthreads();
+}
+
+/// out[c] += the chunks' partial sums of column c, in chunk order.
+__global__ void column_finish_kernel(const float* partial, float* out, std::size_t chunks, std::size_t cols) {
+    for (std::size_t c = global_index(); c < cols; c += grid_stride()) {
+        float sum = 0.0f;
+        for (std::size_t k = 0; k < chunks; ++k) sum += partial[k * cols + c];
+        out[c] += sum;
     }
 }
 
 template <class F>
 void column_reduce(F f, float* out, std::size_t rows, std::size_t cols, cudaStream_t stream, const char* kernel) {
     if (rows == 0 || cols == 0) return;
-    column_reduce_kernel<<<column_blocks(cols), dim3(kColX, kColY), 0, stream>>>(f, out, rows, cols);
+    const std::size_t chunks = (rows + kRowChunk - 1) / kRowChunk;
+    float* partial = nullptr;
+    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&partial), chunks * cols * sizeof(float), stream),
+               "cudaMallocAsync (column sums)");
+    const dim3 grid(column_blocks(cols), static_cast<unsigned>(std::min<std::size_t>(chunks, kMaxBlocks)));
+    column_partial_kernel<<<grid, dim3(kColX, kColY), 0, stream>>>(f, partial, rows, cols, chunks);
     launched(kernel);
+    column_finish_kernel<<<elementwise_blocks(cols), kThreads, 0, stream>>>(partial, out, chunks, cols);
+    launched(kernel);
+    check_cuda(cudaFreeAsync(partial, stream), "cudaFreeAsync (column sums)");
 }
 
 template <class T>

@@ -75,9 +75,9 @@ void norm_forward(Norm kind, const T* x, const float* gamma, const float* beta, 
 ///   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (no mean(dxhat) for rmsnorm),
 ///   dgamma[j] += sum_r dy[r][j] * xhat[r][j],  dbeta[j] += sum_r dy[r][j].
 /// stats is norm_forward's output for the same x. dx is written (not accumulated) and may alias
-/// dy. dbeta may be nullptr (rmsnorm, or a layernorm without bias). No scratch memory: dgamma and
-/// dbeta are summed over rows first, by per-column threads walking the rows in order; then one
-/// block per row computes dx.
+/// dy. dbeta may be nullptr (rmsnorm, or a layernorm without bias). dgamma and dbeta are summed
+/// over rows first (per-column sums by chunks of rows, in a fixed order, with a stream-ordered
+/// scratch buffer of chunks x f floats); then one block per row computes dx.
 template <class T>
 void norm_backward(Norm kind, const T* x, const float* gamma, const float* stats, const T* dy, T* dx, float* dgamma,
                    float* dbeta, std::size_t rows, std::size_t f, cudaStream_t stream);
