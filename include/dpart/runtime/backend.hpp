@@ -83,6 +83,14 @@ public:
 /// layer is an embedding, otherwise values uniform in [-1, 1).
 [[nodiscard]] Tensor synthetic_input(const Model& model, std::uint64_t seed, std::uint64_t first, std::size_t n);
 
+/// What the labels of softmax_xent layer `layer` are drawn over: its classes (`classes`, else
+/// its input's last dimension) and the positions per sample its input holds.
+struct LossShape {
+    std::size_t classes = 0;
+    std::size_t positions = 0;
+};
+[[nodiscard]] LossShape loss_shape(const Model& model, std::size_t layer);
+
 /// Makes OpenBLAS single-threaded: each worker owns a core, and results do not depend on
 /// how many threads a product was split over.
 void use_single_threaded_blas();

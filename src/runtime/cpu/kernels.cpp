@@ -166,9 +166,7 @@ private:
 class SoftmaxXentKernel final : public Kernel {
 public:
     SoftmaxXentKernel(const Model& model, std::size_t layer, Shard shard) : Kernel(model, layer, shard) {
-        const Layer& l = model.layers[layer];
-        const auto& op = std::get<SoftmaxXentOp>(l.op);
-        classes_ = op.classes != 0 ? op.classes : input_last_dim(model, layer);
+        classes_ = loss_shape(model, layer).classes;
     }
 
     [[nodiscard]] Tensor forward(const StepContext& ctx, std::span<const Tensor* const> inputs,
@@ -210,12 +208,6 @@ public:
     }
 
 private:
-    static std::size_t input_last_dim(const Model& model, std::size_t layer) {
-        const Layer& l = model.layers[layer];
-        const Shape& in = l.inputs.empty() ? model.input_shape : model.layers[l.inputs[0]].out_shape;
-        return in.back();
-    }
-
     [[nodiscard]] float log_sum_exp(const float* row) const {
         const float max = *std::max_element(row, row + classes_);
         float sum = 0.0f;
@@ -364,6 +356,16 @@ std::unique_ptr<LayerKernel> make_cpu_kernel(const Model& model, std::size_t lay
         [&](const CustomOp&) { return make_custom(model, layer, shard); },
     };
     return std::visit(make, model.layers[layer].op);
+}
+
+LossShape loss_shape(const Model& model, std::size_t layer) {
+    const Layer& l = model.layers.at(layer);
+    const auto& op = std::get<SoftmaxXentOp>(l.op);
+    const Shape& in = l.inputs.empty() ? model.input_shape : model.layers[l.inputs[0]].out_shape;
+    LossShape s;
+    s.classes = op.classes != 0 ? op.classes : in.back();
+    s.positions = element_count(in) / s.classes;
+    return s;
 }
 
 Tensor synthetic_input(const Model& model, std::uint64_t seed, std::uint64_t first, std::size_t n) {

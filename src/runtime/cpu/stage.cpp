@@ -24,13 +24,10 @@ class CpuStage final : public StageCompute {
 public:
     explicit CpuStage(StageSetup setup) : model_(*setup.model), stage_(*setup.stage) {
         const Shard shard{static_cast<std::uint32_t>(setup.place.tp_rank), stage_.tp};
-        if (setup.state.size() != stage_.last_layer - stage_.first_layer + 1)
-            throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", setup.state.size(),
-                                           stage_.last_layer - stage_.first_layer + 1));
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             kernels_.push_back(make_cpu_kernel(model_, l, shard));
             const LayerKernel& k = *kernels_.back();
-            ShardState& st = setup.state[l - stage_.first_layer];
+            ShardState& st = setup.state.at(l - stage_.first_layer);
             if (st.params.size() != k.shard_params() || st.m.size() != k.shard_params() || st.v.size() != k.shard_params())
                 throw RuntimeError(fmt::format("layer {}: given a state of {} values for a shard of {}", l,
                                                st.params.size(), k.shard_params()));

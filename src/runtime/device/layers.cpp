@@ -582,13 +582,6 @@ private:
     MlpPart mlp_;
 };
 
-std::size_t xent_classes(const Model& model, std::size_t layer) {
-    const Layer& l = model.layers[layer];
-    const auto& op = std::get<SoftmaxXentOp>(l.op);
-    if (op.classes != 0) return op.classes;
-    const Shape& in = l.inputs.empty() ? model.input_shape : model.layers[l.inputs[0]].out_shape;
-    return in.back();
-}
 
 }  // namespace
 
@@ -646,7 +639,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
             return std::make_unique<CopyLayer>(model, layer, compute);
         },
         [&](const SoftmaxXentOp&) -> std::unique_ptr<DeviceLayer> {
-            return std::make_unique<SoftmaxXentLayer>(model, layer, compute, xent_classes(model, layer));
+            return std::make_unique<SoftmaxXentLayer>(model, layer, compute, loss_shape(model, layer).classes);
         },
         [&](const BatchNormOp&) { return unsupported("batchnorm"); },
         [&](const Conv2dOp&) { return unsupported("conv2d"); },

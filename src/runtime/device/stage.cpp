@@ -22,14 +22,11 @@ public:
             throw InputError(stage_.where, fmt::format("stage of layers {}-{}: tensor parallelism (tp = {}) runs on the "
                                                        "CPU backend only; the device backend runs tp = 1",
                                                        stage_.first_layer, stage_.last_layer, stage_.tp));
-        if (setup.state.size() != stage_.last_layer - stage_.first_layer + 1)
-            throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", setup.state.size(),
-                                           stage_.last_layer - stage_.first_layer + 1));
         host_state_ = std::move(setup.state);
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             layers_.push_back(make_device_layer(model_, l, compute_));
             const std::size_t n = layers_.back()->params();
-            const ShardState& st = host_state_[l - stage_.first_layer];
+            const ShardState& st = host_state_.at(l - stage_.first_layer);
             if (st.params.size() != n || st.m.size() != n || st.v.size() != n)
                 throw RuntimeError(fmt::format("layer {}: given a state of {} values for a layer of {}", l,
                                                st.params.size(), n));
@@ -43,13 +40,8 @@ public:
         }
         host_grads_.resize(layers_.size());
         push_state();
-        const dpart::Layer& last = model_.layers[stage_.last_layer];
-        if (const auto* xent = std::get_if<SoftmaxXentOp>(&last.op)) {
-            const std::size_t from = inputs_of(model_, stage_.last_layer).front();
-            const Shape& in = from == model_input ? model_.input_shape : model_.layers[from].out_shape;
-            classes_ = xent->classes != 0 ? xent->classes : in.back();
-            positions_ = element_count(in) / classes_;
-        }
+        if (std::holds_alternative<SoftmaxXentOp>(model_.layers[stage_.last_layer].op))
+            loss_ = loss_shape(model_, stage_.last_layer);
     }
 
     [[nodiscard]] bool makes_model_input() const override { return true; }
@@ -66,9 +58,9 @@ public:
             f.acts.emplace(l, std::move(b));
         }
         if (stage_.first_layer == 0) f.input = model_input_for(f, ctx.first_sample, rows);
-        if (classes_ != 0) {
-            f.labels = DeviceBuffer(*ops_, f.rows * positions_, Elem::i32);
-            ops_->upload(loss_labels(seed_, ctx.first_sample, f.rows, positions_, classes_), f.labels.span());
+        if (loss_.classes != 0) {
+            f.labels = DeviceBuffer(*ops_, f.rows * loss_.positions, Elem::i32, DeviceBuffer::uninitialized);
+            ops_->upload(loss_labels(seed_, ctx.first_sample, f.rows, loss_.positions, loss_.classes), f.labels.span());
             f.step.labels = f.labels.span();
         }
         f.saved.resize(layers_.size());
@@ -265,7 +257,7 @@ private:
     std::vector<LayerState> dev_;
     std::vector<ShardState> host_state_;
     std::vector<std::vector<float>> host_grads_;
-    std::size_t classes_ = 0, positions_ = 0;
+    LossShape loss_;  // classes 0: the stage ends with no loss layer
     double applied_factor_ = 1.0;  // the slowdown last passed to resize()
     double realised_ = 1.0;        // what the device made of it
     std::map<std::pair<std::uint64_t, std::size_t>, DeviceBuffer> input_cache_;
