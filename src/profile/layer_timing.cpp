@@ -124,7 +124,7 @@ LayerTimes time_layers_on_one_core(const Model& model, const std::vector<std::ui
 
 LayerTimes time_layers(const Model& model, const std::vector<std::uint64_t>& sizes, int repeats, const std::string& kind,
                        std::uint64_t seed, unsigned threads) {
-    rt::use_single_threaded_blas();
+    rt::prepare_cpu_workers();
     threads = std::max(1u, threads);
     std::vector<LayerTimes> each(threads);
     std::vector<std::exception_ptr> errors(threads);

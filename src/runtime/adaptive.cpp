@@ -749,7 +749,7 @@ private:
 }  // namespace
 
 AdaptiveResult run_adaptive(const AdaptiveJob& job, Transport& net) {
-    use_single_threaded_blas();
+    prepare_cpu_workers();
     try {
         return Agent(job, net).run();
     } catch (const PeerStopped&) {

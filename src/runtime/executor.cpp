@@ -3,7 +3,6 @@
 
 #include <fmt/format.h>
 
-#include <malloc.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -781,17 +780,6 @@ WorkerReport deserialise_report(const Bytes& b, std::size_t rank) {
     return w;
 }
 
-namespace {
-/// Workers allocate and free the same large tensors every microbatch. glibc serves blocks above
-/// its mmap threshold (128 KiB at first) with fresh mappings, page-faulted and zeroed by the
-/// kernel on every use; keeping them in the heap instead makes a small model's step several
-/// times faster.
-void keep_large_blocks_in_heap() {
-    mallopt(M_MMAP_THRESHOLD, 256 << 20);
-    mallopt(M_TRIM_THRESHOLD, 512 << 20);
-}
-}  // namespace
-
 std::vector<std::vector<float>> canonical_weights(
     const Model& model, const Plan& plan,
     const std::function<const std::vector<float>&(std::size_t stage, std::uint32_t tp_rank, std::size_t layer)>& shard) {
@@ -842,8 +830,7 @@ void run_on_threads(std::size_t n, const std::function<void(std::size_t)>& body)
 }
 
 RunResult run_in_process(const Execution& ex) {
-    use_single_threaded_blas();
-    keep_large_blocks_in_heap();
+    prepare_cpu_workers();
     InProcessNetwork network(ex.workers(), ex.options().timeout);
     std::vector<WorkerReport> reports(ex.workers());
     run_on_threads(ex.workers(), [&](std::size_t r) { reports[r] = ex.run_worker(r, network.endpoint(r)); });
@@ -851,8 +838,7 @@ RunResult run_in_process(const Execution& ex) {
 }
 
 RunResult run_distributed(const Execution& ex, Transport& net) {
-    use_single_threaded_blas();
-    keep_large_blocks_in_heap();
+    prepare_cpu_workers();
     if (net.size() != ex.workers())
         throw InputError(fmt::format("the plan has {} devices but {} ranks were started (mpirun -np {})", ex.workers(),
                                      net.size(), ex.workers()));

@@ -246,7 +246,7 @@ inline TpResult run_tp(const Model& m, std::size_t l, std::uint32_t t, const Ste
 /// gradients agree within 1e-6 and the reassembled parameter gradients within 1e-5.
 inline void check_tensor_parallel(const Model& m, std::size_t l, std::vector<std::uint32_t> sizes,
                                   std::size_t samples = 2) {
-    use_single_threaded_blas();
+    prepare_cpu_workers();
     const auto whole = make_cpu_kernel(m, l);
     const StepContext ctx{21, 8, nullptr};
     const std::vector<Tensor> in = inputs_for(m, l, samples, 31);

@@ -91,8 +91,13 @@ struct LossShape {
 };
 [[nodiscard]] LossShape loss_shape(const Model& model, std::size_t layer);
 
-/// Makes OpenBLAS single-threaded: each worker owns a core, and results do not depend on
-/// how many threads a product was split over.
-void use_single_threaded_blas();
+/// Readies this process for CPU workers, once before they start:
+/// - OpenBLAS single-threaded: each worker owns a core, and results do not depend on how many
+///   threads a product was split over;
+/// - freed memory kept by the process (glibc's mallopt: no mmap below 256 MiB, no trimming, one
+///   arena), so that a microbatch's tensors reuse the last one's pages. Otherwise a tensor can
+///   be a fresh mapping whose first touch faults page by page: on this virtual machine that
+///   costs 3 ms per MiB, more than the layer's arithmetic (docs/METHOD.md).
+void prepare_cpu_workers();
 
 }  // namespace dpart::rt

@@ -82,31 +82,6 @@ void dense_backward(const float* x, const float* dy, std::size_t rows, std::size
     if (dx != nullptr) gemm(Op::none, Op::none, rows, in, out, 1.0f, dy, out, w, in, dx_beta, dx, in);
 }
 
-float activate(Activation a, float x) noexcept {
-    switch (a) {
-    case Activation::relu: return x > 0.0f ? x : 0.0f;
-    case Activation::gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678f));
-    case Activation::silu: return x / (1.0f + std::exp(-x));
-    }
-    return x;
-}
-
-float activate_grad(Activation a, float x) noexcept {
-    switch (a) {
-    case Activation::relu: return x > 0.0f ? 1.0f : 0.0f;
-    case Activation::gelu: {
-        const float cdf = 0.5f * (1.0f + std::erf(x * 0.70710678f));
-        const float pdf = 0.39894228f * std::exp(-0.5f * x * x);
-        return cdf + x * pdf;
-    }
-    case Activation::silu: {
-        const float s = 1.0f / (1.0f + std::exp(-x));
-        return s * (1.0f + x * (1.0f - s));
-    }
-    }
-    return 1.0f;
-}
-
 void require_split(const Layer& layer, std::uint64_t value, std::string_view what, Shard shard) {
     if (value % shard.size != 0)
         throw InputError(layer.where, fmt::format("layer \"{}\": {} {} does not split over a tensor-parallel group of {} "

@@ -2,11 +2,13 @@
 // What the CPU kernels share: the parameter layout (canonical order, tensor-parallel slices,
 // initial values), a base class implementing LayerKernel's parameter half from it, the group
 // collectives, and small row-wise helpers.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dpart/graph/model.hpp"
@@ -61,9 +63,42 @@ void dense_forward(const float* x, std::size_t rows, std::size_t in, const float
 void dense_backward(const float* x, const float* dy, std::size_t rows, std::size_t in, std::size_t out,
                     const float* w, float* dw, float* db, float* dx, float dx_beta);
 
-[[nodiscard]] float activate(Activation a, float x) noexcept;
+// Inline, so that a loop over one activation (ElementwiseKernel) compiles to that
+// activation's arithmetic: relu then vectorises.
+[[nodiscard]] inline float activate(Activation a, float x) noexcept {
+    switch (a) {
+    case Activation::relu: return x > 0.0f ? x : 0.0f;
+    case Activation::gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678f));
+    case Activation::silu: return x / (1.0f + std::exp(-x));
+    }
+    return x;
+}
 /// d activate(a, x) / dx.
-[[nodiscard]] float activate_grad(Activation a, float x) noexcept;
+[[nodiscard]] inline float activate_grad(Activation a, float x) noexcept {
+    switch (a) {
+    case Activation::relu: return x > 0.0f ? 1.0f : 0.0f;
+    case Activation::gelu: {
+        const float cdf = 0.5f * (1.0f + std::erf(x * 0.70710678f));
+        const float pdf = 0.39894228f * std::exp(-0.5f * x * x);
+        return cdf + x * pdf;
+    }
+    case Activation::silu: {
+        const float s = 1.0f / (1.0f + std::exp(-x));
+        return s * (1.0f + x * (1.0f - s));
+    }
+    }
+    return 1.0f;
+}
+/// Calls f with `a` as a compile-time constant (std::integral_constant), so that a loop
+/// inside f is compiled once per activation.
+template <class F>
+void with_activation(Activation a, F&& f) {
+    switch (a) {
+    case Activation::relu: f(std::integral_constant<Activation, Activation::relu>{}); return;
+    case Activation::gelu: f(std::integral_constant<Activation, Activation::gelu>{}); return;
+    case Activation::silu: f(std::integral_constant<Activation, Activation::silu>{}); return;
+    }
+}
 
 /// Throws InputError at the layer when `what` (a size) does not split over the shard size.
 void require_split(const Layer& layer, std::uint64_t value, std::string_view what, Shard shard);

@@ -23,8 +23,15 @@ public:
         saved.tensors.clear();
         const Tensor& x = single_input(inputs);
         Tensor y(x.shape);
-        for (std::size_t i = 0; i < x.size(); ++i)
-            y.data[i] = kind_ == Elementwise::dropout ? x.data[i] * slope(ctx, x, i) : activate(activation(), x.data[i]);
+        if (kind_ == Elementwise::dropout) {
+            for (std::size_t i = 0; i < x.size(); ++i) y.data[i] = x.data[i] * slope(ctx, x, i);
+            return y;
+        }
+        const float* __restrict in = x.data.data();
+        float* __restrict out = y.data.data();
+        with_activation(activation(), [&](auto a) {
+            for (std::size_t i = 0; i < x.size(); ++i) out[i] = activate(a, in[i]);
+        });
         return y;
     }
 
@@ -34,7 +41,16 @@ public:
         const Tensor& x = single_input(inputs);
         std::vector<Tensor> dx;
         dx.emplace_back(x.shape);
-        for (std::size_t i = 0; i < x.size(); ++i) dx[0].data[i] = dout.data[i] * slope(ctx, x, i);
+        float* __restrict out = dx[0].data.data();
+        const float* __restrict dy = dout.data.data();
+        const float* __restrict in = x.data.data();
+        if (kind_ == Elementwise::dropout) {
+            for (std::size_t i = 0; i < x.size(); ++i) out[i] = dy[i] * slope(ctx, x, i);
+        } else {
+            with_activation(activation(), [&](auto a) {
+                for (std::size_t i = 0; i < x.size(); ++i) out[i] = dy[i] * activate_grad(a, in[i]);
+            });
+        }
         return dx;
     }
 
