@@ -54,7 +54,7 @@ double timed_on(unsigned threads, int repeats, const std::function<void(unsigned
 /// (forward y = x W^T, backward dx = dy W and dW = dy^T x: the transposes training uses, not
 /// only the fastest one), on `threads` cores at once, each with its own matrices.
 double gemm_gflops(unsigned threads, std::size_t n, int repeats) {
-    rt::use_single_threaded_blas();
+    rt::prepare_cpu_workers();
     const int d = static_cast<int>(n);
     std::vector<std::vector<float>> a(threads, std::vector<float>(n * n, 0.5f)), b = a, c = a;
     const double s = timed_on(threads, repeats, [&](unsigned t) {
@@ -76,8 +76,11 @@ double copy_gbs(unsigned threads, std::size_t bytes, int repeats) {
 }
 
 /// One-way latency (us) and bandwidth (GB/s) between two workers of this process: a ping-pong
-/// over the in-process transport dpart run uses, with 1-byte and `bytes` messages.
+/// over the in-process transport dpart run uses, with 1-byte and `bytes` messages. Each side
+/// handles a message as a worker does: it writes it from its tensor (a copy) and reads it into
+/// its tensor (another copy).
 std::pair<double, double> transport_link(std::size_t bytes, int repeats) {
+    rt::prepare_cpu_workers();  // messages reuse freed pages, as a run's do
     rt::InProcessNetwork net(2, std::chrono::milliseconds(60000));
     auto pingpong = [&](std::size_t size, int rounds) {
         return median_seconds(repeats, [&] {
@@ -85,17 +88,23 @@ std::pair<double, double> transport_link(std::size_t bytes, int repeats) {
             std::exception_ptr echo_error;
             std::jthread echo([&] {
                 try {
-                    for (int i = 0; i < rounds; ++i) net.endpoint(1).send(0, {}, net.endpoint(1).recv(0, {}));
+                    std::vector<std::byte> tensor;
+                    for (int i = 0; i < rounds; ++i) {
+                        const rt::Bytes in = net.endpoint(1).recv(0, {});
+                        tensor.assign(in.begin(), in.end());
+                        net.endpoint(1).send(0, {}, rt::Bytes(tensor.begin(), tensor.end()));
+                    }
                 } catch (...) {
                     echo_error = std::current_exception();
                 }
             });
-            // The message is written as a worker's send writes it (a copy of the tensor's bytes):
-            // an untouched allocation would cost nothing and measure no bandwidth.
-            const rt::Bytes payload(size, std::byte{1});
+            // Written and read as a worker's messages are: an untouched allocation would cost
+            // nothing and measure no bandwidth.
+            std::vector<std::byte> tensor(size, std::byte{1});
             for (int i = 0; i < rounds; ++i) {
-                net.endpoint(0).send(1, {}, rt::Bytes(payload.begin(), payload.end()));
-                (void)net.endpoint(0).recv(1, {});
+                net.endpoint(0).send(1, {}, rt::Bytes(tensor.begin(), tensor.end()));
+                const rt::Bytes in = net.endpoint(0).recv(1, {});
+                std::copy(in.begin(), in.end(), tensor.begin());
             }
             echo.join();
             if (echo_error) std::rethrow_exception(echo_error);
@@ -139,7 +148,8 @@ std::vector<Probe> cpu_probes(const ProbeSettings& st) {
          }},
         {"cpu.worker_link", "latency and bandwidth between two workers of dpart run (in-process ping-pong)",
          [=] {
-             const auto [latency_us, gbs] = transport_link(bytes / 4, st.repeats);
+             // 16 MiB messages (at scale 1): a large activation, or a stage's gradients.
+             const auto [latency_us, gbs] = transport_link(bytes / 16, st.repeats);
              ProbeResult r;
              r.figures = {{"latency_us", latency_us, "us"}, {"gbs", gbs, "GB/s"}};
              return r;
