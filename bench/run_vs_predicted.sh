@@ -15,8 +15,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # Each case is profiled right before it runs: on a shared virtual machine the cores' speed
 # changes from minute to minute, and a prediction is only as good as figures of the same moment.
-printf '| model | plan | microbatches | GEMM GFLOP/s per core | predicted ms | measured mean ms | p50 ms | error (mean) | error (p50) |\n'
-printf '| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n'
+printf '| model | plan | stages x tp | microbatches | GEMM GFLOP/s per core | predicted ms | measured mean ms | p50 ms | error (mean) | error (p50) |\n'
+printf '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n'
 case_row() {  # case_row MODEL LABEL PLAN_FLAGS...
     local model=$1 label=$2
     shift 2
@@ -31,15 +31,18 @@ case_row() {  # case_row MODEL LABEL PLAN_FLAGS...
     "$dpart" plan "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" -q --out "$tmp/plan.toml" "${measured[@]}" "$@"
     "$dpart" run "$tmp/plan.toml" -m "$root/plans/models/$model.toml" -c "$tmp/cluster.toml" "${measured[@]}" \
         --iterations "$iterations" --out-dir "$tmp/run" >/dev/null
-    awk -v model="$model" -v label="$label" -v g="$gflops" -v m="$(sed -n 's/^microbatches = //p' "$tmp/plan.toml")" '
+    local shape
+    shape="$(grep -c '^\[\[stage\]\]' "$tmp/plan.toml") x $(sed -n 's/^tp = //p' "$tmp/plan.toml" | sort -n | tail -1)"
+    awk -v model="$model" -v label="$label" -v shape="$shape" -v g="$gflops" -v m="$(sed -n 's/^microbatches = //p' "$tmp/plan.toml")" '
         /^mean_iteration_ms/ { mean = $3 } /^p50_iteration_ms/ { p50 = $3 } /^predicted_iteration_ms/ { pred = $3 }
-        END { printf "| %s | %s | %s | %s | %.4g | %.4g | %.4g | %+.1f%% | %+.1f%% |\n", model, label, m, g, pred, mean, p50,
+        END { printf "| %s | %s | %s | %s | %s | %.4g | %.4g | %.4g | %+.1f%% | %+.1f%% |\n", model, label, shape, m, g, pred, mean, p50,
               (mean - pred) / pred * 100, (p50 - pred) / pred * 100 }' "$tmp/run/summary.toml"
 }
-case_row cpu-mlp "optimal, 2 microbatches" --microbatches 2
-case_row cpu-mlp "optimal, 4 microbatches" --microbatches 4
-case_row cpu-mlp "optimal, 8 microbatches" --microbatches 8
-case_row cpu-mlp "data parallel, 1 microbatch" --strategy data-parallel --microbatches 1
+case_row cpu-mlp "pipeline, 2 microbatches" --max-tp 1 --max-replicas 1 --microbatches 2
+case_row cpu-mlp "pipeline, 4 microbatches" --max-tp 1 --max-replicas 1 --microbatches 4
+case_row cpu-mlp "pipeline, 8 microbatches" --max-tp 1 --max-replicas 1 --microbatches 8
+case_row cpu-mlp "data parallel, 1 microbatch" --strategy data-parallel --max-tp 1 --microbatches 1
+case_row cpu-mlp "one stage on both cores, the planner's split" --strategy data-parallel --microbatches 1
 case_row cpu-mlp "optimal (planner's microbatching)"
 case_row tiny-gpt "optimal (planner's microbatching)"
 case_row seed-mlp "optimal (planner's microbatching)"
