@@ -131,21 +131,41 @@ void copy_into(const Bytes& b, std::span<float> out, std::size_t from, const Tag
 }  // namespace
 
 void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data) {
-    if (group.size() <= 1) return;
-    const std::size_t root = group.front();
-    if (t.rank() != root) {
-        t.send(root, tag, bytes_of(data));
-        copy_into(t.recv(root, tag), data, root, tag);
-        return;
+    const std::size_t n = group.size();
+    if (n <= 1) return;
+    const auto at = std::find(group.begin(), group.end(), t.rank());
+    if (at == group.end()) throw RuntimeError(fmt::format("{}: rank {} is not in its group", describe(tag), t.rank()));
+    const auto me = static_cast<std::size_t>(at - group.begin());
+    // Chunk k of the data is member k's to sum: each member sends and receives 2 (n - 1) / n of
+    // the data, as in a ring, instead of the whole of it n - 1 times through one root. Member k
+    // sums its chunk in group order (x_0 + x_1 + ...), so every chunk, and so the whole result, is
+    // bitwise what summing at one root gives. The gather phase's tag has the index's top bit set.
+    auto chunk = [&](std::size_t k) {
+        const std::size_t lo = data.size() * k / n, hi = data.size() * (k + 1) / n;
+        return data.subspan(lo, hi - lo);
+    };
+    Tag gather = tag;
+    gather.index |= 0x80000000u;
+    for (std::size_t k = 0; k < n; ++k)
+        if (k != me) t.send(group[k], tag, bytes_of(chunk(k)));
+    const std::span<float> mine = chunk(me);
+    std::vector<float> sum(mine.size()), part(mine.size());
+    for (std::size_t j = 0; j < n; ++j) {
+        std::span<const float> x = mine;
+        if (j != me) {
+            copy_into(t.recv(group[j], tag), part, group[j], tag);
+            x = part;
+        }
+        if (j == 0) std::copy(x.begin(), x.end(), sum.begin());
+        else
+            for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += x[i];
     }
-    std::vector<float> other(data.size());
-    for (std::size_t k = 1; k < group.size(); ++k) {
-        copy_into(t.recv(group[k], tag), other, group[k], tag);
-        for (std::size_t i = 0; i < data.size(); ++i) data[i] += other[i];
-    }
-    for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, bytes_of(data));
+    std::copy(sum.begin(), sum.end(), mine.begin());
+    for (std::size_t k = 0; k < n; ++k)
+        if (k != me) t.send(group[k], gather, bytes_of(mine));
+    for (std::size_t k = 0; k < n; ++k)
+        if (k != me) copy_into(t.recv(group[k], gather), chunk(k), group[k], gather);
 }
-
 void group_allgather(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<const float> mine,
                      std::span<float> all) {
     const std::size_t n = mine.size();
