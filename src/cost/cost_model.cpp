@@ -34,12 +34,12 @@ AllreduceCost ring_allreduce(std::size_t n, const LinkSpec& link) noexcept {
 AnalyticalCostModel::AnalyticalCostModel(const Model& model, const Cluster& cluster, CostOptions options)
     : model_(model), cluster_(cluster), options_(options) {
     // Devices with the same figures on nodes with the same intra-node link behave alike.
-    std::map<std::tuple<double, double, double, double>, std::size_t> classes;
+    std::map<std::tuple<double, double, bool, double, double>, std::size_t> classes;
     device_class_.reserve(cluster.devices.size());
     for (std::size_t d = 0; d < cluster.devices.size(); ++d) {
         const LinkSpec link = tp_link(d);
         const auto key = std::make_tuple(cluster.devices[d].tflops_for(model.dtype), cluster.devices[d].mem_bw_gbs,
-                                         link.gbs, link.latency_us);
+                                         cluster.devices[d].overlaps_memory, link.gbs, link.latency_us);
         device_class_.push_back(classes.emplace(key, classes.size()).first->second);
     }
 }
@@ -72,7 +72,9 @@ double AnalyticalCostModel::layer_seconds(std::size_t layer, Pass pass, std::siz
     // Backward reads the weights and writes their gradient: twice the forward's weight traffic.
     const double weights = static_cast<double>(l.cost.weight_bytes) * (fwd ? 1.0 : 2.0) * share;
     const double activations = static_cast<double>(fwd ? l.cost.fwd_mem_bytes : l.cost.bwd_mem_bytes) * b * share;
-    double seconds = std::max(flops / (dev.tflops_for(model_.dtype) * 1e12), (weights + activations) / (dev.mem_bw_gbs * 1e9));
+    const double compute = flops / (dev.tflops_for(model_.dtype) * 1e12);
+    const double memory = (weights + activations) / (dev.mem_bw_gbs * 1e9);
+    double seconds = dev.overlaps_memory ? std::max(compute, memory) : compute + memory;
     if (split) {
         const TpCollectives c = tp_collectives(l.op);
         const std::uint32_t count = fwd ? c.forward : c.backward;

@@ -33,7 +33,8 @@ std::optional<LinkSpec> read_link_pair(TableReader& r, std::string_view prefix) 
 
 /// The device figures shared by [[device]] and [[device_group]].
 Device read_device_figures(TableReader& r) {
-    r.expect({"kind", "tflops", "tflops_fp32", "tflops_bf16", "tflops_fp16", "tflops_tf32", "mem_gib", "mem_bw_gbs"});
+    r.expect({"kind", "tflops", "tflops_fp32", "tflops_bf16", "tflops_fp16", "tflops_tf32", "mem_gib", "mem_bw_gbs",
+              "overlaps_memory"});
     Device d;
     d.kind = r.optional_string("kind").value_or("");
     d.tflops = r.required_positive("tflops");
@@ -43,6 +44,7 @@ Device read_device_figures(TableReader& r) {
     d.tflops_tf32 = r.optional_positive("tflops_tf32");
     d.mem_gib = r.required_positive("mem_gib");
     d.mem_bw_gbs = r.required_positive("mem_bw_gbs");
+    d.overlaps_memory = r.optional_bool("overlaps_memory", true);
     if (d.mem_gib >= 17179869184.0) r.fail("mem_gib", fmt::format("mem_gib {} overflows 64 bits of bytes", d.mem_gib));
     r.check_within("tflops", d.tflops, min_rate, max_rate, "TFLOP/s");
     for (DType t : {DType::fp32, DType::bf16, DType::fp16})

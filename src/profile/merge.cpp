@@ -141,8 +141,8 @@ std::size_t write_cpus(std::string& out, const Host& h) {
                            toml_string(h.name));
         const std::string kind = ok_result(r, "cpu.facts") != nullptr ? ok_result(r, "cpu.facts")->text : "";
         if (!kind.empty()) out += fmt::format("kind = {}\n", toml_string(kind));
-        out += fmt::format("tflops = {}\nmem_gib = {:.3g}\nmem_bw_gbs = {}\n", num(*gflops / 1e3),
-                           std::floor(*memory / static_cast<double>(n) * 10) / 10, num(*bw));
+        out += fmt::format("tflops = {}\nmem_gib = {:.3g}\nmem_bw_gbs = {}\noverlaps_memory = false\n",
+                           num(*gflops / 1e3), std::floor(*memory / static_cast<double>(n) * 10) / 10, num(*bw));
     }
     return n;
 }

@@ -43,15 +43,16 @@ std::string cpu_cluster_toml(const std::vector<ProbeResult>& results, const std:
         if (r.key == "cpu.facts") kind = r.text;
     std::string out = meta_toml(meta);
     out += "# Measured by dpart profile: one device per core, each with what a core achieves while\n"
-           "# every core works (fp32 GEMM through OpenBLAS; memory copy, bytes read + written).\n\n";
+           "# every core works (fp32 GEMM through OpenBLAS; memory copy, bytes read + written). A core\n"
+           "# does not overlap a layer's memory traffic with its arithmetic (overlaps_memory).\n\n";
     out += fmt::format("[cluster]\nname = {}\n\n", toml_string(name));
     out += fmt::format("[network]\nintra_node_gbs = {:.4g}\nintra_node_latency_us = {:.4g}\n", link_gbs, link_us);
     out += "inter_node_gbs = 1.0            # not measured: a guess for loopback TCP between hosts\n"
            "inter_node_latency_us = 50.0\n";
     for (unsigned c = 0; c < cores; ++c) {
         out += fmt::format("\n[[device]]\nname = \"cpu{}\"\nnode = {}\nkind = {}\n", c, toml_string(host), toml_string(kind));
-        out += fmt::format("tflops = {:.4g}\nmem_gib = {:.3g}\nmem_bw_gbs = {:.4g}\n", gflops / 1e3,
-                           std::floor(memory_gib / cores * 10) / 10, gbs);
+        out += fmt::format("tflops = {:.4g}\nmem_gib = {:.3g}\nmem_bw_gbs = {:.4g}\noverlaps_memory = false\n",
+                           gflops / 1e3, std::floor(memory_gib / cores * 10) / 10, gbs);
     }
     return out;
 }

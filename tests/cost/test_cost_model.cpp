@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
+
 #include "dpart/cost/cost_model.hpp"
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/model_toml.hpp"
@@ -58,6 +60,33 @@ op = "relu"
     CHECK(tp2 == doctest::Approx(1e5 * 4096.0 * 4096 / 1e14 + allreduce));
     // relu is not split.
     CHECK(cost.layer_seconds(1, Pass::forward, 0, 8, 2) == cost.layer_seconds(1, Pass::forward, 0, 8, 1));
+}
+
+TEST_CASE("roofline on a device that does not overlap memory with arithmetic: the sum") {
+    const Model m = parse_model(R"([model]
+name = "m"
+dtype = "fp32"
+global_batch = 16
+[[layer]]
+name = "fc"
+op = "linear"
+in_features = 1024
+out_features = 1024
+bias = false
+)",
+                                "m.toml");
+    std::string text = cluster_text;
+    const Cluster overlapped = parse_cluster(text, "c.toml");
+    text += "overlaps_memory = false\n";
+    const Cluster serial = parse_cluster(text, "c.toml");
+    // 16 samples: 2*16*1024^2 FLOP at 100 TFLOP/s, and 4 MiB of weights + 16 * 2 * 1024 * 4 B at
+    // 1000 GB/s: memory-bound when they overlap, their sum when not.
+    const double compute = 2.0 * 16 * 1024 * 1024 / 1e14;
+    const double memory = (1024.0 * 1024 * 4 + 16 * 2048 * 4.0) / 1e12;
+    CHECK(AnalyticalCostModel(m, overlapped).layer_seconds(0, Pass::forward, 0, 16, 1) ==
+          doctest::Approx(std::max(compute, memory)));
+    CHECK(AnalyticalCostModel(m, serial).layer_seconds(0, Pass::forward, 0, 16, 1) ==
+          doctest::Approx(compute + memory));
 }
 
 TEST_CASE("ring all-reduce: 2(n-1)/n of the bytes over the slowest hop, 2(n-1) latencies") {

@@ -108,6 +108,19 @@ TEST_CASE("cluster errors point at the offending value") {
           "c.toml:16:5: link \"g\" - \"h\": device \"h\" is not defined (did you mean \"g\"?)");
 }
 
+TEST_CASE("overlaps_memory: true unless a device says otherwise, and a boolean") {
+    const Cluster c = parse_cluster(network + "[[device]]\nname = \"g\"\nnode = \"n\"\ntflops = 1\nmem_gib = 1\n"
+                                              "mem_bw_gbs = 1\n[[device]]\nname = \"cpu\"\nnode = \"n\"\ntflops = 1\n"
+                                              "mem_gib = 1\nmem_bw_gbs = 1\noverlaps_memory = false\n",
+                                    "c.toml");
+    CHECK(c.devices.at(0).overlaps_memory);
+    CHECK_FALSE(c.devices.at(1).overlaps_memory);
+    const std::string err = error_of(network + "[[device]]\nname = \"g\"\nnode = \"n\"\ntflops = 1\nmem_gib = 1\n"
+                                               "mem_bw_gbs = 1\noverlaps_memory = \"no\"\n");
+    CHECK(err.find("c.toml:14:") == 0);
+    CHECK(err.find("overlaps_memory") != std::string::npos);
+}
+
 TEST_CASE("with [[node]] tables, every device must be on a declared node") {
     CHECK(error_of(network + "[[node]]\nname = \"n0\"\n[[device]]\nname = \"g\"\nnode = \"n1\"\ntflops = 1\nmem_gib = 1\nmem_bw_gbs = 1\n") ==
           "c.toml:12:8: device \"g\": node \"n1\" is not declared by any [[node]] table (did you mean \"n0\"?)");

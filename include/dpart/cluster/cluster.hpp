@@ -50,6 +50,10 @@ struct Device {
     double mem_bw_gbs = 0;  ///< achieved memory bandwidth, GB/s
     std::optional<SmPartition> partition;  ///< set when the device is part of a GPU
     SourceLocation where;
+    /// Whether a layer's memory traffic overlaps its arithmetic: a GPU's kernels do (a layer
+    /// takes the larger of the two times, the roofline); a CPU core runs the products, the
+    /// packing and the element-wise passes one after another (the sum of the two).
+    bool overlaps_memory = true;
 
     /// Matmul TFLOP/s for a model of this dtype: the per-dtype figure, else `tflops`.
     [[nodiscard]] double tflops_for(DType dtype) const noexcept;

@@ -76,7 +76,7 @@ struct CostOptions {
 
 /// The roofline on the cluster's figures (docs/METHOD.md):
 ///   t = max(samples * flops / (tflops * 1e12), (weight_bytes + samples * activation_bytes) / (mem_bw_gbs * 1e9))
-/// per layer and pass, with tensor parallelism dividing the split ops' work and adding their
+/// per layer and pass (the sum of the two on a device that does not overlap them, a CPU core), with tensor parallelism dividing the split ops' work and adding their
 /// all-reduces on the node's intra-node link.
 class AnalyticalCostModel final : public CostModel {
 public:
