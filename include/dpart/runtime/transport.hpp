@@ -105,8 +105,10 @@ private:
 };
 
 /// Deterministic collectives over a group of ranks (`group` in a fixed order, containing the
-/// caller): sums are taken at group[0] in group order and broadcast, so every member gets
-/// bitwise the same result whatever the transport.
+/// caller). A sum is taken in group order, chunk k by member k (a reduce-scatter, then an
+/// all-gather, whose messages carry the tag with the index's top bit set): every member gets
+/// bitwise the same result, the one a single root summing in group order gets, whatever the
+/// transport, and each member moves 2 (n - 1) / n of the data, as in a ring.
 void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data);
 void group_allgather(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<const float> mine,
                      std::span<float> all);
