@@ -21,6 +21,7 @@
 #include "dpart/profile/layers.hpp"
 #include "dpart/profile/probe.hpp"
 #include "dpart/report/text_table.hpp"
+#include "dpart/profile/host_links.hpp"
 #include "dpart/runtime/mpi.hpp"
 
 namespace dpart::cli {
@@ -138,6 +139,33 @@ int run_profile(const ProfileOptions& o, const std::string& command) {
                            [](const auto& r) { return r.status == profile::ProbeResult::Status::failed; });
     };
 
+    // Between hosts: rank 0 ping-pongs with the first rank of every other host (every rank
+    // takes part; the links are known to rank 0 only).
+    std::optional<profile::Link> inter;
+    if (ranks > 1 && (o.keys.empty() && o.prefixes.empty())) {
+        profile::HostLinkSettings hs;
+        hs.repeats = o.repeats;
+        hs.bytes = std::max<std::size_t>(std::size_t{1} << 20, static_cast<std::size_t>(static_cast<double>(hs.bytes) * o.scale));
+        const auto links = profile::measure_host_links(mpi->transport(), host_name(), hs);
+        if (rank == 0) {
+            profile::ProbeResult r;
+            r.key = "mpi.host_link";
+            if (links.empty()) {
+                r.status = profile::ProbeResult::Status::waived;
+                r.reason = "every rank runs on one host: no link between hosts to measure";
+            }
+            for (const auto& l : links) {
+                const std::string pair = fmt::format("rank0-rank{}", l.rank_b);
+                r.figures.push_back({pair + ".latency_us", l.latency_us, "us"});
+                r.figures.push_back({pair + ".gbs", l.gbs, "GB/s"});
+            }
+            inter = profile::inter_node_link(links);
+            if (inter) r.text = inter->source;
+            fmt::print("{}\n", result_line(r, who));
+            mine.results.push_back(std::move(r));
+        }
+    }
+
     std::vector<profile::RankResults> all;
     if (ranks > 1) {
         const rt::Tag tag{rt::Tag::Kind::report, 0, 0, 0};
@@ -171,7 +199,7 @@ int run_profile(const ProfileOptions& o, const std::string& command) {
     if (!o.out.empty()) {
         const std::string name = o.name.empty() ? host_name() : o.name;
         const bool gpus = std::any_of(all.begin(), all.end(), [](const auto& r) { return profile::has_gpu_figures(r.results); });
-        write_file_atomic(o.out, gpus || ranks > 1 ? profile::merged_cluster_toml(all, name, meta)
+        write_file_atomic(o.out, gpus || ranks > 1 ? profile::merged_cluster_toml(all, name, meta, inter)
                                                    : profile::cpu_cluster_toml(all[0].results, name, host_name(), meta));
         fmt::print("wrote {}\n", o.out);
     }

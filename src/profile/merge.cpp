@@ -245,7 +245,8 @@ NodeFigures node_figures(const std::vector<ProbeResult>& results) {
     return node;
 }
 
-std::string merged_cluster_toml(const std::vector<RankResults>& ranks, const std::string& name, const Meta& meta) {
+std::string merged_cluster_toml(const std::vector<RankResults>& ranks, const std::string& name, const Meta& meta,
+                                const std::optional<Link>& inter) {
     if (ranks.empty()) throw RuntimeError("no rank's results to merge");
     // Hosts in the order of their first rank; ranks of one host merged.
     std::vector<RankResults const*> sorted;
@@ -292,8 +293,12 @@ std::string merged_cluster_toml(const std::vector<RankResults>& ranks, const std
     if (needs_intra_default)
         out += "intra_node_gbs = 16.0          # not measured: a guess (PCIe 4 x16) for hosts whose link no probe measured\n"
                "intra_node_latency_us = 10.0\n";
-    out += "inter_node_gbs = 12.5          # not measured: a guess (100 Gb/s Ethernet between hosts)\n"
-           "inter_node_latency_us = 10.0\n";
+    if (inter)
+        out += fmt::format("inter_node_gbs = {}           # {}\ninter_node_latency_us = {}\n", num(inter->gbs),
+                           inter->source, num(inter->latency_us));
+    else
+        out += "inter_node_gbs = 12.5          # not measured: a guess (100 Gb/s Ethernet between hosts)\n"
+               "inter_node_latency_us = 10.0\n";
     for (const Host& h : hosts) {
         out += fmt::format("\n[[node]]\nname = {}\n", toml_string(h.name));
         std::optional<Link> link = h.intra;

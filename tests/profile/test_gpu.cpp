@@ -12,6 +12,7 @@
 #include "dpart/core/error.hpp"
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/profile/gpu.hpp"
+#include "dpart/profile/host_links.hpp"
 
 using namespace dpart;
 using namespace dpart::profile;
@@ -310,4 +311,52 @@ TEST_CASE("profile: several ranks' results merge into one cluster.toml, one node
     // A host with neither GPU nor CPU figures, or no ranks at all: an error, not a file.
     CHECK_THROWS_AS((void)merged_cluster_toml({{0, "a", {}}}, "x", Meta{}), RuntimeError);
     CHECK_THROWS_AS((void)merged_cluster_toml({}, "x", Meta{}), RuntimeError);
+}
+
+TEST_CASE("links between hosts: rank 0 measures the first rank of every other host, and the merge uses them") {
+    rt::InProcessNetwork net(4, std::chrono::milliseconds(10000));
+    const std::vector<std::string> hosts{"a", "a", "b", "c"};
+    HostLinkSettings s;
+    s.bytes = 1 << 16;
+    s.latency_rounds = 3;
+    s.repeats = 1;
+    std::vector<std::vector<HostLink>> got(4);
+    {
+        std::vector<std::jthread> ranks;
+        for (std::size_t r = 0; r < 4; ++r)
+            ranks.emplace_back([&, r] { got[r] = measure_host_links(net.endpoint(r), hosts[r], s); });
+    }
+    REQUIRE(got[0].size() == 2);
+    for (std::size_t r = 1; r < 4; ++r) CHECK(got[r].empty());
+    CHECK(got[0][0].rank_b == 2);
+    CHECK(got[0][0].host_b == "b");
+    CHECK(got[0][1].rank_b == 3);
+    CHECK(got[0][1].host_a == "a");
+    for (const HostLink& l : got[0]) {
+        CHECK(l.latency_us > 0);
+        CHECK(l.gbs > 0);
+    }
+    // The slowest pair sets the inter-node figures.
+    const auto inter = inter_node_link({{0, 2, "a", "b", 5.0, 10.0}, {0, 3, "a", "c", 8.0, 4.0}});
+    REQUIRE(inter.has_value());
+    CHECK(inter->gbs == 4.0);
+    CHECK(inter->latency_us == 8.0);
+    CHECK(inter->source.find("2 pairs (a - b, a - c)") != std::string::npos);
+    CHECK_FALSE(inter_node_link({}).has_value());
+    const std::vector<RankResults> ranks{{0, "a", cpu_results()}, {1, "b", cpu_results()}};
+    const std::string text = merged_cluster_toml(ranks, "two", Meta{}, inter);
+    CAPTURE(text);
+    const Cluster c = parse_cluster(text, "two.toml");
+    REQUIRE(c.inter_default.has_value());
+    CHECK(c.inter_default->gbs == 4.0);
+    CHECK(c.inter_default->latency_us == 8.0);
+    CHECK(text.find("not measured: a guess (100 Gb/s") == std::string::npos);
+    // Alone on one host: nothing to measure.
+    rt::InProcessNetwork one(2, std::chrono::milliseconds(10000));
+    std::vector<HostLink> none(1);
+    {
+        std::jthread other([&] { (void)measure_host_links(one.endpoint(1), "a", s); });
+        none = measure_host_links(one.endpoint(0), "a", s);
+    }
+    CHECK(none.empty());
 }

@@ -107,8 +107,10 @@ struct NodeFigures {
 /// a GPU measured by two of them counted once, by PCI bus), its GPUs named "<host>.gpu<K>" in
 /// PCI bus order, or where a host measured no GPU, its CPU cores as "<host>.cpu<K>" (the figures
 /// of cpu_cluster_toml). Throws RuntimeError when a host has neither.
+/// `inter`: the link between hosts measured under mpirun (host_links.hpp); without it the file
+/// gives a marked guess.
 [[nodiscard]] std::string merged_cluster_toml(const std::vector<RankResults>& ranks, const std::string& name,
-                                              const Meta& meta);
+                                              const Meta& meta, const std::optional<Link>& inter = std::nullopt);
 /// Whether these results hold a GPU GEMM rate (then --out writes the GPU cluster).
 [[nodiscard]] bool has_gpu_figures(const std::vector<ProbeResult>& results);
 
