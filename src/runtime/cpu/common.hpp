@@ -76,7 +76,7 @@ void dense_backward(const float* x, const float* dy, std::size_t rows, std::size
 /// d activate(a, x) / dx.
 [[nodiscard]] inline float activate_grad(Activation a, float x) noexcept {
     switch (a) {
-    case Activation::relu: return x > 0.0f ? 1.0f : 0.0f;
+    case Activation::relu: return static_cast<float>(x > 0.0f);  // 1 or 0, without a branch: vectorises
     case Activation::gelu: {
         const float cdf = 0.5f * (1.0f + std::erf(x * 0.70710678f));
         const float pdf = 0.39894228f * std::exp(-0.5f * x * x);
