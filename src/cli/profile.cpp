@@ -145,7 +145,9 @@ int run_profile(const ProfileOptions& o, const std::string& command) {
     if (ranks > 1 && (o.keys.empty() && o.prefixes.empty())) {
         profile::HostLinkSettings hs;
         hs.repeats = o.repeats;
-        hs.bytes = std::max<std::size_t>(std::size_t{1} << 20, static_cast<std::size_t>(static_cast<double>(hs.bytes) * o.scale));
+        // At least 1 MiB, at most 1 GiB (an MPI message counts its bytes in an int).
+        hs.bytes = std::clamp<std::size_t>(static_cast<std::size_t>(static_cast<double>(hs.bytes) * o.scale),
+                                           std::size_t{1} << 20, std::size_t{1} << 30);
         const auto links = profile::measure_host_links(mpi->transport(), host_name(), hs);
         if (rank == 0) {
             profile::ProbeResult r;
