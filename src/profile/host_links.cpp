@@ -64,12 +64,6 @@ void answer(rt::Transport& t, const Order& o) {
     t.flush();
 }
 
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const std::size_t n = v.size();
-    return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /// Rank 0's side with `peer`: the median one-way time of each schedule entry.
 std::vector<double> ping(rt::Transport& t, std::size_t peer, const Order& o) {
     std::vector<double> one_way;
@@ -85,7 +79,7 @@ std::vector<double> ping(rt::Transport& t, std::size_t peer, const Order& o) {
             const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
             if (s > 0) samples.push_back(seconds / (2.0 * rounds));
         }
-        one_way.push_back(median(std::move(samples)));
+        one_way.push_back(stats_of(std::move(samples)).median);
     }
     return one_way;
 }

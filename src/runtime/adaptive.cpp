@@ -765,6 +765,7 @@ AdaptiveResult run_adaptive(const AdaptiveJob& job, Transport& net) {
 
 AdaptiveResult run_adaptive_in_process(const AdaptiveJob& job) {
     const std::size_t agents = worker_places(job.plan).size();
+    prepare_cpu_workers();  // before the threads: a thread keeps the arena it first allocated in
     InProcessNetwork network(agents, job.run.timeout);
     std::vector<AdaptiveResult> results(agents);
     run_on_threads(agents, [&](std::size_t a) { results[a] = run_adaptive(job, network.endpoint(a)); });
