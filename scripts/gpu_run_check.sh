@@ -119,7 +119,7 @@ sys.exit(0 if ok else 1)
 EOF
 
 step "4. a 4-stage pipeline on four green-context partitions: measured vs predicted"
-"$DPART" plan "$OUT/gpt2-small-b8.toml" -c plans/clusters/h100-4partitions.toml --out "$OUT/gpt2-4p.toml" 2>&1 | tee -a "$log"
+"$DPART" plan "$OUT/gpt2-small-b8.toml" -c plans/clusters/h100-4partitions.toml --max-replicas 1 --max-tp 1 --out "$OUT/gpt2-4p.toml" 2>&1 | tee -a "$log"
 if run 240 pipeline-4p "$DPART" run "$OUT/gpt2-4p.toml" -m "$OUT/gpt2-small-b8.toml" \
     -c plans/clusters/h100-4partitions.toml --backend "$BACKEND" -n 12 --out-dir "$OUT/run-4p"; then
     err=$(summary_value "$OUT/run-4p/summary.toml" prediction_error_pct)

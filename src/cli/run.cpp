@@ -157,10 +157,12 @@ std::string configure_backend(const RunCliOptions& o, const Model& model, const 
     const rt::Elem elem = device_precision(o, model);
     if (o.backend == "host-device") {
         ro.backend = rt::make_device_stage_factory([](const rt::WorkerPlace&) { return rt::make_host_ops(); }, elem);
+        ro.memory_domain = [](const rt::WorkerPlace&) { return std::optional<std::uint64_t>(0); };  // host memory
     } else {
         auto gpus = std::make_shared<rt::CudaDevices>(cluster);
         ro.backend = rt::make_device_stage_factory(
             [gpus, tf32 = o.tf32](const rt::WorkerPlace& p) { return gpus->ops(p.device, tf32); }, elem);
+        ro.memory_domain = [gpus](const rt::WorkerPlace& p) { return gpus->memory_domain(p.device); };
     }
     return backend_label(o, model);
 }

@@ -13,6 +13,7 @@ CudaDevices::CudaDevices(const Cluster&) {
 CudaDevices::~CudaDevices() = default;
 std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t, bool) { return nullptr; }
 std::string CudaDevices::describe(std::size_t) const { return {}; }
+std::optional<std::uint64_t> CudaDevices::memory_domain(std::size_t) const { return std::nullopt; }
 bool built_with_cuda_backend() noexcept { return false; }
 
 }  // namespace dpart::rt

@@ -228,7 +228,15 @@ public:
                                         : initial_state(model_, l, Shard{t, stage_.tp}, ex_.options().seed));
         compute_ = ex_.options().backend ? ex_.options().backend(std::move(setup)) : make_cpu_stage(std::move(setup));
         for (std::size_t r = 0; r < stage_.replicas(); ++r) dp_group_.push_back(peer(place_.stage, r, place_.tp_rank));
-        if (place_.stage + 1 < plan_.stages.size()) keep_ = ex_.live_in(place_.stage + 1);
+        const std::size_t s = place_.stage;
+        if (s > 0) on_device_prev_ = shares_memory_with(s - 1);
+        if (s + 1 < plan_.stages.size()) {
+            on_device_next_ = shares_memory_with(s + 1);
+            // Only what leaves through the host is downloaded.
+            const auto next = overlaps(s + 1);
+            if (std::any_of(next.begin(), next.end(), [&](const Overlap& o) { return !on_device_next_[o.replica]; }))
+                keep_ = ex_.live_in(s + 1);
+        }
         keep_.push_back(stage_.last_layer);
     }
 
@@ -462,15 +470,20 @@ private:
         for (std::size_t t = 0; t < plan_.stages[dst_stage].tp; ++t)
             net_.send(peer(dst_stage, o.replica, t), tag, msg);
     }
-    /// Receives this replica's rows of `layers` from the replicas of `src_stage`.
-    std::map<std::size_t, Tensor> recv_rows(std::size_t src_stage, const std::vector<std::size_t>& layers, Tag tag) {
+    /// Receives this replica's rows of `layers` from the replicas of `src_stage` that send them
+    /// through the host (those not `on_device`); none: an empty map.
+    std::map<std::size_t, Tensor> recv_rows(std::size_t src_stage, const std::vector<std::size_t>& layers, Tag tag,
+                                            const std::vector<bool>& on_device) {
         std::map<std::size_t, Tensor> out;
+        const std::vector<Overlap> from = overlaps(src_stage);
+        if (std::all_of(from.begin(), from.end(), [&](const Overlap& o) { return on_device[o.replica]; })) return out;
         for (std::size_t l : layers) {
             std::vector<std::size_t> shape{rows()};
             for (std::size_t d : sample_shape(model_, l)) shape.push_back(d);
             out.emplace(l, Tensor(shape));
         }
-        for (const Overlap& o : overlaps(src_stage)) {
+        for (const Overlap& o : from) {
+            if (on_device[o.replica]) continue;
             const Bytes msg = net_.recv(peer(src_stage, o.replica, 0), tag);
             Reader in(msg);
             for (std::size_t l : layers) {
@@ -484,23 +497,95 @@ private:
         return out;
     }
 
+    // --- Handing tensors over on the device ---------------------------------------------------
+    /// Per replica of stage `other`: whether this worker and it hand tensors over on the device
+    /// (RunOptions::memory_domain: both threads of this process, in memory of the same domain,
+    /// neither tensor-parallel). Both ends of a pair decide alike.
+    std::vector<bool> shares_memory_with(std::size_t other) const {
+        std::vector<bool> out(plan_.stages[other].replicas(), false);
+        const auto& domain = ex_.options().memory_domain;
+        if (!domain || !net_.in_process() || stage_.tp != 1 || plan_.stages[other].tp != 1) return out;
+        const std::optional<std::uint64_t> mine = domain(place_);
+        if (!mine) return out;
+        for (std::size_t r = 0; r < out.size(); ++r) out[r] = domain(ex_.places().at(ex_.rank_of(other, r, 0))) == mine;
+        return out;
+    }
+    /// The step's device exchange with stages `from` (parcels to receive) and `to` (rows to hand
+    /// on); null when no neighbour shares memory with this worker.
+    std::optional<DeviceHandoff> handoff(std::optional<std::size_t> from, const std::vector<bool>& from_device,
+                                         std::span<const std::size_t> in_layers, std::optional<std::size_t> to,
+                                         const std::vector<bool>& to_device, std::span<const std::size_t> out_layers,
+                                         Tag tag) {
+        const bool any_from = std::find(from_device.begin(), from_device.end(), true) != from_device.end();
+        const bool any_to = std::find(to_device.begin(), to_device.end(), true) != to_device.end();
+        if (!any_from && !any_to) return std::nullopt;
+        DeviceHandoff h;
+        h.in_layers = in_layers;
+        h.out_layers = out_layers;
+        if (from)
+            for (const Overlap& o : overlaps(*from))
+                if (from_device[o.replica]) h.in.push_back(recv_parcel(*from, o, in_layers, tag));
+        if (to)
+            for (const Overlap& o : overlaps(*to))
+                if (to_device[o.replica]) h.out_rows.emplace_back(o.from - offset(), o.to - offset());
+        return h;
+    }
+    /// Sends the parcels made for stage `dst`'s replicas, in the order of handoff()'s out_rows.
+    void send_parcels(std::size_t dst_stage, const std::vector<bool>& to_device, DeviceHandoff& h, Tag tag) {
+        std::size_t k = 0;
+        for (const Overlap& o : overlaps(dst_stage)) {
+            if (!to_device[o.replica]) continue;
+            const DeviceSpan& p = h.out.at(k++).span;
+            Bytes msg;
+            append_value(msg, reinterpret_cast<std::uintptr_t>(p.ptr));
+            append_value(msg, static_cast<std::uint64_t>(p.count));
+            append_value(msg, static_cast<std::uint8_t>(p.elem));
+            net_.send(peer(dst_stage, o.replica, 0), tag, std::move(msg));
+        }
+    }
+    Parcel recv_parcel(std::size_t src_stage, const Overlap& o, std::span<const std::size_t> layers, Tag tag) {
+        const std::size_t src = peer(src_stage, o.replica, 0);
+        const Bytes msg = net_.recv(src, tag);
+        Reader in(msg);
+        Parcel p;
+        p.span.ptr = reinterpret_cast<void*>(in.value<std::uintptr_t>());
+        p.span.count = in.value<std::uint64_t>();
+        p.span.elem = static_cast<Elem>(in.value<std::uint8_t>());
+        p.from = o.from - offset();
+        p.to = o.to - offset();
+        std::size_t expected = 0;
+        for (std::size_t l : layers) expected += (p.to - p.from) * Tensor::count(sample_shape(model_, l));
+        if (!in.done() || p.span.count != expected)
+            throw RuntimeError(fmt::format("{} from worker {}: a device parcel of {} values, {} expected",
+                                           describe(tag), src, p.span.count, expected));
+        return p;
+    }
+
     // --- The schedule's steps ------------------------------------------------------------------
     void forward(std::uint32_t mb) {
         InFlight& f = in_flight_[mb];
         f = InFlight{};
         f.first_sample = microbatch_first_sample(mb) + offset();
         const std::size_t s = place_.stage, S = plan_.stages.size();
+        const Tag tag{Tag::Kind::activation, iteration_, mb, 0};
+        const std::span<const std::size_t> none;
+        std::optional<DeviceHandoff> dev =
+            handoff(s > 0 ? std::optional(s - 1) : std::nullopt, on_device_prev_, s > 0 ? ex_.live_in(s) : none,
+                    s + 1 < S ? std::optional(s + 1) : std::nullopt, on_device_next_,
+                    s + 1 < S ? ex_.live_in(s + 1) : none, tag);
         TensorMap in;
         if (s > 0)
-            in = recv_rows(s - 1, ex_.live_in(s), {Tag::Kind::activation, iteration_, mb, 0});
+            in = recv_rows(s - 1, ex_.live_in(s), tag, on_device_prev_);
         else if (!compute_->makes_model_input())
             in.emplace(model_input, synthetic_input(model_, ex_.options().seed, f.first_sample, rows()));
-        timed(TaskKind::forward, mb,
-              [&] { f.acts = &compute_->forward(mb, context(f), rows(), std::move(in), keep_); });
+        timed(TaskKind::forward, mb, [&] {
+            f.acts = &compute_->forward(mb, context(f), rows(), std::move(in), keep_, dev ? &*dev : nullptr);
+        });
         if (s + 1 < S) {
             timed(TaskKind::send_activation, mb, [&] {
                 for (const Overlap& o : overlaps(s + 1))
-                    send_rows(s + 1, o, ex_.live_in(s + 1), *f.acts, {Tag::Kind::activation, iteration_, mb, 0});
+                    if (!on_device_next_[o.replica]) send_rows(s + 1, o, ex_.live_in(s + 1), *f.acts, tag);
+                if (dev) send_parcels(s + 1, on_device_next_, *dev, tag);
             });
         } else if (place_.tp_rank == 0) {
             loss_ += loss_sum(f.acts->at(stage_.last_layer));
@@ -528,17 +613,28 @@ private:
     void backward(std::uint32_t mb) {
         InFlight& f = in_flight_[mb];
         const std::size_t s = place_.stage, S = plan_.stages.size();
+        const Tag tag{Tag::Kind::gradient, iteration_, mb, 0};
+        const std::span<const std::size_t> none;
+        std::optional<DeviceHandoff> dev =
+            handoff(s + 1 < S ? std::optional(s + 1) : std::nullopt, on_device_next_,
+                    s + 1 < S ? ex_.live_in(s + 1) : none, s > 0 ? std::optional(s - 1) : std::nullopt,
+                    on_device_prev_, s > 0 ? ex_.live_in(s) : none, tag);
         TensorMap grads;
         if (s + 1 < S)
-            grads = recv_rows(s + 1, ex_.live_in(s + 1), {Tag::Kind::gradient, iteration_, mb, 0});
+            grads = recv_rows(s + 1, ex_.live_in(s + 1), tag, on_device_next_);
         else
             grads.emplace(stage_.last_layer, loss_gradient(f.acts->at(stage_.last_layer)));
-        timed(TaskKind::backward, mb,
-              [&] { grads = compute_->backward(mb, context(f), std::move(grads), ex_.live_in(s)); });
+        // Gradients leave through the host only for a previous stage not sharing memory.
+        const bool host_out = std::find(on_device_prev_.begin(), on_device_prev_.end(), false) != on_device_prev_.end();
+        timed(TaskKind::backward, mb, [&] {
+            grads = compute_->backward(mb, context(f), std::move(grads), host_out ? ex_.live_in(s) : none,
+                                       dev ? &*dev : nullptr);
+        });
         if (s > 0) {
             timed(TaskKind::send_gradient, mb, [&] {
                 for (const Overlap& o : overlaps(s - 1))
-                    send_rows(s - 1, o, ex_.live_in(s), grads, {Tag::Kind::gradient, iteration_, mb, 0});
+                    if (!on_device_prev_[o.replica]) send_rows(s - 1, o, ex_.live_in(s), grads, tag);
+                if (dev) send_parcels(s - 1, on_device_prev_, *dev, tag);
             });
         }
         f = InFlight{};
@@ -636,6 +732,8 @@ private:
     std::vector<std::size_t> dp_group_;
     std::unique_ptr<StageCompute> compute_;
     std::vector<std::size_t> keep_;  // the outputs forward must return: what the next stage reads, the last layer
+    // Per replica of the previous and next stages: tensors handed over on the device.
+    std::vector<bool> on_device_prev_, on_device_next_;
     bool device_slowed_ = false;     // the stage realises this iteration's slowdown itself
     std::map<std::uint32_t, InFlight> in_flight_;
     std::uint32_t iteration_ = 0;

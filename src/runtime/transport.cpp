@@ -60,6 +60,7 @@ public:
     InProcessEndpoint(InProcessNetwork::State& s, std::size_t rank, std::size_t size) : s_(s), rank_(rank), size_(size) {}
     std::size_t rank() const override { return rank_; }
     std::size_t size() const override { return size_; }
+    bool in_process() const override { return true; }
 
     void send(std::size_t dst, const Tag& tag, Bytes data) override {
         {

@@ -231,8 +231,10 @@ Plan device_plan(std::uint64_t microbatches, std::uint64_t global_batch,
     return p;
 }
 
+using Domain = std::function<std::optional<std::uint64_t>(const WorkerPlace&)>;
+
 RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& backend, std::uint64_t iterations = 3,
-                   const Scenario& scenario = {}) {
+                   const Scenario& scenario = {}, const Domain& domain = {}) {
     const Cluster cluster = load_cluster(std::string(DPART_SOURCE_DIR) + "/plans/clusters/cpu-4workers.toml");
     const AnalyticalCostModel cost(model, cluster, {});
     const PlanEstimate est = estimate_plan(plan, model, cluster, cost, {});
@@ -242,6 +244,7 @@ RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& bac
     o.timeout = std::chrono::milliseconds(20000);
     o.backend = backend;
     o.scenario = scenario;
+    o.memory_domain = domain;
     return run_in_process(Execution(plan, model, est, o));
 }
 
@@ -302,23 +305,40 @@ TEST_CASE("the device backend refuses tensor-parallel stages, naming the stage")
 
 namespace {
 
-/// Host ops that can be "resized" as a GPU partition can: they record every resize and report
-/// the slowdown as realised, so the executor must not wait it out as well.
-class ResizableOps final : public DeviceOps {
+/// What RecordingOps saw: every resize, and how many uploads, downloads and copies.
+struct OpsLog {
+    std::mutex mutex;
+    std::vector<double> resizes;
+    std::size_t uploads = 0, downloads = 0, copies = 0;
+};
+
+/// Host ops that record what they are asked into a log, and can be "resized" as a GPU
+/// partition can: they report the slowdown as realised, so the executor must not wait it out
+/// as well.
+class RecordingOps final : public DeviceOps {
 public:
-    ResizableOps(std::vector<double>& log, std::mutex& mutex) : host_(make_host_ops()), log_(log), mutex_(mutex) {}
-    std::string name() const override { return "resizable host"; }
+    explicit RecordingOps(OpsLog& log) : host_(make_host_ops()), log_(log) {}
+    std::string name() const override { return "recording host"; }
     double resize(double factor) override {
-        std::lock_guard lock(mutex_);
-        log_.push_back(factor);
+        std::lock_guard lock(log_.mutex);
+        log_.resizes.push_back(factor);
         return factor > 1.0 ? factor : 1.0;
+    }
+    void upload(std::span<const float> f, DeviceSpan t) override {
+        count(log_.uploads);
+        host_->upload(f, t);
+    }
+    void download(DeviceSpan f, std::span<float> t) override {
+        count(log_.downloads);
+        host_->download(f, t);
+    }
+    void copy(DeviceSpan f, DeviceSpan t) override {
+        count(log_.copies);
+        host_->copy(f, t);
     }
     // Everything else is the host's.
     DeviceSpan allocate(std::size_t c, Elem e) override { return host_->allocate(c, e); }
     void release(DeviceSpan s) noexcept override { host_->release(s); }
-    void upload(std::span<const float> f, DeviceSpan t) override { host_->upload(f, t); }
-    void download(DeviceSpan f, std::span<float> t) override { host_->download(f, t); }
-    void copy(DeviceSpan f, DeviceSpan t) override { host_->copy(f, t); }
     void fill(DeviceSpan s, float v) override { host_->fill(s, v); }
     void add(DeviceSpan f, DeviceSpan t) override { host_->add(f, t); }
     void mul(DeviceSpan a, DeviceSpan b, DeviceSpan o) override { host_->mul(a, b, o); }
@@ -370,10 +390,19 @@ public:
     }
 
 private:
+    void count(std::size_t& n) {
+        std::lock_guard lock(log_.mutex);
+        ++n;
+    }
     std::unique_ptr<DeviceOps> host_;
-    std::vector<double>& log_;
-    std::mutex& mutex_;
+    OpsLog& log_;
 };
+
+/// A backend of RecordingOps logging into logs[device].
+StageFactory recording_backend(std::vector<OpsLog>& logs, Elem compute = Elem::f32) {
+    return make_device_stage_factory(
+        [&logs](const WorkerPlace& p) { return std::make_unique<RecordingOps>(logs.at(p.device)); }, compute);
+}
 
 }  // namespace
 
@@ -390,16 +419,116 @@ TEST_CASE("a device that resizes itself is resized once when a scenario slows it
     back.kind = EventKind::recover;
     back.device = 1;
     scenario.events = {slow, back};
-    std::vector<double> log0, log1;
-    std::mutex mutex;
-    const StageFactory resizable = [&](StageSetup setup) {
-        std::vector<double>& log = setup.place.device == 0 ? log0 : log1;
-        return make_device_stage_factory([&](const WorkerPlace&) { return std::make_unique<ResizableOps>(log, mutex); },
-                                         Elem::f32)(std::move(setup));
-    };
+    std::vector<OpsLog> logs(2);
     const RunResult plain = run_plan(model, plan, nullptr, 5);
-    const RunResult resized = run_plan(model, plan, resizable, 5, scenario);
-    CHECK(log0.empty());                                 // device 0 never slowed
-    CHECK(log1 == std::vector<double>{40.0, 1.0});       // shrunk at iteration 1, restored at 3
+    const RunResult resized = run_plan(model, plan, recording_backend(logs), 5, scenario);
+    CHECK(logs[0].resizes.empty());                              // device 0 never slowed
+    CHECK(logs[1].resizes == std::vector<double>{40.0, 1.0});   // shrunk at iteration 1, restored at 3
     CHECK(weights_error(resized, plain) < 1e-6);         // a slowdown changes no value
+}
+
+// --- Handing tensors over on the device -----------------------------------------------------
+
+namespace {
+
+const Domain one_memory = [](const WorkerPlace&) { return std::optional<std::uint64_t>(0); };
+
+void check_same_run(const RunResult& a, const RunResult& b) {
+    REQUIRE(a.loss.size() == b.loss.size());
+    for (std::size_t i = 0; i < a.loss.size(); ++i) CHECK(a.loss[i] == b.loss[i]);
+    CHECK(weights_error(a, b) == 0.0);
+}
+
+}  // namespace
+
+TEST_CASE("device stages sharing memory hand activations and gradients over on the device, changing no value") {
+    const Model model = load_model(models_dir + "seed-mlp.toml");
+    const std::uint64_t M = 4, iterations = 3;
+    const Plan plan = device_plan(M, 64, {{0, 1}, {2, 3}}, {{0}, {1}});
+    std::vector<OpsLog> host_path(2), device_path(2);
+    const RunResult through_host = run_plan(model, plan, recording_backend(host_path), iterations);
+    const RunResult on_device = run_plan(model, plan, recording_backend(device_path), iterations, {}, one_memory);
+    check_same_run(on_device, through_host);
+    // Through the host, each microbatch's activation is downloaded by stage 0 and uploaded by
+    // stage 1, and its gradient the other way; on the device neither happens.
+    const std::size_t per_direction = M * iterations;
+    CHECK(host_path[0].downloads - device_path[0].downloads == per_direction);
+    CHECK(host_path[1].uploads - device_path[1].uploads == per_direction);
+    CHECK(host_path[1].downloads - device_path[1].downloads == per_direction);
+    CHECK(host_path[0].uploads - device_path[0].uploads == per_direction);
+    // Instead each sender copies the rows into a parcel (the receiver adopts a whole one).
+    CHECK(device_path[0].copies - host_path[0].copies == per_direction);
+    CHECK(device_path[1].copies - host_path[1].copies == per_direction);
+}
+
+TEST_CASE("device parcels between replicas of uneven shares, and between memories that differ") {
+    const Model model = load_model(models_dir + "seed-mlp.toml");
+    // 16 samples per microbatch: stage 0's three replicas take 6, 5 and 5; stage 1 all 16, so
+    // stage 1 assembles its input from three parcels and hands its gradient out in three.
+    const Plan plan = device_plan(4, 64, {{0, 1}, {2, 3}}, {{0, 1, 2}, {3}});
+    const RunResult cpu = run_plan(model, plan, nullptr);
+    const RunResult through_host = run_plan(model, plan, host_backend(Elem::f32));
+    const RunResult on_device = run_plan(model, plan, host_backend(Elem::f32), 3, {}, one_memory);
+    check_same_run(on_device, through_host);
+    CHECK(weights_error(on_device, cpu) < 1e-6);
+    // Devices 0 and 3 share memory, 1 and 2 do not: stage 1 gets one parcel and two host tensors.
+    const Domain mixed = [](const WorkerPlace& p) {
+        return p.device == 0 || p.device == 3 ? std::optional<std::uint64_t>(0) : std::optional<std::uint64_t>(p.device);
+    };
+    check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, mixed), through_host);
+}
+
+TEST_CASE("device parcels carry several layers: tiny-gpt in 3 stages, bf16, its tie across stages") {
+    const Model model = load_model(models_dir + "tiny-gpt.toml");
+    const std::size_t L = model.layers.size();
+    const Plan plan = device_plan(2, 8, {{0, 2}, {3, 4}, {5, L - 1}}, {{0}, {1}, {2}});
+    for (const Elem e : {Elem::f32, Elem::bf16}) {
+        CAPTURE(to_string(e));
+        check_same_run(run_plan(model, plan, host_backend(e), 3, {}, one_memory), run_plan(model, plan, host_backend(e)));
+    }
+}
+
+TEST_CASE("a device parcel packs every layer crossing the boundary: a skip connection over two stages") {
+    // fc1's output is read by fc2 (stage 0) and by the add (stage 1): stage 1 receives fc1 and
+    // fc2 in one parcel per replica, and hands both gradients back in one.
+    const Model model = parse_model(R"(
+[model]
+name = "skip-mlp"
+dtype = "fp32"
+global_batch = 48
+input_shape = [20]
+
+[[layer]]
+name = "fc1"
+op = "linear"
+in_features = 20
+out_features = 16
+
+[[layer]]
+name = "fc2"
+op = "linear"
+in_features = 16
+out_features = 16
+
+[[layer]]
+name = "add"
+op = "add"
+inputs = ["fc1", "fc2"]
+
+[[layer]]
+name = "head"
+op = "linear"
+in_features = 16
+out_features = 5
+
+[[layer]]
+name = "loss"
+op = "softmax_xent"
+classes = 5
+)",
+                                     "skip-mlp.toml");
+    const Plan plan = device_plan(2, 48, {{0, 1}, {2, 4}}, {{0, 1}, {2}});
+    const RunResult through_host = run_plan(model, plan, host_backend(Elem::f32));
+    check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, one_memory), through_host);
+    CHECK(weights_error(through_host, run_plan(model, plan, nullptr)) < 1e-6);
 }

@@ -4,7 +4,9 @@
 // (cluster.toml's `sm`), and its DeviceOps runs the device layers there through cuBLAS and
 // dpart's kernels. Implemented in runtime/cuda; a build without CUDA refuses with a message.
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "dpart/cluster/cluster.hpp"
@@ -29,6 +31,10 @@ public:
 
     /// What `device` runs on, e.g. "CUDA device 0 (NVIDIA H100 80GB HBM3), green context of 32 SMs".
     [[nodiscard]] std::string describe(std::size_t device) const;
+
+    /// The memory `device`'s buffers live in (RunOptions::memory_domain): its GPU's ordinal, so
+    /// that the partitions of one GPU hand tensors to each other on the device.
+    [[nodiscard]] std::optional<std::uint64_t> memory_domain(std::size_t device) const;
 
     struct Impl;
 

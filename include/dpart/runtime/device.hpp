@@ -137,6 +137,20 @@ public:
     DeviceBuffer(DeviceOps& ops, std::size_t count, Elem elem) : ops_(&ops), span_(ops.allocate(count, elem)) {}
     DeviceBuffer(DeviceOps& ops, std::size_t count, Elem elem, Uninitialized)
         : ops_(&ops), span_(ops.allocate_uninitialized(count, elem)) {}
+    /// Takes over `span`, which `ops` may release: its own allocation, or one of another
+    /// DeviceOps sharing its memory (a device buffer handed over between stages).
+    [[nodiscard]] static DeviceBuffer adopt(DeviceOps& ops, DeviceSpan span) {
+        DeviceBuffer b;
+        b.ops_ = &ops;
+        b.span_ = span;
+        return b;
+    }
+    /// Gives up the span without releasing it (whoever takes it releases it).
+    [[nodiscard]] DeviceSpan release_ownership() noexcept {
+        const DeviceSpan s = span_;
+        span_ = {};
+        return s;
+    }
     DeviceBuffer(DeviceBuffer&& o) noexcept : ops_(o.ops_), span_(o.span_) { o.span_ = {}; }
     DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
         if (this != &o) {

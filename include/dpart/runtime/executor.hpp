@@ -68,6 +68,12 @@ struct RunOptions {
     /// What computes each worker's stage: null for the CPU kernels (make_cpu_stage), or a device
     /// backend (make_device_stage_factory).
     StageFactory backend;
+    /// A device backend's memory: the domain each worker's tensors live in (null, or nullopt: host
+    /// memory). Two workers of one process (an in-process transport) in the same domain hand
+    /// activations and gradients to each other on the device (DeviceHandoff: a device-to-device
+    /// copy, the receiver then owning and releasing the buffer), so a domain's DeviceOps must
+    /// read, copy and release each other's allocations: the partitions of one GPU, the host.
+    std::function<std::optional<std::uint64_t>(const WorkerPlace&)> memory_domain;
 };
 
 

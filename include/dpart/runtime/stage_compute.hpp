@@ -15,6 +15,7 @@
 #include "dpart/graph/model.hpp"
 #include "dpart/plan/plan.hpp"
 #include "dpart/runtime/backend.hpp"
+#include "dpart/runtime/device.hpp"
 #include "dpart/runtime/optimizer.hpp"
 #include "dpart/runtime/tensor.hpp"
 
@@ -43,6 +44,25 @@ inline constexpr std::size_t model_input = static_cast<std::size_t>(-1);
 /// layer's output.
 [[nodiscard]] std::vector<std::size_t> inputs_of(const Model& model, std::size_t layer);
 
+/// Rows [from, to) of this worker's rows of some layers' tensors, packed layer after layer (in
+/// the order of the step's layer list) in one device buffer: what device stages sharing memory
+/// (RunOptions::memory_domain) hand each other instead of host tensors.
+struct Parcel {
+    DeviceSpan span;
+    std::size_t from = 0, to = 0;
+};
+/// One step's exchange on the device. In: the parcels the neighbours handed over (the stage owns
+/// them from then on), rows of `in_layers`; rows not in a parcel come as host tensors. Out: for
+/// each row range of `out_rows`, a parcel of `out_layers` (zeros for a tensor the step did not
+/// produce), made before the step returns and owned by whoever receives it.
+struct DeviceHandoff {
+    std::span<const std::size_t> in_layers;
+    std::vector<Parcel> in;
+    std::span<const std::size_t> out_layers;
+    std::vector<std::pair<std::size_t, std::size_t>> out_rows;
+    std::vector<Parcel> out;
+};
+
 class StageCompute {
 public:
     virtual ~StageCompute() = default;
@@ -51,17 +71,19 @@ public:
     /// outputs listed in `keep` that the stage has (computed or received), valid until
     /// backward(mb); keeps what backward needs.
     /// `rows` is the microbatch's samples on this worker. On the first stage, `inputs` holds the
-    /// model input unless makes_model_input().
+    /// model input unless makes_model_input(). `device`: null, or (a device stage only) what
+    /// came and goes on the device (DeviceHandoff).
     [[nodiscard]] virtual const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t rows,
-                                                   TensorMap inputs, std::span<const std::size_t> keep) = 0;
+                                                   TensorMap inputs, std::span<const std::size_t> keep,
+                                                   DeviceHandoff* device) = 0;
     /// Whether the stage makes the model input itself (synthetic_input of ctx.first_sample and
     /// rows): a device stage keeps it on the device for the batches it sees again.
     [[nodiscard]] virtual bool makes_model_input() const { return false; }
     /// Backward for `mb` from the gradients of the stage's outputs: adds the parameter
     /// gradients, and returns (at least) the gradients of `want` (layers received from the
-    /// previous stage) that reached them. Ends the microbatch.
+    /// previous stage) that reached them. Ends the microbatch. `device` as for forward.
     [[nodiscard]] virtual TensorMap backward(std::uint32_t mb, const StepContext& ctx, TensorMap grads,
-                                             std::span<const std::size_t> want) = 0;
+                                             std::span<const std::size_t> want, DeviceHandoff* device) = 0;
     /// Every layer's gradients (stage order) in host memory, from pull_grads() until
     /// push_grads() writes them back (the CPU stage: its own storage, no copy).
     [[nodiscard]] virtual std::vector<std::vector<float>>& pull_grads() = 0;

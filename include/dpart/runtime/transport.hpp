@@ -54,6 +54,9 @@ public:
     virtual void abort(const std::string& reason) = 0;
     /// Waits until the messages this rank sent have left (MPI), within the timeout.
     virtual void flush() {}
+    /// Whether every rank is a thread of this process (a message may then carry a pointer to
+    /// memory the sender hands over, such as a device buffer).
+    [[nodiscard]] virtual bool in_process() const { return false; }
 };
 
 /// Queues between the threads of one process: `size` endpoints sharing one state.

@@ -37,7 +37,8 @@ public:
     }
 
     const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t, TensorMap inputs,
-                             std::span<const std::size_t>) override {
+                             std::span<const std::size_t>, DeviceHandoff* device) override {
+        no_device(device);
         InFlight& f = in_flight_[mb];
         f.acts = std::move(inputs);
         f.saved.assign(kernels_.size(), Saved{});
@@ -50,8 +51,9 @@ public:
         return f.acts;
     }
 
-    TensorMap backward(std::uint32_t mb, const StepContext& ctx, TensorMap grads,
-                       std::span<const std::size_t>) override {
+    TensorMap backward(std::uint32_t mb, const StepContext& ctx, TensorMap grads, std::span<const std::size_t>,
+                       DeviceHandoff* device) override {
+        no_device(device);
         InFlight& f = in_flight_.at(mb);
         for (std::size_t k = kernels_.size(); k-- > 0;) {
             const std::size_t l = stage_.first_layer + k;
@@ -102,6 +104,11 @@ public:
     void push_state() override {}
 
 private:
+    /// Host memory has no device to hand tensors over on (no memory domain: the executor never asks).
+    static void no_device(const DeviceHandoff* device) {
+        if (device != nullptr) throw RuntimeError("the CPU stage was asked to hand tensors over on a device");
+    }
+
     struct InFlight {
         TensorMap acts;
         std::vector<Saved> saved;

@@ -668,6 +668,12 @@ std::string CudaDevices::describe(std::size_t device) const {
     return it == impl_->targets.end() ? std::string("none") : it->second.name;
 }
 
+std::optional<std::uint64_t> CudaDevices::memory_domain(std::size_t device) const {
+    const auto it = impl_->targets.find(device);
+    if (it == impl_->targets.end()) return std::nullopt;
+    return static_cast<std::uint64_t>(it->second.gpu);
+}
+
 bool built_with_cuda_backend() noexcept { return true; }
 
 }  // namespace dpart::rt

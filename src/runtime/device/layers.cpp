@@ -444,13 +444,11 @@ public:
         const std::size_t tokens = ids.count;
         DeviceBuffer y = make(ops, tokens * hidden_);
         ops.embedding_forward(ids, p.master(tok_), y.span(), tokens, hidden_);
-        for (auto [id, which] : {std::pair{pos_, Which::position}, std::pair{type_, Which::type}}) {
-            if (id == ParamLayout::absent) continue;
-            const DeviceBuffer other_ids = extra_ids(ops, which, n, tokens / n);
-            DeviceBuffer rows = make(ops, tokens * hidden_);
-            ops.embedding_forward(other_ids.span(), p.master(id), rows.span(), tokens, hidden_);
-            ops.add(rows.span(), y.span());
-        }
+        // Position p's row, added to token p of every sample, is a bias over [n, tokens x hidden];
+        // token type 0's row, a bias over every token: no ids to make or upload.
+        if (pos_ != ParamLayout::absent)
+            ops.bias_add(y.span(), p.master(pos_).sub(0, tokens / n * hidden_), n, tokens / n * hidden_);
+        if (type_ != ParamLayout::absent) ops.bias_add(y.span(), p.master(type_).sub(0, hidden_), tokens, hidden_);
         return y;
     }
     std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
@@ -460,27 +458,15 @@ public:
         const Slices p = slices(params, grads);
         const std::size_t tokens = ids.count;
         ops.embedding_backward(ids, dout, p.grad(tok_), tokens, hidden_);
-        for (auto [id, which] : {std::pair{pos_, Which::position}, std::pair{type_, Which::type}}) {
-            if (id == ParamLayout::absent) continue;
-            const DeviceBuffer other_ids = extra_ids(ops, which, n, tokens / n);
-            ops.embedding_backward(other_ids.span(), dout, p.grad(id), tokens, hidden_);
-        }
+        // The rows' gradients summed over samples (positions) or tokens (type 0), in order.
+        if (pos_ != ParamLayout::absent)
+            ops.column_sums(dout, p.grad(pos_).sub(0, tokens / n * hidden_), n, tokens / n * hidden_);
+        if (type_ != ParamLayout::absent) ops.column_sums(dout, p.grad(type_).sub(0, hidden_), tokens, hidden_);
         std::vector<DeviceBuffer> dx(1);  // token ids have no gradient
         return dx;
     }
 
 private:
-    enum class Which { position, type };
-    /// Position p of each sample (0 for token types), as i32 ids.
-    static DeviceBuffer extra_ids(DeviceOps& ops, Which which, std::size_t n, std::size_t per_sample) {
-        std::vector<float> ids(n * per_sample, 0.0f);
-        if (which == Which::position)
-            for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<float>(i % per_sample);
-        DeviceBuffer b(ops, ids.size(), Elem::i32);
-        ops.upload(ids, b.span());
-        return b;
-    }
-
     std::size_t vocab_ = 0, hidden_ = 0;
     ParamLayout::Id tok_ = ParamLayout::absent, pos_ = ParamLayout::absent, type_ = ParamLayout::absent;
 };

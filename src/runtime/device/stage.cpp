@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <map>
+#include <tuple>
 #include <utility>
 
 #include "dpart/core/error.hpp"
@@ -47,22 +48,23 @@ public:
     [[nodiscard]] bool makes_model_input() const override { return true; }
 
     const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t rows, TensorMap inputs,
-                             std::span<const std::size_t> keep) override {
+                             std::span<const std::size_t> keep, DeviceHandoff* device) override {
         InFlight& f = in_flight_[mb];
         f = InFlight{};
         f.rows = rows;
         f.step.loss_scale = 1.0f / static_cast<float>(model_.global_batch);
-        for (const auto& [l, t] : inputs) {
-            DeviceBuffer b(*ops_, t.size(), compute_, DeviceBuffer::uninitialized);
-            ops_->upload(t.data, b.span());
-            f.acts.emplace(l, std::move(b));
+        f.acts = bring_in(inputs, device, rows, [&](std::size_t) { return compute_; });
+        if (device != nullptr)  // a host tensor partly filled by parcels is not the whole input
+            for (std::size_t l : device->in_layers) inputs.erase(l);
+        if (stage_.first_layer == 0) {
+            const bool ids = std::holds_alternative<EmbeddingOp>(model_.layers.front().op);
+            f.input = cached(Cached::input, ctx.first_sample, rows, ids ? Elem::i32 : compute_, f.owned_input,
+                             [&] { return synthetic_input(model_, seed_, ctx.first_sample, rows).data; });
         }
-        if (stage_.first_layer == 0) f.input = model_input_for(f, ctx.first_sample, rows);
-        if (loss_.classes != 0) {
-            f.labels = DeviceBuffer(*ops_, f.rows * loss_.positions, Elem::i32, DeviceBuffer::uninitialized);
-            ops_->upload(loss_labels(seed_, ctx.first_sample, f.rows, loss_.positions, loss_.classes), f.labels.span());
-            f.step.labels = f.labels.span();
-        }
+        if (loss_.classes != 0)
+            f.step.labels = cached(Cached::labels, ctx.first_sample, rows, Elem::i32, f.owned_labels, [&] {
+                return loss_labels(seed_, ctx.first_sample, rows, loss_.positions, loss_.classes);
+            });
         f.saved.resize(layers_.size());
         for (std::size_t k = 0; k < layers_.size(); ++k) {
             const std::size_t l = stage_.first_layer + k;
@@ -82,21 +84,18 @@ public:
             ops_->download(a->second.span(), t.data);
             f.out.emplace(l, std::move(t));
         }
+        if (device != nullptr) hand_out(*device, f.acts, rows);
         ops_->synchronize();
         return f.out;
     }
 
-    TensorMap backward(std::uint32_t mb, const StepContext&, TensorMap grads,
-                       std::span<const std::size_t> want) override {
+    TensorMap backward(std::uint32_t mb, const StepContext&, TensorMap grads, std::span<const std::size_t> want,
+                       DeviceHandoff* device) override {
         InFlight& f = in_flight_.at(mb);
-        std::map<std::size_t, DeviceBuffer> dgrads;
-        for (const auto& [l, t] : grads) {
+        std::map<std::size_t, DeviceBuffer> dgrads = bring_in(grads, device, f.rows, [&](std::size_t l) {
             const auto a = f.acts.find(l);
-            DeviceBuffer b(*ops_, t.size(), a != f.acts.end() ? a->second.span().elem : compute_,
-                           DeviceBuffer::uninitialized);
-            ops_->upload(t.data, b.span());
-            dgrads.emplace(l, std::move(b));
-        }
+            return a != f.acts.end() ? a->second.span().elem : compute_;
+        });
         for (std::size_t k = layers_.size(); k-- > 0;) {
             const std::size_t l = stage_.first_layer + k;
             const auto g = dgrads.find(l);
@@ -124,6 +123,7 @@ public:
             ops_->download(g->second.span(), t.data);
             out.emplace(l, std::move(t));
         }
+        if (device != nullptr) hand_out(*device, dgrads, f.rows);
         ops_->synchronize();
         in_flight_.erase(mb);
         return out;
@@ -203,37 +203,106 @@ private:
     };
     struct InFlight {
         std::size_t rows = 0;
-        DeviceSpan input;          // the model input (first stage): in input_cache_, or owned_input
+        DeviceSpan input;          // the model input (first stage): in cache_, or owned_input
         DeviceBuffer owned_input;
+        DeviceBuffer owned_labels;  // the loss's labels when not in cache_
         std::map<std::size_t, DeviceBuffer> acts;
         std::vector<std::vector<DeviceBuffer>> saved;
-        DeviceBuffer labels;
         DeviceStep step;
         TensorMap out;
     };
+
+    /// What a step receives, on the device: the host tensors uploaded (as `elem_of` their layer),
+    /// then the rows of the parcels copied in. A lone parcel holding every row of a lone layer
+    /// becomes that layer's buffer (no copy).
+    template <class ElemOf>
+    std::map<std::size_t, DeviceBuffer> bring_in(const TensorMap& host, DeviceHandoff* device, std::size_t rows,
+                                                 ElemOf&& elem_of) {
+        std::map<std::size_t, DeviceBuffer> out;
+        for (const auto& [l, t] : host) {
+            DeviceBuffer b(*ops_, t.size(), elem_of(l), DeviceBuffer::uninitialized);
+            ops_->upload(t.data, b.span());
+            out.emplace(l, std::move(b));
+        }
+        if (device == nullptr || device->in.empty()) return out;
+        std::vector<DeviceBuffer> parcels;  // ours now: released once their rows are copied
+        for (const Parcel& p : device->in) parcels.push_back(DeviceBuffer::adopt(*ops_, p.span));
+        const std::vector<Parcel> in = std::move(device->in);
+        device->in.clear();
+        const auto& layers = device->in_layers;
+        if (in.size() == 1 && layers.size() == 1 && in[0].from == 0 && in[0].to == rows && !out.contains(layers[0]) &&
+            in[0].span.elem == elem_of(layers[0])) {
+            out.emplace(layers[0], std::move(parcels[0]));
+            return out;
+        }
+        for (const Parcel& p : in) {
+            std::size_t at = 0;
+            for (std::size_t l : layers) {
+                const std::size_t row = row_size(l), n = (p.to - p.from) * row;
+                auto it = out.find(l);
+                if (it == out.end()) it = out.emplace(l, DeviceBuffer(*ops_, rows * row, elem_of(l))).first;
+                ops_->copy(p.span.sub(at, n), it->second.span().sub(p.from * row, n));
+                at += n;
+            }
+            if (at != p.span.count)
+                throw RuntimeError(fmt::format("a device parcel of rows {}-{} holds {} values, {} expected", p.from,
+                                               p.to, p.span.count, at));
+        }
+        return out;
+    }
+
+    /// The parcels a step hands on: rows of `device.out_layers` of `tensors` (zeros where a
+    /// tensor is missing), in the compute precision.
+    void hand_out(DeviceHandoff& device, const std::map<std::size_t, DeviceBuffer>& tensors, std::size_t rows) {
+        for (const auto& [from, to] : device.out_rows) {
+            if (from > to || to > rows)
+                throw RuntimeError(fmt::format("rows {}-{} asked of a microbatch of {} rows", from, to, rows));
+            std::size_t total = 0;
+            bool complete = true;
+            for (std::size_t l : device.out_layers) {
+                total += (to - from) * row_size(l);
+                complete = complete && tensors.contains(l);
+            }
+            DeviceBuffer b = complete ? DeviceBuffer(*ops_, total, compute_, DeviceBuffer::uninitialized)
+                                      : DeviceBuffer(*ops_, total, compute_);
+            std::size_t at = 0;
+            for (std::size_t l : device.out_layers) {
+                const std::size_t row = row_size(l), n = (to - from) * row;
+                if (const auto it = tensors.find(l); it != tensors.end())
+                    ops_->copy(it->second.span().sub(from * row, n), b.span().sub(at, n));
+                at += n;
+            }
+            device.out.push_back({b.release_ownership(), from, to});
+        }
+    }
+
+    [[nodiscard]] std::size_t row_size(std::size_t layer) const { return Tensor::count(shape_of(layer, 1)); }
 
     [[nodiscard]] DeviceSpan span_of(const InFlight& f, std::size_t layer) const {
         return layer == model_input ? f.input : f.acts.at(layer).span();
     }
 
-    /// The model input of samples [first, first + rows) on the device: made and uploaded once,
-    /// then kept while the run sees few distinct batches (a run trains on dataset_batches x
-    /// microbatches of them), so that a large input is neither regenerated nor copied again.
-    DeviceSpan model_input_for(InFlight& f, std::uint64_t first, std::size_t rows) {
-        const auto key = std::make_pair(first, rows);
-        if (auto it = input_cache_.find(key); it != input_cache_.end()) return it->second.span();
-        const Tensor x = synthetic_input(model_, seed_, first, rows);
-        const bool ids = std::holds_alternative<EmbeddingOp>(model_.layers.front().op);
-        DeviceBuffer b(*ops_, x.size(), ids ? Elem::i32 : compute_, DeviceBuffer::uninitialized);
-        ops_->upload(x.data, b.span());
-        constexpr std::size_t max_entries = 64;
+    /// What depends only on the samples [first, first + rows): the model input (first stage) and
+    /// the loss's labels (last stage). Made and uploaded once, then kept on the device while the
+    /// run sees few distinct batches (a run trains on dataset_batches x microbatches of them), so
+    /// that neither is regenerated nor copied again; beyond the cache's bounds, `owned` holds it
+    /// for this microbatch alone.
+    enum class Cached : std::uint8_t { input, labels };
+    template <class Make>
+    DeviceSpan cached(Cached what, std::uint64_t first, std::size_t rows, Elem elem, DeviceBuffer& owned, Make&& make) {
+        const auto key = std::make_tuple(what, first, rows);
+        if (auto it = cache_.find(key); it != cache_.end()) return it->second.span();
+        const std::vector<float> values = make();
+        DeviceBuffer b(*ops_, values.size(), elem, DeviceBuffer::uninitialized);
+        ops_->upload(values, b.span());
+        constexpr std::size_t max_entries = 128;
         constexpr std::size_t max_bytes = std::size_t{2} << 30;
-        if (input_cache_.size() >= max_entries || cached_bytes_ + b.span().bytes() > max_bytes) {
-            f.owned_input = std::move(b);  // this microbatch's alone
-            return f.owned_input.span();
+        if (cache_.size() >= max_entries || cached_bytes_ + b.span().bytes() > max_bytes) {
+            owned = std::move(b);
+            return owned.span();
         }
         cached_bytes_ += b.span().bytes();
-        return input_cache_.emplace(key, std::move(b)).first->second.span();
+        return cache_.emplace(key, std::move(b)).first->second.span();
     }
 
     [[nodiscard]] DeviceParams params(std::size_t k) const {
@@ -260,7 +329,7 @@ private:
     LossShape loss_;  // classes 0: the stage ends with no loss layer
     double applied_factor_ = 1.0;  // the slowdown last passed to resize()
     double realised_ = 1.0;        // what the device made of it
-    std::map<std::pair<std::uint64_t, std::size_t>, DeviceBuffer> input_cache_;
+    std::map<std::tuple<Cached, std::uint64_t, std::size_t>, DeviceBuffer> cache_;
     std::size_t cached_bytes_ = 0;
     std::map<std::uint32_t, InFlight> in_flight_;
 };
