@@ -223,12 +223,17 @@ public:
             throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", initial->size(),
                                            stage_.last_layer - stage_.first_layer + 1));
         StageSetup setup{&model_, &stage_, place_, ex_.options().seed, {}};
-        for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l)
+        for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             setup.state.push_back(given ? std::move((*initial)[l - stage_.first_layer])
                                         : initial_state(model_, l, Shard{t, stage_.tp}, ex_.options().seed));
+            gradient_offsets_.push_back(gradient_count_);
+            gradient_count_ += setup.state.back().params.size();
+        }
         compute_ = ex_.options().backend ? ex_.options().backend(std::move(setup)) : make_cpu_stage(std::move(setup));
         for (std::size_t r = 0; r < stage_.replicas(); ++r) dp_group_.push_back(peer(place_.stage, r, place_.tp_rank));
         const std::size_t s = place_.stage;
+        const std::vector<bool> replicas = shares_memory_with(s);
+        dp_on_device_ = std::all_of(replicas.begin(), replicas.end(), [](bool b) { return b; });
         if (s > 0) on_device_prev_ = shares_memory_with(s - 1);
         if (s + 1 < plan_.stages.size()) {
             on_device_next_ = shares_memory_with(s + 1);
@@ -535,30 +540,67 @@ private:
         std::size_t k = 0;
         for (const Overlap& o : overlaps(dst_stage)) {
             if (!to_device[o.replica]) continue;
-            const DeviceSpan& p = h.out.at(k++).span;
-            Bytes msg;
-            append_value(msg, reinterpret_cast<std::uintptr_t>(p.ptr));
-            append_value(msg, static_cast<std::uint64_t>(p.count));
-            append_value(msg, static_cast<std::uint8_t>(p.elem));
-            net_.send(peer(dst_stage, o.replica, 0), tag, std::move(msg));
+            send_span(peer(dst_stage, o.replica, 0), tag, h.out.at(k++).span);
         }
     }
     Parcel recv_parcel(std::size_t src_stage, const Overlap& o, std::span<const std::size_t> layers, Tag tag) {
-        const std::size_t src = peer(src_stage, o.replica, 0);
-        const Bytes msg = net_.recv(src, tag);
-        Reader in(msg);
         Parcel p;
-        p.span.ptr = reinterpret_cast<void*>(in.value<std::uintptr_t>());
-        p.span.count = in.value<std::uint64_t>();
-        p.span.elem = static_cast<Elem>(in.value<std::uint8_t>());
         p.from = o.from - offset();
         p.to = o.to - offset();
         std::size_t expected = 0;
         for (std::size_t l : layers) expected += (p.to - p.from) * Tensor::count(sample_shape(model_, l));
-        if (!in.done() || p.span.count != expected)
-            throw RuntimeError(fmt::format("{} from worker {}: a device parcel of {} values, {} expected",
-                                           describe(tag), src, p.span.count, expected));
+        p.span = recv_span(peer(src_stage, o.replica, 0), tag, expected);
         return p;
+    }
+    /// A device buffer handed to transport rank `dst` (in this process): its address and size.
+    void send_span(std::size_t dst, const Tag& tag, const DeviceSpan& span) {
+        Bytes msg;
+        append_value(msg, reinterpret_cast<std::uintptr_t>(span.ptr));
+        append_value(msg, static_cast<std::uint64_t>(span.count));
+        append_value(msg, static_cast<std::uint8_t>(span.elem));
+        net_.send(dst, tag, std::move(msg));
+    }
+    DeviceSpan recv_span(std::size_t src, const Tag& tag, std::size_t expected) {
+        const Bytes msg = net_.recv(src, tag);
+        Reader in(msg);
+        DeviceSpan span;
+        span.ptr = reinterpret_cast<void*>(in.value<std::uintptr_t>());
+        span.count = in.value<std::uint64_t>();
+        span.elem = static_cast<Elem>(in.value<std::uint8_t>());
+        if (!in.done() || span.count != expected)
+            throw RuntimeError(fmt::format("{} from worker {}: a device buffer of {} values, {} expected",
+                                           describe(tag), src, span.count, expected));
+        return span;
+    }
+
+    /// The replicas' gradients summed on the device (every replica shares this worker's memory):
+    /// member k sums chunk k of the stage's gradients in replica order, from copies the others
+    /// hand it, then hands the sum to every other member; each ends with the same values as
+    /// group_allreduce_sum gives through the host.
+    void allreduce_on_device() {
+        const std::size_t n = dp_group_.size(), me = place_.replica;
+        const auto chunk = [&](std::size_t k) {
+            return std::pair{k * gradient_count_ / n, (k + 1) * gradient_count_ / n};
+        };
+        const Tag scatter{Tag::Kind::allreduce, iteration_, 2, 0}, gather{Tag::Kind::allreduce, iteration_, 3, 0};
+        for (std::size_t k = 0; k < n; ++k) {
+            if (k == me) continue;
+            const auto [a, b] = chunk(k);
+            send_span(dp_group_[k], scatter, compute_->export_gradients(a, b - a));
+        }
+        // Replica order: member 0's values first, then each member's added in turn (this
+        // member's own from a copy, as the chunk is overwritten first).
+        const auto [a, b] = chunk(me);
+        const DeviceSpan own = me == 0 ? DeviceSpan{} : compute_->export_gradients(a, b - a);
+        for (std::size_t j = me == 0 ? 1 : 0; j < n; ++j)
+            compute_->import_gradients(j == me ? own : recv_span(dp_group_[j], scatter, b - a), a, j != 0);
+        for (std::size_t k = 0; k < n; ++k)
+            if (k != me) send_span(dp_group_[k], gather, compute_->export_gradients(a, b - a));
+        for (std::size_t k = 0; k < n; ++k) {
+            if (k == me) continue;
+            const auto [c, d] = chunk(k);
+            compute_->import_gradients(recv_span(dp_group_[k], gather, d - c), c, false);
+        }
     }
 
     // --- The schedule's steps ------------------------------------------------------------------
@@ -651,6 +693,15 @@ private:
                     const std::size_t n = tied_size(emb);
                     if (holds(emb) && holds(lin)) {
                         compute_->tie_gradients(emb - stage_.first_layer, lin - stage_.first_layer, n);
+                    } else if ((holds(emb) || holds(lin)) && tie_on_device(emb, lin)) {
+                        // Each holder adds the other's rows to its own: e + h on both (addition
+                        // commutes), where the gradients are.
+                        const std::size_t mine = holds(emb) ? emb : lin, theirs = holds(emb) ? lin : emb;
+                        const std::size_t other = peer(stage_of(theirs), 0, 0);
+                        const Tag tag{Tag::Kind::tied, iteration_, 1, static_cast<std::uint32_t>(lin)};
+                        const std::size_t at = gradient_offset(mine);
+                        send_span(other, tag, compute_->export_gradients(at, n));
+                        compute_->import_gradients(recv_span(other, tag, n), at, true);
                     } else if (holds(emb) || holds(lin)) {
                         const std::size_t mine = holds(emb) ? emb : lin;
                         std::vector<std::vector<float>> one(stage_.last_layer - stage_.first_layer + 1);
@@ -660,6 +711,8 @@ private:
                     }
                 }
             });
+        } else if (dp_group_.size() > 1 && !tied && dp_on_device_) {
+            timed(TaskKind::allreduce, 0, [&] { allreduce_on_device(); });
         } else if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
             std::vector<std::vector<float>>& grads = compute_->pull_grads();
             // All of the stage's gradients in one message, summed in replica order.
@@ -715,6 +768,16 @@ private:
             for (std::size_t i = 0; i < n; ++i) g[i] = holds(emb) ? g[i] + other[i] : other[i] + g[i];
         }
     }
+    /// Whether the tie of `emb` and `lin`, on two stages of one worker each, is summed on the
+    /// device (the two workers share memory).
+    bool tie_on_device(std::size_t emb, std::size_t lin) const {
+        const std::size_t other = stage_of(holds(emb) ? lin : emb);
+        return stage_.devices.size() == 1 && plan_.stages[other].devices.size() == 1 &&
+               shares_memory_with(other).front();
+    }
+    /// Where layer `l`'s gradients start in the stage's gradients seen as one array.
+    std::size_t gradient_offset(std::size_t l) const { return gradient_offsets_.at(l - stage_.first_layer); }
+
     std::size_t stage_of(std::size_t layer) const {
         for (std::size_t s = 0; s < plan_.stages.size(); ++s)
             if (layer >= plan_.stages[s].first_layer && layer <= plan_.stages[s].last_layer) return s;
@@ -734,6 +797,9 @@ private:
     std::vector<std::size_t> keep_;  // the outputs forward must return: what the next stage reads, the last layer
     // Per replica of the previous and next stages: tensors handed over on the device.
     std::vector<bool> on_device_prev_, on_device_next_;
+    bool dp_on_device_ = false;  // the replicas all share this worker's memory: all-reduce on the device
+    std::vector<std::size_t> gradient_offsets_;  // per layer of the stage, in its gradients as one array
+    std::size_t gradient_count_ = 0;
     bool device_slowed_ = false;     // the stage realises this iteration's slowdown itself
     std::map<std::uint32_t, InFlight> in_flight_;
     std::uint32_t iteration_ = 0;

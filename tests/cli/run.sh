@@ -296,6 +296,19 @@ if check "static tiny-gpt, 4 stages" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -
             --trace "$tmp/gpt4-adaptive" -m "$gpt" -c "$cpu4" -n 4 &&
             contains "adaptive: replay --trace names the row" "$tmp/err" "but plan.toml puts it on"
     fi
+    # The device backend (host memory) under the same scenario, re-plans free to use replicas: they
+    # stay tensor-parallel-free (it runs tp = 1 only), and its stages hand tensors over on the device.
+    if check "adaptive: slowdown and failure, host-device" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -c "$cpu4" \
+        -n 16 --seed 4 --dataset-batches 2 --timeout 60 --adaptive --window 4 --copy-every 4 --min-gain 0 \
+        -s "$tmp/adaptive-scenario.toml" --backend host-device -o "$tmp/gpt4-adaptive-dev"; then
+        same "adaptive (host-device): one failure survived" 1 \
+            "$(summary_value "$tmp/gpt4-adaptive-dev/summary.toml" failures_survived)"
+        if grep -q "^tp = [2-9]" "$tmp/gpt4-adaptive-dev/final-plan.toml"; then
+            echo "FAIL adaptive (host-device): a re-plan chose tensor parallelism"
+            failures=$((failures + 1))
+        fi
+        checks=$((checks + 1))
+    fi
     if command -v mpirun >/dev/null; then
         if check "adaptive: slowdown and failure, mpirun" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" \
             -c "$cpu4" "${adaptive_flags[@]}" -o "$tmp/gpt4-adaptive-mpi"; then

@@ -478,14 +478,42 @@ TEST_CASE("device parcels between replicas of uneven shares, and between memorie
     check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, mixed), through_host);
 }
 
-TEST_CASE("device parcels carry several layers: tiny-gpt in 3 stages, bf16, its tie across stages") {
+TEST_CASE("device parcels carry several layers: tiny-gpt in 3 stages, bf16, its tie across stages on the device") {
     const Model model = load_model(models_dir + "tiny-gpt.toml");
     const std::size_t L = model.layers.size();
     const Plan plan = device_plan(2, 8, {{0, 2}, {3, 4}, {5, L - 1}}, {{0}, {1}, {2}});
     for (const Elem e : {Elem::f32, Elem::bf16}) {
         CAPTURE(to_string(e));
-        check_same_run(run_plan(model, plan, host_backend(e), 3, {}, one_memory), run_plan(model, plan, host_backend(e)));
+        std::vector<OpsLog> host_path(3), device_path(3);
+        check_same_run(run_plan(model, plan, recording_backend(device_path, e), 3, {}, one_memory),
+                       run_plan(model, plan, recording_backend(host_path, e)));
+        // The embedding (stage 0) and its tied head (stage 2) sum their gradients on the device:
+        // no tied rows downloaded or uploaded, on top of the activations' and gradients' transfers.
+        const std::size_t microbatch_transfers = 2 * 3;  // microbatches x iterations
+        CHECK(host_path[0].downloads - device_path[0].downloads == microbatch_transfers + 3);
+        CHECK(host_path[0].uploads - device_path[0].uploads == microbatch_transfers + 3);
     }
+}
+
+TEST_CASE("replicas sharing memory all-reduce their gradients on the device, as through the host") {
+    const Model model = load_model(models_dir + "seed-mlp.toml");
+    const std::uint64_t iterations = 3;
+    // One stage on three replicas: chunks of the 5,560 gradients of uneven sizes (1853, 1853, 1854).
+    const Plan plan = device_plan(2, 64, {{0, 3}}, {{0, 1, 2}});
+    std::vector<OpsLog> host_path(3), device_path(3);
+    const RunResult through_host = run_plan(model, plan, recording_backend(host_path), iterations);
+    const RunResult on_device = run_plan(model, plan, recording_backend(device_path), iterations, {}, one_memory);
+    check_same_run(on_device, through_host);
+    CHECK(weights_error(on_device, run_plan(model, plan, nullptr, iterations)) < 1e-6);
+    // Through the host every layer's gradients are downloaded and uploaded once an iteration.
+    for (std::size_t d = 0; d < 3; ++d) {
+        CHECK(host_path[d].downloads - device_path[d].downloads == 4 * iterations);
+        CHECK(host_path[d].uploads - device_path[d].uploads == 4 * iterations);
+    }
+    // Two stages of two replicas each: activations and all-reduces on the device together.
+    const Plan two = device_plan(4, 64, {{0, 1}, {2, 3}}, {{0, 1}, {2, 3}});
+    check_same_run(run_plan(model, two, host_backend(Elem::f32), iterations, {}, one_memory),
+                   run_plan(model, two, host_backend(Elem::f32), iterations));
 }
 
 TEST_CASE("a device parcel packs every layer crossing the boundary: a skip connection over two stages") {

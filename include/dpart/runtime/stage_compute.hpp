@@ -92,6 +92,14 @@ public:
     /// across stages exchanges, without copying the other layers' gradients.
     [[nodiscard]] virtual std::vector<float> gradient(std::size_t layer, std::size_t n) = 0;
     virtual void set_gradient(std::size_t layer, std::span<const float> values) = 0;
+    /// Device stages sharing memory (RunOptions::memory_domain) sum gradients on the device, seeing
+    /// the stage's gradients as one array (its layers' in stage order). export_gradients: a copy of
+    /// values [first, first + n) in a new buffer of the stage's memory, complete when it returns,
+    /// owned by whoever receives it. import_gradients: values [first, first + from.count) become
+    /// `from`'s (add: += `from`'s, element by element), then `from` is released. The CPU stage has
+    /// no device memory: both throw RuntimeError.
+    [[nodiscard]] virtual DeviceSpan export_gradients(std::size_t first, std::size_t n);
+    virtual void import_gradients(DeviceSpan from, std::size_t first, bool add);
     /// An embedding and the linear layer tied to it, both on this stage (stage-relative layer
     /// indices): each ends with the sum of both gradients of the first n values (embedding's +
     /// linear's), where they are kept (no copy to the host on a device).

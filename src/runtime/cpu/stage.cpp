@@ -123,6 +123,13 @@ private:
 
 }  // namespace
 
+DeviceSpan StageCompute::export_gradients(std::size_t, std::size_t) {
+    throw RuntimeError("this stage keeps its gradients in host memory: there is nothing to export on a device");
+}
+void StageCompute::import_gradients(DeviceSpan, std::size_t, bool) {
+    throw RuntimeError("this stage keeps its gradients in host memory: it cannot import a device buffer");
+}
+
 std::unique_ptr<StageCompute> make_cpu_stage(StageSetup setup) { return std::make_unique<CpuStage>(std::move(setup)); }
 
 }  // namespace dpart::rt

@@ -4,6 +4,7 @@
 // outputs the next stage reads, the loss, and the gradients the previous stage reads.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <map>
 #include <tuple>
 #include <utility>
@@ -149,6 +150,21 @@ public:
         ops_->upload(values, dev_.at(layer).grads.span().sub(0, values.size()));
     }
 
+    DeviceSpan export_gradients(std::size_t first, std::size_t n) override {
+        DeviceBuffer b(*ops_, n, Elem::f32, DeviceBuffer::uninitialized);
+        over_gradients(first, n, [&](DeviceSpan grads, std::size_t at) { ops_->copy(grads, b.span().sub(at, grads.count)); });
+        ops_->synchronize();
+        return b.release_ownership();
+    }
+    void import_gradients(DeviceSpan from, std::size_t first, bool add) override {
+        const DeviceBuffer owned = DeviceBuffer::adopt(*ops_, from);  // released once read (stream order)
+        if (from.elem != Elem::f32) throw RuntimeError("gradients to import must be f32");
+        over_gradients(first, from.count, [&](DeviceSpan grads, std::size_t at) {
+            if (add) ops_->add(from.sub(at, grads.count), grads);
+            else ops_->copy(from.sub(at, grads.count), grads);
+        });
+    }
+
     void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) override {
         const DeviceSpan e = dev_.at(embedding).grads.span().sub(0, n);
         const DeviceSpan h = dev_.at(linear).grads.span().sub(0, n);
@@ -274,6 +290,21 @@ private:
             }
             device.out.push_back({b.release_ownership(), from, to});
         }
+    }
+
+    /// Calls f(part, at) for each layer's part of values [first, first + n) of the stage's
+    /// gradients seen as one array; `at` is the part's offset within the range.
+    template <class F>
+    void over_gradients(std::size_t first, std::size_t n, F&& f) {
+        std::size_t base = 0;
+        for (LayerState& d : dev_) {
+            const std::size_t size = d.grads.count();
+            const std::size_t lo = std::max(first, base), hi = std::min(first + n, base + size);
+            if (lo < hi) f(d.grads.span().sub(lo - base, hi - lo), lo - first);
+            base += size;
+        }
+        if (first + n > base)
+            throw RuntimeError(fmt::format("gradient values {}-{} asked of a stage of {}", first, first + n, base));
     }
 
     [[nodiscard]] std::size_t row_size(std::size_t layer) const { return Tensor::count(shape_of(layer, 1)); }
