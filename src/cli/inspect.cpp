@@ -118,6 +118,7 @@ void print_cluster(const Cluster& c) {
     for (const Node& n : c.nodes) node_overrides += n.intra ? 1 : 0;
     if (node_overrides > 0) fmt::print("; {} node(s) with their own intra-node link", node_overrides);
     if (!c.overrides.empty()) fmt::print("; {} [[link]] override(s)", c.overrides.size());
+    if (!c.node_overrides.empty()) fmt::print("; {} link(s) between nodes", c.node_overrides.size());
     fmt::print("\n");
 }
 

@@ -26,7 +26,9 @@ std::uint64_t Cluster::pair_key(std::size_t a, std::size_t b) noexcept {
 
 LinkKind Cluster::link_kind(std::size_t a, std::size_t b) const {
     if (overrides.count(pair_key(a, b)) != 0) return LinkKind::override_;
-    return devices.at(a).node == devices.at(b).node ? LinkKind::intra_node : LinkKind::inter_node;
+    const std::size_t na = devices.at(a).node, nb = devices.at(b).node;
+    if (na == nb) return LinkKind::intra_node;
+    return node_overrides.count(pair_key(na, nb)) != 0 ? LinkKind::override_ : LinkKind::inter_node;
 }
 
 LinkSpec Cluster::link(std::size_t a, std::size_t b) const {
@@ -37,8 +39,11 @@ LinkSpec Cluster::link(std::size_t a, std::size_t b) const {
     if (node == devices.at(b).node) {
         if (nodes.at(node).intra) return *nodes[node].intra;
         if (intra_default) return *intra_default;
-    } else if (inter_default) {
-        return *inter_default;
+    } else {
+        if (!node_overrides.empty())
+            if (auto it = node_overrides.find(pair_key(node, devices.at(b).node)); it != node_overrides.end())
+                return it->second;
+        if (inter_default) return *inter_default;
     }
     throw RuntimeError("no link is defined between " + devices[a].name + " and " + devices[b].name);
 }

@@ -97,7 +97,7 @@ double AnalyticalCostModel::transfer_seconds(std::size_t a, std::size_t b, std::
 
 AllreduceCost AnalyticalCostModel::allreduce_cost(const std::vector<std::size_t>& devices) const {
     if (devices.size() <= 1) return {};
-    if (cluster_.overrides.empty() && cluster_.inter_default) {
+    if (cluster_.overrides.empty() && cluster_.node_overrides.empty() && cluster_.inter_default) {
         // Without per-pair overrides a hop's link follows from the two devices' nodes alone.
         LinkSpec slowest{std::numeric_limits<double>::infinity(), 0};
         auto take = [&](const LinkSpec& l) {

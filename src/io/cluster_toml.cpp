@@ -115,13 +115,20 @@ public:
         cluster_.devices.push_back(std::move(d));
     }
 
+    /// A [[link]] between two devices, or between two nodes (every pair of their devices). A
+    /// name is a device's when a device has it, else a node's.
     void add_link(TableReader& r) {
         const std::string a = r.required_string("a");
         const std::string b = r.required_string("b");
         r.set_context(fmt::format("link \"{}\" - \"{}\"", a, b));
-        const std::size_t ia = device(a, r, "a");
-        const std::size_t ib = device(b, r, "b");
-        if (ia == ib) r.fail("b", "a link joins two different devices");
+        const bool nodes = !device_index_.contains(a) && node_index_.contains(a);
+        if (nodes != (!device_index_.contains(b) && node_index_.contains(b)) && device_index_.contains(nodes ? b : a))
+            r.fail("b", "a link joins two devices or two nodes, not a device and a node");
+        const std::size_t ia = nodes ? node_index_.at(a) : device(a, r, "a");
+        const std::size_t ib = nodes ? node(b, r, "b") : device(b, r, "b");
+        if (ia == ib)
+            r.fail("b", nodes ? "a link joins two different nodes (a node's own link is its intra_node_gbs)"
+                              : "a link joins two different devices");
         LinkSpec link;
         link.gbs = r.required_positive("gbs");
         r.check_within("gbs", link.gbs, min_rate, max_rate, "GB/s");
@@ -130,9 +137,10 @@ public:
         r.check_within("latency_us", *latency, 0, max_latency_us, "us");
         link.latency_us = *latency;
         r.finish();
-        auto [it, inserted] = link_lines_.emplace(Cluster::pair_key(ia, ib), r.where().line);
+        auto& lines = nodes ? node_link_lines_ : link_lines_;
+        auto [it, inserted] = lines.emplace(Cluster::pair_key(ia, ib), r.where().line);
         if (!inserted) r.fail(fmt::format("this pair's link is given twice (first at line {})", it->second));
-        cluster_.overrides.emplace(Cluster::pair_key(ia, ib), link);
+        (nodes ? cluster_.node_overrides : cluster_.overrides).emplace(Cluster::pair_key(ia, ib), link);
     }
 
     Cluster finish(const SourceLocation& network_where) {
@@ -149,9 +157,16 @@ public:
                                                             n.name, n.devices.size()));
         }
         check_partitions();
-        if (populated > 1 && !cluster_.inter_default)
+        // Links between nodes: the default, unless [[link]] gives every pair of populated nodes.
+        std::size_t covered = 0;
+        for (const auto& [key, link] : cluster_.node_overrides) {
+            const auto na = static_cast<std::size_t>(key >> 32), nb = static_cast<std::size_t>(key & 0xffffffffu);
+            covered += !cluster_.nodes.at(na).devices.empty() && !cluster_.nodes.at(nb).devices.empty();
+        }
+        if (populated > 1 && !cluster_.inter_default && covered < populated * (populated - 1) / 2)
             throw InputError(network_where, fmt::format("the cluster spans {} nodes but gives no inter-node link: "
-                                                        "add [network] inter_node_gbs and inter_node_latency_us",
+                                                        "add [network] inter_node_gbs and inter_node_latency_us, or a [[link]] "
+                                                        "between every two nodes",
                                                         populated));
         return std::move(cluster_);
     }
@@ -200,6 +215,12 @@ private:
         return cluster_.nodes.size() - 1;
     }
 
+    std::size_t node(const std::string& name, const TableReader& r, std::string_view key) const {
+        if (auto it = node_index_.find(name); it != node_index_.end()) return it->second;
+        std::vector<std::string> names;
+        for (const Node& n : cluster_.nodes) names.push_back(n.name);
+        r.fail(key, fmt::format("node \"{}\" is not defined{}", name, did_you_mean(name, names)));
+    }
     std::size_t device(const std::string& name, const TableReader& r, std::string_view key) const {
         if (auto it = device_index_.find(name); it != device_index_.end()) return it->second;
         std::vector<std::string> names;
@@ -213,7 +234,7 @@ private:
     Cluster cluster_;
     std::unordered_map<std::string, std::size_t> node_index_;
     std::unordered_map<std::string, std::size_t> device_index_;
-    std::unordered_map<std::uint64_t, std::uint32_t> link_lines_;
+    std::unordered_map<std::uint64_t, std::uint32_t> link_lines_, node_link_lines_;
 };
 
 Cluster read_cluster(const toml::table& root, const std::string& path) {

@@ -88,6 +88,7 @@ Survivors survivors(const Cluster& cluster, const std::vector<bool>& failed) {
     s.cluster.name = cluster.name;
     s.cluster.intra_default = cluster.intra_default;
     s.cluster.inter_default = cluster.inter_default;
+    s.cluster.node_overrides = cluster.node_overrides;  // nodes keep their indices
     s.cluster.where = cluster.where;
     std::vector<std::size_t> index(cluster.devices.size(), SIZE_MAX);
     for (const Node& n : cluster.nodes) {

@@ -125,3 +125,58 @@ TEST_CASE("with [[node]] tables, every device must be on a declared node") {
     CHECK(error_of(network + "[[node]]\nname = \"n0\"\n[[device]]\nname = \"g\"\nnode = \"n1\"\ntflops = 1\nmem_gib = 1\nmem_bw_gbs = 1\n") ==
           "c.toml:12:8: device \"g\": node \"n1\" is not declared by any [[node]] table (did you mean \"n0\"?)");
 }
+
+TEST_CASE("a [[link]] between two nodes joins every pair of their devices; a device pair's own wins") {
+    // Three hosts of two devices each: h0 - h1 and h0 - h2 measured, h1 - h2 by the default.
+    const std::string hosts = R"([[device_group]]
+nodes = 3
+node_prefix = "h"
+devices_per_node = 2
+tflops = 100
+mem_gib = 80
+mem_bw_gbs = 2000
+[[link]]
+a = "h0"
+b = "h1"
+gbs = 22.5
+latency_us = 4
+[[link]]
+a = "h2"
+b = "h0"
+gbs = 11.0
+latency_us = 6
+)";
+    const Cluster c = parse_cluster(network + hosts + "[[link]]\na = \"h0.gpu1\"\nb = \"h1.gpu0\"\ngbs = 5\nlatency_us = 9\n",
+                                    "c.toml");
+    REQUIRE(c.devices.size() == 6);
+    CHECK(c.link(0, 2) == LinkSpec{22.5, 4});  // h0 - h1
+    CHECK(c.link(3, 0) == LinkSpec{22.5, 4});
+    CHECK(c.link(1, 2) == LinkSpec{5, 9});     // the device pair's own
+    CHECK(c.link(5, 1) == LinkSpec{11, 6});    // h0 - h2, given as h2 - h0
+    CHECK(c.link(2, 4) == LinkSpec{50, 8});    // h1 - h2: the network default
+    CHECK(c.link(0, 1) == LinkSpec{370, 3});   // inside h0
+    CHECK(c.link_kind(0, 2) == LinkKind::override_);
+    CHECK(c.link_kind(2, 4) == LinkKind::inter_node);
+
+    // Without an inter-node default, every pair of nodes needs its link.
+    const std::string intra_only = "[cluster]\nname = \"c\"\n[network]\nintra_node_gbs = 370.0\nintra_node_latency_us = 3.0\n";
+    CHECK(error_of(intra_only + hosts) ==
+          "c.toml:3:1: the cluster spans 3 nodes but gives no inter-node link: add [network] inter_node_gbs and "
+          "inter_node_latency_us, or a [[link]] between every two nodes");
+    const Cluster all = parse_cluster(intra_only + hosts + "[[link]]\na = \"h1\"\nb = \"h2\"\ngbs = 30\nlatency_us = 2\n",
+                                      "c.toml");
+    CHECK(all.link(2, 5) == LinkSpec{30, 2});
+    CHECK(!all.inter_default.has_value());
+
+    // A link names two devices or two nodes, two different ones, once.
+    CHECK(error_of(network + hosts + "[[link]]\na = \"h0\"\nb = \"h1.gpu0\"\ngbs = 1\nlatency_us = 1\n")
+              .find("a link joins two devices or two nodes, not a device and a node") != std::string::npos);
+    CHECK(error_of(network + hosts + "[[link]]\na = \"h1.gpu0\"\nb = \"h0\"\ngbs = 1\nlatency_us = 1\n")
+              .find("a link joins two devices or two nodes, not a device and a node") != std::string::npos);
+    CHECK(error_of(network + hosts + "[[link]]\na = \"h1\"\nb = \"h1\"\ngbs = 1\nlatency_us = 1\n")
+              .find("a link joins two different nodes") != std::string::npos);
+    CHECK(error_of(network + hosts + "[[link]]\na = \"h1\"\nb = \"h9\"\ngbs = 1\nlatency_us = 1\n")
+              .find("node \"h9\" is not defined (did you mean") != std::string::npos);
+    CHECK(error_of(network + hosts + "[[link]]\na = \"h1\"\nb = \"h0\"\ngbs = 1\nlatency_us = 1\n")
+              .find("this pair's link is given twice (first at line") != std::string::npos);
+}

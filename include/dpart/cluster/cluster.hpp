@@ -75,10 +75,13 @@ struct Cluster {
     std::optional<LinkSpec> inter_default;
     /// [[link]] overrides, keyed by the (smaller, larger) device index pair.
     std::unordered_map<std::uint64_t, LinkSpec> overrides;
+    /// [[link]] overrides between two nodes (every pair of their devices), keyed by the node
+    /// index pair; a device pair's own override wins.
+    std::unordered_map<std::uint64_t, LinkSpec> node_overrides;
     SourceLocation where;
 
-    /// The link between two distinct devices: an override, else the node's or the network's
-    /// default for their kind of pair. Both defaults exist for every pair of a valid cluster.
+    /// The link between two distinct devices: their override, else their nodes' override, else
+    /// the node's or the network's default for their kind of pair. Both defaults exist for every pair of a valid cluster.
     [[nodiscard]] LinkSpec link(std::size_t a, std::size_t b) const;
     [[nodiscard]] LinkKind link_kind(std::size_t a, std::size_t b) const;
     [[nodiscard]] std::optional<std::size_t> find_device(const std::string& device_name) const;
