@@ -87,7 +87,10 @@ std::pair<int, int> local_rank() {
     return {0, 1};
 }
 
+/// This rank's host: $DPART_HOST_NAME when set (to name hosts in the cluster file, or to try a
+/// merge of several hosts on one machine), else the system's host name.
 std::string host_name() {
+    if (const char* given = std::getenv("DPART_HOST_NAME"); given != nullptr && *given != '\0') return given;
     char name[256] = {};
     if (gethostname(name, sizeof name - 1) != 0) return "localhost";
     return name;
@@ -139,9 +142,10 @@ int run_profile(const ProfileOptions& o, const std::string& command) {
                            [](const auto& r) { return r.status == profile::ProbeResult::Status::failed; });
     };
 
-    // Between hosts: rank 0 ping-pongs with the first rank of every other host (every rank
-    // takes part; the links are known to rank 0 only).
+    // Between hosts: the first ranks of every two hosts ping-pong (every rank takes part; the
+    // links are known to rank 0 only).
     std::optional<profile::Link> inter;
+    std::vector<profile::NodeLink> node_links;
     if (ranks > 1 && (o.keys.empty() && o.prefixes.empty())) {
         profile::HostLinkSettings hs;
         hs.repeats = o.repeats;
@@ -157,11 +161,12 @@ int run_profile(const ProfileOptions& o, const std::string& command) {
                 r.reason = "every rank runs on one host: no link between hosts to measure";
             }
             for (const auto& l : links) {
-                const std::string pair = fmt::format("rank0-rank{}", l.rank_b);
+                const std::string pair = fmt::format("rank{}-rank{}", l.rank_a, l.rank_b);
                 r.figures.push_back({pair + ".latency_us", l.latency_us, "us"});
                 r.figures.push_back({pair + ".gbs", l.gbs, "GB/s"});
             }
             inter = profile::inter_node_link(links);
+            node_links = profile::node_links(links);
             if (inter) r.text = inter->source;
             fmt::print("{}\n", result_line(r, who));
             mine.results.push_back(std::move(r));
@@ -201,7 +206,7 @@ int run_profile(const ProfileOptions& o, const std::string& command) {
     if (!o.out.empty()) {
         const std::string name = o.name.empty() ? host_name() : o.name;
         const bool gpus = std::any_of(all.begin(), all.end(), [](const auto& r) { return profile::has_gpu_figures(r.results); });
-        write_file_atomic(o.out, gpus || ranks > 1 ? profile::merged_cluster_toml(all, name, meta, inter)
+        write_file_atomic(o.out, gpus || ranks > 1 ? profile::merged_cluster_toml(all, name, meta, inter, node_links)
                                                    : profile::cpu_cluster_toml(all[0].results, name, host_name(), meta));
         fmt::print("wrote {}\n", o.out);
     }

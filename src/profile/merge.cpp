@@ -246,7 +246,7 @@ NodeFigures node_figures(const std::vector<ProbeResult>& results) {
 }
 
 std::string merged_cluster_toml(const std::vector<RankResults>& ranks, const std::string& name, const Meta& meta,
-                                const std::optional<Link>& inter) {
+                                const std::optional<Link>& inter, const std::vector<NodeLink>& node_links) {
     if (ranks.empty()) throw RuntimeError("no rank's results to merge");
     // Hosts in the order of their first rank; ranks of one host merged.
     std::vector<RankResults const*> sorted;
@@ -317,6 +317,12 @@ std::string merged_cluster_toml(const std::vector<RankResults>& ranks, const std
             continue;
         }
         for (std::size_t k = 0; k < h.gpus.size(); ++k) write_gpu(out, h, k, h.gpus[k]);
+    }
+    if (node_links.size() > 1) {
+        out += "\n# Each pair of hosts as measured (the [network] inter-node default is the slowest of them).\n";
+        for (const NodeLink& l : node_links)
+            out += fmt::format("[[link]]\na = {}\nb = {}\ngbs = {}           # {}\nlatency_us = {}\n", toml_string(l.a),
+                               toml_string(l.b), num(l.link.gbs), l.link.source, num(l.link.latency_us));
     }
     return out;
 }

@@ -260,6 +260,18 @@ if check "profile --model: layer times" 0 "$dpart" profile --model "$mlp" --laye
     check "layer times of another model" 2 "$dpart" plan "$gpt" -c "$cpu2" --layer-times "$tmp/layers.csv" &&
         contains "layer times of another model: the message" "$tmp/err" 'not "tiny-gpt"'
 fi
+# Under mpirun, ranks named as three hosts (DPART_HOST_NAME): every pair of hosts measured, each
+# pair a [[link]] between their nodes, the slowest the inter-node default; plan reads the file.
+if command -v mpirun >/dev/null; then
+    if check "profile: three hosts under mpirun" 0 timeout 120 mpirun --oversubscribe -np 3 sh -c \
+        'DPART_HOST_NAME=host$OMPI_COMM_WORLD_RANK exec "$0" profile --scale 0.02 --repeats 1 --name hosts3 --out "$1"' \
+        "$dpart" "$tmp/hosts3.toml"; then
+        contains "profile: every pair of hosts measured" "$tmp/out" "the slowest of 3 pairs (host0 - host1, host0 - host2, host1 - host2)"
+        same "profile: three links between nodes" 3 "$(grep -c '^\[\[link\]\]' "$tmp/hosts3.toml")"
+        contains "profile: the pair host1 - host2 (not rank 0's)" "$tmp/hosts3.toml" 'measured: ping-pong between ranks 1 and 2'
+        check "plan on the three measured hosts" 0 "$dpart" plan "$mlp" -c "$tmp/hosts3.toml" -q --out "$tmp/hosts3-plan.toml"
+    fi
+fi
 check "profile --layer-times without --model" 2 "$dpart" profile --layer-times "$tmp/x.csv"
 check "profile an unknown probe" 2 "$dpart" profile -t cpu.gemm_fp3 && contains "profile suggests a probe" "$tmp/err" \
     'did you mean "cpu.gemm_fp32"'

@@ -313,28 +313,62 @@ TEST_CASE("profile: several ranks' results merge into one cluster.toml, one node
     CHECK_THROWS_AS((void)merged_cluster_toml({}, "x", Meta{}), RuntimeError);
 }
 
-TEST_CASE("links between hosts: rank 0 measures the first rank of every other host, and the merge uses them") {
-    rt::InProcessNetwork net(4, std::chrono::milliseconds(10000));
-    const std::vector<std::string> hosts{"a", "a", "b", "c"};
+TEST_CASE("round_robin: every pair once, no member twice in a round") {
+    for (std::size_t n = 0; n <= 9; ++n) {
+        CAPTURE(n);
+        const auto rounds = round_robin(n);
+        CHECK(rounds.size() == (n < 2 ? 0 : n % 2 == 0 ? n - 1 : n));
+        std::set<std::pair<std::size_t, std::size_t>> seen;
+        for (const auto& round : rounds) {
+            std::set<std::size_t> busy;
+            for (const auto& [a, b] : round) {
+                CHECK(a < b);
+                CHECK(b < n);
+                CHECK(busy.insert(a).second);
+                CHECK(busy.insert(b).second);
+                CHECK(seen.insert({a, b}).second);
+            }
+        }
+        CHECK(seen.size() == n * (n - (n > 0 ? 1 : 0)) / 2);
+    }
+}
+
+TEST_CASE("links between hosts: the first ranks of every two hosts measure their link, and the merge uses them") {
+    rt::InProcessNetwork net(6, std::chrono::milliseconds(10000));
+    const std::vector<std::string> hosts{"a", "a", "b", "c", "b", "d"};
     HostLinkSettings s;
     s.bytes = 1 << 16;
     s.latency_rounds = 3;
     s.repeats = 1;
-    std::vector<std::vector<HostLink>> got(4);
+    std::vector<std::vector<HostLink>> got(6);
     {
         std::vector<std::jthread> ranks;
-        for (std::size_t r = 0; r < 4; ++r)
+        for (std::size_t r = 0; r < 6; ++r)
             ranks.emplace_back([&, r] { got[r] = measure_host_links(net.endpoint(r), hosts[r], s); });
     }
-    REQUIRE(got[0].size() == 2);
-    for (std::size_t r = 1; r < 4; ++r) CHECK(got[r].empty());
-    CHECK(got[0][0].rank_b == 2);
-    CHECK(got[0][0].host_b == "b");
-    CHECK(got[0][1].rank_b == 3);
-    CHECK(got[0][1].host_a == "a");
+    for (std::size_t r = 1; r < 6; ++r) CHECK(got[r].empty());
+    // Hosts a, b, c, d led by ranks 0, 2, 3, 5: six pairs, each measured once by its smaller rank.
+    std::set<std::pair<std::size_t, std::size_t>> pairs;
     for (const HostLink& l : got[0]) {
+        CHECK(l.rank_a < l.rank_b);
+        CHECK(l.host_a == hosts[l.rank_a]);
+        CHECK(l.host_b == hosts[l.rank_b]);
         CHECK(l.latency_us > 0);
         CHECK(l.gbs > 0);
+        pairs.insert({l.rank_a, l.rank_b});
+    }
+    CHECK(got[0].size() == 6);
+    CHECK(pairs == std::set<std::pair<std::size_t, std::size_t>>{{0, 2}, {0, 3}, {0, 5}, {2, 3}, {2, 5}, {3, 5}});
+    // Each pair becomes a [[link]] between the hosts' nodes.
+    const std::vector<RankResults> four{
+        {0, "a", cpu_results()}, {2, "b", cpu_results()}, {3, "c", cpu_results()}, {5, "d", cpu_results()}};
+    const Cluster measured =
+        parse_cluster(merged_cluster_toml(four, "four", Meta{}, inter_node_link(got[0]), node_links(got[0])), "4.toml");
+    CHECK(measured.node_overrides.size() == 6);
+    for (const HostLink& l : got[0]) {
+        const auto a = measured.find_device(l.host_a + ".cpu0"), b = measured.find_device(l.host_b + ".cpu0");
+        REQUIRE((a && b));
+        CHECK(measured.link(*a, *b).gbs == doctest::Approx(l.gbs).epsilon(1e-3));  // as written: 4 digits
     }
     // The slowest pair sets the inter-node figures.
     const auto inter = inter_node_link({{0, 2, "a", "b", 5.0, 10.0}, {0, 3, "a", "c", 8.0, 4.0}});

@@ -83,6 +83,11 @@ struct Link {
     double latency_us = 0;
     std::string source;  ///< how it was measured, for a comment in the file
 };
+/// A measured link between two hosts (cluster.toml's nodes).
+struct NodeLink {
+    std::string a, b;
+    Link link;
+};
 /// One GPU's figures for cluster.toml, from the probes of its process.
 struct GpuFigures {
     int index = 0;        ///< CUDA index in its process
@@ -108,9 +113,11 @@ struct NodeFigures {
 /// PCI bus order, or where a host measured no GPU, its CPU cores as "<host>.cpu<K>" (the figures
 /// of cpu_cluster_toml). Throws RuntimeError when a host has neither.
 /// `inter`: the link between hosts measured under mpirun (host_links.hpp); without it the file
-/// gives a marked guess.
+/// gives a marked guess. `node_links`: each measured pair of hosts, written as a [[link]]
+/// between their nodes when there are several (one pair is `inter` itself).
 [[nodiscard]] std::string merged_cluster_toml(const std::vector<RankResults>& ranks, const std::string& name,
-                                              const Meta& meta, const std::optional<Link>& inter = std::nullopt);
+                                              const Meta& meta, const std::optional<Link>& inter = std::nullopt,
+                                              const std::vector<NodeLink>& node_links = {});
 /// Whether these results hold a GPU GEMM rate (then --out writes the GPU cluster).
 [[nodiscard]] bool has_gpu_figures(const std::vector<ProbeResult>& results);
 
