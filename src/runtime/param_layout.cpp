@@ -119,6 +119,14 @@ EmbeddingParams add_embedding_params(ParamLayout& layout, const EmbeddingOp& op)
     return p;
 }
 
+Conv2dParams add_conv2d_params(ParamLayout& layout, const Conv2dOp& op) {
+    Conv2dParams p;
+    p.fan_in = op.in_channels / op.groups * op.kernel_h * op.kernel_w;
+    p.w = layout.add(op.out_channels, p.fan_in, Split::none, Init::weight, p.fan_in);
+    p.b = layout.add_if(op.bias, op.out_channels, 1, Split::none, Init::zero);
+    return p;
+}
+
 NormParams add_norm_params(ParamLayout& layout, NormKind kind, std::size_t features, bool bias) {
     NormParams p;
     p.gamma = layout.add(features, 1, Split::none, Init::one);

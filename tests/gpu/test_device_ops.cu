@@ -471,6 +471,80 @@ void check_embedding() {
     });
 }
 
+/// im2col, col2im and pooling against direct host loops (double), on a window with stride,
+/// padding and overlap, over a channel range of a larger tensor.
+template <class T>
+void check_images() {
+    group(label<T>("images"), [] {
+        const std::size_t samples = 3, total = 5, first = 1, channels = 3;
+        const Window g{11, 9, 3, 2, 2, 1, (11 + 2 - 3) / 2 + 1, (9 + 2 - 2) / 2 + 1};
+        const std::size_t image = g.h * g.w, plane = g.oh * g.ow, field = channels * g.kh * g.kw;
+        const std::vector<T> x = random_vec<T>(samples * total * image);
+        const auto tap = [](std::size_t o, std::size_t k, std::size_t stride, std::size_t pad, std::size_t size) {
+            const long long at = static_cast<long long>(o * stride + k) - static_cast<long long>(pad);
+            return at < 0 || at >= static_cast<long long>(size) ? -1LL : at;
+        };
+        // im2col, and col2im of random columns added into a random dx.
+        std::vector<double> cols_ref(samples * field * plane, 0.0);
+        const std::vector<T> cols_in = random_vec<T>(cols_ref.size());
+        const std::vector<T> dx0 = random_vec<T>(x.size());
+        std::vector<double> dx_ref = as_double(dx0);
+        for (std::size_t s = 0; s < samples; ++s)
+            for (std::size_t c = 0; c < channels; ++c)
+                for (std::size_t ki = 0; ki < g.kh; ++ki)
+                    for (std::size_t kj = 0; kj < g.kw; ++kj)
+                        for (std::size_t oy = 0; oy < g.oh; ++oy)
+                            for (std::size_t ox = 0; ox < g.ow; ++ox) {
+                                const std::size_t col =
+                                    ((s * field) + (c * g.kh + ki) * g.kw + kj) * plane + oy * g.ow + ox;
+                                const long long iy = tap(oy, ki, g.stride, g.pad, g.h), ix = tap(ox, kj, g.stride, g.pad, g.w);
+                                if (iy < 0 || ix < 0) continue;
+                                const std::size_t at = ((s * total + first + c) * g.h + iy) * g.w + ix;
+                                cols_ref[col] = to_d(x[at]);
+                                dx_ref[at] += to_d(cols_in[col]);
+                            }
+        DevBuf<T> dx_d(x), dcols(cols_ref.size()), dcols_in(cols_in), ddx(dx0);
+        im2col(dx_d.get(), samples, total, first, channels, g, dcols.get(), stream);
+        col2im(dcols_in.get(), samples, total, first, channels, g, ddx.get(), stream);
+        expect_close(label<T>("im2col"), dcols.download(), cols_ref, 0.0);
+        expect_close(label<T>("col2im (accumulates)"), ddx.download(), dx_ref, Type<T>::rtol);
+        // Pooling over every plane of x.
+        const std::size_t planes = samples * total;
+        const std::vector<T> dy = random_vec<T>(planes * plane);
+        for (const bool max : {true, false}) {
+            std::vector<double> y_ref(planes * plane, 0.0), dpool_ref(x.size(), 0.0);
+            for (std::size_t p = 0; p < planes; ++p)
+                for (std::size_t oy = 0; oy < g.oh; ++oy)
+                    for (std::size_t ox = 0; ox < g.ow; ++ox) {
+                        const std::size_t out = (p * g.oh + oy) * g.ow + ox;
+                        long long best = -1;
+                        double sum = 0.0;
+                        std::vector<std::size_t> in;
+                        for (std::size_t ki = 0; ki < g.kh; ++ki)
+                            for (std::size_t kj = 0; kj < g.kw; ++kj) {
+                                const long long iy = tap(oy, ki, g.stride, g.pad, g.h), ix = tap(ox, kj, g.stride, g.pad, g.w);
+                                if (iy < 0 || ix < 0) continue;
+                                const std::size_t at = (p * g.h + iy) * g.w + ix;
+                                in.push_back(at);
+                                sum += to_d(x[at]);
+                                if (best < 0 || to_d(x[at]) > to_d(x[static_cast<std::size_t>(best)])) best = static_cast<long long>(at);
+                            }
+                        const double area = static_cast<double>(g.kh * g.kw);
+                        y_ref[out] = max ? (best < 0 ? 0.0 : to_d(x[static_cast<std::size_t>(best)])) : sum / area;
+                        if (max && best >= 0) dpool_ref[static_cast<std::size_t>(best)] += to_d(dy[out]);
+                        if (!max)
+                            for (std::size_t at : in) dpool_ref[at] += to_d(dy[out]) / area;
+                    }
+            DevBuf<T> dy_d(dy), dyout(planes * plane), dpool(std::vector<T>(x.size(), from_f<T>(0.0f)));
+            pool_forward(max, dx_d.get(), dyout.get(), planes, g, stream);
+            pool_backward(max, dx_d.get(), dy_d.get(), dpool.get(), planes, g, stream);
+            const std::string kind = max ? "max pool" : "average pool";
+            expect_close(label<T>(kind + " forward"), dyout.download(), y_ref, max ? 0.0 : Type<T>::rtol);
+            expect_close(label<T>(kind + " backward"), dpool.download(), dpool_ref, Type<T>::rtol);
+        }
+    });
+}
+
 /// softmax(scale * s) over j <= i per row, 0 above the diagonal; in double.
 std::vector<double> causal_softmax_ref(const std::vector<double>& s, std::size_t bh, std::size_t n, double scale,
                                        bool causal) {
@@ -837,6 +911,8 @@ int main() {
             check_softmax_xent<bf16>();
             check_embedding<float>();
             check_embedding<bf16>();
+            check_images<float>();
+            check_images<bf16>();
             check_causal_softmax<float>(6, 70);
             check_causal_softmax<float>(3, 70, false);
             check_causal_softmax<float>(2, 300);

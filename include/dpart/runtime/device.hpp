@@ -43,6 +43,12 @@ struct DeviceSpan {
 
 enum class Trans : std::uint8_t { none, trans };
 
+/// A sliding window over [h, w] planes (a convolution's or a pooling's): kernel kh x kw, the
+/// stride and zero padding on every side, giving [oh, ow] planes.
+struct Window2d {
+    std::size_t h = 0, w = 0, kh = 0, kw = 0, stride = 1, pad = 0, oh = 0, ow = 0;
+};
+
 class DeviceOps {
 public:
     virtual ~DeviceOps() = default;
@@ -119,6 +125,21 @@ public:
     /// scale, times the scale), in place of dprobs.
     virtual void attention_softmax_backward(DeviceSpan probs, DeviceSpan dprobs, std::size_t batch_heads,
                                             std::size_t s, float scale) = 0;
+    /// cols [samples, channels x kh x kw, oh x ow]: for each sample of x [samples, total, h, w], the
+    /// receptive fields of its channels [first, first + channels), one column per output position
+    /// (zeros in the padding). x and cols have one element type.
+    virtual void im2col(DeviceSpan x, std::size_t samples, std::size_t total, std::size_t first,
+                        std::size_t channels, const Window2d& g, DeviceSpan cols) = 0;
+    /// The adjoint of im2col: each column entry added into its element of dx (same layout as x).
+    virtual void col2im(DeviceSpan cols, std::size_t samples, std::size_t total, std::size_t first,
+                        std::size_t channels, const Window2d& g, DeviceSpan dx) = 0;
+    /// y [planes, oh, ow] from x [planes, h, w]: each window's first largest element (padding
+    /// ignored; an empty window gives 0), or its sum divided by kh x kw (padding counted).
+    virtual void pool_forward(bool max, DeviceSpan x, DeviceSpan y, std::size_t planes, const Window2d& g) = 0;
+    /// dx += the gradient: to each window's first largest input (max), or dy / (kh x kw) to
+    /// every input of the window (average), windows in row-major order.
+    virtual void pool_backward(bool max, DeviceSpan x, DeviceSpan dy, DeviceSpan dx, std::size_t planes,
+                               const Window2d& g) = 0;
     /// One optimizer step on f32 params with f32 gradients; m and v are Adam's moments (unused
     /// by SGD). `step` counts from 1.
     virtual void optimizer_step(const OptimizerOptions& opt, std::uint64_t step, DeviceSpan params, DeviceSpan grads,
@@ -189,11 +210,14 @@ struct DeviceParams {
     DeviceSpan compute;
 };
 
-/// What a step gives the layers: the labels of the loss (i32, one per position of each sample)
-/// and the scale of the loss gradient (1 / global batch).
+/// What a step gives the layers: the labels of the loss (i32, one per position of each sample),
+/// the scale of the loss gradient (1 / global batch), and what dropout masks are drawn from
+/// (the run's seed and the global index of the step's first sample, as StepContext).
 struct DeviceStep {
     DeviceSpan labels;
     float loss_scale = 1.0f;
+    std::uint64_t seed = 0;
+    std::uint64_t first_sample = 0;
 };
 
 class DeviceLayer {

@@ -82,6 +82,14 @@ struct EmbeddingParams {
 };
 EmbeddingParams add_embedding_params(ParamLayout& layout, const EmbeddingOp& op);
 
+/// A convolution: weight [out, in / groups, kh, kw] (fan-in in / groups x kh x kw), then its
+/// bias [out] (zeros).
+struct Conv2dParams {
+    ParamLayout::Id w = ParamLayout::absent, b = ParamLayout::absent;
+    std::size_t fan_in = 0;
+};
+Conv2dParams add_conv2d_params(ParamLayout& layout, const Conv2dOp& op);
+
 /// A norm: gamma (ones), then beta (zeros; layernorm with a bias only).
 struct NormParams {
     ParamLayout::Id gamma = ParamLayout::absent, beta = ParamLayout::absent;

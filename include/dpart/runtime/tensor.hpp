@@ -56,4 +56,13 @@ enum class Stream : std::uint64_t { input = 1, label = 2, weight = 3, dropout = 
     return (static_cast<std::uint64_t>(s) << 48) ^ layer;
 }
 
+/// Dropout's probability, and the factor element `index` of layer `layer`'s input gets (index:
+/// the sample's global index x its row size + the element's place in the row): 0 or 1 / (1 - p),
+/// the same in forward and backward, on every backend.
+inline constexpr float dropout_p = 0.1f;
+[[nodiscard]] constexpr float dropout_factor(std::uint64_t seed, std::uint64_t layer, std::uint64_t index) noexcept {
+    return random_uniform(seed, stream_of(Stream::dropout, layer), index) >= dropout_p ? 1.0f / (1.0f - dropout_p)
+                                                                                        : 0.0f;
+}
+
 }  // namespace dpart::rt

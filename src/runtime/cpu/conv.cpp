@@ -74,9 +74,10 @@ public:
         out_ = op.out_channels;
         groups_ = op.groups;
         g_ = Window{in[1], in[2], op.kernel_h, op.kernel_w, op.stride, op.padding, l.out_shape[1], l.out_shape[2]};
-        fan_in_ = in_ / groups_ * g_.kh * g_.kw;
-        w_ = layout_.add(out_, fan_in_, Split::none, Init::weight, fan_in_);
-        b_ = layout_.add_if(op.bias, out_, 1, Split::none, Init::zero);
+        const Conv2dParams p = add_conv2d_params(layout_, op);
+        fan_in_ = p.fan_in;
+        w_ = p.w;
+        b_ = p.b;
     }
 
     [[nodiscard]] Tensor forward(const StepContext&, std::span<const Tensor* const> inputs,

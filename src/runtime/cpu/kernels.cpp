@@ -11,8 +11,6 @@
 namespace dpart::rt::cpu {
 namespace {
 
-constexpr float dropout_p = 0.1f;
-
 class ElementwiseKernel final : public Kernel {
 public:
     ElementwiseKernel(const Model& model, std::size_t layer, Shard shard)
@@ -66,9 +64,7 @@ private:
     [[nodiscard]] float slope(const StepContext& ctx, const Tensor& x, std::size_t i) const {
         if (kind_ != Elementwise::dropout) return activate_grad(activation(), x.data[i]);
         const std::size_t row = x.row_size();
-        const std::uint64_t index = (ctx.first_sample + i / row) * row + i % row;
-        const bool kept = random_uniform(ctx.seed, stream_of(Stream::dropout, index_), index) >= dropout_p;
-        return kept ? 1.0f / (1.0f - dropout_p) : 0.0f;
+        return dropout_factor(ctx.seed, index_, (ctx.first_sample + i / row) * row + i % row);
     }
 
     Elementwise kind_;

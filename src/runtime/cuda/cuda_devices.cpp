@@ -111,6 +111,8 @@ cuda::Act act(Activation a) {
     return cuda::Act::relu;
 }
 
+cuda::Window window(const Window2d& g) { return {g.h, g.w, g.kh, g.kw, g.stride, g.pad, g.oh, g.ow}; }
+
 cuda::Norm norm(NormKind k) { return k == NormKind::layernorm ? cuda::Norm::layernorm : cuda::Norm::rmsnorm; }
 
 void need(const DeviceSpan& s, std::size_t count, const char* what) {
@@ -410,6 +412,48 @@ public:
         release(d_ids);
         release(d_off);
         release(d_pos);
+    }
+    void im2col(DeviceSpan x, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+                const Window2d& g, DeviceSpan cols) override {
+        need(x, samples * total * g.h * g.w, "im2col's x");
+        need(cols, samples * channels * g.kh * g.kw * g.oh * g.ow, "im2col's columns");
+        if (x.elem != cols.elem) throw RuntimeError("cuda ops: im2col between element types");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::im2col(static_cast<const T*>(p), samples, total, first, channels, window(g), static_cast<T*>(cols.ptr),
+                         stream_);
+        });
+    }
+    void col2im(DeviceSpan cols, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+                const Window2d& g, DeviceSpan dx) override {
+        need(dx, samples * total * g.h * g.w, "col2im's dx");
+        need(cols, samples * channels * g.kh * g.kw * g.oh * g.ow, "col2im's columns");
+        if (dx.elem != cols.elem) throw RuntimeError("cuda ops: col2im between element types");
+        typed(dx, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::col2im(static_cast<const T*>(cols.ptr), samples, total, first, channels, window(g), p, stream_);
+        });
+    }
+    void pool_forward(bool max, DeviceSpan x, DeviceSpan y, std::size_t planes, const Window2d& g) override {
+        need(x, planes * g.h * g.w, "pool's x");
+        need(y, planes * g.oh * g.ow, "pool's y");
+        if (x.elem != y.elem) throw RuntimeError("cuda ops: pool between element types");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::pool_forward(max, static_cast<const T*>(p), static_cast<T*>(y.ptr), planes, window(g), stream_);
+        });
+    }
+    void pool_backward(bool max, DeviceSpan x, DeviceSpan dy, DeviceSpan dx, std::size_t planes,
+                       const Window2d& g) override {
+        need(x, planes * g.h * g.w, "pool's x");
+        need(dx, planes * g.h * g.w, "pool's dx");
+        need(dy, planes * g.oh * g.ow, "pool's dy");
+        if (x.elem != dy.elem || x.elem != dx.elem) throw RuntimeError("cuda ops: pool between element types");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::pool_backward(max, static_cast<const T*>(p), static_cast<const T*>(dy.ptr), static_cast<T*>(dx.ptr),
+                                planes, window(g), stream_);
+        });
     }
     void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,
                                    bool causal) override {

@@ -416,9 +416,182 @@ __global__ void mul_kernel(const T* a, const T* b, T* out, std::size_t n) {
     for (std::size_t i = global_index(); i < n; i += grid_stride()) out[i] = from_f<T>(to_f(a[i]) * to_f(b[i]));
 }
 
+// --- Images ---------------------------------------------------------------------------------
+
+/// Input coordinate of output o at kernel offset k, or -1 in the padding.
+__device__ __forceinline__ long long tap(std::size_t o, std::size_t k, std::size_t stride, std::size_t pad,
+                                         std::size_t size) {
+    const long long at = static_cast<long long>(o * stride + k) - static_cast<long long>(pad);
+    return at < 0 || at >= static_cast<long long>(size) ? -1 : at;
+}
+
+template <class T>
+__global__ void im2col_kernel(const T* x, std::size_t samples, std::size_t total, std::size_t first,
+                              std::size_t channels, Window g, T* cols) {
+    const std::size_t plane = g.oh * g.ow, field = channels * g.kh * g.kw, n = samples * field * plane;
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) {
+        const std::size_t pos = i % plane, row = (i / plane) % field, s = i / (plane * field);
+        const std::size_t c = row / (g.kh * g.kw), ki = (row / g.kw) % g.kh, kj = row % g.kw;
+        const long long iy = tap(pos / g.ow, ki, g.stride, g.pad, g.h), ix = tap(pos % g.ow, kj, g.stride, g.pad, g.w);
+        cols[i] = iy < 0 || ix < 0 ? from_f<T>(0.0f)
+                                   : x[((s * total + first + c) * g.h + static_cast<std::size_t>(iy)) * g.w +
+                                       static_cast<std::size_t>(ix)];
+    }
+}
+
+/// The outputs o (along one axis) whose window holds input coordinate `at` at offset k: o with
+/// o * stride + k - pad == at.
+__device__ __forceinline__ long long output_at(std::size_t at, std::size_t k, const Window& g, std::size_t outputs) {
+    const long long padded = static_cast<long long>(at + g.pad) - static_cast<long long>(k);
+    if (padded < 0 || padded % static_cast<long long>(g.stride) != 0) return -1;
+    const long long o = padded / static_cast<long long>(g.stride);
+    return o < static_cast<long long>(outputs) ? o : -1;
+}
+
+template <class T>
+__global__ void col2im_kernel(const T* cols, std::size_t samples, std::size_t total, std::size_t first,
+                              std::size_t channels, Window g, T* dx) {
+    const std::size_t plane = g.oh * g.ow, field = channels * g.kh * g.kw, image = g.h * g.w;
+    const std::size_t n = samples * channels * image;
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) {
+        const std::size_t ix = i % g.w, iy = (i / g.w) % g.h, c = (i / image) % channels, s = i / (image * channels);
+        T* out = dx + ((s * total + first + c) * g.h + iy) * g.w + ix;
+        float acc = to_f(*out);
+        for (std::size_t ki = 0; ki < g.kh; ++ki) {
+            const long long oy = output_at(iy, ki, g, g.oh);
+            if (oy < 0) continue;
+            for (std::size_t kj = 0; kj < g.kw; ++kj) {
+                const long long ox = output_at(ix, kj, g, g.ow);
+                if (ox < 0) continue;
+                const std::size_t row = (c * g.kh + ki) * g.kw + kj;
+                acc += to_f(cols[(s * field + row) * plane + static_cast<std::size_t>(oy) * g.ow +
+                                 static_cast<std::size_t>(ox)]);
+            }
+        }
+        *out = from_f<T>(acc);
+    }
+}
+
+/// The first largest element of output (oy, ox)'s window in plane p (row-major), or -1 when the
+/// window holds no input.
+template <class T>
+__device__ long long window_argmax(const T* x, std::size_t p, std::size_t oy, std::size_t ox, const Window& g) {
+    long long best = -1;
+    float best_value = 0.0f;
+    for (std::size_t ki = 0; ki < g.kh; ++ki) {
+        const long long iy = tap(oy, ki, g.stride, g.pad, g.h);
+        if (iy < 0) continue;
+        for (std::size_t kj = 0; kj < g.kw; ++kj) {
+            const long long ix = tap(ox, kj, g.stride, g.pad, g.w);
+            if (ix < 0) continue;
+            const long long at = static_cast<long long>((p * g.h + static_cast<std::size_t>(iy)) * g.w) + ix;
+            const float v = to_f(x[at]);
+            if (best < 0 || v > best_value) {
+                best = at;
+                best_value = v;
+            }
+        }
+    }
+    return best;
+}
+
+template <class T>
+__global__ void pool_forward_kernel(bool max, const T* x, T* y, std::size_t planes, Window g) {
+    const std::size_t n = planes * g.oh * g.ow;
+    const float area = static_cast<float>(g.kh * g.kw);
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) {
+        const std::size_t ox = i % g.ow, oy = (i / g.ow) % g.oh, p = i / (g.oh * g.ow);
+        if (max) {
+            const long long at = window_argmax(x, p, oy, ox, g);
+            y[i] = at < 0 ? from_f<T>(0.0f) : x[at];
+            continue;
+        }
+        float sum = 0.0f;
+        for (std::size_t ki = 0; ki < g.kh; ++ki) {
+            const long long iy = tap(oy, ki, g.stride, g.pad, g.h);
+            if (iy < 0) continue;
+            for (std::size_t kj = 0; kj < g.kw; ++kj) {
+                const long long ix = tap(ox, kj, g.stride, g.pad, g.w);
+                if (ix >= 0) sum += to_f(x[(p * g.h + static_cast<std::size_t>(iy)) * g.w + static_cast<std::size_t>(ix)]);
+            }
+        }
+        y[i] = from_f<T>(__fdiv_rn(sum, area));
+    }
+}
+
+template <class T>
+__global__ void pool_backward_kernel(bool max, const T* x, const T* dy, T* dx, std::size_t planes, Window g) {
+    const std::size_t image = g.h * g.w, n = planes * image;
+    const float area = static_cast<float>(g.kh * g.kw);
+    for (std::size_t i = global_index(); i < n; i += grid_stride()) {
+        const std::size_t ix = i % g.w, iy = (i / g.w) % g.h, p = i / image;
+        float acc = to_f(dx[i]);
+        // The windows holding (iy, ix), in row-major order: oy * stride - pad <= iy < oy * stride
+        // - pad + kh, likewise for ox.
+        const long long lo_y = (static_cast<long long>(iy + g.pad) - static_cast<long long>(g.kh) + static_cast<long long>(g.stride)) /
+                               static_cast<long long>(g.stride);
+        const long long lo_x = (static_cast<long long>(ix + g.pad) - static_cast<long long>(g.kw) + static_cast<long long>(g.stride)) /
+                               static_cast<long long>(g.stride);
+        for (long long oy = lo_y < 0 ? 0 : lo_y; oy < static_cast<long long>(g.oh); ++oy) {
+            const long long top = oy * static_cast<long long>(g.stride) - static_cast<long long>(g.pad);
+            if (top > static_cast<long long>(iy)) break;
+            if (top + static_cast<long long>(g.kh) <= static_cast<long long>(iy)) continue;
+            for (long long ox = lo_x < 0 ? 0 : lo_x; ox < static_cast<long long>(g.ow); ++ox) {
+                const long long left = ox * static_cast<long long>(g.stride) - static_cast<long long>(g.pad);
+                if (left > static_cast<long long>(ix)) break;
+                if (left + static_cast<long long>(g.kw) <= static_cast<long long>(ix)) continue;
+                const std::size_t out = (p * g.oh + static_cast<std::size_t>(oy)) * g.ow + static_cast<std::size_t>(ox);
+                if (max) {
+                    if (window_argmax(x, p, static_cast<std::size_t>(oy), static_cast<std::size_t>(ox), g) ==
+                        static_cast<long long>(i))
+                        acc += to_f(dy[out]);
+                } else {
+                    acc += __fdiv_rn(to_f(dy[out]), area);
+                }
+            }
+        }
+        dx[i] = from_f<T>(acc);
+    }
+}
+
 }  // namespace
 
 // --- Host entry points ------------------------------------------------------------------------
+
+template <class T>
+void im2col(const T* x, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+            const Window& g, T* cols, cudaStream_t stream) {
+    const std::size_t n = samples * channels * g.kh * g.kw * g.oh * g.ow;
+    if (n == 0) return;
+    im2col_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(x, samples, total, first, channels, g, cols);
+    launched("im2col kernel launch");
+}
+
+template <class T>
+void col2im(const T* cols, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+            const Window& g, T* dx, cudaStream_t stream) {
+    const std::size_t n = samples * channels * g.h * g.w;
+    if (n == 0) return;
+    col2im_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(cols, samples, total, first, channels, g, dx);
+    launched("col2im kernel launch");
+}
+
+template <class T>
+void pool_forward(bool max, const T* x, T* y, std::size_t planes, const Window& g, cudaStream_t stream) {
+    const std::size_t n = planes * g.oh * g.ow;
+    if (n == 0) return;
+    pool_forward_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(max, x, y, planes, g);
+    launched("pool_forward kernel launch");
+}
+
+template <class T>
+void pool_backward(bool max, const T* x, const T* dy, T* dx, std::size_t planes, const Window& g,
+                   cudaStream_t stream) {
+    const std::size_t n = planes * g.h * g.w;
+    if (n == 0 || g.stride == 0) return;
+    pool_backward_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(max, x, dy, dx, planes, g);
+    launched("pool_backward kernel launch");
+}
 
 template <class T>
 void embedding_backward_grouped(const std::int32_t* ids, const std::int32_t* offsets, const std::int32_t* positions,
@@ -603,6 +776,12 @@ void fill(float* p, float value, std::size_t n, cudaStream_t stream) {
                                         cudaStream_t);                                                               \
     template void embedding_backward_grouped<T>(const std::int32_t*, const std::int32_t*, const std::int32_t*,        \
                                                 std::size_t, const T*, float*, std::size_t, cudaStream_t);           \
+    template void im2col<T>(const T*, std::size_t, std::size_t, std::size_t, std::size_t, const Window&, T*,         \
+                            cudaStream_t);                                                                           \
+    template void col2im<T>(const T*, std::size_t, std::size_t, std::size_t, std::size_t, const Window&, T*,         \
+                            cudaStream_t);                                                                           \
+    template void pool_forward<T>(bool, const T*, T*, std::size_t, const Window&, cudaStream_t);                     \
+    template void pool_backward<T>(bool, const T*, const T*, T*, std::size_t, const Window&, cudaStream_t);          \
     template void add<T>(const T*, T*, std::size_t, cudaStream_t);                                                   \
     template void mul<T>(const T*, const T*, T*, std::size_t, cudaStream_t);                                         \
     template void causal_softmax_forward<T>(T*, std::size_t, std::size_t, float, bool, cudaStream_t);                \

@@ -125,6 +125,31 @@ template <class T>
 void causal_softmax_backward(const T* probs, T* dscores, std::size_t batch_heads, std::size_t s, float scale,
                              bool causal, cudaStream_t stream);
 
+/// A sliding window over [h, w] planes: kernel kh x kw, stride, zero padding, [oh, ow] output.
+struct Window {
+    std::size_t h, w, kh, kw, stride, pad, oh, ow;
+};
+
+/// cols [samples, channels x kh x kw, oh x ow] from channels [first, first + channels) of x
+/// [samples, total, h, w] (zeros in the padding): one thread per column element.
+template <class T>
+void im2col(const T* x, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+            const Window& g, T* cols, cudaStream_t stream);
+/// dx += the adjoint of im2col, gathered: one thread per element of dx's channels [first, first +
+/// channels), adding its column entries in the order (ki, kj, oy, ox) the host's col2im adds them.
+template <class T>
+void col2im(const T* cols, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+            const Window& g, T* dx, cudaStream_t stream);
+/// y [planes, oh, ow]: each window's first largest element (an empty window: 0), or its sum /
+/// (kh x kw). One thread per output.
+template <class T>
+void pool_forward(bool max, const T* x, T* y, std::size_t planes, const Window& g, cudaStream_t stream);
+/// dx += the pooling's gradient, gathered: one thread per input, adding the gradient of every
+/// window that holds it (and, for max, picks it) in row-major window order; no atomics.
+template <class T>
+void pool_backward(bool max, const T* x, const T* dy, T* dx, std::size_t planes, const Window& g,
+                   cudaStream_t stream);
+
 /// One Adam step, the arithmetic of dpart::rt::adam_step (src/runtime/optimizer.cpp, PyTorch's
 /// single-tensor Adam): bias corrections computed in double on the host, then per element in
 /// fp32 without fused multiply-adds (bitwise the CPU result):

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 #include "../cpu/blas.hpp"
 #include "../cpu/common.hpp"
@@ -313,6 +314,53 @@ public:
             }
     }
 
+    void im2col(DeviceSpan x, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+                const Window2d& g, DeviceSpan cols) override {
+        const std::size_t plane = g.oh * g.ow, field = channels * g.kh * g.kw;
+        need(x, samples * total * g.h * g.w, "im2col's x");
+        need(cols, samples * field * plane, "im2col's columns");
+        if (x.elem != cols.elem) throw std::invalid_argument("host ops: im2col between element types");
+        for_each_tap(samples, total, first, channels, g, [&](std::size_t col, std::size_t in) {
+            put(cols, col, in == npos ? 0.0f : get(x, in));
+        });
+    }
+    void col2im(DeviceSpan cols, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+                const Window2d& g, DeviceSpan dx) override {
+        need(dx, samples * total * g.h * g.w, "col2im's dx");
+        need(cols, samples * channels * g.kh * g.kw * g.oh * g.ow, "col2im's columns");
+        for_each_tap(samples, total, first, channels, g, [&](std::size_t col, std::size_t in) {
+            if (in != npos) put(dx, in, get(dx, in) + get(cols, col));
+        });
+    }
+    void pool_forward(bool max, DeviceSpan x, DeviceSpan y, std::size_t planes, const Window2d& g) override {
+        need(x, planes * g.h * g.w, "pool's x");
+        need(y, planes * g.oh * g.ow, "pool's y");
+        for_each_window(planes, g, [&](std::size_t out, const std::vector<std::size_t>& in) {
+            if (max) {
+                put(y, out, in.empty() ? 0.0f : get(x, first_largest(x, in)));
+                return;
+            }
+            float sum = 0.0f;
+            for (std::size_t i : in) sum += get(x, i);
+            put(y, out, sum / static_cast<float>(g.kh * g.kw));
+        });
+    }
+    void pool_backward(bool max, DeviceSpan x, DeviceSpan dy, DeviceSpan dx, std::size_t planes,
+                       const Window2d& g) override {
+        need(x, planes * g.h * g.w, "pool's x");
+        need(dx, planes * g.h * g.w, "pool's dx");
+        need(dy, planes * g.oh * g.ow, "pool's dy");
+        for_each_window(planes, g, [&](std::size_t out, const std::vector<std::size_t>& in) {
+            if (in.empty()) return;
+            if (max) {
+                const std::size_t i = first_largest(x, in);
+                put(dx, i, get(dx, i) + get(dy, out));
+                return;
+            }
+            for (std::size_t i : in) put(dx, i, get(dx, i) + get(dy, out) / static_cast<float>(g.kh * g.kw));
+        });
+    }
+
     void optimizer_step(const OptimizerOptions& opt, std::uint64_t step, DeviceSpan params, DeviceSpan grads,
                         DeviceSpan m, DeviceSpan v) override {
         if (params.elem != Elem::f32 || grads.elem != Elem::f32)
@@ -328,6 +376,56 @@ public:
     }
 
 private:
+    static constexpr std::size_t npos = std::numeric_limits<std::size_t>::max();
+    /// Input coordinate of output o at kernel offset k, or npos in the padding.
+    static std::size_t tap(std::size_t o, std::size_t k, std::size_t stride, std::size_t pad, std::size_t size) {
+        const std::size_t padded = o * stride + k;
+        return padded < pad || padded - pad >= size ? npos : padded - pad;
+    }
+    /// f(column element, input element or npos) over im2col's layout.
+    template <class F>
+    static void for_each_tap(std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
+                             const Window2d& g, F&& f) {
+        std::size_t col = 0;
+        for (std::size_t s = 0; s < samples; ++s)
+            for (std::size_t c = 0; c < channels; ++c)
+                for (std::size_t ki = 0; ki < g.kh; ++ki)
+                    for (std::size_t kj = 0; kj < g.kw; ++kj)
+                        for (std::size_t oy = 0; oy < g.oh; ++oy) {
+                            const std::size_t iy = tap(oy, ki, g.stride, g.pad, g.h);
+                            for (std::size_t ox = 0; ox < g.ow; ++ox, ++col) {
+                                const std::size_t ix = tap(ox, kj, g.stride, g.pad, g.w);
+                                f(col, iy == npos || ix == npos ? npos
+                                                                : ((s * total + first + c) * g.h + iy) * g.w + ix);
+                            }
+                        }
+    }
+    /// f(output element, the input elements of its window inside the plane, row-major).
+    template <class F>
+    static void for_each_window(std::size_t planes, const Window2d& g, F&& f) {
+        std::vector<std::size_t> in;
+        for (std::size_t p = 0; p < planes; ++p)
+            for (std::size_t oy = 0; oy < g.oh; ++oy)
+                for (std::size_t ox = 0; ox < g.ow; ++ox) {
+                    in.clear();
+                    for (std::size_t ki = 0; ki < g.kh; ++ki) {
+                        const std::size_t iy = tap(oy, ki, g.stride, g.pad, g.h);
+                        if (iy == npos) continue;
+                        for (std::size_t kj = 0; kj < g.kw; ++kj) {
+                            const std::size_t ix = tap(ox, kj, g.stride, g.pad, g.w);
+                            if (ix != npos) in.push_back((p * g.h + iy) * g.w + ix);
+                        }
+                    }
+                    f((p * g.oh + oy) * g.ow + ox, in);
+                }
+    }
+    static std::size_t first_largest(const DeviceSpan& x, const std::vector<std::size_t>& in) {
+        std::size_t best = in.front();
+        for (std::size_t i : in)
+            if (get(x, i) > get(x, best)) best = i;
+        return best;
+    }
+
     static float log_sum_exp(const DeviceSpan& x, std::size_t at, std::size_t n) {
         float max = -INFINITY;
         for (std::size_t c = 0; c < n; ++c) max = std::max(max, get(x, at + c));

@@ -5,6 +5,7 @@
 // device layers are built for whole layers (tp = 1).
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 
@@ -569,6 +570,191 @@ private:
 };
 
 
+// --- Image layers -----------------------------------------------------------------------------
+
+/// The input shape of an image layer: [C, H, W].
+const Shape& image_input(const Model& model, std::size_t layer) {
+    const Layer& l = model.layers[layer];
+    return l.inputs.empty() ? model.input_shape : model.layers[l.inputs[0]].out_shape;
+}
+
+/// Samples per im2col batch: the columns of at most 2^26 elements (256 MiB in fp32), at least one.
+std::size_t samples_per_batch(std::size_t samples, std::size_t per_sample) {
+    constexpr std::size_t budget = std::size_t{1} << 26;
+    return std::max<std::size_t>(1, std::min(samples, budget / std::max<std::size_t>(1, per_sample)));
+}
+
+/// y = W * x per group (im2col, then one product per group batched over samples), then the
+/// bias per channel (a rank-1 product with a row of ones); the CPU kernel's layout and math.
+class Conv2dLayer final : public Base {
+public:
+    Conv2dLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute) {
+        const Layer& l = model.layers[layer];
+        const auto& op = std::get<Conv2dOp>(l.op);
+        const Shape& in = image_input(model, layer);
+        in_ = op.in_channels;
+        out_ = op.out_channels;
+        groups_ = op.groups;
+        g_ = Window2d{in[1], in[2], op.kernel_h, op.kernel_w, op.stride, op.padding, l.out_shape[1], l.out_shape[2]};
+        const Conv2dParams p = add_conv2d_params(layout_, op);
+        fan_in_ = p.fan_in;
+        w_ = p.w;
+        b_ = p.b;
+    }
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+                         const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        const DeviceSpan x = single(inputs);
+        const std::size_t samples = x.count / (in_ * g_.h * g_.w), plane = g_.oh * g_.ow;
+        const std::size_t cin = in_ / groups_, cout = out_ / groups_;
+        const Slices p = slices(params);
+        DeviceBuffer y = make(ops, samples * out_ * plane);
+        const std::size_t batch = samples_per_batch(samples, fan_in_ * plane);
+        for (std::size_t s0 = 0; s0 < samples; s0 += batch) {
+            const std::size_t k = std::min(batch, samples - s0);
+            DeviceBuffer cols = make(ops, k * fan_in_ * plane);
+            for (std::size_t grp = 0; grp < groups_; ++grp) {
+                ops.im2col(sample_rows(x, s0, k), k, in_, grp * cin, cin, g_, cols.span());
+                ops.gemm_batched(Trans::none, Trans::none, cout, plane, fan_in_, 1.0f,
+                                 p.compute(w_).sub(grp * cout * fan_in_, cout * fan_in_), fan_in_, 0, cols.span(),
+                                 plane, fan_in_ * plane, 0.0f, out_block(y.span(), s0, k, grp * cout, cout), plane,
+                                 out_ * plane, k);
+            }
+        }
+        if (b_ != ParamLayout::absent) {
+            DeviceBuffer ones = make(ops, plane);
+            ops.fill(ones.span(), 1.0f);
+            ops.gemm_batched(Trans::none, Trans::none, out_, plane, 1, 1.0f, p.compute(b_), 1, 0, ones.span(), plane, 0,
+                             1.0f, y.span(), plane, out_ * plane, samples);
+        }
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams& params,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan grads) const override {
+        const DeviceSpan x = single(inputs);
+        const std::size_t samples = x.count / (in_ * g_.h * g_.w), plane = g_.oh * g_.ow;
+        const std::size_t cin = in_ / groups_, cout = out_ / groups_;
+        const Slices p = slices(params, grads);
+        std::vector<DeviceBuffer> dx;
+        dx.emplace_back(ops, x.count, compute_);  // zeros: col2im adds into it
+        const std::size_t batch = samples_per_batch(samples, fan_in_ * plane);
+        for (std::size_t s0 = 0; s0 < samples; s0 += batch) {
+            const std::size_t k = std::min(batch, samples - s0);
+            DeviceBuffer cols = make(ops, k * fan_in_ * plane), dcols = make(ops, k * fan_in_ * plane);
+            for (std::size_t grp = 0; grp < groups_; ++grp) {
+                const DeviceSpan w = p.compute(w_).sub(grp * cout * fan_in_, cout * fan_in_);
+                const DeviceSpan dy = out_block(dout, s0, k, grp * cout, cout);
+                ops.im2col(sample_rows(x, s0, k), k, in_, grp * cin, cin, g_, cols.span());
+                // dW += dy_s cols_s^T, sample after sample (as the CPU kernel sums them).
+                for (std::size_t s = 0; s < k; ++s)
+                    ops.gemm(Trans::none, Trans::trans, cout, fan_in_, plane, 1.0f, dy.sub(s * out_ * plane, cout * plane),
+                             plane, cols.span().sub(s * fan_in_ * plane, fan_in_ * plane), plane, 1.0f,
+                             p.grad(w_).sub(grp * cout * fan_in_, cout * fan_in_), fan_in_);
+                ops.gemm_batched(Trans::trans, Trans::none, fan_in_, plane, cout, 1.0f, w, fan_in_, 0, dy, plane,
+                                 out_ * plane, 0.0f, dcols.span(), plane, fan_in_ * plane, k);
+                ops.col2im(dcols.span(), k, in_, grp * cin, cin, g_, sample_rows(dx[0].span(), s0, k));
+            }
+        }
+        if (b_ != ParamLayout::absent) {
+            // db[c] += the sum over samples and positions of dy[s, c, :], sample after sample.
+            DeviceBuffer ones = make(ops, plane);
+            ops.fill(ones.span(), 1.0f);
+            for (std::size_t s = 0; s < samples; ++s)
+                ops.gemm(Trans::none, Trans::none, out_, 1, plane, 1.0f, dout.sub(s * out_ * plane, out_ * plane), plane,
+                         ones.span(), 1, 1.0f, p.grad(b_), 1);
+        }
+        return dx;
+    }
+
+private:
+    /// Samples [s0, s0 + k) of x.
+    [[nodiscard]] DeviceSpan sample_rows(DeviceSpan x, std::size_t s0, std::size_t k) const {
+        const std::size_t per = in_ * g_.h * g_.w;
+        return x.sub(s0 * per, k * per);
+    }
+    /// Channels [c0, c0 + n) of samples [s0, s0 + k) of an output-shaped span, as a strided batch
+    /// starts: from sample s0's channel c0 to sample s0 + k - 1's channel c0 + n.
+    [[nodiscard]] DeviceSpan out_block(DeviceSpan y, std::size_t s0, std::size_t k, std::size_t c0, std::size_t n) const {
+        const std::size_t plane = g_.oh * g_.ow;
+        return y.sub((s0 * out_ + c0) * plane, ((k - 1) * out_ + n) * plane);
+    }
+
+    std::size_t in_ = 0, out_ = 0, groups_ = 1, fan_in_ = 0;
+    Window2d g_;
+    ParamLayout::Id w_ = ParamLayout::absent, b_ = ParamLayout::absent;
+};
+
+/// Max or average pooling over each channel's plane (the CPU kernel's rules).
+class PoolLayer final : public Base {
+public:
+    PoolLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute) {
+        const Layer& l = model.layers[layer];
+        const auto& op = std::get<PoolOp>(l.op);
+        const Shape& in = image_input(model, layer);
+        max_ = op.kind == PoolKind::max;
+        channels_ = in[0];
+        g_ = op.global ? Window2d{in[1], in[2], in[1], in[2], 1, 0, 1, 1}
+                       : Window2d{in[1], in[2], op.kernel, op.kernel, op.stride, op.padding, l.out_shape[1],
+                                  l.out_shape[2]};
+    }
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+                         const DeviceParams&, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        const DeviceSpan x = single(inputs);
+        const std::size_t planes = x.count / (g_.h * g_.w);
+        DeviceBuffer y = make(ops, planes * g_.oh * g_.ow);
+        ops.pool_forward(max_, x, y.span(), planes, g_);
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams&,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan) const override {
+        const DeviceSpan x = single(inputs);
+        std::vector<DeviceBuffer> dx;
+        dx.emplace_back(ops, x.count, compute_);  // zeros: the windows add into it
+        ops.pool_backward(max_, x, dout, dx[0].span(), x.count / (g_.h * g_.w), g_);
+        return dx;
+    }
+
+private:
+    bool max_ = true;
+    std::size_t channels_ = 0;
+    Window2d g_;
+};
+
+/// Dropout: x times a mask of 0 or 1 / (1 - p) drawn as the CPU kernel draws it (dropout_factor
+/// of the sample's global index), made on the host and uploaded; backward reuses it.
+class DropoutLayer final : public Base {
+public:
+    DropoutLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute), index_(layer) {}
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep& step, std::span<const DeviceSpan> inputs, std::size_t n,
+                         const DeviceParams&, std::vector<DeviceBuffer>& saved) const override {
+        const DeviceSpan x = single(inputs);
+        const std::size_t row = x.count / std::max<std::size_t>(1, n);
+        std::vector<float> mask(x.count);
+        for (std::size_t i = 0; i < mask.size(); ++i)
+            mask[i] = dropout_factor(step.seed, index_, (step.first_sample + i / row) * row + i % row);
+        saved.clear();
+        saved.push_back(make(ops, x.count));
+        ops.upload(mask, saved[0].span());
+        DeviceBuffer y = make(ops, x.count);
+        ops.mul(x, saved[0].span(), y.span());
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout, std::span<const DeviceSpan>,
+                                       std::size_t, const DeviceParams&, const std::vector<DeviceBuffer>& saved,
+                                       DeviceSpan) const override {
+        std::vector<DeviceBuffer> dx;
+        dx.push_back(make(ops, dout.count));
+        ops.mul(dout, saved.at(0).span(), dx[0].span());
+        return dx;
+    }
+
+private:
+    std::size_t index_;
+};
+
 }  // namespace
 
 std::vector<float> loss_labels(std::uint64_t seed, std::uint64_t first_sample, std::size_t n, std::size_t positions,
@@ -589,8 +775,9 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
     const Layer& l = model.layers[layer];
     const auto unsupported = [&](const std::string& what) -> std::unique_ptr<DeviceLayer> {
         throw InputError(l.where, fmt::format("layer \"{}\": {} has no device kernel yet (the device backend runs "
-                                              "linear, relu, gelu, silu, layernorm, rmsnorm, embedding, attention, "
-                                              "mlp, transformer_block, add, flatten and softmax_xent)",
+                                              "linear, conv2d, pool, relu, gelu, silu, dropout, layernorm, rmsnorm, "
+                                              "embedding, attention, mlp, transformer_block, add, flatten and "
+                                              "softmax_xent)",
                                               l.name, what));
     };
     const auto make = Overloaded{
@@ -603,7 +790,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
             return std::make_unique<PartLayer<NormPart>>(model, layer, compute, op.kind, features, op.bias);
         },
         [&](const ElementwiseOp& op) -> std::unique_ptr<DeviceLayer> {
-            if (op.kind == Elementwise::dropout) return unsupported("dropout");
+            if (op.kind == Elementwise::dropout) return std::make_unique<DropoutLayer>(model, layer, compute);
             const Activation a = op.kind == Elementwise::relu   ? Activation::relu
                                  : op.kind == Elementwise::gelu ? Activation::gelu
                                                                 : Activation::silu;
@@ -628,8 +815,8 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
             return std::make_unique<SoftmaxXentLayer>(model, layer, compute, loss_shape(model, layer).classes);
         },
         [&](const BatchNormOp&) { return unsupported("batchnorm"); },
-        [&](const Conv2dOp&) { return unsupported("conv2d"); },
-        [&](const PoolOp&) { return unsupported("pool"); },
+        [&](const Conv2dOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<Conv2dLayer>(model, layer, compute); },
+        [&](const PoolOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<PoolLayer>(model, layer, compute); },
         [&](const ConcatOp&) { return unsupported("concat"); },
         [&](const CustomOp&) { return unsupported("a custom layer"); },
     };

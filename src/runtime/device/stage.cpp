@@ -54,6 +54,8 @@ public:
         f = InFlight{};
         f.rows = rows;
         f.step.loss_scale = 1.0f / static_cast<float>(model_.global_batch);
+        f.step.seed = seed_;
+        f.step.first_sample = ctx.first_sample;
         f.acts = bring_in(inputs, device, rows, [&](std::size_t) { return compute_; });
         if (device != nullptr)  // a host tensor partly filled by parcels is not the whole input
             for (std::size_t l : device->in_layers) inputs.erase(l);
