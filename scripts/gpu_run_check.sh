@@ -6,8 +6,9 @@
 #
 # Everything it writes is under $OUT. Steps, each bounded by a timeout:
 #   1. dpart_gpu_tests: every CUDA kernel and cuBLAS product against a host reference.
-#   2. Correctness of the backend: tiny-gpt trained 6 steps with --backend cuda (fp32, then bf16)
-#      against the CPU backend: the loss at every step within 1e-4 (fp32) and 2e-2 (bf16).
+#   2. Correctness of the backend: tiny-gpt and resnet-block trained 6 steps with --backend cuda
+#      (fp32, then bf16) against the CPU backend: the loss at every step within 1e-4 (fp32) and
+#      2e-2 (bf16).
 #   3. One training step of GPT-2 small (batch 8, sequence 1024, bf16) and of the wide MLP
 #      (4 x 8192, batch 8192, bf16): dpart's p50 step against PyTorch eager's on the same shapes
 #      (bench/torch_step.py; fp32 master weights, Adam, bf16 products). Target: dpart <= 1.1x.
@@ -49,24 +50,25 @@ summary_value() {  # summary_value FILE KEY
 step "1. CUDA kernels and cuBLAS products (dpart_gpu_tests)"
 run 180 gpu_tests "$TESTS" || status=1
 
-step "2. the CUDA backend trains tiny-gpt as the CPU backend does"
-"$DPART" plan plans/models/tiny-gpt.toml -c plans/clusters/h100x1.toml -q --out "$OUT/tiny.toml" >/dev/null 2>&1
-for b in "cpu" "$BACKEND --precision fp32" "$BACKEND --precision bf16"; do
-    name="tiny-$(echo "$b" | tr ' ' '-' | tr -d '-' )"
-    # shellcheck disable=SC2086
-    run 180 "$name" "$DPART" run "$OUT/tiny.toml" -m plans/models/tiny-gpt.toml -c plans/clusters/h100x1.toml \
-        -n 6 --backend $b --out-dir "$OUT/$name" || status=1
-done
-"$PY" - "$OUT" "$(echo "$BACKEND" | tr -d '-')" <<'EOF' 2>&1 | tee -a "$log" || status=1
+step "2. the CUDA backend trains tiny-gpt and resnet-block (conv2d, pooling) as the CPU backend does"
+for model in tiny-gpt resnet-block; do
+    "$DPART" plan "plans/models/$model.toml" -c plans/clusters/h100x1.toml -q --out "$OUT/$model.toml" >/dev/null 2>&1
+    for b in "cpu" "$BACKEND --precision fp32" "$BACKEND --precision bf16"; do
+        name="$model-$(echo "$b" | tr ' ' '-' | tr -d '-' )"
+        # shellcheck disable=SC2086
+        run 180 "$name" "$DPART" run "$OUT/$model.toml" -m "plans/models/$model.toml" -c plans/clusters/h100x1.toml \
+            -n 6 --backend $b --out-dir "$OUT/$name" || status=1
+    done
+    "$PY" - "$OUT" "$(echo "$BACKEND" | tr -d '-')" "$model" <<'EOF' 2>&1 | tee -a "$log" || status=1
 import sys, re
-out, backend = sys.argv[1], sys.argv[2]
+out, backend, model = sys.argv[1], sys.argv[2], sys.argv[3]
 def losses(name):
     text = open(f"{out}/{name}/summary.toml").read()
     return [float(x) for x in re.search(r"^loss = \[([^\]]*)\]", text, re.M).group(1).split(",") if x.strip()]
 try:
-    cpu = losses("tiny-cpu")
+    cpu = losses(f"{model}-cpu")
     ok = True
-    for name, tol in ((f"tiny-{backend}precisionfp32", 1e-4), (f"tiny-{backend}precisionbf16", 2e-2)):
+    for name, tol in ((f"{model}-{backend}precisionfp32", 1e-4), (f"{model}-{backend}precisionbf16", 2e-2)):
         got = losses(name)
         worst = max(abs(a - b) / abs(b) for a, b in zip(got, cpu))
         passed = len(got) == len(cpu) and worst <= tol
@@ -78,6 +80,7 @@ except Exception as e:
     print(f"FAIL: could not compare the losses: {e}")
     sys.exit(1)
 EOF
+done
 
 step "3. one training step: dpart --backend cuda vs PyTorch eager, same shapes"
 sed 's/^global_batch = 512/global_batch = 8/' plans/models/gpt2-small.toml >"$OUT/gpt2-small-b8.toml"
