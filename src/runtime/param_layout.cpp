@@ -127,6 +127,13 @@ Conv2dParams add_conv2d_params(ParamLayout& layout, const Conv2dOp& op) {
     return p;
 }
 
+NormParams add_batchnorm_params(ParamLayout& layout, std::size_t channels) {
+    NormParams p;
+    p.gamma = layout.add(channels, 1, Split::none, Init::one);
+    p.beta = layout.add(channels, 1, Split::none, Init::zero);
+    return p;
+}
+
 NormParams add_norm_params(ParamLayout& layout, NormKind kind, std::size_t features, bool bias) {
     NormParams p;
     p.gamma = layout.add(features, 1, Split::none, Init::one);

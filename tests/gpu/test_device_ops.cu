@@ -471,6 +471,55 @@ void check_embedding() {
     });
 }
 
+/// Batch normalisation against a double reference: y and the statistics, then dx, and dgamma and
+/// dbeta accumulated onto random values; more than one block's worth of elements per channel.
+template <class T>
+void check_batchnorm(std::size_t samples, std::size_t channels, std::size_t plane) {
+    group(label<T>("batchnorm"), [&] {
+        const std::size_t n = samples * channels * plane, count = samples * plane;
+        const std::vector<T> x = random_vec<T>(n, -2.0f, 3.0f), dy = random_vec<T>(n);
+        const std::vector<float> gamma = random_floats(channels, 0.5f, 1.5f), beta = random_floats(channels, -1.0f, 1.0f);
+        const std::vector<float> dgamma0 = random_floats(channels, -1.0f, 1.0f), dbeta0 = random_floats(channels, -1.0f, 1.0f);
+        std::vector<double> y_ref(n), stats_ref(2 * channels), dx_ref(n);
+        std::vector<double> dgamma_ref(dgamma0.begin(), dgamma0.end()), dbeta_ref(dbeta0.begin(), dbeta0.end());
+        for (std::size_t c = 0; c < channels; ++c) {
+            const auto at = [&](std::size_t k) { return (k / plane * channels + c) * plane + k % plane; };
+            double mean = 0.0, var = 0.0;
+            for (std::size_t k = 0; k < count; ++k) mean += to_d(x[at(k)]);
+            mean /= static_cast<double>(count);
+            for (std::size_t k = 0; k < count; ++k) var += (to_d(x[at(k)]) - mean) * (to_d(x[at(k)]) - mean);
+            const double rstd = 1.0 / std::sqrt(var / static_cast<double>(count) + 1e-5);
+            stats_ref[2 * c] = mean;
+            stats_ref[2 * c + 1] = rstd;
+            double sum_dy = 0.0, sum_dy_xhat = 0.0;
+            for (std::size_t k = 0; k < count; ++k) {
+                const double xhat = (to_d(x[at(k)]) - mean) * rstd;
+                y_ref[at(k)] = xhat * gamma[c] + beta[c];
+                sum_dy += to_d(dy[at(k)]);
+                sum_dy_xhat += to_d(dy[at(k)]) * xhat;
+            }
+            dgamma_ref[c] += sum_dy_xhat;
+            dbeta_ref[c] += sum_dy;
+            for (std::size_t k = 0; k < count; ++k) {
+                const double xhat = (to_d(x[at(k)]) - mean) * rstd;
+                dx_ref[at(k)] = gamma[c] * rstd *
+                                (to_d(dy[at(k)]) - sum_dy / static_cast<double>(count) -
+                                 xhat * sum_dy_xhat / static_cast<double>(count));
+            }
+        }
+        DevBuf<T> dx_in(x), ddy(dy), dy_out(n), ddx(n);
+        DevBuf<float> dgam(gamma), dbet(beta), dstats(2 * channels), ddgam(dgamma0), ddbet(dbeta0);
+        batchnorm_forward(dx_in.get(), dgam.get(), dbet.get(), dy_out.get(), dstats.get(), samples, channels, plane, stream);
+        batchnorm_backward(dx_in.get(), dgam.get(), dstats.get(), ddy.get(), ddx.get(), ddgam.get(), ddbet.get(), samples,
+                           channels, plane, stream);
+        expect_close(label<T>("batchnorm forward"), dy_out.download(), y_ref, Type<T>::rtol);
+        expect_close(label<T>("batchnorm statistics"), dstats.download(), stats_ref, 1e-5);
+        expect_close(label<T>("batchnorm backward dx"), ddx.download(), dx_ref, Type<T>::rtol);
+        expect_close(label<T>("batchnorm dgamma (accumulates)"), ddgam.download(), dgamma_ref, 1e-4);
+        expect_close(label<T>("batchnorm dbeta (accumulates)"), ddbet.download(), dbeta_ref, 1e-4);
+    });
+}
+
 /// im2col, col2im and pooling against direct host loops (double), on a window with stride,
 /// padding and overlap, over a channel range of a larger tensor.
 template <class T>
@@ -913,6 +962,8 @@ int main() {
             check_embedding<bf16>();
             check_images<float>();
             check_images<bf16>();
+            check_batchnorm<float>(5, 7, 130);
+            check_batchnorm<bf16>(5, 7, 130);
             check_causal_softmax<float>(6, 70);
             check_causal_softmax<float>(3, 70, false);
             check_causal_softmax<float>(2, 300);

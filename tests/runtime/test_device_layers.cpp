@@ -201,17 +201,22 @@ dtype = "fp32"
 global_batch = 2
 input_shape = [3, 8, 8]
 [[layer]]
-name = "bn"
-op = "batchnorm"
+name = "shaped"
+op = "custom"
+fwd_flops = 1e6
+bwd_flops = 2e6
+params = 0
+out_shape = [16]
 )", "m.toml");
     CHECK_THROWS_WITH_AS((void)make_device_layer(m, 0, Elem::f32),
-                         doctest::Contains("layer \"bn\": batchnorm has no device kernel yet"), InputError);
+                         doctest::Contains("layer \"shaped\": a custom layer has no device kernel yet"), InputError);
 }
 
 namespace {
 
-/// Strided and grouped convolutions without a bias, overlapping max pooling with padding, dropout
-/// and a global average pool: every path of the image layers.
+/// Strided and grouped convolutions without a bias, overlapping max pooling with padding, dropout,
+/// batch normalisation, a concatenation of channels and a global average pool: every path of the
+/// image layers.
 const char* const image_model = R"([model]
 name = "images"
 dtype = "fp32"
@@ -261,6 +266,24 @@ stride = 2
 padding = 1
 
 [[layer]]
+name = "bn"
+op = "batchnorm"
+
+[[layer]]
+name = "side"
+op = "conv2d"
+inputs = ["avgpool"]
+in_channels = 4
+out_channels = 2
+kernel = 1
+
+[[layer]]
+name = "cat"
+op = "concat"
+inputs = ["bn", "side"]
+axis = 0
+
+[[layer]]
 name = "gap"
 op = "pool"
 kind = "avg"
@@ -273,7 +296,7 @@ op = "flatten"
 [[layer]]
 name = "head"
 op = "linear"
-in_features = 4
+in_features = 6
 out_features = 3
 
 [[layer]]
@@ -284,7 +307,7 @@ classes = 3
 
 }  // namespace
 
-TEST_CASE("device image layers agree with the CPU kernels: conv2d, pool, dropout (fp32, then bf16)") {
+TEST_CASE("device image layers agree with the CPU kernels: conv2d, pool, dropout, batchnorm, concat (fp32, then bf16)") {
     const Model images = parse_model(image_model, "images.toml");
     const auto errors = compare_model(images, Elem::f32, 3);
     CHECK(errors.size() == images.layers.size());
@@ -469,6 +492,14 @@ public:
     }
     void embedding_backward(DeviceSpan i, DeviceSpan d, DeviceSpan t, std::size_t n, std::size_t dim) override {
         host_->embedding_backward(i, d, t, n, dim);
+    }
+    void batchnorm_forward(DeviceSpan x, DeviceSpan g, DeviceSpan b, DeviceSpan y, DeviceSpan st, std::size_t s,
+                           std::size_t c, std::size_t p) override {
+        host_->batchnorm_forward(x, g, b, y, st, s, c, p);
+    }
+    void batchnorm_backward(DeviceSpan x, DeviceSpan g, DeviceSpan st, DeviceSpan dy, DeviceSpan dx, DeviceSpan dg,
+                            DeviceSpan db, std::size_t s, std::size_t c, std::size_t p) override {
+        host_->batchnorm_backward(x, g, st, dy, dx, dg, db, s, c, p);
     }
     void im2col(DeviceSpan x, std::size_t s, std::size_t t, std::size_t f, std::size_t c, const Window2d& g,
                 DeviceSpan cols) override {

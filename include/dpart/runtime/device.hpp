@@ -105,6 +105,15 @@ public:
     virtual void norm_backward(NormKind kind, DeviceSpan x, DeviceSpan gamma, DeviceSpan stats, DeviceSpan dy,
                                DeviceSpan dx, DeviceSpan dgamma, std::optional<DeviceSpan> dbeta, std::size_t rows,
                                std::size_t f) = 0;
+    /// Batch normalisation of x [samples, channels, plane]: per channel, the mean and variance
+    /// over its samples x plane values (eps 1e-5); y = (x - mean) / std * gamma + beta (f32
+    /// parameters); stats [channels, 2] = (mean, 1 / std).
+    virtual void batchnorm_forward(DeviceSpan x, DeviceSpan gamma, DeviceSpan beta, DeviceSpan y, DeviceSpan stats,
+                                   std::size_t samples, std::size_t channels, std::size_t plane) = 0;
+    /// dx = the input gradient; dgamma and dbeta (f32) += the parameter gradients.
+    virtual void batchnorm_backward(DeviceSpan x, DeviceSpan gamma, DeviceSpan stats, DeviceSpan dy, DeviceSpan dx,
+                                    DeviceSpan dgamma, DeviceSpan dbeta, std::size_t samples, std::size_t channels,
+                                    std::size_t plane) = 0;
     /// loss[r] (f32) = log-sum-exp(logits[r]) - logits[r, labels[r]] (labels i32).
     virtual void softmax_xent_forward(DeviceSpan logits, DeviceSpan labels, DeviceSpan loss, std::size_t rows,
                                       std::size_t classes) = 0;

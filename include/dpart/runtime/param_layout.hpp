@@ -95,6 +95,8 @@ struct NormParams {
     ParamLayout::Id gamma = ParamLayout::absent, beta = ParamLayout::absent;
 };
 NormParams add_norm_params(ParamLayout& layout, NormKind kind, std::size_t features, bool bias);
+/// Batch normalisation: gamma (ones), then beta (zeros), one per channel.
+NormParams add_batchnorm_params(ParamLayout& layout, std::size_t channels);
 
 /// Self-attention: Wq, Wk, Wv (column-parallel), their biases, Wo (row-parallel), bo.
 struct AttentionParams {

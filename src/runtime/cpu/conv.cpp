@@ -144,8 +144,9 @@ class BatchNormKernel final : public Kernel {
 public:
     BatchNormKernel(const Model& model, std::size_t layer, Shard shard) : Kernel(model, layer, shard) {
         channels_ = out_shape_.front();
-        gamma_ = layout_.add(channels_, 1, Split::none, Init::one);
-        beta_ = layout_.add(channels_, 1, Split::none, Init::zero);
+        const NormParams p = add_batchnorm_params(layout_, channels_);
+        gamma_ = p.gamma;
+        beta_ = p.beta;
     }
 
     [[nodiscard]] Tensor forward(const StepContext&, std::span<const Tensor* const> inputs,

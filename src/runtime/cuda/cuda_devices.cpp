@@ -413,6 +413,36 @@ public:
         release(d_off);
         release(d_pos);
     }
+    void batchnorm_forward(DeviceSpan x, DeviceSpan gamma, DeviceSpan beta, DeviceSpan y, DeviceSpan stats,
+                           std::size_t samples, std::size_t channels, std::size_t plane) override {
+        need(x, samples * channels * plane, "batchnorm's x");
+        need(y, samples * channels * plane, "batchnorm's y");
+        need(gamma, channels, "batchnorm's gamma");
+        need(beta, channels, "batchnorm's beta");
+        need(stats, channels * 2, "batchnorm's statistics");
+        if (x.elem != y.elem) throw RuntimeError("cuda ops: batchnorm between element types");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::batchnorm_forward(static_cast<const T*>(p), f32(gamma, "gamma"), f32(beta, "beta"),
+                                    static_cast<T*>(y.ptr), f32(stats, "statistics"), samples, channels, plane, stream_);
+        });
+    }
+    void batchnorm_backward(DeviceSpan x, DeviceSpan gamma, DeviceSpan stats, DeviceSpan dy, DeviceSpan dx,
+                            DeviceSpan dgamma, DeviceSpan dbeta, std::size_t samples, std::size_t channels,
+                            std::size_t plane) override {
+        need(x, samples * channels * plane, "batchnorm's x");
+        need(dy, samples * channels * plane, "batchnorm's dy");
+        need(dx, samples * channels * plane, "batchnorm's dx");
+        need(dgamma, channels, "batchnorm's dgamma");
+        need(dbeta, channels, "batchnorm's dbeta");
+        if (x.elem != dy.elem || x.elem != dx.elem) throw RuntimeError("cuda ops: batchnorm between element types");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::batchnorm_backward(static_cast<const T*>(p), f32(gamma, "gamma"), f32(stats, "statistics"),
+                                     static_cast<const T*>(dy.ptr), static_cast<T*>(dx.ptr), f32(dgamma, "dgamma"),
+                                     f32(dbeta, "dbeta"), samples, channels, plane, stream_);
+        });
+    }
     void im2col(DeviceSpan x, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
                 const Window2d& g, DeviceSpan cols) override {
         need(x, samples * total * g.h * g.w, "im2col's x");

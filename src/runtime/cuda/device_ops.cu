@@ -416,6 +416,66 @@ __global__ void mul_kernel(const T* a, const T* b, T* out, std::size_t n) {
     for (std::size_t i = global_index(); i < n; i += grid_stride()) out[i] = from_f<T>(to_f(a[i]) * to_f(b[i]));
 }
 
+// --- Batch normalisation -------------------------------------------------------------------
+
+/// The sum of f(i) over channel c's elements (every sample's plane), by the whole block.
+template <class F>
+__device__ float channel_sum(std::size_t samples, std::size_t channels, std::size_t plane, std::size_t c, F&& f) {
+    float acc = 0.0f;
+    const std::size_t n = samples * plane;
+    for (std::size_t k = threadIdx.x; k < n; k += blockDim.x) acc += f((k / plane * channels + c) * plane + k % plane);
+    return block_reduce(acc, SumOp{});
+}
+
+template <class T>
+__global__ void batchnorm_forward_kernel(const T* x, const float* gamma, const float* beta, T* y, float* stats,
+                                         std::size_t samples, std::size_t channels, std::size_t plane) {
+    const float count = static_cast<float>(samples * plane);
+    for (std::size_t c = blockIdx.x; c < channels; c += gridDim.x) {
+        const float mean = channel_sum(samples, channels, plane, c, [&](std::size_t i) { return to_f(x[i]); }) / count;
+        const float var = channel_sum(samples, channels, plane, c, [&](std::size_t i) {
+                              const float d = to_f(x[i]) - mean;
+                              return d * d;
+                          }) / count;
+        const float rstd = 1.0f / sqrtf(var + 1e-5f);
+        const float g = gamma[c], b = beta[c];
+        const std::size_t n = samples * plane;
+        for (std::size_t k = threadIdx.x; k < n; k += blockDim.x) {
+            const std::size_t i = (k / plane * channels + c) * plane + k % plane;
+            y[i] = from_f<T>((to_f(x[i]) - mean) * rstd * g + b);
+        }
+        if (threadIdx.x == 0) {
+            stats[2 * c] = mean;
+            stats[2 * c + 1] = rstd;
+        }
+    }
+}
+
+template <class T>
+__global__ void batchnorm_backward_kernel(const T* x, const float* gamma, const float* stats, const T* dy, T* dx,
+                                          float* dgamma, float* dbeta, std::size_t samples, std::size_t channels,
+                                          std::size_t plane) {
+    const float count = static_cast<float>(samples * plane);
+    for (std::size_t c = blockIdx.x; c < channels; c += gridDim.x) {
+        const float mean = stats[2 * c], rstd = stats[2 * c + 1], g = gamma[c];
+        const float sum_dy = channel_sum(samples, channels, plane, c, [&](std::size_t i) { return to_f(dy[i]); });
+        const float sum_dy_xhat = channel_sum(samples, channels, plane, c, [&](std::size_t i) {
+            return to_f(dy[i]) * (to_f(x[i]) - mean) * rstd;
+        });
+        const float a = sum_dy / count, b = sum_dy_xhat / count;
+        const std::size_t n = samples * plane;
+        for (std::size_t k = threadIdx.x; k < n; k += blockDim.x) {
+            const std::size_t i = (k / plane * channels + c) * plane + k % plane;
+            const float xhat = (to_f(x[i]) - mean) * rstd;
+            dx[i] = from_f<T>(g * rstd * (to_f(dy[i]) - a - xhat * b));
+        }
+        if (threadIdx.x == 0) {
+            dgamma[c] += sum_dy_xhat;
+            dbeta[c] += sum_dy;
+        }
+    }
+}
+
 // --- Images ---------------------------------------------------------------------------------
 
 /// Input coordinate of output o at kernel offset k, or -1 in the padding.
@@ -557,6 +617,25 @@ __global__ void pool_backward_kernel(bool max, const T* x, const T* dy, T* dx, s
 }  // namespace
 
 // --- Host entry points ------------------------------------------------------------------------
+
+template <class T>
+void batchnorm_forward(const T* x, const float* gamma, const float* beta, T* y, float* stats, std::size_t samples,
+                       std::size_t channels, std::size_t plane, cudaStream_t stream) {
+    if (channels == 0 || samples * plane == 0) return;
+    batchnorm_forward_kernel<<<row_blocks(channels), kThreads, 0, stream>>>(x, gamma, beta, y, stats, samples, channels,
+                                                                            plane);
+    launched("batchnorm_forward kernel launch");
+}
+
+template <class T>
+void batchnorm_backward(const T* x, const float* gamma, const float* stats, const T* dy, T* dx, float* dgamma,
+                        float* dbeta, std::size_t samples, std::size_t channels, std::size_t plane,
+                        cudaStream_t stream) {
+    if (channels == 0 || samples * plane == 0) return;
+    batchnorm_backward_kernel<<<row_blocks(channels), kThreads, 0, stream>>>(x, gamma, stats, dy, dx, dgamma, dbeta,
+                                                                             samples, channels, plane);
+    launched("batchnorm_backward kernel launch");
+}
 
 template <class T>
 void im2col(const T* x, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
@@ -776,6 +855,10 @@ void fill(float* p, float value, std::size_t n, cudaStream_t stream) {
                                         cudaStream_t);                                                               \
     template void embedding_backward_grouped<T>(const std::int32_t*, const std::int32_t*, const std::int32_t*,        \
                                                 std::size_t, const T*, float*, std::size_t, cudaStream_t);           \
+    template void batchnorm_forward<T>(const T*, const float*, const float*, T*, float*, std::size_t, std::size_t,    \
+                                       std::size_t, cudaStream_t);                                                   \
+    template void batchnorm_backward<T>(const T*, const float*, const float*, const T*, T*, float*, float*,          \
+                                        std::size_t, std::size_t, std::size_t, cudaStream_t);                        \
     template void im2col<T>(const T*, std::size_t, std::size_t, std::size_t, std::size_t, const Window&, T*,         \
                             cudaStream_t);                                                                           \
     template void col2im<T>(const T*, std::size_t, std::size_t, std::size_t, std::size_t, const Window&, T*,         \

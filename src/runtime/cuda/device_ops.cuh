@@ -125,6 +125,19 @@ template <class T>
 void causal_softmax_backward(const T* probs, T* dscores, std::size_t batch_heads, std::size_t s, float scale,
                              bool causal, cudaStream_t stream);
 
+/// Batch normalisation of x [samples, channels, plane], one block per channel: the mean, then
+/// the variance about it (two passes, fp32 sums in a fixed order), eps 1e-5; y = (x - mean) *
+/// rstd * gamma + beta; stats [channels, 2] = (mean, rstd).
+template <class T>
+void batchnorm_forward(const T* x, const float* gamma, const float* beta, T* y, float* stats, std::size_t samples,
+                       std::size_t channels, std::size_t plane, cudaStream_t stream);
+/// dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)); dgamma += sum(dy * xhat), dbeta
+/// += sum(dy), per channel.
+template <class T>
+void batchnorm_backward(const T* x, const float* gamma, const float* stats, const T* dy, T* dx, float* dgamma,
+                        float* dbeta, std::size_t samples, std::size_t channels, std::size_t plane,
+                        cudaStream_t stream);
+
 /// A sliding window over [h, w] planes: kernel kh x kw, stride, zero padding, [oh, ow] output.
 struct Window {
     std::size_t h, w, kh, kw, stride, pad, oh, ow;

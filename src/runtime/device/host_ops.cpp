@@ -314,6 +314,49 @@ public:
             }
     }
 
+    void batchnorm_forward(DeviceSpan x, DeviceSpan gamma, DeviceSpan beta, DeviceSpan y, DeviceSpan stats,
+                           std::size_t samples, std::size_t channels, std::size_t plane) override {
+        need(x, samples * channels * plane, "batchnorm's x");
+        need(y, samples * channels * plane, "batchnorm's y");
+        need(stats, channels * 2, "batchnorm's statistics");
+        const double count = static_cast<double>(samples * plane);
+        for (std::size_t c = 0; c < channels; ++c) {
+            double mean = 0.0, var = 0.0;
+            for_channel(samples, channels, plane, c, [&](std::size_t i) { mean += get(x, i); });
+            mean /= count;
+            for_channel(samples, channels, plane, c, [&](std::size_t i) { var += (get(x, i) - mean) * (get(x, i) - mean); });
+            const auto m = static_cast<float>(mean);
+            const auto rstd = static_cast<float>(1.0 / std::sqrt(var / count + 1e-5));
+            const float g = get(gamma, c), b = get(beta, c);
+            for_channel(samples, channels, plane, c, [&](std::size_t i) { put(y, i, (get(x, i) - m) * rstd * g + b); });
+            put(stats, 2 * c, m);
+            put(stats, 2 * c + 1, rstd);
+        }
+    }
+    void batchnorm_backward(DeviceSpan x, DeviceSpan gamma, DeviceSpan stats, DeviceSpan dy, DeviceSpan dx,
+                            DeviceSpan dgamma, DeviceSpan dbeta, std::size_t samples, std::size_t channels,
+                            std::size_t plane) override {
+        need(dx, samples * channels * plane, "batchnorm's dx");
+        need(dy, samples * channels * plane, "batchnorm's dy");
+        const double count = static_cast<double>(samples * plane);
+        for (std::size_t c = 0; c < channels; ++c) {
+            const float m = get(stats, 2 * c), rstd = get(stats, 2 * c + 1), g = get(gamma, c);
+            double sum_dy = 0.0, sum_dy_xhat = 0.0;
+            for_channel(samples, channels, plane, c, [&](std::size_t i) {
+                sum_dy += get(dy, i);
+                sum_dy_xhat += get(dy, i) * (get(x, i) - m) * rstd;
+            });
+            put(dgamma, c, get(dgamma, c) + static_cast<float>(sum_dy_xhat));
+            put(dbeta, c, get(dbeta, c) + static_cast<float>(sum_dy));
+            const auto a = static_cast<float>(sum_dy / count);
+            const auto b = static_cast<float>(sum_dy_xhat / count);
+            for_channel(samples, channels, plane, c, [&](std::size_t i) {
+                const float xhat = (get(x, i) - m) * rstd;
+                put(dx, i, g * rstd * (get(dy, i) - a - xhat * b));
+            });
+        }
+    }
+
     void im2col(DeviceSpan x, std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
                 const Window2d& g, DeviceSpan cols) override {
         const std::size_t plane = g.oh * g.ow, field = channels * g.kh * g.kw;
@@ -376,6 +419,12 @@ public:
     }
 
 private:
+    /// f(element index) over channel c of every sample, in sample order.
+    template <class F>
+    static void for_channel(std::size_t samples, std::size_t channels, std::size_t plane, std::size_t c, F&& f) {
+        for (std::size_t s = 0; s < samples; ++s)
+            for (std::size_t i = 0; i < plane; ++i) f((s * channels + c) * plane + i);
+    }
     static constexpr std::size_t npos = std::numeric_limits<std::size_t>::max();
     /// Input coordinate of output o at kernel offset k, or npos in the padding.
     static std::size_t tap(std::size_t o, std::size_t k, std::size_t stride, std::size_t pad, std::size_t size) {

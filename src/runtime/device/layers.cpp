@@ -723,6 +723,100 @@ private:
     Window2d g_;
 };
 
+/// Batch normalisation with the batch's statistics (the samples of the call: one microbatch's).
+class BatchNormLayer final : public Base {
+public:
+    BatchNormLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute) {
+        channels_ = model.layers[layer].out_shape.front();
+        const NormParams p = add_batchnorm_params(layout_, channels_);
+        gamma_ = p.gamma;
+        beta_ = p.beta;
+    }
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t n,
+                         const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
+        const DeviceSpan x = single(inputs);
+        const Slices p = slices(params);
+        DeviceBuffer y = make(ops, x.count);
+        saved.clear();
+        saved.emplace_back(ops, channels_ * 2, Elem::f32, DeviceBuffer::uninitialized);
+        ops.batchnorm_forward(x, p.master(gamma_), p.master(beta_), y.span(), saved[0].span(), n, channels_,
+                              x.count / std::max<std::size_t>(1, n * channels_));
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t n, const DeviceParams& params,
+                                       const std::vector<DeviceBuffer>& saved, DeviceSpan grads) const override {
+        const DeviceSpan x = single(inputs);
+        const Slices p = slices(params, grads);
+        std::vector<DeviceBuffer> dx;
+        dx.push_back(make(ops, x.count));
+        ops.batchnorm_backward(x, p.master(gamma_), saved.at(0).span(), dout, dx[0].span(), p.grad(gamma_),
+                               p.grad(beta_), n, channels_, x.count / std::max<std::size_t>(1, n * channels_));
+        return dx;
+    }
+
+private:
+    std::size_t channels_ = 0;
+    ParamLayout::Id gamma_ = ParamLayout::absent, beta_ = ParamLayout::absent;
+};
+
+/// Concatenation along a sample axis: for each sample and each index before the axis, every
+/// input's block in turn (copies; backward copies the blocks back out).
+class ConcatLayer final : public Base {
+public:
+    ConcatLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute) {
+        const Layer& l = model.layers[layer];
+        const std::size_t axis = std::get<ConcatOp>(l.op).axis;
+        const Shape& first = model.layers[l.inputs.front()].out_shape;
+        outer_ = 1;
+        for (std::size_t d = 0; d < axis; ++d) outer_ *= first[d];
+        for (std::size_t i : l.inputs) {
+            const Shape& s = model.layers[i].out_shape;
+            std::size_t block = 1;
+            for (std::size_t d = axis; d < s.size(); ++d) block *= s[d];
+            blocks_.push_back(block);
+        }
+        total_ = std::accumulate(blocks_.begin(), blocks_.end(), std::size_t{0});
+    }
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t n,
+                         const DeviceParams&, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        if (inputs.size() != blocks_.size())
+            bad_call(name_, fmt::format("expects {} inputs, got {}", blocks_.size(), inputs.size()));
+        DeviceBuffer y = make(ops, n * outer_ * total_);
+        walk(n, [&](std::size_t i, std::size_t from, std::size_t to) {
+            ops.copy(inputs[i].sub(from, blocks_[i]), y.span().sub(to, blocks_[i]));
+        });
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t n, const DeviceParams&,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan) const override {
+        std::vector<DeviceBuffer> dx;
+        for (const DeviceSpan& x : inputs) dx.push_back(make(ops, x.count));
+        walk(n, [&](std::size_t i, std::size_t from, std::size_t to) {
+            ops.copy(dout.sub(to, blocks_[i]), dx[i].span().sub(from, blocks_[i]));
+        });
+        return dx;
+    }
+
+private:
+    /// f(input, offset in the input, offset in the output) for every block.
+    template <class F>
+    void walk(std::size_t n, F&& f) const {
+        for (std::size_t r = 0; r < n * outer_; ++r) {
+            std::size_t to = r * total_;
+            for (std::size_t i = 0; i < blocks_.size(); ++i) {
+                f(i, r * blocks_[i], to);
+                to += blocks_[i];
+            }
+        }
+    }
+
+    std::size_t outer_ = 1, total_ = 0;
+    std::vector<std::size_t> blocks_;
+};
+
 /// Dropout: x times a mask of 0 or 1 / (1 - p) drawn as the CPU kernel draws it (dropout_factor
 /// of the sample's global index), made on the host and uploaded; backward reuses it.
 class DropoutLayer final : public Base {
@@ -775,9 +869,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
     const Layer& l = model.layers[layer];
     const auto unsupported = [&](const std::string& what) -> std::unique_ptr<DeviceLayer> {
         throw InputError(l.where, fmt::format("layer \"{}\": {} has no device kernel yet (the device backend runs "
-                                              "linear, conv2d, pool, relu, gelu, silu, dropout, layernorm, rmsnorm, "
-                                              "embedding, attention, mlp, transformer_block, add, flatten and "
-                                              "softmax_xent)",
+                                              "every op but custom layers and mixtures of experts)",
                                               l.name, what));
     };
     const auto make = Overloaded{
@@ -814,10 +906,12 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
         [&](const SoftmaxXentOp&) -> std::unique_ptr<DeviceLayer> {
             return std::make_unique<SoftmaxXentLayer>(model, layer, compute, loss_shape(model, layer).classes);
         },
-        [&](const BatchNormOp&) { return unsupported("batchnorm"); },
+        [&](const BatchNormOp&) -> std::unique_ptr<DeviceLayer> {
+            return std::make_unique<BatchNormLayer>(model, layer, compute);
+        },
         [&](const Conv2dOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<Conv2dLayer>(model, layer, compute); },
         [&](const PoolOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<PoolLayer>(model, layer, compute); },
-        [&](const ConcatOp&) { return unsupported("concat"); },
+        [&](const ConcatOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<ConcatLayer>(model, layer, compute); },
         [&](const CustomOp&) { return unsupported("a custom layer"); },
     };
     return std::visit(make, l.op);
