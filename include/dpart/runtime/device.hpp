@@ -126,6 +126,12 @@ public:
     /// dtable[ids[t]] += dout[t], tokens in order.
     virtual void embedding_backward(DeviceSpan ids, DeviceSpan dout, DeviceSpan dtable, std::size_t n,
                                     std::size_t dim) = 0;
+    /// embedding_backward with the tokens already grouped by id (group_tokens' packed layout, i32:
+    /// `groups` unique ids, groups + 1 offsets, then the token positions): the same sums in the
+    /// same order, without looking at the ids (on a GPU, no copy to the host and no wait). The
+    /// caller has checked that every id is within the table.
+    virtual void embedding_backward_grouped(DeviceSpan grouping, std::size_t groups, DeviceSpan dout,
+                                            DeviceSpan dtable, std::size_t n, std::size_t dim) = 0;
     /// Row i of each [s, s] block of scores (batch_heads blocks): scale, then softmax over the
     /// columns <= i (all columns when not causal); the others become 0. In place.
     virtual void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,
@@ -219,6 +225,16 @@ struct DeviceParams {
     DeviceSpan compute;
 };
 
+/// Token ids grouped by id, for embedding_backward_grouped: the unique ids in increasing order,
+/// then each group's first position in `positions` (and the end), then the positions of each
+/// group's tokens in token order, all in one array (i32 values, as floats for upload). `groups`
+/// is the number of unique ids. Throws InputError on a negative id.
+struct TokenGroups {
+    std::vector<float> packed;
+    std::size_t groups = 0;
+};
+[[nodiscard]] TokenGroups group_tokens(std::span<const float> ids);
+
 /// What a step gives the layers: the labels of the loss (i32, one per position of each sample),
 /// the scale of the loss gradient (1 / global batch), and what dropout masks are drawn from
 /// (the run's seed and the global index of the step's first sample, as StepContext).
@@ -227,6 +243,10 @@ struct DeviceStep {
     float loss_scale = 1.0f;
     std::uint64_t seed = 0;
     std::uint64_t first_sample = 0;
+    /// The model input's tokens grouped by id (group_tokens, uploaded), when the stage has them:
+    /// the embedding's backward then needs no look at the ids.
+    DeviceSpan token_groups;
+    std::size_t token_group_count = 0;
 };
 
 class DeviceLayer {

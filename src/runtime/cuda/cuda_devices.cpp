@@ -379,39 +379,31 @@ public:
     void embedding_backward(DeviceSpan ids, DeviceSpan dout, DeviceSpan dtable, std::size_t n,
                             std::size_t dim) override {
         // Group the tokens by id on the host (n ids: a small copy) so that every row of the
-        // table is summed by a block of its own, in token order as the CPU sums it.
+        // table is summed by a block of its own, in token order as the CPU sums it. A stage
+        // that knows its tokens groups them once (DeviceStep::token_groups) and skips this.
         if (n >= (std::size_t{1} << 24))
             throw RuntimeError(fmt::format("{}: {} tokens in one embedding backward, more than 2^24", name_, n));
         std::vector<float> host(n);
         download(ids, host);
-        std::map<std::int32_t, std::vector<std::int32_t>> by_id;
-        for (std::size_t t = 0; t < n; ++t) {
-            const auto id = static_cast<std::int32_t>(host[t]);
-            if (id < 0 || static_cast<std::size_t>(id) * dim >= dtable.count)
+        for (float id : host)
+            if (id < 0.0f || (static_cast<std::size_t>(id) + 1) * dim > dtable.count)
                 throw RuntimeError(fmt::format("{}: token id {} is outside the embedding table", name_, id));
-            by_id[id].push_back(static_cast<std::int32_t>(t));
-        }
-        std::vector<float> unique, offsets{0.0f}, positions;
-        for (const auto& [id, tokens] : by_id) {
-            unique.push_back(static_cast<float>(id));
-            positions.insert(positions.end(), tokens.begin(), tokens.end());
-            offsets.push_back(static_cast<float>(positions.size()));
-        }
-        const DeviceSpan d_ids = allocate(unique.size(), Elem::i32);
-        const DeviceSpan d_off = allocate(offsets.size(), Elem::i32);
-        const DeviceSpan d_pos = allocate(positions.size(), Elem::i32);
-        upload(unique, d_ids);
-        upload(offsets, d_off);
-        upload(positions, d_pos);
+        const TokenGroups g = group_tokens(host);
+        const DeviceSpan packed = allocate(g.packed.size(), Elem::i32);
+        upload(g.packed, packed);
+        embedding_backward_grouped(packed, g.groups, dout, dtable, n, dim);
+        release(packed);
+    }
+    void embedding_backward_grouped(DeviceSpan grouping, std::size_t groups, DeviceSpan dout, DeviceSpan dtable,
+                                    std::size_t n, std::size_t dim) override {
+        need(grouping, 2 * groups + 1 + n, "the token grouping");
+        need(dout, n * dim, "embedding's output gradient");
+        const std::int32_t* packed = ints(grouping, "the token grouping");
         typed(dout, [&](auto* p) {
             using T = std::remove_pointer_t<decltype(p)>;
-            cuda::embedding_backward_grouped(ints(d_ids, "ids"), ints(d_off, "offsets"), ints(d_pos, "positions"),
-                                             unique.size(), static_cast<const T*>(p), f32(dtable, "table gradient"),
-                                             dim, stream_);
+            cuda::embedding_backward_grouped(packed, packed + groups, packed + 2 * groups + 1, groups,
+                                             static_cast<const T*>(p), f32(dtable, "table gradient"), dim, stream_);
         });
-        release(d_ids);
-        release(d_off);
-        release(d_pos);
     }
     void batchnorm_forward(DeviceSpan x, DeviceSpan gamma, DeviceSpan beta, DeviceSpan y, DeviceSpan stats,
                            std::size_t samples, std::size_t channels, std::size_t plane) override {

@@ -279,6 +279,23 @@ public:
         }
     }
 
+    void embedding_backward_grouped(DeviceSpan grouping, std::size_t groups, DeviceSpan dout, DeviceSpan dtable,
+                                    std::size_t n, std::size_t dim) override {
+        need(grouping, 2 * groups + 1 + n, "the token grouping");
+        need(dout, n * dim, "embedding's output gradient");
+        for (std::size_t g = 0; g < groups; ++g) {
+            const auto row = static_cast<std::size_t>(id_at(grouping, g));
+            need(dtable, (row + 1) * dim, "embedding's table gradient");
+            const auto first = static_cast<std::size_t>(id_at(grouping, groups + g));
+            const auto last = static_cast<std::size_t>(id_at(grouping, groups + g + 1));
+            for (std::size_t k = first; k < last; ++k) {
+                const auto t = static_cast<std::size_t>(id_at(grouping, 2 * groups + 1 + k));
+                for (std::size_t j = 0; j < dim; ++j)
+                    put(dtable, row * dim + j, get(dtable, row * dim + j) + get(dout, t * dim + j));
+            }
+        }
+    }
+
     void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,
                                    bool causal) override {
         need(scores, batch_heads * s * s, "attention's scores");

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 
 #include "dpart/core/error.hpp"
@@ -452,13 +453,17 @@ public:
         if (type_ != ParamLayout::absent) ops.bias_add(y.span(), p.master(type_).sub(0, hidden_), tokens, hidden_);
         return y;
     }
-    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep& step, DeviceSpan dout,
                                        std::span<const DeviceSpan> inputs, std::size_t n, const DeviceParams& params,
                                        const std::vector<DeviceBuffer>&, DeviceSpan grads) const override {
         const DeviceSpan ids = single(inputs);
         const Slices p = slices(params, grads);
         const std::size_t tokens = ids.count;
-        ops.embedding_backward(ids, dout, p.grad(tok_), tokens, hidden_);
+        if (step.token_groups.ptr != nullptr && step.token_groups.count == 2 * step.token_group_count + 1 + tokens)
+            ops.embedding_backward_grouped(step.token_groups, step.token_group_count, dout, p.grad(tok_), tokens,
+                                           hidden_);
+        else
+            ops.embedding_backward(ids, dout, p.grad(tok_), tokens, hidden_);
         // The rows' gradients summed over samples (positions) or tokens (type 0), in order.
         if (pos_ != ParamLayout::absent)
             ops.column_sums(dout, p.grad(pos_).sub(0, tokens / n * hidden_), n, tokens / n * hidden_);
@@ -850,6 +855,27 @@ private:
 };
 
 }  // namespace
+
+TokenGroups group_tokens(std::span<const float> ids) {
+    std::map<std::int32_t, std::vector<std::int32_t>> by_id;
+    for (std::size_t t = 0; t < ids.size(); ++t) {
+        if (ids[t] < 0.0f) throw InputError(fmt::format("token {} has a negative id ({})", t, ids[t]));
+        by_id[static_cast<std::int32_t>(ids[t])].push_back(static_cast<std::int32_t>(t));
+    }
+    TokenGroups g;
+    g.groups = by_id.size();
+    g.packed.reserve(2 * g.groups + 1 + ids.size());
+    for (const auto& entry : by_id) g.packed.push_back(static_cast<float>(entry.first));
+    std::size_t at = 0;
+    g.packed.push_back(0.0f);
+    for (const auto& entry : by_id) {
+        at += entry.second.size();
+        g.packed.push_back(static_cast<float>(at));
+    }
+    for (const auto& entry : by_id)
+        for (std::int32_t t : entry.second) g.packed.push_back(static_cast<float>(t));
+    return g;
+}
 
 std::vector<float> loss_labels(std::uint64_t seed, std::uint64_t first_sample, std::size_t n, std::size_t positions,
                                std::size_t classes) {

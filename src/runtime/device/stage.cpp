@@ -60,9 +60,25 @@ public:
         if (device != nullptr)  // a host tensor partly filled by parcels is not the whole input
             for (std::size_t l : device->in_layers) inputs.erase(l);
         if (stage_.first_layer == 0) {
-            const bool ids = std::holds_alternative<EmbeddingOp>(model_.layers.front().op);
-            f.input = cached(Cached::input, ctx.first_sample, rows, ids ? Elem::i32 : compute_, f.owned_input,
-                             [&] { return synthetic_input(model_, seed_, ctx.first_sample, rows).data; });
+            const auto* embedding = std::get_if<EmbeddingOp>(&model_.layers.front().op);
+            std::vector<float> ids;  // the tokens, when this microbatch's input is made now
+            f.input = cached(Cached::input, ctx.first_sample, rows, embedding ? Elem::i32 : compute_, f.owned_input, [&] {
+                std::vector<float> x = synthetic_input(model_, seed_, ctx.first_sample, rows).data;
+                if (embedding) ids = x;
+                return x;
+            });
+            if (embedding) {
+                // The tokens grouped by id once per batch, for the embedding's backward.
+                f.step.token_groups = cached(Cached::token_groups, ctx.first_sample, rows, Elem::i32, f.owned_groups, [&] {
+                    if (ids.empty()) ids = synthetic_input(model_, seed_, ctx.first_sample, rows).data;
+                    for (float id : ids)
+                        if (id < 0.0f || id >= static_cast<float>(embedding->vocab))
+                            throw RuntimeError(fmt::format("token id {} outside the vocabulary of {}", id, embedding->vocab));
+                    return group_tokens(ids).packed;
+                });
+                // The number of groups, from the packed size: 2 groups + 1 + tokens.
+                f.step.token_group_count = (f.step.token_groups.count - 1 - f.input.count) / 2;
+            }
         }
         if (loss_.classes != 0)
             f.step.labels = cached(Cached::labels, ctx.first_sample, rows, Elem::i32, f.owned_labels, [&] {
@@ -224,6 +240,7 @@ private:
         DeviceSpan input;          // the model input (first stage): in cache_, or owned_input
         DeviceBuffer owned_input;
         DeviceBuffer owned_labels;  // the loss's labels when not in cache_
+        DeviceBuffer owned_groups;  // the input's tokens grouped by id when not in cache_
         std::map<std::size_t, DeviceBuffer> acts;
         std::vector<std::vector<DeviceBuffer>> saved;
         DeviceStep step;
@@ -320,7 +337,7 @@ private:
     /// run sees few distinct batches (a run trains on dataset_batches x microbatches of them), so
     /// that neither is regenerated nor copied again; beyond the cache's bounds, `owned` holds it
     /// for this microbatch alone.
-    enum class Cached : std::uint8_t { input, labels };
+    enum class Cached : std::uint8_t { input, labels, token_groups };
     template <class Make>
     DeviceSpan cached(Cached what, std::uint64_t first, std::size_t rows, Elem elem, DeviceBuffer& owned, Make&& make) {
         const auto key = std::make_tuple(what, first, rows);
