@@ -722,6 +722,7 @@ TEST_CASE("group_tokens: unique ids in order, offsets, positions in token order;
     CHECK(g.packed == std::vector<float>{0, 1, 3, /*offsets*/ 0, 1, 3, 6, /*positions*/ 3, 1, 4, 0, 2, 5});
     CHECK(group_tokens({}).groups == 0);
     CHECK_THROWS_AS((void)group_tokens(std::vector<float>{2, -1}), InputError);
+    CHECK_THROWS_AS((void)group_tokens(std::vector<float>(std::size_t{1} << 24, 1.0f)), InputError);
 
     // Grouped or not, the same sums in the same order: bitwise the same table gradient.
     const auto ops = make_host_ops();

@@ -228,7 +228,7 @@ struct DeviceParams {
 /// Token ids grouped by id, for embedding_backward_grouped: the unique ids in increasing order,
 /// then each group's first position in `positions` (and the end), then the positions of each
 /// group's tokens in token order, all in one array (i32 values, as floats for upload). `groups`
-/// is the number of unique ids. Throws InputError on a negative id.
+/// is the number of unique ids. Throws InputError on a negative id or 2^24 tokens or more.
 struct TokenGroups {
     std::vector<float> packed;
     std::size_t groups = 0;

@@ -857,6 +857,9 @@ private:
 }  // namespace
 
 TokenGroups group_tokens(std::span<const float> ids) {
+    // Positions travel as floats (upload's type): exact below 2^24.
+    if (ids.size() >= (std::size_t{1} << 24))
+        throw InputError(fmt::format("{} tokens to group at once, more than 2^24", ids.size()));
     std::map<std::int32_t, std::vector<std::int32_t>> by_id;
     for (std::size_t t = 0; t < ids.size(); ++t) {
         if (ids[t] < 0.0f) throw InputError(fmt::format("token {} has a negative id ({})", t, ids[t]));
