@@ -23,6 +23,7 @@
 
 #include "dpart/graph/model.hpp"
 #include "dpart/runtime/optimizer.hpp"
+#include "dpart/runtime/window.hpp"
 
 namespace dpart::rt {
 
@@ -43,11 +44,6 @@ struct DeviceSpan {
 
 enum class Trans : std::uint8_t { none, trans };
 
-/// A sliding window over [h, w] planes (a convolution's or a pooling's): kernel kh x kw, the
-/// stride and zero padding on every side, giving [oh, ow] planes.
-struct Window2d {
-    std::size_t h = 0, w = 0, kh = 0, kw = 0, stride = 1, pad = 0, oh = 0, ow = 0;
-};
 
 class DeviceOps {
 public:

@@ -5,27 +5,13 @@
 #include <limits>
 
 #include "blas.hpp"
+#include "dpart/runtime/window.hpp"
 #include "parts.hpp"
 
 namespace dpart::rt::cpu {
 namespace {
 
-/// A sliding window over one [H, W] plane.
-struct Window {
-    std::size_t h = 0, w = 0;    ///< input plane
-    std::size_t kh = 0, kw = 0;  ///< kernel
-    std::size_t stride = 1, pad = 0;
-    std::size_t oh = 0, ow = 0;  ///< output plane
-
-    /// Input coordinate of output row/column o at kernel offset k, or npos in the padding.
-    [[nodiscard]] static std::size_t at(std::size_t o, std::size_t k, std::size_t stride, std::size_t pad,
-                                        std::size_t size) {
-        const std::size_t padded = o * stride + k;
-        if (padded < pad || padded - pad >= size) return npos;
-        return padded - pad;
-    }
-    static constexpr std::size_t npos = std::numeric_limits<std::size_t>::max();
-};
+using Window = Window2d;
 
 /// cols [c * kh * kw, oh * ow] of `channels` planes of x: each column one receptive field.
 void im2col(const float* x, std::size_t channels, const Window& g, float* cols) {
@@ -239,7 +225,7 @@ public:
         saved.tensors.clear();
         const Tensor& x = single_input(inputs, channels_ * g_.h * g_.w);
         Tensor y = output(x.rows());
-        for_each_window(x, [&](std::size_t out, const std::vector<std::size_t>& in) {
+        for_each_window(x.rows() * channels_, g_, [&](std::size_t out, const std::vector<std::size_t>& in) {
             if (max_) {
                 y.data[out] = in.empty() ? 0.0f : x.data[argmax(x, in)];
             } else {
@@ -258,7 +244,7 @@ public:
         std::vector<Tensor> dx;
         dx.emplace_back(x.shape);
         float* g = dx[0].data.data();
-        for_each_window(x, [&](std::size_t out, const std::vector<std::size_t>& in) {
+        for_each_window(x.rows() * channels_, g_, [&](std::size_t out, const std::vector<std::size_t>& in) {
             if (in.empty()) return;
             if (max_) {
                 g[argmax(x, in)] += dout.data[out];
@@ -276,29 +262,6 @@ private:
         for (std::size_t i : in)
             if (x.data[i] > x.data[best]) best = i;
         return best;
-    }
-
-    /// f(output index, input indices of its window inside the image) for every output element.
-    template <class F>
-    void for_each_window(const Tensor& x, F&& f) const {
-        std::vector<std::size_t> in;
-        for (std::size_t s = 0; s < x.rows(); ++s)
-            for (std::size_t c = 0; c < channels_; ++c) {
-                const std::size_t base = (s * channels_ + c) * g_.h * g_.w;
-                for (std::size_t oy = 0; oy < g_.oh; ++oy)
-                    for (std::size_t ox = 0; ox < g_.ow; ++ox) {
-                        in.clear();
-                        for (std::size_t ki = 0; ki < g_.kh; ++ki) {
-                            const std::size_t iy = Window::at(oy, ki, g_.stride, g_.pad, g_.h);
-                            if (iy == Window::npos) continue;
-                            for (std::size_t kj = 0; kj < g_.kw; ++kj) {
-                                const std::size_t ix = Window::at(ox, kj, g_.stride, g_.pad, g_.w);
-                                if (ix != Window::npos) in.push_back(base + iy * g_.w + ix);
-                            }
-                        }
-                        f(((s * channels_ + c) * g_.oh + oy) * g_.ow + ox, in);
-                    }
-            }
     }
 
     bool max_ = true;

@@ -442,12 +442,7 @@ private:
         for (std::size_t s = 0; s < samples; ++s)
             for (std::size_t i = 0; i < plane; ++i) f((s * channels + c) * plane + i);
     }
-    static constexpr std::size_t npos = std::numeric_limits<std::size_t>::max();
-    /// Input coordinate of output o at kernel offset k, or npos in the padding.
-    static std::size_t tap(std::size_t o, std::size_t k, std::size_t stride, std::size_t pad, std::size_t size) {
-        const std::size_t padded = o * stride + k;
-        return padded < pad || padded - pad >= size ? npos : padded - pad;
-    }
+    static constexpr std::size_t npos = Window2d::npos;
     /// f(column element, input element or npos) over im2col's layout.
     template <class F>
     static void for_each_tap(std::size_t samples, std::size_t total, std::size_t first, std::size_t channels,
@@ -458,32 +453,13 @@ private:
                 for (std::size_t ki = 0; ki < g.kh; ++ki)
                     for (std::size_t kj = 0; kj < g.kw; ++kj)
                         for (std::size_t oy = 0; oy < g.oh; ++oy) {
-                            const std::size_t iy = tap(oy, ki, g.stride, g.pad, g.h);
+                            const std::size_t iy = Window2d::at(oy, ki, g.stride, g.pad, g.h);
                             for (std::size_t ox = 0; ox < g.ow; ++ox, ++col) {
-                                const std::size_t ix = tap(ox, kj, g.stride, g.pad, g.w);
+                                const std::size_t ix = Window2d::at(ox, kj, g.stride, g.pad, g.w);
                                 f(col, iy == npos || ix == npos ? npos
                                                                 : ((s * total + first + c) * g.h + iy) * g.w + ix);
                             }
                         }
-    }
-    /// f(output element, the input elements of its window inside the plane, row-major).
-    template <class F>
-    static void for_each_window(std::size_t planes, const Window2d& g, F&& f) {
-        std::vector<std::size_t> in;
-        for (std::size_t p = 0; p < planes; ++p)
-            for (std::size_t oy = 0; oy < g.oh; ++oy)
-                for (std::size_t ox = 0; ox < g.ow; ++ox) {
-                    in.clear();
-                    for (std::size_t ki = 0; ki < g.kh; ++ki) {
-                        const std::size_t iy = tap(oy, ki, g.stride, g.pad, g.h);
-                        if (iy == npos) continue;
-                        for (std::size_t kj = 0; kj < g.kw; ++kj) {
-                            const std::size_t ix = tap(ox, kj, g.stride, g.pad, g.w);
-                            if (ix != npos) in.push_back((p * g.h + iy) * g.w + ix);
-                        }
-                    }
-                    f((p * g.oh + oy) * g.ow + ox, in);
-                }
     }
     static std::size_t first_largest(const DeviceSpan& x, const std::vector<std::size_t>& in) {
         std::size_t best = in.front();
