@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <memory>
 
@@ -16,6 +17,7 @@
 #include "dpart/sim/policy.hpp"
 #include "dpart/runtime/adaptive.hpp"
 #include "dpart/runtime/cuda_backend.hpp"
+#include "dpart/runtime/device_comm.hpp"
 #include "dpart/runtime/device_stage.hpp"
 #include "dpart/runtime/executor.hpp"
 #include "dpart/runtime/mpi.hpp"
@@ -44,6 +46,7 @@ struct RunCliOptions {
     std::string backend = "cpu";
     std::string precision;  ///< empty: the model's dtype (cuda), fp32 (cpu)
     bool tf32 = false;
+    std::string device_comm = "auto";  ///< auto, nccl, host or off
     bool adaptive = false;
     std::uint64_t window = 10;
     std::uint64_t copy_every = 10;
@@ -138,38 +141,70 @@ rt::Elem device_precision(const RunCliOptions& o, const Model& model) {
     return model.dtype == DType::fp32 ? rt::Elem::f32 : rt::Elem::bf16;
 }
 
-std::string backend_label(const RunCliOptions& o, const Model& model) {
+/// What moves device buffers between workers that do not share memory: "nccl", "host" (the
+/// stand-in) or "off" (host tensors). auto: NCCL when the cuda backend runs on whole GPUs only.
+std::string device_comm_choice(const RunCliOptions& o, const Cluster& cluster) {
+    if (o.backend == "cpu") {
+        if (o.device_comm != "auto" && o.device_comm != "off")
+            throw InputError(fmt::format("--device-comm {} needs a device backend (--backend cuda or host-device)",
+                                         o.device_comm));
+        return "off";
+    }
+    const bool partitions = std::any_of(cluster.devices.begin(), cluster.devices.end(),
+                                        [](const Device& d) { return d.partition.has_value(); });
+    if (o.device_comm == "auto") return o.backend == "cuda" && !partitions ? "nccl" : "off";
+    if (o.device_comm == "nccl") {
+        if (o.backend != "cuda") throw InputError("--device-comm nccl needs --backend cuda");
+        if (partitions)
+            throw InputError("--device-comm nccl needs whole GPUs: NCCL takes one rank per GPU, and this cluster has "
+                             "green-context partitions (they hand tensors over by address on their GPU)");
+    }
+    return o.device_comm;
+}
+
+std::string backend_label(const RunCliOptions& o, const Model& model, const Cluster& cluster) {
     if (o.backend == "cpu") return "cpu";
     const bool bf16 = device_precision(o, model) == rt::Elem::bf16;
-    return fmt::format("{} ({}{})", o.backend, bf16 ? "bf16" : "fp32", !bf16 && o.tf32 ? ", tf32 products" : "");
+    const std::string comm = device_comm_choice(o, cluster);
+    return fmt::format("{} ({}{}{})", o.backend, bf16 ? "bf16" : "fp32", !bf16 && o.tf32 ? ", tf32 products" : "",
+                       comm == "nccl" ? ", NCCL" : comm == "host" ? ", host communicators" : "");
 }
 
 /// Plugs the chosen backend into the run's options; returns its label for the summary.
 std::string configure_backend(const RunCliOptions& o, const Model& model, const Cluster& cluster, rt::RunOptions& ro) {
+    const std::string comm = device_comm_choice(o, cluster);
     if (o.backend == "cpu") {
         if (o.precision == "bf16")
             throw InputError("--precision bf16 needs a device backend (--backend cuda or host-device): the CPU kernels "
                              "compute in fp32");
         if (o.tf32) throw InputError("--tf32 needs --backend cuda");
-        return backend_label(o, model);
+        return backend_label(o, model, cluster);
     }
     if (o.emulate) throw InputError(fmt::format("--emulate runs on the CPU backend, not --backend {}", o.backend));
     const rt::Elem elem = device_precision(o, model);
     if (o.backend == "host-device") {
         ro.backend = rt::make_device_stage_factory([](const rt::WorkerPlace&) { return rt::make_host_ops(); }, elem);
-        ro.memory_domain = [](const rt::WorkerPlace&) { return std::optional<std::uint64_t>(0); };  // host memory
+        if (comm == "host")  // each worker its own memory, as whole GPUs: everything crosses through the stand-in
+            ro.memory_domain = [](const rt::WorkerPlace& p) { return std::optional<std::uint64_t>(p.device); };
+        else
+            ro.memory_domain = [](const rt::WorkerPlace&) { return std::optional<std::uint64_t>(0); };  // host memory
     } else {
         auto gpus = std::make_shared<rt::CudaDevices>(cluster);
         ro.backend = rt::make_device_stage_factory(
             [gpus, tf32 = o.tf32](const rt::WorkerPlace& p) { return gpus->ops(p.device, tf32); }, elem);
         ro.memory_domain = [gpus](const rt::WorkerPlace& p) { return gpus->memory_domain(p.device); };
     }
-    return backend_label(o, model);
+    if (comm == "nccl")
+        ro.device_fabric = std::make_shared<rt::DeviceFabric>([](rt::Transport&) { return rt::make_nccl_library(); });
+    else if (comm == "host")
+        ro.device_fabric =
+            std::make_shared<rt::DeviceFabric>([](rt::Transport& t) { return rt::make_host_comm_library(t); });
+    return backend_label(o, model, cluster);
 }
 
 int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
                      const Plan& plan, const CostModel& cost, const CostOptions& copt, const PlanEstimate& predicted,
-                     const rt::RunOptions& ro, rt::MpiSession* mpi) {
+                     const rt::RunOptions& ro, rt::MpiSession* mpi, const std::string& backend) {
     rt::AdaptiveJob job{model, cluster, cost, copt, plan, ro, {}};
     job.adaptive.window = o.window;
     job.adaptive.copy_every = o.copy_every;
@@ -181,7 +216,6 @@ int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const M
     // The device backends run tp = 1 only: their re-plans must not choose tensor parallelism.
     job.adaptive.policy.solver.max_tp = o.backend == "cpu" ? o.max_tp : 1;
     const rt::AdaptiveResult r = mpi ? rt::run_adaptive(job, mpi->transport()) : rt::run_adaptive_in_process(job);
-    const std::string backend = backend_label(o, model);
     if (!r.writer) return 0;
 
     std::vector<double> ms;
@@ -263,7 +297,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     const std::string backend = configure_backend(o, model, cluster, ro);
     const rt::Execution ex(plan, model, predicted, ro);
     check_host_memory(ex, predicted, model);
-    if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get());
+    if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get(), backend);
 
     rt::RunResult run;
     if (mpi) {
@@ -349,6 +383,13 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
                     "is fp32)")
         ->check(CLI::IsMember({"fp32", "bf16"}));
     cmd->add_flag("--tf32", o->tf32, "cuda backend, fp32: matrix products on TF32 tensor cores");
+    cmd->add_option("--device-comm", o->device_comm,
+                    "device backends: how activations, gradients and all-reduces move between workers that do not "
+                    "share memory: nccl (whole GPUs; the default for --backend cuda without partitions), host (NCCL's "
+                    "calls rehearsed over the transport: every worker its own memory; for tests), off (host tensors; "
+                    "the default otherwise). auto picks")
+        ->check(CLI::IsMember({"auto", "nccl", "host", "off"}))
+        ->capture_default_str();
     cmd->add_flag("--adaptive", o->adaptive,
                   "repartition live: measure stage times, re-plan every --window iterations, migrate the layers that "
                   "change owner; survive a device that fails (scenario) by rolling back to the last neighbour copy");

@@ -1,6 +1,7 @@
 // The CUDA backend's entry points in a build without CUDA: a clear refusal.
 #include "dpart/core/error.hpp"
 #include "dpart/runtime/cuda_backend.hpp"
+#include "dpart/runtime/device_comm.hpp"
 
 namespace dpart::rt {
 
@@ -14,6 +15,9 @@ CudaDevices::~CudaDevices() = default;
 std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t, bool) { return nullptr; }
 std::string CudaDevices::describe(std::size_t) const { return {}; }
 std::optional<std::uint64_t> CudaDevices::memory_domain(std::size_t) const { return std::nullopt; }
+std::unique_ptr<CommLibrary> make_nccl_library() {
+    throw RuntimeError("this dpart was built without CUDA: NCCL is not available (--device-comm host rehearses it)");
+}
 bool built_with_cuda_backend() noexcept { return false; }
 
 }  // namespace dpart::rt

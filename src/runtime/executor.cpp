@@ -17,6 +17,7 @@
 
 #include "dpart/core/error.hpp"
 #include "dpart/io/atomic_file.hpp"
+#include "dpart/runtime/device_comm.hpp"
 
 namespace dpart::rt {
 
@@ -230,13 +231,30 @@ public:
             gradient_count_ += setup.state.back().params.size();
         }
         compute_ = ex_.options().backend ? ex_.options().backend(std::move(setup)) : make_cpu_stage(std::move(setup));
+        if (const auto& fabric = ex_.options().device_fabric) {
+            const StageCompute::DeviceMemory memory = compute_->device_memory();
+            if (memory.ops == nullptr)
+                throw RuntimeError("device communicators need a device backend (the CPU stage has no device memory)");
+            CommSetup cs;
+            cs.plan = &plan_;
+            cs.worker = rank_;
+            for (std::size_t w = 0; w < ex_.workers(); ++w) cs.transport_ranks.push_back(ex_.transport_rank(w));
+            cs.segment = ex_.first_iteration();
+            cs.net = &net_;
+            cs.ops = memory.ops;
+            device_comm_ = fabric->connect(cs);
+        }
         for (std::size_t r = 0; r < stage_.replicas(); ++r) dp_group_.push_back(peer(place_.stage, r, place_.tp_rank));
         const std::size_t s = place_.stage;
         const std::vector<bool> replicas = shares_memory_with(s);
         dp_on_device_ = std::all_of(replicas.begin(), replicas.end(), [](bool b) { return b; });
-        if (s > 0) on_device_prev_ = shares_memory_with(s - 1);
+        if (s > 0) {
+            on_device_prev_ = shares_memory_with(s - 1);
+            via_comm_prev_ = through_comm(s - 1, on_device_prev_);
+        }
         if (s + 1 < plan_.stages.size()) {
             on_device_next_ = shares_memory_with(s + 1);
+            via_comm_next_ = through_comm(s + 1, on_device_next_);
             // Only what leaves through the host is downloaded.
             const auto next = overlaps(s + 1);
             if (std::any_of(next.begin(), next.end(), [&](const Overlap& o) { return !on_device_next_[o.replica]; }))
@@ -515,12 +533,22 @@ private:
         for (std::size_t r = 0; r < out.size(); ++r) out[r] = domain(ex_.places().at(ex_.rank_of(other, r, 0))) == mine;
         return out;
     }
+    /// Per replica of a neighbouring stage, given which share memory with this worker: whether
+    /// the parcels for it go through the device communicator (it does not share memory, and
+    /// there is one). `shared` becomes true for those: they are handed over on the device too.
+    std::vector<bool> through_comm(std::size_t other, std::vector<bool>& shared) const {
+        std::vector<bool> out(shared.size(), false);
+        if (!device_comm_ || stage_.tp != 1 || plan_.stages[other].tp != 1) return out;
+        for (std::size_t r = 0; r < shared.size(); ++r)
+            if (!shared[r]) out[r] = shared[r] = true;
+        return out;
+    }
     /// The step's device exchange with stages `from` (parcels to receive) and `to` (rows to hand
     /// on); null when no neighbour shares memory with this worker.
     std::optional<DeviceHandoff> handoff(std::optional<std::size_t> from, const std::vector<bool>& from_device,
-                                         std::span<const std::size_t> in_layers, std::optional<std::size_t> to,
-                                         const std::vector<bool>& to_device, std::span<const std::size_t> out_layers,
-                                         Tag tag) {
+                                         const std::vector<bool>& from_comm, std::span<const std::size_t> in_layers,
+                                         std::optional<std::size_t> to, const std::vector<bool>& to_device,
+                                         std::span<const std::size_t> out_layers, Tag tag) {
         const bool any_from = std::find(from_device.begin(), from_device.end(), true) != from_device.end();
         const bool any_to = std::find(to_device.begin(), to_device.end(), true) != to_device.end();
         if (!any_from && !any_to) return std::nullopt;
@@ -529,28 +557,46 @@ private:
         h.out_layers = out_layers;
         if (from)
             for (const Overlap& o : overlaps(*from))
-                if (from_device[o.replica]) h.in.push_back(recv_parcel(*from, o, in_layers, tag));
+                if (from_device[o.replica]) h.in.push_back(recv_parcel(*from, o, in_layers, tag, from_comm[o.replica]));
         if (to)
             for (const Overlap& o : overlaps(*to))
                 if (to_device[o.replica]) h.out_rows.emplace_back(o.from - offset(), o.to - offset());
         return h;
     }
     /// Sends the parcels made for stage `dst`'s replicas, in the order of handoff()'s out_rows.
-    void send_parcels(std::size_t dst_stage, const std::vector<bool>& to_device, DeviceHandoff& h, Tag tag) {
+    void send_parcels(std::size_t dst_stage, const std::vector<bool>& to_device, const std::vector<bool>& via_comm,
+                      DeviceHandoff& h, Tag tag) {
         std::size_t k = 0;
         for (const Overlap& o : overlaps(dst_stage)) {
             if (!to_device[o.replica]) continue;
-            send_span(peer(dst_stage, o.replica, 0), tag, h.out.at(k++).span);
+            const DeviceSpan span = h.out.at(k++).span;
+            if (via_comm[o.replica])
+                device_comm_->send(peer(dst_stage, o.replica, 0), tag, DeviceBuffer::adopt(device_ops(), span));
+            else
+                send_span(peer(dst_stage, o.replica, 0), tag, span);
         }
     }
-    Parcel recv_parcel(std::size_t src_stage, const Overlap& o, std::span<const std::size_t> layers, Tag tag) {
+    Parcel recv_parcel(std::size_t src_stage, const Overlap& o, std::span<const std::size_t> layers, Tag tag,
+                       bool via_comm) {
         Parcel p;
         p.from = o.from - offset();
         p.to = o.to - offset();
         std::size_t expected = 0;
         for (std::size_t l : layers) expected += (p.to - p.from) * Tensor::count(sample_shape(model_, l));
-        p.span = recv_span(peer(src_stage, o.replica, 0), tag, expected);
+        if (via_comm) {
+            // Received into a buffer of this worker's device, which the stage then owns.
+            DeviceBuffer b(device_ops(), expected, compute_->device_memory().compute, DeviceBuffer::uninitialized);
+            device_comm_->recv(peer(src_stage, o.replica, 0), tag, b.span());
+            p.span = b.release_ownership();
+        } else {
+            p.span = recv_span(peer(src_stage, o.replica, 0), tag, expected);
+        }
         return p;
+    }
+    DeviceOps& device_ops() const {
+        DeviceOps* ops = compute_->device_memory().ops;
+        if (ops == nullptr) throw RuntimeError("a device transfer on a stage without device memory");
+        return *ops;
     }
     /// A device buffer handed to transport rank `dst` (in this process): its address and size.
     void send_span(std::size_t dst, const Tag& tag, const DeviceSpan& span) {
@@ -571,6 +617,14 @@ private:
             throw RuntimeError(fmt::format("{} from worker {}: a device buffer of {} values, {} expected",
                                            describe(tag), src, span.count, expected));
         return span;
+    }
+
+    /// The replicas' gradients summed by the device communicator: one buffer of all the stage's
+    /// gradients, summed in place, written back.
+    void allreduce_through_comm() {
+        DeviceBuffer g = DeviceBuffer::adopt(device_ops(), compute_->export_gradients(0, gradient_count_));
+        device_comm_->allreduce_sum(dp_group_, {Tag::Kind::allreduce, iteration_, 4, 0}, g.span());
+        compute_->import_gradients(g.release_ownership(), 0, false);
     }
 
     /// The replicas' gradients summed on the device (every replica shares this worker's memory):
@@ -612,8 +666,8 @@ private:
         const Tag tag{Tag::Kind::activation, iteration_, mb, 0};
         const std::span<const std::size_t> none;
         std::optional<DeviceHandoff> dev =
-            handoff(s > 0 ? std::optional(s - 1) : std::nullopt, on_device_prev_, s > 0 ? ex_.live_in(s) : none,
-                    s + 1 < S ? std::optional(s + 1) : std::nullopt, on_device_next_,
+            handoff(s > 0 ? std::optional(s - 1) : std::nullopt, on_device_prev_, via_comm_prev_,
+                    s > 0 ? ex_.live_in(s) : none, s + 1 < S ? std::optional(s + 1) : std::nullopt, on_device_next_,
                     s + 1 < S ? ex_.live_in(s + 1) : none, tag);
         TensorMap in;
         if (s > 0)
@@ -627,7 +681,7 @@ private:
             timed(TaskKind::send_activation, mb, [&] {
                 for (const Overlap& o : overlaps(s + 1))
                     if (!on_device_next_[o.replica]) send_rows(s + 1, o, ex_.live_in(s + 1), *f.acts, tag);
-                if (dev) send_parcels(s + 1, on_device_next_, *dev, tag);
+                if (dev) send_parcels(s + 1, on_device_next_, via_comm_next_, *dev, tag);
             });
         } else if (place_.tp_rank == 0) {
             loss_ += loss_sum(f.acts->at(stage_.last_layer));
@@ -658,7 +712,7 @@ private:
         const Tag tag{Tag::Kind::gradient, iteration_, mb, 0};
         const std::span<const std::size_t> none;
         std::optional<DeviceHandoff> dev =
-            handoff(s + 1 < S ? std::optional(s + 1) : std::nullopt, on_device_next_,
+            handoff(s + 1 < S ? std::optional(s + 1) : std::nullopt, on_device_next_, via_comm_next_,
                     s + 1 < S ? ex_.live_in(s + 1) : none, s > 0 ? std::optional(s - 1) : std::nullopt,
                     on_device_prev_, s > 0 ? ex_.live_in(s) : none, tag);
         TensorMap grads;
@@ -676,7 +730,7 @@ private:
             timed(TaskKind::send_gradient, mb, [&] {
                 for (const Overlap& o : overlaps(s - 1))
                     if (!on_device_prev_[o.replica]) send_rows(s - 1, o, ex_.live_in(s), grads, tag);
-                if (dev) send_parcels(s - 1, on_device_prev_, *dev, tag);
+                if (dev) send_parcels(s - 1, on_device_prev_, via_comm_prev_, *dev, tag);
             });
         }
         f = InFlight{};
@@ -713,6 +767,8 @@ private:
             });
         } else if (dp_group_.size() > 1 && !tied && dp_on_device_) {
             timed(TaskKind::allreduce, 0, [&] { allreduce_on_device(); });
+        } else if (dp_group_.size() > 1 && !tied && device_comm_) {
+            timed(TaskKind::allreduce, 0, [&] { allreduce_through_comm(); });
         } else if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
             std::vector<std::vector<float>>& grads = compute_->pull_grads();
             // All of the stage's gradients in one message, summed in replica order.
@@ -797,6 +853,9 @@ private:
     std::vector<std::size_t> keep_;  // the outputs forward must return: what the next stage reads, the last layer
     // Per replica of the previous and next stages: tensors handed over on the device.
     std::vector<bool> on_device_prev_, on_device_next_;
+    // Of those, the replicas reached through the device communicator (not sharing memory).
+    std::vector<bool> via_comm_prev_, via_comm_next_;
+    std::unique_ptr<DeviceComm> device_comm_;  // RunOptions::device_fabric's, or null
     bool dp_on_device_ = false;  // the replicas all share this worker's memory: all-reduce on the device
     std::vector<std::size_t> gradient_offsets_;  // per layer of the stage, in its gradients as one array
     std::size_t gradient_count_ = 0;

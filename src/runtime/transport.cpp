@@ -27,6 +27,7 @@ std::string describe(const Tag& tag) {
         case Tag::Kind::control: return fmt::format("the controller's exchange after iteration {}", tag.iteration);
         case Tag::Kind::migrate: return fmt::format("layer {}'s state (shard {}) moving at iteration {}", tag.index, tag.microbatch, tag.iteration);
         case Tag::Kind::copy: return fmt::format("a neighbour's state copy at iteration {}", tag.iteration);
+        case Tag::Kind::comm: return fmt::format("a device communicator's message ({:x}/{}/{})", tag.iteration, tag.microbatch, tag.index);
     }
     return "a message";
 }
@@ -217,6 +218,31 @@ std::vector<std::uint8_t> group_vote(Transport& t, std::span<const std::size_t> 
     for (std::size_t k = 0; k < votes.size(); ++k) all[k] = std::byte{votes[k]};
     for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, all);
     return votes;
+}
+
+bool group_agree(Transport& t, std::span<const std::size_t> group, Tag tag, std::uint64_t mine) {
+    if (std::find(group.begin(), group.end(), t.rank()) == group.end())
+        throw RuntimeError(fmt::format("rank {} agrees in a group it is not in", t.rank()));
+    if (group.size() <= 1) return true;
+    const std::size_t root = group.front();
+    if (t.rank() != root) {
+        Bytes b;
+        append_value(b, mine);
+        t.send(root, tag, std::move(b));
+        const Bytes answer = t.recv(root, tag);
+        if (answer.size() != 1) throw RuntimeError(fmt::format("{}: not an answer", describe(tag)));
+        return answer[0] == std::byte{1};
+    }
+    bool same = true;
+    for (std::size_t k = 1; k < group.size(); ++k) {
+        const Bytes b = t.recv(group[k], tag);
+        Reader in(b);
+        const auto theirs = in.value<std::uint64_t>();
+        if (!in.done()) throw RuntimeError(fmt::format("{} from worker {}: not a value", describe(tag), group[k]));
+        same = same && theirs == mine;
+    }
+    for (std::size_t k = 1; k < group.size(); ++k) t.send(group[k], tag, Bytes{std::byte{static_cast<unsigned char>(same ? 1 : 0)}});
+    return same;
 }
 
 }  // namespace dpart::rt

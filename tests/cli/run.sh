@@ -321,6 +321,14 @@ if check "static tiny-gpt, 4 stages" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -
         fi
         checks=$((checks + 1))
     fi
+    # The same with device communicators (the host stand-in for NCCL): the survivors shrink theirs.
+    if check "adaptive: slowdown and failure, host communicators" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" \
+        -c "$cpu4" -n 16 --seed 4 --dataset-batches 2 --timeout 60 --adaptive --window 4 --copy-every 4 \
+        --max-replicas 1 -s "$tmp/adaptive-scenario.toml" --backend host-device --device-comm host \
+        -o "$tmp/gpt4-adaptive-comm"; then
+        same "adaptive (host communicators): one failure survived" 1 \
+            "$(summary_value "$tmp/gpt4-adaptive-comm/summary.toml" failures_survived)"
+    fi
     if command -v mpirun >/dev/null; then
         if check "adaptive: slowdown and failure, mpirun" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" \
             -c "$cpu4" "${adaptive_flags[@]}" -o "$tmp/gpt4-adaptive-mpi"; then
@@ -371,6 +379,25 @@ if check "host-device, bf16: tiny-gpt, 2 stages" 0 "$dpart" run "$tmp/gpt2.toml"
     "${run_flags[@]}" --backend host-device --precision bf16 -o "$tmp/gpt2-bf16"; then
     contains "host-device bf16: named in the summary" "$tmp/gpt2-bf16/summary.toml" 'backend = "host-device (bf16)"'
 fi
+# Device communicators (NCCL's calls) rehearsed on host memory: every worker its own memory, all
+# that crosses workers through the stand-in, the weights bitwise those of the host path.
+if check "host-device, host communicators" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" \
+    --backend host-device --device-comm host -o "$tmp/gpt2-comm"; then
+    contains "host communicators: named in the summary" "$tmp/gpt2-comm/summary.toml" \
+        'backend = "host-device (fp32, host communicators)"'
+    same "host communicators: the host path's digest" "$(summary_value "$tmp/gpt2-dev/summary.toml" weights_digest)" \
+        "$(summary_value "$tmp/gpt2-comm/summary.toml" weights_digest)"
+    if command -v mpirun >/dev/null &&
+        check "host communicators under mpirun" 0 "${mpi[@]}" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" \
+            "${run_flags[@]}" --backend host-device --device-comm host -o "$tmp/gpt2-comm-mpi"; then
+        same "host communicators (mpirun): the host path's digest" \
+            "$(summary_value "$tmp/gpt2-dev/summary.toml" weights_digest)" \
+            "$(summary_value "$tmp/gpt2-comm-mpi/summary.toml" weights_digest)"
+    fi
+fi
+check "NCCL on host memory" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --backend host-device \
+    --device-comm nccl && contains "NCCL on host memory explained" "$tmp/err" "--device-comm nccl needs --backend cuda"
+check "device communicators on the cpu backend" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --device-comm host
 check "bf16 on the cpu backend" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --precision bf16 &&
     contains "bf16 on cpu explained" "$tmp/err" "--precision bf16 needs a device backend"
 check "tf32 on the cpu backend" 2 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" --tf32

@@ -10,6 +10,8 @@
 #include "dpart/io/model_toml.hpp"
 #include "dpart/plan/estimate.hpp"
 #include "dpart/runtime/adaptive.hpp"
+#include "dpart/runtime/device_comm.hpp"
+#include "dpart/runtime/device_stage.hpp"
 #include "dpart/runtime/executor.hpp"
 #include "dpart/sim/policy.hpp"
 
@@ -149,4 +151,43 @@ TEST_CASE("adaptive: when every device fails the job stops with a message") {
     job.adaptive.policy.policy = Policy::adaptive;
     CHECK_THROWS_WITH_AS((void)run_adaptive_in_process(job), doctest::Contains("every device of the job has failed"),
                          RuntimeError);
+}
+
+TEST_CASE("adaptive: device communicators survive a failure by shrinking the world, losing nothing") {
+    // Four whole "GPUs" (the host DeviceOps, each its own memory) joined by the host stand-in for
+    // NCCL: device 2 fails; the survivors shrink the world they bootstrapped instead of making a
+    // new one, and the run ends with the weights of the static run on the device backend.
+    const Model model = load_model(plans_dir + "models/tiny-gpt.toml");
+    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
+    const AnalyticalCostModel cost(model, cluster, {});
+    const Plan plan = pipeline(4, model.global_batch, {{0, 1}, {2, 3}, {4, 5}, {6, 7}});
+    RunOptions o;
+    o.iterations = 8;
+    o.seed = 3;
+    o.timeout = std::chrono::milliseconds(30000);
+    o.backend = make_device_stage_factory([](const WorkerPlace&) { return make_host_ops(); }, Elem::f32);
+    const RunResult reference = run_in_process(Execution(plan, model, estimate_plan(plan, model, cluster, cost, {}), o));
+
+    RunOptions ao = o;
+    ao.memory_domain = [](const WorkerPlace& p) { return std::optional<std::uint64_t>(p.device); };
+    auto fabric = std::make_shared<DeviceFabric>([](Transport& t) { return make_host_comm_library(t); });
+    ao.device_fabric = fabric;
+    ao.scenario.events = {event(5, EventKind::fail, 2)};
+    AdaptiveJob job{model, cluster, cost, {}, plan, ao, {}};
+    job.adaptive.window = 100;  // no re-plan but the failure's
+    job.adaptive.copy_every = 2;
+    job.adaptive.policy.policy = Policy::adaptive;
+    job.adaptive.policy.solver.max_replicas = 1;
+    job.adaptive.policy.solver.max_tp = 1;
+    const AdaptiveResult r = run_adaptive_in_process(job);
+    REQUIRE(r.writer);
+    CHECK(r.failures == 1);
+    CHECK(r.loss == reference.loss);
+    CHECK(r.weights_digest == reference.weights_digest);
+    // The first plan's 4 ranks bootstrapped once; the next plan's workers, all survivors, shrank it.
+    std::size_t workers = 0;
+    for (const Stage& st : r.plans.back().stages) workers += st.devices.size();
+    const DeviceFabric::Counts c = fabric->counts();
+    CHECK(c.bootstraps == 4);
+    CHECK(c.shrinks == workers);
 }

@@ -11,6 +11,7 @@
 #include "dpart/io/model_toml.hpp"
 #include "dpart/runtime/backend.hpp"
 #include "dpart/runtime/device.hpp"
+#include "dpart/runtime/device_comm.hpp"
 #include "dpart/runtime/tensor.hpp"
 
 using namespace dpart;
@@ -349,7 +350,8 @@ Plan device_plan(std::uint64_t microbatches, std::uint64_t global_batch,
 using Domain = std::function<std::optional<std::uint64_t>(const WorkerPlace&)>;
 
 RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& backend, std::uint64_t iterations = 3,
-                   const Scenario& scenario = {}, const Domain& domain = {}) {
+                   const Scenario& scenario = {}, const Domain& domain = {},
+                   std::shared_ptr<DeviceFabric> fabric = nullptr) {
     const Cluster cluster = load_cluster(std::string(DPART_SOURCE_DIR) + "/plans/clusters/cpu-4workers.toml");
     const AnalyticalCostModel cost(model, cluster, {});
     const PlanEstimate est = estimate_plan(plan, model, cluster, cost, {});
@@ -360,6 +362,7 @@ RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& bac
     o.backend = backend;
     o.scenario = scenario;
     o.memory_domain = domain;
+    o.device_fabric = std::move(fabric);
     return run_in_process(Execution(plan, model, est, o));
 }
 
@@ -745,4 +748,51 @@ TEST_CASE("a first stage groups its tokens once per batch: the embedding's backw
     const RunResult dev = run_plan(model, plan, recording_backend(logs), 3);
     CHECK(logs[0].grouped_embeddings == 2 * 3);  // every microbatch of every iteration
     CHECK(weights_error(dev, run_plan(model, plan, nullptr, 3)) < 1e-4);
+}
+
+namespace {
+
+/// Every device its own memory, as whole GPUs: what crosses workers goes through communicators.
+const Domain own_memory = [](const WorkerPlace& p) { return std::optional<std::uint64_t>(p.device); };
+
+std::shared_ptr<DeviceFabric> host_fabric() {
+    return std::make_shared<DeviceFabric>([](Transport& t) { return make_host_comm_library(t); });
+}
+
+}  // namespace
+
+TEST_CASE("device communicators carry activations, gradients and all-reduces between memories, changing no value") {
+    const Model model = load_model(models_dir + "seed-mlp.toml");
+    const std::uint64_t M = 4, iterations = 3;
+    // Two stages of two replicas: parcels to the other stage's replicas, gradients all-reduced.
+    const Plan plan = device_plan(M, 64, {{0, 1}, {2, 3}}, {{0, 1}, {2, 3}});
+    std::vector<OpsLog> host_path(4), comm_path(4);
+    const RunResult through_host = run_plan(model, plan, recording_backend(host_path), iterations);
+    const auto fabric = host_fabric();
+    const RunResult through_comm = run_plan(model, plan, recording_backend(comm_path), iterations, {}, own_memory, fabric);
+    check_same_run(through_comm, through_host);
+    CHECK(fabric->counts().bootstraps == 4);
+    CHECK(fabric->counts().splits == 4 * 3);  // activations, gradients, replicas
+    // The host stand-in moves values through host floats, as the host path does, but the stage
+    // itself no longer downloads what it hands on (the communicator does).
+    for (std::size_t d = 0; d < 4; ++d) CHECK(comm_path[d].copies > host_path[d].copies);
+    // Uneven replicas (6, 5, 5 samples feeding 16), in memories that differ, some shared.
+    const Plan uneven = device_plan(4, 64, {{0, 1}, {2, 3}}, {{0, 1, 2}, {3}});
+    const Domain mixed = [](const WorkerPlace& p) {
+        return p.device == 0 || p.device == 3 ? std::optional<std::uint64_t>(0) : std::optional<std::uint64_t>(p.device);
+    };
+    const RunResult reference = run_plan(model, uneven, host_backend(Elem::f32));
+    check_same_run(run_plan(model, uneven, host_backend(Elem::f32), 3, {}, own_memory, host_fabric()), reference);
+    check_same_run(run_plan(model, uneven, host_backend(Elem::f32), 3, {}, mixed, host_fabric()), reference);
+}
+
+TEST_CASE("device communicators in a 3-stage tiny-gpt, bf16: several layers per parcel, the tie through the host") {
+    const Model model = load_model(models_dir + "tiny-gpt.toml");
+    const std::size_t L = model.layers.size();
+    const Plan plan = device_plan(2, 8, {{0, 2}, {3, 4}, {5, L - 1}}, {{0}, {1}, {2}});
+    for (const Elem e : {Elem::f32, Elem::bf16}) {
+        CAPTURE(to_string(e));
+        check_same_run(run_plan(model, plan, host_backend(e), 3, {}, own_memory, host_fabric()),
+                       run_plan(model, plan, host_backend(e)));
+    }
 }

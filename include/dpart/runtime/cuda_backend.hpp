@@ -42,6 +42,11 @@ private:
     std::unique_ptr<Impl> impl_;
 };
 
+class CommLibrary;
+/// NCCL as the device communicators' library (DeviceFabric): for workers on whole GPUs, one
+/// communicator rank per GPU. Throws RuntimeError in a build without CUDA.
+[[nodiscard]] std::unique_ptr<CommLibrary> make_nccl_library();
+
 /// Whether this binary has the CUDA backend.
 [[nodiscard]] bool built_with_cuda_backend() noexcept;
 

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,6 +22,8 @@
 #include "dpart/sim/schedule.hpp"
 
 namespace dpart::rt {
+
+class DeviceFabric;
 
 struct RunOptions {
     std::uint64_t iterations = 10;
@@ -74,6 +77,10 @@ struct RunOptions {
     /// copy, the receiver then owning and releasing the buffer), so a domain's DeviceOps must
     /// read, copy and release each other's allocations: the partitions of one GPU, the host.
     std::function<std::optional<std::uint64_t>(const WorkerPlace&)> memory_domain;
+    /// A device backend's communicators (NCCL between whole GPUs; runtime/device_comm.hpp): each
+    /// worker connects at its start, and what it hands to, or all-reduces with, workers not
+    /// sharing its memory moves between the devices instead of through host tensors. Null: host.
+    std::shared_ptr<DeviceFabric> device_fabric;
 };
 
 

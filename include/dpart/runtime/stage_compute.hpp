@@ -3,7 +3,8 @@
 // microbatch. The executor (schedule, transfers, collectives, timing) is the same whatever
 // computes: the CPU kernels in host memory (make_cpu_stage), or the device layers on a
 // DeviceOps (make_device_stage_factory: a GPU or a green-context partition through CUDA; the
-// host DeviceOps in tests). Tensors cross stages, and gradients cross replicas, in host memory.
+// host DeviceOps in tests). Tensors cross stages, and gradients cross replicas, in host memory,
+// unless the executor hands them over on the device (DeviceHandoff, DeviceComm).
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -99,6 +100,13 @@ public:
     /// `from`'s (add: += `from`'s, element by element), then `from` is released. The CPU stage has
     /// no device memory: both throw RuntimeError.
     [[nodiscard]] virtual DeviceSpan export_gradients(std::size_t first, std::size_t n);
+    /// A device stage's DeviceOps and compute precision (what its parcels are made of), for
+    /// buffers the executor receives for it; the CPU stage has none (null ops).
+    struct DeviceMemory {
+        DeviceOps* ops = nullptr;
+        Elem compute = Elem::f32;
+    };
+    [[nodiscard]] virtual DeviceMemory device_memory() { return {}; }
     virtual void import_gradients(DeviceSpan from, std::size_t first, bool add);
     /// An embedding and the linear layer tied to it, both on this stage (stage-relative layer
     /// indices): each ends with the sum of both gradients of the first n values (embedding's +

@@ -30,7 +30,8 @@ struct Tag {
         activation, gradient, allreduce, allgather, tied, barrier, report,
         control,  ///< an adaptive run's measurements and decisions
         migrate,  ///< a layer's state moving to a new owner (index: layer, microbatch: shard)
-        copy      ///< a worker's state copied to its neighbour
+        copy,     ///< a worker's state copied to its neighbour
+        comm      ///< device communicators' set-up, and the host stand-in for NCCL's messages
     };
     Kind kind = Kind::activation;
     std::uint32_t iteration = 0;
@@ -120,5 +121,7 @@ void group_barrier(Transport& t, std::span<const std::size_t> group, Tag tag);
 /// A barrier that also tells every member each member's byte (in group order).
 [[nodiscard]] std::vector<std::uint8_t> group_vote(Transport& t, std::span<const std::size_t> group, Tag tag,
                                                    std::uint8_t mine);
+/// Whether every member of `group` called it with the same value (every member learns it).
+[[nodiscard]] bool group_agree(Transport& t, std::span<const std::size_t> group, Tag tag, std::uint64_t mine);
 
 }  // namespace dpart::rt

@@ -23,6 +23,7 @@
 #include "dpart/runtime/cuda_backend.hpp"
 #include "dpart/runtime/sm_partition.hpp"
 #include "gemm.cuh"
+#include "streams.hpp"
 
 namespace dpart::rt {
 namespace {
@@ -162,6 +163,7 @@ public:
         if (own_stream_) cudaStreamDestroy(stream_);
     }
     [[nodiscard]] std::string name() const override { return name_; }
+    [[nodiscard]] cuda::OpsStream native() const noexcept { return {device_, stream_}; }
 
     DeviceSpan allocate(std::size_t count, Elem elem) override {
         const DeviceSpan s = allocate_uninitialized(count, elem);
@@ -514,6 +516,12 @@ private:
 };
 
 }  // namespace
+
+cuda::OpsStream cuda::stream_of(DeviceOps& ops) {
+    auto* c = dynamic_cast<CudaOps*>(&ops);
+    if (c == nullptr) throw RuntimeError(fmt::format("{} is not a CUDA device: NCCL needs the cuda backend", ops.name()));
+    return c->native();
+}
 
 // --- CudaDevices --------------------------------------------------------------------------
 

@@ -174,6 +174,8 @@ public:
         ops_->synchronize();
         return b.release_ownership();
     }
+    DeviceMemory device_memory() override { return {ops_.get(), compute_}; }
+
     void import_gradients(DeviceSpan from, std::size_t first, bool add) override {
         const DeviceBuffer owned = DeviceBuffer::adopt(*ops_, from);  // released once read (stream order)
         if (from.elem != Elem::f32) throw RuntimeError("gradients to import must be f32");
