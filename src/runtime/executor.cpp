@@ -231,7 +231,9 @@ public:
             gradient_count_ += setup.state.back().params.size();
         }
         compute_ = ex_.options().backend ? ex_.options().backend(std::move(setup)) : make_cpu_stage(std::move(setup));
-        if (const auto& fabric = ex_.options().device_fabric) {
+        // A lone worker has no one to talk to: no communicator (an adaptive run's later plan with
+        // more workers bootstraps one then).
+        if (const auto& fabric = ex_.options().device_fabric; fabric && ex_.workers() > 1) {
             const StageCompute::DeviceMemory memory = compute_->device_memory();
             if (memory.ops == nullptr)
                 throw RuntimeError("device communicators need a device backend (the CPU stage has no device memory)");

@@ -25,6 +25,12 @@
 #include <vector>
 
 #include "runtime/cuda/check.cuh"
+
+namespace dpart::rt {
+// tests/gpu/test_nccl.cpp
+void nccl_checks(const std::function<void(bool, const std::string&, const std::string&)>& record);
+}  // namespace dpart::rt
+
 #include "runtime/cuda/device_ops.cuh"
 #include "runtime/cuda/gemm.cuh"
 
@@ -981,6 +987,11 @@ int main() {
             check_gemm_batched<bf16>(blas);
             check_gemm_guards(blas);
         }
+        group("nccl", [] {
+            dpart::rt::nccl_checks([](bool ok, const std::string& name, const std::string& detail) {
+                report.record(ok, name, detail);
+            });
+        });
         DPART_CUDA(cudaStreamDestroy(stream));
     } catch (const std::exception& e) {
         report.record(false, "setup", e.what());
