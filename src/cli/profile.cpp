@@ -22,6 +22,7 @@
 #include "dpart/profile/probe.hpp"
 #include "dpart/report/text_table.hpp"
 #include "dpart/profile/host_links.hpp"
+#include "dpart/profile/rank_nccl.hpp"
 #include "dpart/runtime/mpi.hpp"
 
 namespace dpart::cli {
@@ -168,6 +169,16 @@ int run_profile(const ProfileOptions& o, const std::string& command) {
             inter = profile::inter_node_link(links);
             node_links = profile::node_links(links);
             if (inter) r.text = inter->source;
+            fmt::print("{}\n", result_line(r, who));
+            mine.results.push_back(std::move(r));
+        }
+    }
+    // NCCL between the ranks, one GPU each (every rank takes part; rank 0 reports).
+    if (ranks > 1 && (o.keys.empty() && o.prefixes.empty())) {
+        const std::size_t max_bytes = std::clamp<std::size_t>(
+            static_cast<std::size_t>(static_cast<double>(std::size_t{1} << 30) * o.scale), 1024, std::size_t{1} << 30);
+        for (profile::ProbeResult& r :
+             profile::measure_rank_collectives(mpi->transport(), profile::gpu_rank_nccl(settings), max_bytes)) {
             fmt::print("{}\n", result_line(r, who));
             mine.results.push_back(std::move(r));
         }

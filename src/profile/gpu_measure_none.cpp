@@ -18,5 +18,9 @@ std::vector<double> copy_times(CopyKind, int, int, std::size_t, const Timing&) {
 std::vector<double> copy_latencies(CopyKind, int, int, std::size_t, const Timing&) { refuse(); }
 bool can_access_peer(int, int) { return false; }
 NcclTimes nccl_times(Collective, const std::vector<int>&, const std::vector<std::size_t>&, const Timing&) { refuse(); }
+std::string nccl_unique_id() { refuse(); }
+NcclTimes nccl_rank_times(Collective, const std::string&, int, int, int, const std::vector<std::size_t>&, const Timing&) {
+    refuse();
+}
 
 }  // namespace dpart::profile::gpu

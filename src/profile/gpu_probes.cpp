@@ -160,6 +160,44 @@ Probe latency_probe(const ProbeSettings& st) {
             }};
 }
 
+}  // namespace
+
+CollectiveSizes collective_plan(Collective c, std::size_t max_bytes, int ranks) {
+    const std::size_t elem = sizeof(float);
+    CollectiveSizes plan;
+    for (std::size_t b : collective_sizes(8, max_bytes, 4)) {
+        const std::size_t count = collective_count(c, b, ranks, elem);
+        if (count == 0) continue;  // nccl-tests skips what the ranks cannot divide
+        if (!plan.counts.empty() && plan.counts.back() == count) continue;
+        plan.counts.push_back(count);
+        plan.bytes.push_back(collective_bytes(c, count, ranks, elem));
+    }
+    return plan;
+}
+
+void add_collective_figures(ProbeResult& r, Collective c, int ranks, const std::vector<CollectivePoint>& points,
+                            const std::string& version) {
+    r.figures.push_back({"ranks", static_cast<double>(ranks), "ranks"});
+    double algbw = 0, busbw = 0;
+    for (const CollectivePoint& p : points) {
+        algbw = std::max(algbw, p.algbw_gbs);
+        busbw = std::max(busbw, p.busbw_gbs);
+    }
+    r.figures.push_back({"algbw_gbs_peak", algbw, "GB/s"});
+    r.figures.push_back({"busbw_gbs_peak", busbw, "GB/s"});
+    for (const CollectivePoint& p : points) {
+        r.figures.push_back({fmt::format("{}B.time_us", p.bytes), p.seconds * 1e6, "us"});
+        r.figures.push_back({fmt::format("{}B.algbw_gbs", p.bytes), p.algbw_gbs, "GB/s"});
+        r.figures.push_back({fmt::format("{}B.busbw_gbs", p.bytes), p.busbw_gbs, "GB/s"});
+    }
+    r.text = fmt::format("NCCL {}, {} rank{}", version, ranks, ranks == 1 ? "" : "s");
+    if (busbw_factor(c, ranks) == 0)
+        r.text += fmt::format(": busbw is 0 by nccl-tests' definition ({}(n-1)/n with n = 1); algbw is the figure",
+                              c == Collective::all_reduce ? "2" : "");
+}
+
+namespace {
+
 Probe nccl_probe(Collective c, const ProbeSettings& st) {
     const std::size_t max_bytes = scaled(std::size_t{1} << 30, st.scale, 1024);
     const std::string name = to_string(c);
@@ -170,38 +208,13 @@ Probe nccl_probe(Collective c, const ProbeSettings& st) {
             [=] {
                 const std::vector<int> gpus = gpus_or_waive(st);
                 const int ranks = static_cast<int>(gpus.size());
-                const std::size_t elem = sizeof(float);
-                std::vector<std::size_t> sizes, counts;
-                for (std::size_t b : collective_sizes(8, max_bytes, 4)) {
-                    const std::size_t count = collective_count(c, b, ranks, elem);
-                    if (count == 0) continue;  // nccl-tests skips what the ranks cannot divide
-                    if (!counts.empty() && counts.back() == count) continue;
-                    counts.push_back(count);
-                    sizes.push_back(collective_bytes(c, count, ranks, elem));
-                }
-                const gpu::NcclTimes t = gpu::nccl_times(c, gpus, counts, {st.repeats, 20});
+                const CollectiveSizes plan = collective_plan(c, max_bytes, ranks);
+                const gpu::NcclTimes t = gpu::nccl_times(c, gpus, plan.counts, {st.repeats, 20});
                 ProbeResult r;
-                r.figures.push_back({"ranks", static_cast<double>(ranks), "ranks"});
                 std::vector<CollectivePoint> points;
-                for (std::size_t i = 0; i < sizes.size(); ++i)
-                    points.push_back(collective_point(c, sizes[i], ranks, stats_of(t.seconds[i]).median));
-                double algbw = 0, busbw = 0;
-                for (const CollectivePoint& p : points) {
-                    algbw = std::max(algbw, p.algbw_gbs);
-                    busbw = std::max(busbw, p.busbw_gbs);
-                }
-                r.figures.push_back({"algbw_gbs_peak", algbw, "GB/s"});
-                r.figures.push_back({"busbw_gbs_peak", busbw, "GB/s"});
-                for (const CollectivePoint& p : points) {
-                    r.figures.push_back({fmt::format("{}B.time_us", p.bytes), p.seconds * 1e6, "us"});
-                    r.figures.push_back({fmt::format("{}B.algbw_gbs", p.bytes), p.algbw_gbs, "GB/s"});
-                    r.figures.push_back({fmt::format("{}B.busbw_gbs", p.bytes), p.busbw_gbs, "GB/s"});
-                }
-                r.text = fmt::format("NCCL {}, {} rank{}", t.version, ranks, ranks == 1 ? "" : "s");
-                if (busbw_factor(c, ranks) == 0)
-                    r.text += fmt::format(": busbw is 0 by nccl-tests' definition ({}(n-1)/n with n = 1); algbw "
-                                          "is the figure",
-                                          c == Collective::all_reduce ? "2" : "");
+                for (std::size_t i = 0; i < plan.bytes.size(); ++i)
+                    points.push_back(collective_point(c, plan.bytes[i], ranks, stats_of(t.seconds[i]).median));
+                add_collective_figures(r, c, ranks, points, t.version);
                 return r;
             }};
 }

@@ -269,6 +269,12 @@ if command -v mpirun >/dev/null; then
         contains "profile: every pair of hosts measured" "$tmp/out" "the slowest of 3 pairs (host0 - host1, host0 - host2, host1 - host2)"
         same "profile: three links between nodes" 3 "$(grep -c '^\[\[link\]\]' "$tmp/hosts3.toml")"
         contains "profile: the pair host1 - host2 (not rank 0's)" "$tmp/hosts3.toml" 'measured: ping-pong between ranks 1 and 2'
+        # NCCL between the ranks: measured with one GPU per rank, else waived with the reason.
+        if nvidia-smi >/dev/null 2>&1; then
+            contains "profile: NCCL between the ranks" "$tmp/out" "nccl.ranks.all_reduce "
+        else
+            contains "profile: NCCL between the ranks waived" "$tmp/out" "nccl.ranks.all_reduce waived  (rank 0 cannot join an NCCL communicator"
+        fi
         check "plan on the three measured hosts" 0 "$dpart" plan "$mlp" -c "$tmp/hosts3.toml" -q --out "$tmp/hosts3-plan.toml"
     fi
 fi

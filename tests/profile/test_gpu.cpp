@@ -13,6 +13,7 @@
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/profile/gpu.hpp"
 #include "dpart/profile/host_links.hpp"
+#include "dpart/profile/rank_nccl.hpp"
 
 using namespace dpart;
 using namespace dpart::profile;
@@ -393,4 +394,82 @@ TEST_CASE("links between hosts: the first ranks of every two hosts measure their
         none = measure_host_links(one.endpoint(0), "a", s);
     }
     CHECK(none.empty());
+}
+
+namespace {
+
+/// A fake NCCL for `measure_rank_collectives`: rank r takes (r + 1) x (1 us + bytes / 10 GB/s)
+/// per collective in every sample; every rank checks that it got the first rank's id.
+RankNcclCalls fake_nccl(std::size_t rank, std::string why, std::vector<std::string>& ids) {
+    RankNcclCalls calls;
+    calls.unavailable = [why] { return why; };
+    calls.unique_id = [rank] { return "id-of-rank-" + std::to_string(rank); };
+    calls.times = [rank, &ids](Collective, const std::string& id, int, int r, const std::vector<std::size_t>& counts) {
+        CHECK(static_cast<std::size_t>(r) == rank);
+        ids[rank] = id;
+        std::vector<std::vector<double>> out;
+        for (std::size_t c : counts)
+            out.push_back(std::vector<double>(3, static_cast<double>(rank + 1) * (1e-6 + 4.0 * c / 10e9)));
+        return out;
+    };
+    calls.version = [] { return std::string("2.28.9"); };
+    return calls;
+}
+
+}  // namespace
+
+TEST_CASE("NCCL between ranks: the first rank's id for all, each sample averaged over the ranks, busbw for all") {
+    const std::size_t n = 3;
+    rt::InProcessNetwork net(n, std::chrono::milliseconds(10000));
+    std::vector<std::vector<ProbeResult>> got(n);
+    std::vector<std::string> ids(n);
+    {
+        std::vector<std::jthread> ranks;
+        for (std::size_t r = 0; r < n; ++r)
+            ranks.emplace_back([&, r] { got[r] = measure_rank_collectives(net.endpoint(r), fake_nccl(r, "", ids), 1 << 20); });
+    }
+    for (const std::string& id : ids) CHECK(id == "id-of-rank-0");
+    CHECK(got[1].empty());
+    CHECK(got[2].empty());
+    REQUIRE(got[0].size() == 4);
+    CHECK(got[0][0].key == "nccl.ranks.all_reduce");
+    CHECK(got[0][3].key == "nccl.ranks.sendrecv");
+    for (const ProbeResult& r : got[0]) {
+        CAPTURE(r.key);
+        CHECK(r.status == ProbeResult::Status::ok);
+        REQUIRE(r.find("ranks") != nullptr);
+        CHECK(r.find("ranks")->value == 3);
+    }
+    // all_reduce of 1 MiB: mean time over ranks (1 + 2 + 3) / 3 = 2 x (1 us + 1 MiB / 10 GB/s);
+    // busbw = algbw x 2 (n - 1) / n.
+    const double bytes = 1 << 20, t = 2 * (1e-6 + bytes / 10e9);
+    const ProbeResult& ar = got[0][0];
+    REQUIRE(ar.find("1048576B.time_us") != nullptr);
+    CHECK(ar.find("1048576B.time_us")->value == doctest::Approx(t * 1e6));
+    CHECK(ar.find("1048576B.algbw_gbs")->value == doctest::Approx(bytes / t / 1e9));
+    CHECK(ar.find("1048576B.busbw_gbs")->value == doctest::Approx(bytes / t / 1e9 * 4.0 / 3.0));
+    CHECK(ar.text.find("NCCL 2.28.9, 3 ranks") != std::string::npos);
+}
+
+TEST_CASE("NCCL between ranks: a rank without a GPU waives them all, naming it; one rank measures nothing") {
+    const std::size_t n = 3;
+    rt::InProcessNetwork net(n, std::chrono::milliseconds(10000));
+    std::vector<std::vector<ProbeResult>> got(n);
+    std::vector<std::string> ids(n);
+    {
+        std::vector<std::jthread> ranks;
+        for (std::size_t r = 0; r < n; ++r)
+            ranks.emplace_back([&, r] {
+                got[r] = measure_rank_collectives(net.endpoint(r), fake_nccl(r, r == 2 ? "no CUDA device" : "", ids),
+                                                  1 << 20);
+            });
+    }
+    REQUIRE(got[0].size() == 4);
+    for (const ProbeResult& r : got[0]) {
+        CHECK(r.status == ProbeResult::Status::waived);
+        CHECK(r.reason == "rank 2 cannot join an NCCL communicator: no CUDA device");
+    }
+    for (const std::string& id : ids) CHECK(id.empty());  // nothing ran
+    rt::InProcessNetwork one(1, std::chrono::milliseconds(1000));
+    CHECK(measure_rank_collectives(one.endpoint(0), fake_nccl(0, "", ids), 1 << 20).empty());
 }

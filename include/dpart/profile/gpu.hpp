@@ -54,6 +54,17 @@ struct CollectivePoint {
     double busbw_gbs = 0;   ///< algbw x busbw_factor
 };
 [[nodiscard]] CollectivePoint collective_point(Collective c, std::size_t bytes, int ranks, double seconds);
+/// The sizes a collective probe measures, 8 B to `max_bytes` by x4 (what `ranks` can divide,
+/// without repeats), and the element count per rank nccl-tests passes for each (floats).
+struct CollectiveSizes {
+    std::vector<std::size_t> bytes, counts;
+};
+[[nodiscard]] CollectiveSizes collective_plan(Collective c, std::size_t max_bytes, int ranks);
+
+/// A collective probe's figures: ranks, peak algbw and busbw, then each size's time, algbw and
+/// busbw; and its text (the NCCL version, the ranks, why busbw is 0 with one rank).
+void add_collective_figures(ProbeResult& r, Collective c, int ranks, const std::vector<CollectivePoint>& points,
+                            const std::string& version);
 
 // --- The probes -----------------------------------------------------------------------------
 /// gpu.gemm_*, gpu.conv, gpu.memory_bw, gpu.h2d_*, gpu.d2h_*, gpu.peer, gpu.latency and nccl.*,

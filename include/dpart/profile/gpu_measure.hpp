@@ -89,4 +89,14 @@ struct NcclTimes {
 [[nodiscard]] NcclTimes nccl_times(Collective c, const std::vector<int>& devices, const std::vector<std::size_t>& counts,
                                    const Timing& t);
 
+/// Across processes (mpirun, one GPU per rank, as nccl-tests runs there): a new NCCL unique id
+/// (ncclGetUniqueId, as bytes), made by one rank and sent to the others.
+[[nodiscard]] std::string nccl_unique_id();
+/// This process's `device` as rank `rank` of `ranks` (ncclCommInitRank from `unique_id`): the
+/// same timing as nccl_times for this rank (the host's wall time around the calls and the
+/// stream's wait; sendrecv to the next rank and from the previous one in one group). Every rank
+/// calls it with the same collective and counts.
+[[nodiscard]] NcclTimes nccl_rank_times(Collective c, const std::string& unique_id, int ranks, int rank, int device,
+                                        const std::vector<std::size_t>& counts, const Timing& t);
+
 }  // namespace dpart::profile::gpu

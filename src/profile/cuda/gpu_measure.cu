@@ -538,4 +538,60 @@ NcclTimes nccl_times(Collective c, const std::vector<int>& devices, const std::v
     return out;
 }
 
+std::string nccl_unique_id() {
+    ncclUniqueId id{};
+    DPART_CHECK(ncclGetUniqueId(&id));
+    return std::string(reinterpret_cast<const char*>(&id), sizeof id);
+}
+
+NcclTimes nccl_rank_times(Collective c, const std::string& unique_id, int ranks, int rank, int device,
+                          const std::vector<std::size_t>& counts, const Timing& t) {
+    NcclTimes out;
+    int version = 0;
+    DPART_CHECK(ncclGetVersion(&version));
+    out.version = std::to_string(version / 10000) + "." + std::to_string((version % 10000) / 100) + "." +
+                  std::to_string(version % 100);
+    ncclUniqueId id{};
+    if (unique_id.size() != sizeof id)
+        throw std::runtime_error("an NCCL unique id of " + std::to_string(unique_id.size()) + " bytes, " +
+                                 std::to_string(sizeof id) + " expected");
+    std::memcpy(&id, unique_id.data(), sizeof id);
+    if (counts.empty()) return out;
+    DPART_CHECK(cudaSetDevice(device));
+    ncclComm_t comm = nullptr;
+    DPART_CHECK(ncclCommInitRank(&comm, ranks, id, rank));
+    Defer destroy([&] { ncclCommDestroy(comm); });
+    const std::size_t max_count = *std::max_element(counts.begin(), counts.end());
+    const std::size_t send_elems = max_count * (c == Collective::reduce_scatter ? static_cast<std::size_t>(ranks) : 1);
+    const std::size_t recv_elems = max_count * (c == Collective::all_gather ? static_cast<std::size_t>(ranks) : 1);
+    DeviceBuffer send(send_elems * sizeof(float)), recv(recv_elems * sizeof(float));
+    Stream stream;
+    auto launch = [&](std::size_t count) {
+        void* s = send.get();
+        void* r = recv.get();
+        switch (c) {
+            case Collective::all_reduce:
+                DPART_CHECK(ncclAllReduce(s, r, count, ncclFloat, ncclSum, comm, stream.get()));
+                break;
+            case Collective::all_gather: DPART_CHECK(ncclAllGather(s, r, count, ncclFloat, comm, stream.get())); break;
+            case Collective::reduce_scatter:
+                DPART_CHECK(ncclReduceScatter(s, r, count, ncclFloat, ncclSum, comm, stream.get()));
+                break;
+            case Collective::sendrecv:  // nccl-tests: to the next rank, from the previous one
+                DPART_CHECK(ncclGroupStart());
+                DPART_CHECK(ncclSend(s, count, ncclFloat, (rank + 1) % ranks, comm, stream.get()));
+                DPART_CHECK(ncclRecv(r, count, ncclFloat, (rank + ranks - 1) % ranks, comm, stream.get()));
+                DPART_CHECK(ncclGroupEnd());
+                break;
+        }
+    };
+    for (std::size_t count : counts) {
+        const bool large = count * sizeof(float) > (std::size_t{64} << 20);
+        const Timing timing{t.samples, large ? std::max(2, t.per_sample / 4) : t.per_sample};
+        out.seconds.push_back(timed_on_host(timing, [&] { launch(count); },
+                                            [&] { DPART_CHECK(cudaStreamSynchronize(stream.get())); }));
+    }
+    return out;
+}
+
 }  // namespace dpart::profile::gpu
