@@ -18,6 +18,7 @@
 #include "dpart/core/error.hpp"
 #include "dpart/io/atomic_file.hpp"
 #include "dpart/runtime/device_comm.hpp"
+#include "dpart/runtime/param_layout.hpp"
 
 namespace dpart::rt {
 
@@ -78,6 +79,12 @@ std::uint64_t read_checkpoint_iteration(const std::string& dir, const std::strin
 }
 
 }  // namespace
+
+std::vector<std::size_t> sample_shape(const Model& model, std::size_t layer) {
+    const Layer& l = model.layers.at(layer);
+    if (l.out_shape.empty() && std::holds_alternative<CustomOp>(l.op)) return {custom_geometry(model, layer).out};
+    return {l.out_shape.begin(), l.out_shape.end()};
+}
 
 std::vector<std::size_t> inputs_of(const Model& model, std::size_t l) {
     const Layer& layer = model.layers[l];
@@ -196,10 +203,6 @@ private:
 };
 
 /// Per-sample shape of a layer's output, as the runtime's tensors carry it.
-std::vector<std::size_t> sample_shape(const Model& model, std::size_t layer) {
-    const Shape& s = model.layers[layer].out_shape;
-    return {s.begin(), s.end()};
-}
 
 /// The start-of-iteration vote: every member says whether its device has failed; all learn
 /// who leaves (transport ranks, in member order).

@@ -177,4 +177,27 @@ MlpParams add_mlp_params(ParamLayout& layout, const MlpOp& op) {
     return p;
 }
 
+CustomGeometry custom_geometry(const Model& model, std::size_t layer) {
+    const Layer& l = model.layers.at(layer);
+    const auto& op = std::get<CustomOp>(l.op);
+    CustomGeometry g;
+    g.out = !op.out_shape.empty() ? element_count(op.out_shape)
+                                  : std::max<std::size_t>(1, op.out_bytes / dtype_bytes(model.dtype));
+    const double out = static_cast<double>(g.out);
+    g.k = std::max<std::size_t>(1, static_cast<std::size_t>(std::llround(static_cast<double>(op.fwd_flops) / (2.0 * out))));
+    if (l.inputs.empty()) {
+        g.row = !model.input_shape.empty() ? element_count(model.input_shape) : g.k;
+    } else {
+        const Layer& src = model.layers.at(l.inputs.front());
+        g.row = !src.out_shape.empty()                  ? element_count(src.out_shape)
+                : std::holds_alternative<CustomOp>(src.op) ? custom_geometry(model, l.inputs.front()).out
+                                                           : 0;
+    }
+    return g;
+}
+
+ParamLayout::Id add_custom_params(ParamLayout& layout, const CustomGeometry& g) {
+    return layout.add(g.out, g.k, Split::none, Init::weight, g.k);
+}
+
 }  // namespace dpart::rt

@@ -197,20 +197,60 @@ TEST_CASE("a device span's sub-span stays within it") {
 
 TEST_CASE("ops without a device kernel are refused at the layer") {
     const Model m = parse_model(R"([model]
-name = "c"
+name = "moe"
 dtype = "fp32"
 global_batch = 2
-input_shape = [3, 8, 8]
+input_shape = [4, 8]
 [[layer]]
-name = "shaped"
-op = "custom"
-fwd_flops = 1e6
-bwd_flops = 2e6
-params = 0
-out_shape = [16]
+name = "experts"
+op = "mlp"
+hidden = 8
+ffn_hidden = 16
+experts = 4
+experts_per_token = 2
 )", "m.toml");
     CHECK_THROWS_WITH_AS((void)make_device_layer(m, 0, Elem::f32),
-                         doctest::Contains("layer \"shaped\": a custom layer has no device kernel yet"), InputError);
+                         doctest::Contains("layer \"experts\": a mixture of experts has no device kernel yet"), InputError);
+}
+
+TEST_CASE("device custom layers agree with the CPU kernel: input tiled, cut, and an opaque chain") {
+    // k = 7 from an input of 5 (tiled: blocks of 5 and 2), k = 3 from 8 (cut), then two opaque
+    // layers (no out_shape: [out] per sample), the second tiling the first's 6 values to 20.
+    const Model m = parse_model(R"([model]
+name = "custom"
+dtype = "fp32"
+global_batch = 4
+input_shape = [5]
+[[layer]]
+name = "tiled"
+op = "custom"
+fwd_flops = 112
+bwd_flops = 224
+params = 56
+out_shape = [8]
+[[layer]]
+name = "cut"
+op = "custom"
+fwd_flops = 36
+bwd_flops = 72
+params = 18
+out_bytes = 24
+[[layer]]
+name = "opaque"
+op = "custom"
+fwd_flops = 400
+bwd_flops = 800
+params = 200
+out_bytes = 40
+)", "custom.toml");
+    check_all(compare_model(m, Elem::f32, 3), 1e-6);
+    const auto errors = compare_model(m, Elem::bf16, 3);
+    for (const auto& [name, e] : errors) {
+        CAPTURE(name);
+        CHECK(e.forward <= 2e-2);
+        CHECK(e.input_grad <= 2e-2);
+        CHECK(e.param_grad <= 2e-2);
+    }
 }
 
 namespace {
@@ -795,4 +835,37 @@ TEST_CASE("device communicators in a 3-stage tiny-gpt, bf16: several layers per 
         check_same_run(run_plan(model, plan, host_backend(e), 3, {}, own_memory, host_fabric()),
                        run_plan(model, plan, host_backend(e)));
     }
+}
+
+TEST_CASE("custom layers train across stages: opaque outputs cross as [out] per sample, on both backends") {
+    const Model model = parse_model(R"([model]
+name = "opaque"
+dtype = "fp32"
+global_batch = 8
+input_shape = [16]
+[[layer]]
+name = "a"
+op = "custom"
+fwd_flops = 2048
+bwd_flops = 4096
+params = 1024
+out_bytes = 256
+[[layer]]
+name = "b"
+op = "custom"
+fwd_flops = 2048
+bwd_flops = 4096
+params = 1024
+out_bytes = 256
+)", "opaque.toml");
+    CHECK(sample_shape(model, 0) == std::vector<std::size_t>{64});
+    const Plan plan = device_plan(2, 8, {{0, 0}, {1, 1}}, {{0}, {1}});
+    const RunResult cpu = run_plan(model, plan, nullptr);
+    const RunResult one = run_plan(model, device_plan(2, 8, {{0, 1}}, {{0}}), nullptr);
+    check_same_run(cpu, one);  // the stage boundary changes nothing
+    const RunResult dev = run_plan(model, plan, host_backend(Elem::f32));
+    for (std::size_t i = 0; i < cpu.loss.size(); ++i) CHECK(dev.loss[i] == doctest::Approx(cpu.loss[i]).epsilon(1e-6));
+    CHECK(weights_error(dev, cpu) < 1e-5);
+    check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, one_memory), dev);
+    check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, own_memory, host_fabric()), dev);
 }

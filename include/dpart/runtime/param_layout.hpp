@@ -9,6 +9,7 @@
 #include <span>
 #include <vector>
 
+#include "dpart/graph/model.hpp"
 #include "dpart/graph/op.hpp"
 #include "dpart/runtime/backend.hpp"
 
@@ -110,5 +111,17 @@ struct MlpParams {
     ParamLayout::Id bgate = ParamLayout::absent, bup = ParamLayout::absent, bdown = ParamLayout::absent;
 };
 MlpParams add_mlp_params(ParamLayout& layout, const MlpOp& op);
+
+/// A custom layer (an opaque profiled layer) runs y = x' W^T, W [out, k], x' each sample's input
+/// (`row` values) repeated or cut to k: a real product of its declared forward FLOPs (2 out k).
+/// out: its output shape's elements, else out_bytes / the dtype's bytes (at least 1); k: the
+/// forward FLOPs / (2 out), at least 1; row: what its input has per sample (the model input's,
+/// or k for a first layer without one).
+struct CustomGeometry {
+    std::size_t out = 0, k = 0, row = 0;
+};
+[[nodiscard]] CustomGeometry custom_geometry(const Model& model, std::size_t layer);
+/// Its weight: [out, k] (fan-in k).
+ParamLayout::Id add_custom_params(ParamLayout& layout, const CustomGeometry& g);
 
 }  // namespace dpart::rt

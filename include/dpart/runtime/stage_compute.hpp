@@ -44,6 +44,9 @@ inline constexpr std::size_t model_input = static_cast<std::size_t>(-1);
 /// The inputs a layer reads: its listed inputs, or the model input (layer 0) or the previous
 /// layer's output.
 [[nodiscard]] std::vector<std::size_t> inputs_of(const Model& model, std::size_t layer);
+/// The shape of one sample of a layer's output as the kernels make it: its out_shape, or for an
+/// opaque custom layer [out] (custom_geometry).
+[[nodiscard]] std::vector<std::size_t> sample_shape(const Model& model, std::size_t layer);
 
 /// Rows [from, to) of this worker's rows of some layers' tensors, packed layer after layer (in
 /// the order of the step's layer list) in one device buffer: what device stages sharing memory

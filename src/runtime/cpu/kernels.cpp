@@ -234,26 +234,13 @@ private:
     std::size_t classes_ = 0;
 };
 
-std::size_t custom_out_elements(const Model& model, std::size_t layer) {
-    const auto& op = std::get<CustomOp>(model.layers[layer].op);
-    if (!op.out_shape.empty()) return element_count(op.out_shape);
-    return std::max<std::size_t>(1, op.out_bytes / dtype_bytes(model.dtype));
-}
-
-/// The width of a custom layer's product: its forward FLOPs are 2 * out * k.
-std::size_t custom_width(const Model& model, std::size_t layer) {
-    const auto& op = std::get<CustomOp>(model.layers[layer].op);
-    const double out = static_cast<double>(custom_out_elements(model, layer));
-    return std::max<std::size_t>(1, static_cast<std::size_t>(std::llround(static_cast<double>(op.fwd_flops) / (2.0 * out))));
-}
-
 /// y = x' W^T, W [out, k], x' the sample's input repeated or cut to k elements: a real product
 /// of the declared forward FLOPs. Its parameter count is out * k, whatever `params` says.
 class CustomKernel final : public Kernel {
 public:
     CustomKernel(const Model& model, std::size_t layer, Shard shard)
-        : Kernel(model, layer, shard), out_(custom_out_elements(model, layer)), k_(custom_width(model, layer)) {
-        w_ = layout_.add(out_, k_, Split::none, Init::weight, k_);
+        : Kernel(model, layer, shard), out_(custom_geometry(model, layer).out), k_(custom_geometry(model, layer).k) {
+        w_ = add_custom_params(layout_, custom_geometry(model, layer));
     }
 
     [[nodiscard]] Tensor forward(const StepContext&, std::span<const Tensor* const> inputs,
@@ -332,12 +319,12 @@ std::size_t input_row_size(const Model& model, std::size_t layer, std::size_t i)
     const Layer& l = model.layers.at(layer);
     if (l.inputs.empty()) {
         if (!model.input_shape.empty()) return element_count(model.input_shape);
-        return std::holds_alternative<CustomOp>(l.op) ? custom_width(model, layer) : 0;
+        return std::holds_alternative<CustomOp>(l.op) ? custom_geometry(model, layer).k : 0;
     }
     const std::size_t from = l.inputs.at(i);
     const Layer& src = model.layers[from];
     if (!src.out_shape.empty()) return element_count(src.out_shape);
-    return std::holds_alternative<CustomOp>(src.op) ? custom_out_elements(model, from) : 0;
+    return std::holds_alternative<CustomOp>(src.op) ? custom_geometry(model, from).out : 0;
 }
 
 }  // namespace dpart::rt::cpu

@@ -824,6 +824,65 @@ private:
 
 /// Dropout: x times a mask of 0 or 1 / (1 - p) drawn as the CPU kernel draws it (dropout_factor
 /// of the sample's global index), made on the host and uploaded; backward reuses it.
+/// A custom layer: y = x' W^T with x' each sample's input tiled or cut to k (custom_geometry),
+/// computed without building x': W's column blocks of the input's width each multiply x, the
+/// products summed into y (the declared FLOPs, 2 out k per sample). Backward: each block's
+/// weight gradient, and dx summed over the blocks, as the CPU kernel folds x'\'s gradient.
+class CustomLayer final : public Base {
+public:
+    CustomLayer(const Model& model, std::size_t layer, Elem compute)
+        : Base(model, layer, compute), g_(custom_geometry(model, layer)) {
+        w_ = add_custom_params(layout_, g_);
+        out_row_ = g_.out;
+    }
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t n,
+                         const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
+        saved.clear();
+        const DeviceSpan x = single(inputs);
+        const Slices p = slices(params);
+        DeviceBuffer y = make(ops, n * g_.out);
+        if (g_.row == 0) {
+            ops.fill(y.span(), 0.0f);
+            return y;
+        }
+        for_blocks([&](std::size_t at, std::size_t kb, float beta) {
+            ops.gemm(Trans::none, Trans::trans, n, g_.out, kb, 1.0f, x, g_.row, block(p.compute(w_), at), g_.k, beta,
+                     y.span(), g_.out);
+        });
+        return y;
+    }
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+                                       std::span<const DeviceSpan> inputs, std::size_t n, const DeviceParams& params,
+                                       const std::vector<DeviceBuffer>&, DeviceSpan grads) const override {
+        const DeviceSpan x = single(inputs);
+        const Slices p = slices(params, grads);
+        std::vector<DeviceBuffer> dx;
+        // A cut input (k < row): the columns past k get no gradient.
+        dx.push_back(g_.k < g_.row ? DeviceBuffer(ops, x.count, compute_) : make(ops, x.count));
+        if (g_.row == 0) return dx;
+        for_blocks([&](std::size_t at, std::size_t kb, float beta) {
+            ops.gemm(Trans::trans, Trans::none, g_.out, kb, n, 1.0f, dout, g_.out, x, g_.row, 1.0f,
+                     block(p.grad(w_), at), g_.k);
+            ops.gemm(Trans::none, Trans::none, n, kb, g_.out, 1.0f, dout, g_.out, block(p.compute(w_), at), g_.k, beta,
+                     dx[0].span(), g_.row);
+        });
+        return dx;
+    }
+
+private:
+    /// f(first column, width, beta) for each block of the input's width within k: the first
+    /// overwrites (beta 0; it is the widest), the others add.
+    template <class F>
+    void for_blocks(F&& f) const {
+        for (std::size_t at = 0; at < g_.k; at += g_.row) f(at, std::min(g_.row, g_.k - at), at == 0 ? 0.0f : 1.0f);
+    }
+    /// W's columns from `at` on, as a matrix of row stride k.
+    [[nodiscard]] static DeviceSpan block(DeviceSpan w, std::size_t at) { return w.sub(at, w.count - at); }
+
+    CustomGeometry g_;
+    ParamLayout::Id w_ = ParamLayout::absent;
+};
+
 class DropoutLayer final : public Base {
 public:
     DropoutLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute), index_(layer) {}
@@ -898,7 +957,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
     const Layer& l = model.layers[layer];
     const auto unsupported = [&](const std::string& what) -> std::unique_ptr<DeviceLayer> {
         throw InputError(l.where, fmt::format("layer \"{}\": {} has no device kernel yet (the device backend runs "
-                                              "every op but custom layers and mixtures of experts)",
+                                              "every op but mixtures of experts)",
                                               l.name, what));
     };
     const auto make = Overloaded{
@@ -941,7 +1000,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
         [&](const Conv2dOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<Conv2dLayer>(model, layer, compute); },
         [&](const PoolOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<PoolLayer>(model, layer, compute); },
         [&](const ConcatOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<ConcatLayer>(model, layer, compute); },
-        [&](const CustomOp&) { return unsupported("a custom layer"); },
+        [&](const CustomOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<CustomLayer>(model, layer, compute); },
     };
     return std::visit(make, l.op);
 }

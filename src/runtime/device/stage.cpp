@@ -363,7 +363,7 @@ private:
     }
     [[nodiscard]] std::vector<std::size_t> shape_of(std::size_t l, std::size_t rows) const {
         std::vector<std::size_t> shape{rows};
-        const Shape& s = model_.layers[l].out_shape;
+        const std::vector<std::size_t> s = sample_shape(model_, l);
         shape.insert(shape.end(), s.begin(), s.end());
         return shape;
     }
