@@ -213,8 +213,7 @@ int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const M
     job.adaptive.policy.min_gain = o.min_gain;
     job.adaptive.policy.solver.objective = plan.objective;
     job.adaptive.policy.solver.max_replicas = o.max_replicas;
-    // The device backends run tp = 1 only: their re-plans must not choose tensor parallelism.
-    job.adaptive.policy.solver.max_tp = o.backend == "cpu" ? o.max_tp : 1;
+    job.adaptive.policy.solver.max_tp = o.max_tp;
     const rt::AdaptiveResult r = mpi ? rt::run_adaptive(job, mpi->transport()) : rt::run_adaptive_in_process(job);
     if (!r.writer) return 0;
 
@@ -408,7 +407,7 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
                     "adaptive: re-plans use at most this many data-parallel replicas per stage (0: no limit; 1 keeps "
                     "plans pipeline-only, so that the weights stay bitwise those of a static run)")
         ->capture_default_str();
-    cmd->add_option("--max-tp", o->max_tp, "adaptive: largest tensor-parallel degree of re-plans (the device backends: 1)")
+    cmd->add_option("--max-tp", o->max_tp, "adaptive: largest tensor-parallel degree of re-plans")
         ->check(CLI::Range(1u, 64u))
         ->capture_default_str();
     cmd->add_option("--timeline", o->timeline, "which iterations timeline.csv holds: ends (the first and last) or all")

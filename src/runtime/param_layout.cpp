@@ -4,6 +4,9 @@
 #include <cmath>
 #include <stdexcept>
 
+#include <fmt/format.h>
+
+#include "dpart/core/error.hpp"
 #include "dpart/runtime/tensor.hpp"
 
 namespace dpart::rt {
@@ -175,6 +178,13 @@ MlpParams add_mlp_params(ParamLayout& layout, const MlpOp& op) {
         p.bdown = layout.add_if(op.bias, h, 1, Split::none, Init::zero);
     }
     return p;
+}
+
+void require_split(const Layer& layer, std::uint64_t value, std::string_view what, Shard shard) {
+    if (value % shard.size != 0)
+        throw InputError(layer.where, fmt::format("layer \"{}\": {} {} does not split over a tensor-parallel group of {} "
+                                                  "(it must be a multiple of tp)",
+                                                  layer.name, what, value, shard.size));
 }
 
 CustomGeometry custom_geometry(const Model& model, std::size_t layer) {

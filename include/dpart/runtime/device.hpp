@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "dpart/graph/model.hpp"
+#include "dpart/runtime/backend.hpp"
 #include "dpart/runtime/optimizer.hpp"
 #include "dpart/runtime/window.hpp"
 
@@ -63,6 +64,11 @@ public:
     virtual void download(DeviceSpan from, std::span<float> to) = 0;
     /// to = from, converting between f32 and bf16.
     virtual void copy(DeviceSpan from, DeviceSpan to) = 0;
+    /// Rows of a matrix into rows of another: to[r * to_ld + c] = from[r * from_ld + c] for
+    /// r < rows, c < cols (one element type). The default copies row by row; a GPU does one
+    /// strided copy (cudaMemcpy2DAsync).
+    virtual void copy_2d(DeviceSpan from, std::size_t from_ld, DeviceSpan to, std::size_t to_ld, std::size_t rows,
+                         std::size_t cols);
     virtual void fill(DeviceSpan span, float value) = 0;
     /// to += from, element-wise.
     virtual void add(DeviceSpan from, DeviceSpan to) = 0;
@@ -157,6 +163,28 @@ public:
                                 DeviceSpan m, DeviceSpan v) = 0;
 };
 
+/// A tensor-parallel group's collectives on a device's buffers, in the group's order (what the
+/// CPU kernels do through StepContext::tp, on the device layers' tensors).
+class DeviceGroup {
+public:
+    virtual ~DeviceGroup() = default;
+    /// data becomes the sum over the group (every member the same values).
+    virtual void allreduce_sum(DeviceOps& ops, DeviceSpan data) = 0;
+    /// all = every member's `mine` (all the same size) in rank order.
+    virtual void allgather(DeviceOps& ops, DeviceSpan mine, DeviceSpan all) = 0;
+};
+/// Through the host: download, the GroupComm's collective on floats (group_allreduce_sum's
+/// bitwise sum), upload.
+class HostStagedGroup final : public DeviceGroup {
+public:
+    explicit HostStagedGroup(GroupComm& group) : group_(&group) {}
+    void allreduce_sum(DeviceOps& ops, DeviceSpan data) override;
+    void allgather(DeviceOps& ops, DeviceSpan mine, DeviceSpan all) override;
+
+private:
+    GroupComm* group_;
+};
+
 /// A DeviceSpan that releases itself.
 class DeviceBuffer {
 public:
@@ -243,12 +271,15 @@ struct DeviceStep {
     /// the embedding's backward then needs no look at the ids.
     DeviceSpan token_groups;
     std::size_t token_group_count = 0;
+    /// The stage's tensor-parallel group (null with tp = 1): split layers' collectives.
+    DeviceGroup* tp = nullptr;
 };
 
 class DeviceLayer {
 public:
     virtual ~DeviceLayer() = default;
-    /// Parameters in the CPU kernel's canonical layout (initial values: make_cpu_kernel's init).
+    /// Parameters in the CPU kernel's canonical layout (initial values: make_cpu_kernel's init);
+    /// a shard's own (the CPU kernel's shard layout) when the layer is split.
     [[nodiscard]] virtual std::size_t params() const noexcept = 0;
     /// Elements per sample of the output.
     [[nodiscard]] virtual std::size_t out_row() const noexcept = 0;
@@ -274,6 +305,11 @@ public:
 /// The device layer of `model.layers[layer]` computing in `compute` (f32 or bf16). Throws
 /// InputError at the layer's location for an op the device backend does not run (it names the
 /// ops it runs).
-[[nodiscard]] std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t layer, Elem compute);
+/// With `shard` (tp > 1) the layer is this rank's shard, split as the CPU kernel splits it
+/// (Megatron's column- and row-parallel products: linear layers by output rows, gathered;
+/// attention by heads and MLPs by inner units, their output projections summed over the group);
+/// the other layers are whole on every rank. Throws InputError when the layer does not split.
+[[nodiscard]] std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t layer, Elem compute,
+                                                             Shard shard = {});
 
 }  // namespace dpart::rt

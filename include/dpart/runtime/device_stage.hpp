@@ -11,8 +11,8 @@
 namespace dpart::rt {
 
 /// A StageFactory whose stages compute in `compute` (f32 or bf16) on the DeviceOps that
-/// `make_ops` returns for the worker's place (called on the worker's thread). Stages with
-/// tp > 1 are refused (InputError at the stage).
+/// `make_ops` returns for the worker's place (called on the worker's thread). A stage with
+/// tp > 1 holds its rank's shard of the split layers, as the CPU stage does.
 [[nodiscard]] StageFactory make_device_stage_factory(
     std::function<std::unique_ptr<DeviceOps>(const WorkerPlace&)> make_ops, Elem compute);
 

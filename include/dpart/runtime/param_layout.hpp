@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "dpart/graph/model.hpp"
@@ -35,6 +36,7 @@ public:
     /// add() when `present`, else `absent`.
     Id add_if(bool present, std::size_t rows, std::size_t cols, Split split, Init init);
 
+    [[nodiscard]] Shard shard() const noexcept { return shard_; }
     [[nodiscard]] std::size_t full_size() const noexcept { return full_size_; }
     [[nodiscard]] std::size_t shard_size() const noexcept { return shard_size_; }
 
@@ -111,6 +113,9 @@ struct MlpParams {
     ParamLayout::Id bgate = ParamLayout::absent, bup = ParamLayout::absent, bdown = ParamLayout::absent;
 };
 MlpParams add_mlp_params(ParamLayout& layout, const MlpOp& op);
+
+/// Throws InputError at the layer when `value` (its `what`) does not split over `shard`'s group.
+void require_split(const Layer& layer, std::uint64_t value, std::string_view what, Shard shard);
 
 /// A custom layer (an opaque profiled layer) runs y = x' W^T, W [out, k], x' each sample's input
 /// (`row` values) repeated or cut to k: a real product of its declared forward FLOPs (2 out k).

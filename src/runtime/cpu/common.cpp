@@ -82,12 +82,6 @@ void dense_backward(const float* x, const float* dy, std::size_t rows, std::size
     if (dx != nullptr) gemm(Op::none, Op::none, rows, in, out, 1.0f, dy, out, w, in, dx_beta, dx, in);
 }
 
-void require_split(const Layer& layer, std::uint64_t value, std::string_view what, Shard shard) {
-    if (value % shard.size != 0)
-        throw InputError(layer.where, fmt::format("layer \"{}\": {} {} does not split over a tensor-parallel group of {} "
-                                                  "(it must be a multiple of tp)",
-                                                  layer.name, what, value, shard.size));
-}
 
 void unsupported(const Layer& layer, const std::string& what, const std::string& supported) {
     throw InputError(layer.where, fmt::format("layer \"{}\": {} has no CPU kernel in dpart run (supported: {})",

@@ -100,8 +100,6 @@ void with_activation(Activation a, F&& f) {
     }
 }
 
-/// Throws InputError at the layer when `what` (a size) does not split over the shard size.
-void require_split(const Layer& layer, std::uint64_t value, std::string_view what, Shard shard);
 
 /// Throws InputError at the layer: `what` has no CPU kernel.
 [[noreturn]] void unsupported(const Layer& layer, const std::string& what, const std::string& supported);

@@ -242,6 +242,17 @@ public:
             throw RuntimeError("cuda ops: copy between i32 and floats");
         }
     }
+    void copy_2d(DeviceSpan from, std::size_t from_ld, DeviceSpan to, std::size_t to_ld, std::size_t rows,
+                 std::size_t cols) override {
+        if (rows == 0 || cols == 0) return;
+        if (from.elem != to.elem) throw RuntimeError("cuda ops: a 2-d copy between element types");
+        need(from, (rows - 1) * from_ld + cols, "copy_2d's source");
+        need(to, (rows - 1) * to_ld + cols, "copy_2d's destination");
+        const std::size_t e = elem_bytes(from.elem);
+        check_cuda(cudaMemcpy2DAsync(to.ptr, to_ld * e, from.ptr, from_ld * e, cols * e, rows, cudaMemcpyDeviceToDevice,
+                                     stream_),
+                   "cudaMemcpy2DAsync");
+    }
     void fill(DeviceSpan s, float value) override {
         if (s.count == 0) return;
         if (s.elem == Elem::f32) {

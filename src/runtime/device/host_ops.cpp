@@ -500,6 +500,29 @@ DeviceSpan DeviceSpan::sub(std::size_t first, std::size_t n) const {
     return {static_cast<char*>(ptr) + first * elem_bytes(elem), n, elem};
 }
 
+void DeviceOps::copy_2d(DeviceSpan from, std::size_t from_ld, DeviceSpan to, std::size_t to_ld, std::size_t rows,
+                        std::size_t cols) {
+    if (rows == 0 || cols == 0) return;
+    if (from.elem != to.elem) throw RuntimeError(fmt::format("{}: a 2-d copy between element types", name()));
+    if (cols > from_ld || cols > to_ld)
+        throw RuntimeError(fmt::format("{}: a 2-d copy of {} columns with strides {} and {}", name(), cols, from_ld, to_ld));
+    for (std::size_t r = 0; r < rows; ++r) copy(from.sub(r * from_ld, cols), to.sub(r * to_ld, cols));
+}
+
+void HostStagedGroup::allreduce_sum(DeviceOps& ops, DeviceSpan data) {
+    std::vector<float> v(data.count);
+    ops.download(data, v);
+    group_->allreduce_sum(v);
+    ops.upload(v, data);
+}
+
+void HostStagedGroup::allgather(DeviceOps& ops, DeviceSpan mine, DeviceSpan all) {
+    std::vector<float> m(mine.count), a(all.count);
+    ops.download(mine, m);
+    group_->allgather(m, a);
+    ops.upload(a, all);
+}
+
 std::unique_ptr<DeviceOps> make_host_ops() { return std::make_unique<HostOps>(); }
 
 }  // namespace dpart::rt

@@ -35,6 +35,15 @@ struct Slices {
     const ParamLayout* layout;
     const DeviceParams* params;
     DeviceSpan grads;
+    DeviceGroup* tp = nullptr;  ///< the tensor-parallel group, for a layer split over one
+
+    /// The sum over the tensor-parallel group of a row-parallel product's partial results (or
+    /// of an input gradient); nothing without a split.
+    void allreduce(DeviceOps& ops, DeviceSpan data) const {
+        if (layout->shard().size <= 1) return;
+        if (tp == nullptr) throw RuntimeError("a tensor-parallel device layer ran without its group (DeviceStep::tp)");
+        tp->allreduce_sum(ops, data);
+    }
 
     [[nodiscard]] DeviceSpan master(ParamLayout::Id id) const { return slice(params->master, id); }
     [[nodiscard]] DeviceSpan compute(ParamLayout::Id id) const { return slice(params->compute, id); }
@@ -69,14 +78,16 @@ void dense_backward(DeviceOps& ops, const Slices& p, DeviceSpan x, DeviceSpan dy
 
 class Base : public DeviceLayer {
 public:
-    Base(const Model& model, std::size_t layer, Elem compute)
-        : name_(model.layers.at(layer).name), compute_(compute),
+    Base(const Model& model, std::size_t layer, Elem compute, Shard shard = {})
+        : layout_(shard), name_(model.layers.at(layer).name), compute_(compute),
           out_row_(element_count(model.layers.at(layer).out_shape)) {}
-    [[nodiscard]] std::size_t params() const noexcept final { return layout_.full_size(); }
+    [[nodiscard]] std::size_t params() const noexcept final { return layout_.shard_size(); }
     [[nodiscard]] std::size_t out_row() const noexcept final { return out_row_; }
 
 protected:
-    [[nodiscard]] Slices slices(const DeviceParams& p, DeviceSpan grads = {}) const { return {&layout_, &p, grads}; }
+    [[nodiscard]] Slices slices(const DeviceParams& p, DeviceSpan grads = {}, DeviceGroup* tp = nullptr) const {
+        return {&layout_, &p, grads, tp};
+    }
     /// A buffer its op overwrites entirely (every use of make() does).
     [[nodiscard]] DeviceBuffer make(DeviceOps& ops, std::size_t count) const {
         return {ops, count, compute_, DeviceBuffer::uninitialized};
@@ -130,9 +141,10 @@ private:
 /// probabilities [n, heads, seq, seq] and the heads' output o.
 class AttentionPart {
 public:
+    /// This rank's heads (heads / tp and kv_heads / tp of them) of the layout's shard.
     AttentionPart(ParamLayout& layout, const AttentionOp& op, std::size_t seq)
-        : hidden_(op.hidden), seq_(seq), d_(op.head_dim), heads_(op.heads), kv_heads_(op.kv_heads),
-          causal_(op.causal) {
+        : hidden_(op.hidden), seq_(seq), d_(op.head_dim), heads_(op.heads / layout.shard().size),
+          kv_heads_(op.kv_heads / layout.shard().size), causal_(op.causal) {
         const AttentionParams p = add_attention_params(layout, op);
         wq_ = p.wq, wk_ = p.wk, wv_ = p.wv, bq_ = p.bq, bk_ = p.bk, bv_ = p.bv, wo_ = p.wo, bo_ = p.bo;
     }
@@ -161,8 +173,11 @@ public:
                              seq_ * seq_, kv_at(v.span(), b, h0), kd, k_stride, 0.0f, q_at(o.span(), b, h0), qd, d_,
                              count);
         });
+        // Row-parallel output projection: partial sums over this rank's heads, then the bias once.
         DeviceBuffer y(ops, rows * hidden_, compute, DeviceBuffer::uninitialized);
-        dense_forward(ops, p, o.span(), rows, qd, wo_, bo_, hidden_, y.span());
+        dense_forward(ops, p, o.span(), rows, qd, wo_, ParamLayout::absent, hidden_, y.span());
+        p.allreduce(ops, y.span());
+        if (bo_ != ParamLayout::absent) ops.bias_add(y.span(), p.master(bo_), rows, hidden_);
         saved.push_back(std::move(q));
         saved.push_back(std::move(k));
         saved.push_back(std::move(v));
@@ -204,6 +219,7 @@ public:
         dense_backward(ops, p, x, dq.span(), rows, hidden_, qd, wq_, bq_, dx.span(), 0.0f);
         dense_backward(ops, p, x, dk.span(), rows, hidden_, kd, wk_, bk_, dx.span(), 1.0f);
         dense_backward(ops, p, x, dv.span(), rows, hidden_, kd, wv_, bv_, dx.span(), 1.0f);
+        p.allreduce(ops, dx.span());
         return dx;
     }
 
@@ -253,8 +269,10 @@ private:
 /// up projection, and the activation h.
 class MlpPart {
 public:
+    /// This rank's inner units (ffn_hidden / tp) of the layout's shard.
     MlpPart(ParamLayout& layout, const MlpOp& op)
-        : hidden_(op.hidden), ffn_(op.ffn_hidden), gated_(op.kind == MlpKind::gated), act_(op.activation) {
+        : hidden_(op.hidden), ffn_(op.ffn_hidden / layout.shard().size), gated_(op.kind == MlpKind::gated),
+          act_(op.activation) {
         const MlpParams p = add_mlp_params(layout, op);
         gate_ = p.gate, up_ = p.up, down_ = p.down, bgate_ = p.bgate, bup_ = p.bup, bdown_ = p.bdown;
     }
@@ -273,8 +291,11 @@ public:
         } else {
             ops.activation_forward(act_, up.span(), h.span());
         }
+        // Row-parallel down projection: partial sums over this rank's units, then the bias once.
         DeviceBuffer y(ops, rows * hidden_, compute, DeviceBuffer::uninitialized);
-        dense_forward(ops, p, h.span(), rows, ffn_, down_, bdown_, hidden_, y.span());
+        dense_forward(ops, p, h.span(), rows, ffn_, down_, ParamLayout::absent, hidden_, y.span());
+        p.allreduce(ops, y.span());
+        if (bdown_ != ParamLayout::absent) ops.bias_add(y.span(), p.master(bdown_), rows, hidden_);
         saved.push_back(std::move(gate));
         saved.push_back(std::move(up));
         saved.push_back(std::move(h));
@@ -301,6 +322,7 @@ public:
             ops.activation_backward(act_, up, dh.span(), dh.span());
             dense_backward(ops, p, x, dh.span(), rows, hidden_, ffn_, up_, bup_, dx.span(), 0.0f);
         }
+        p.allreduce(ops, dx.span());
         return dx;
     }
 
@@ -317,18 +339,18 @@ template <class Part>
 class PartLayer final : public Base {
 public:
     template <class... Args>
-    PartLayer(const Model& model, std::size_t layer, Elem compute, const Args&... args)
-        : Base(model, layer, compute), part_(layout_, args...) {}
-    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+    PartLayer(const Model& model, std::size_t layer, Elem compute, Shard shard, const Args&... args)
+        : Base(model, layer, compute, shard), part_(layout_, args...) {}
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep& step, std::span<const DeviceSpan> inputs, std::size_t,
                          const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
         saved.clear();
-        return part_.forward(ops, slices(params), single(inputs), compute_, saved);
+        return part_.forward(ops, slices(params, {}, step.tp), single(inputs), compute_, saved);
     }
-    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep& step, DeviceSpan dout,
                                        std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams& params,
                                        const std::vector<DeviceBuffer>& saved, DeviceSpan grads) const override {
         std::vector<DeviceBuffer> dx;
-        dx.push_back(part_.backward(ops, slices(params, grads), dout, single(inputs), compute_, saved));
+        dx.push_back(part_.backward(ops, slices(params, grads, step.tp), dout, single(inputs), compute_, saved));
         return dx;
     }
 
@@ -336,38 +358,74 @@ private:
     Part part_;
 };
 
+/// y = x W^T + b. Split over a tensor-parallel group (not when tied to an embedding, as on the
+/// CPU) by output rows: each rank computes its columns of y, which an all-gather assembles;
+/// backward takes its columns of dy and sums dx over the group.
 class LinearLayer final : public Base {
 public:
-    LinearLayer(const Model& model, std::size_t layer, Elem compute) : Base(model, layer, compute) {
+    LinearLayer(const Model& model, std::size_t layer, Elem compute, Shard shard)
+        : Base(model, layer, compute, LinearLayer::split(model, layer, shard) ? shard : Shard{}) {
         const auto& op = std::get<LinearOp>(model.layers[layer].op);
         in_ = op.in_features;
         out_ = op.out_features;
-        const LinearParams p = add_linear_params(layout_, in_, out_, op.bias, false);
+        split_ = split(model, layer, shard);
+        if (split_) require_split(model.layers[layer], out_, "out_features", shard);
+        ranks_ = split_ ? shard.size : 1;
+        rank_ = split_ ? shard.rank : 0;
+        own_ = out_ / ranks_;
+        const LinearParams p = add_linear_params(layout_, in_, out_, op.bias, split_);
         w_ = p.w;
         b_ = p.b;
     }
-    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep& step, std::span<const DeviceSpan> inputs, std::size_t,
                          const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
         saved.clear();
         const DeviceSpan x = single(inputs);
         const std::size_t rows = x.count / in_;
         DeviceBuffer y = make(ops, rows * out_);
-        dense_forward(ops, slices(params), x, rows, in_, w_, b_, out_, y.span());
+        if (!split_) {
+            dense_forward(ops, slices(params), x, rows, in_, w_, b_, out_, y.span());
+            return y;
+        }
+        DeviceBuffer mine = make(ops, rows * own_), all = make(ops, rows * out_);
+        dense_forward(ops, slices(params), x, rows, in_, w_, b_, own_, mine.span());
+        group(step).allgather(ops, mine.span(), all.span());
+        // all is [rank][row][own column]: each rank's block to its columns of y.
+        for (std::size_t r = 0; r < ranks_; ++r)
+            ops.copy_2d(all.span().sub(r * rows * own_, rows * own_), own_, y.span().sub(r * own_, y.count() - r * own_),
+                        out_, rows, own_);
         return y;
     }
-    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep& step, DeviceSpan dout,
                                        std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams& params,
                                        const std::vector<DeviceBuffer>&, DeviceSpan grads) const override {
         const DeviceSpan x = single(inputs);
         const std::size_t rows = x.count / in_;
         std::vector<DeviceBuffer> dx;
         dx.push_back(make(ops, x.count));
-        dense_backward(ops, slices(params, grads), x, dout, rows, in_, out_, w_, b_, dx[0].span(), 0.0f);
+        DeviceSpan dy = dout;
+        DeviceBuffer own_dy;
+        if (split_) {  // this rank's columns of dy
+            own_dy = make(ops, rows * own_);
+            ops.copy_2d(dout.sub(rank_ * own_, dout.count - rank_ * own_), out_, own_dy.span(), own_, rows, own_);
+            dy = own_dy.span();
+        }
+        dense_backward(ops, slices(params, grads), x, dy, rows, in_, own_, w_, b_, dx[0].span(), 0.0f);
+        if (split_) group(step).allreduce_sum(ops, dx[0].span());
         return dx;
     }
 
 private:
-    std::size_t in_ = 0, out_ = 0;
+    static bool split(const Model& model, std::size_t layer, Shard shard) {
+        return shard.size > 1 && !std::get<LinearOp>(model.layers[layer].op).tied_to;
+    }
+    DeviceGroup& group(const DeviceStep& step) const {
+        if (step.tp == nullptr) bad_call(name_, "a tensor-parallel linear layer ran without its group (DeviceStep::tp)");
+        return *step.tp;
+    }
+
+    std::size_t in_ = 0, out_ = 0, own_ = 0, ranks_ = 1, rank_ = 0;
+    bool split_ = false;
     ParamLayout::Id w_ = ParamLayout::absent, b_ = ParamLayout::absent;
 };
 
@@ -525,14 +583,15 @@ private:
 /// parts' own, in the order norm1, attention, norm2, mlp.
 class BlockLayer final : public Base {
 public:
-    BlockLayer(const Model& model, std::size_t layer, Elem compute, const TransformerBlockOp& op, std::size_t seq)
-        : Base(model, layer, compute), norm1_(layout_, op.norm, op.attention.hidden, op.norm_bias),
+    BlockLayer(const Model& model, std::size_t layer, Elem compute, Shard shard, const TransformerBlockOp& op,
+               std::size_t seq)
+        : Base(model, layer, compute, shard), norm1_(layout_, op.norm, op.attention.hidden, op.norm_bias),
           attn_(layout_, op.attention, seq), norm2_(layout_, op.norm, op.attention.hidden, op.norm_bias),
           mlp_(layout_, op.mlp) {}
-    DeviceBuffer forward(DeviceOps& ops, const DeviceStep&, std::span<const DeviceSpan> inputs, std::size_t,
+    DeviceBuffer forward(DeviceOps& ops, const DeviceStep& step, std::span<const DeviceSpan> inputs, std::size_t,
                          const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
         const DeviceSpan x = single(inputs);
-        const Slices p = slices(params);
+        const Slices p = slices(params, {}, step.tp);
         saved.clear();
         saved.resize(3);
         DeviceBuffer h1 = norm1_.forward(ops, p, x, compute_, saved);
@@ -546,11 +605,11 @@ public:
         saved[2] = std::move(h2);
         return y;
     }
-    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep&, DeviceSpan dout,
+    std::vector<DeviceBuffer> backward(DeviceOps& ops, const DeviceStep& step, DeviceSpan dout,
                                        std::span<const DeviceSpan> inputs, std::size_t, const DeviceParams& params,
                                        const std::vector<DeviceBuffer>& saved, DeviceSpan grads) const override {
         const DeviceSpan x = single(inputs);
-        const Slices p = slices(params, grads);
+        const Slices p = slices(params, grads, step.tp);
         const std::span<const DeviceBuffer> s = saved;
         constexpr std::size_t n1 = 3;
         constexpr std::size_t at = n1 + NormPart::saved_count;
@@ -949,7 +1008,16 @@ std::vector<float> loss_labels(std::uint64_t seed, std::uint64_t first_sample, s
     return labels;
 }
 
-std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t layer, Elem compute) {
+namespace {
+
+void require_heads_split(const Layer& l, const AttentionOp& op, Shard shard) {
+    require_split(l, op.heads, "heads", shard);
+    require_split(l, op.kv_heads, "kv_heads", shard);
+}
+
+}  // namespace
+
+std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t layer, Elem compute, Shard shard) {
     if (layer >= model.layers.size())
         throw std::out_of_range(fmt::format("make_device_layer: layer {} of a {}-layer model", layer, model.layers.size()));
     if (compute != Elem::f32 && compute != Elem::bf16)
@@ -961,13 +1029,15 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
                                               l.name, what));
     };
     const auto make = Overloaded{
-        [&](const LinearOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<LinearLayer>(model, layer, compute); },
+        [&](const LinearOp&) -> std::unique_ptr<DeviceLayer> {
+            return std::make_unique<LinearLayer>(model, layer, compute, shard);
+        },
         [&](const EmbeddingOp&) -> std::unique_ptr<DeviceLayer> {
             return std::make_unique<EmbeddingLayer>(model, layer, compute);
         },
         [&](const NormOp& op) -> std::unique_ptr<DeviceLayer> {
             const std::size_t features = op.features != 0 ? op.features : l.out_shape.back();
-            return std::make_unique<PartLayer<NormPart>>(model, layer, compute, op.kind, features, op.bias);
+            return std::make_unique<PartLayer<NormPart>>(model, layer, compute, Shard{}, op.kind, features, op.bias);
         },
         [&](const ElementwiseOp& op) -> std::unique_ptr<DeviceLayer> {
             if (op.kind == Elementwise::dropout) return std::make_unique<DropoutLayer>(model, layer, compute);
@@ -977,15 +1047,20 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
             return std::make_unique<ActivationLayer>(model, layer, compute, a);
         },
         [&](const AttentionOp& op) -> std::unique_ptr<DeviceLayer> {
-            return std::make_unique<PartLayer<AttentionPart>>(model, layer, compute, op, std::size_t{l.out_shape[0]});
+            require_heads_split(l, op, shard);
+            return std::make_unique<PartLayer<AttentionPart>>(model, layer, compute, shard, op,
+                                                              std::size_t{l.out_shape[0]});
         },
         [&](const MlpOp& op) -> std::unique_ptr<DeviceLayer> {
             if (op.experts > 1) return unsupported("a mixture of experts");
-            return std::make_unique<PartLayer<MlpPart>>(model, layer, compute, op);
+            require_split(l, op.ffn_hidden, "ffn_hidden", shard);
+            return std::make_unique<PartLayer<MlpPart>>(model, layer, compute, shard, op);
         },
         [&](const TransformerBlockOp& op) -> std::unique_ptr<DeviceLayer> {
             if (op.mlp.experts > 1) return unsupported("a mixture of experts");
-            return std::make_unique<BlockLayer>(model, layer, compute, op, std::size_t{l.out_shape[0]});
+            require_heads_split(l, op.attention, shard);
+            require_split(l, op.mlp.ffn_hidden, "ffn_hidden", shard);
+            return std::make_unique<BlockLayer>(model, layer, compute, shard, op, std::size_t{l.out_shape[0]});
         },
         [&](const AddOp&) -> std::unique_ptr<DeviceLayer> { return std::make_unique<CopyLayer>(model, layer, compute); },
         [&](const FlattenOp&) -> std::unique_ptr<DeviceLayer> {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -20,13 +21,13 @@ class DeviceStage final : public StageCompute {
 public:
     DeviceStage(StageSetup setup, std::unique_ptr<DeviceOps> ops, Elem compute)
         : model_(*setup.model), stage_(*setup.stage), ops_(std::move(ops)), compute_(compute), seed_(setup.seed) {
-        if (stage_.tp != 1)
-            throw InputError(stage_.where, fmt::format("stage of layers {}-{}: tensor parallelism (tp = {}) runs on the "
-                                                       "CPU backend only; the device backend runs tp = 1",
-                                                       stage_.first_layer, stage_.last_layer, stage_.tp));
+        // Tensor parallelism: each rank holds its shard of the split layers (the CPU kernels'
+        // split), their collectives going through the executor's group (StepContext::tp).
+        const Shard shard{static_cast<std::uint32_t>(setup.place.tp_rank),
+                          static_cast<std::uint32_t>(stage_.tp == 0 ? 1 : stage_.tp)};
         host_state_ = std::move(setup.state);
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
-            layers_.push_back(make_device_layer(model_, l, compute_));
+            layers_.push_back(make_device_layer(model_, l, compute_, shard));
             const std::size_t n = layers_.back()->params();
             const ShardState& st = host_state_.at(l - stage_.first_layer);
             if (st.params.size() != n || st.m.size() != n || st.v.size() != n)
@@ -56,6 +57,7 @@ public:
         f.step.loss_scale = 1.0f / static_cast<float>(model_.global_batch);
         f.step.seed = seed_;
         f.step.first_sample = ctx.first_sample;
+        f.step.tp = group(ctx);
         f.acts = bring_in(inputs, device, rows, [&](std::size_t) { return compute_; });
         if (device != nullptr)  // a host tensor partly filled by parcels is not the whole input
             for (std::size_t l : device->in_layers) inputs.erase(l);
@@ -108,9 +110,10 @@ public:
         return f.out;
     }
 
-    TensorMap backward(std::uint32_t mb, const StepContext&, TensorMap grads, std::span<const std::size_t> want,
+    TensorMap backward(std::uint32_t mb, const StepContext& ctx, TensorMap grads, std::span<const std::size_t> want,
                        DeviceHandoff* device) override {
         InFlight& f = in_flight_.at(mb);
+        f.step.tp = group(ctx);
         std::map<std::size_t, DeviceBuffer> dgrads = bring_in(grads, device, f.rows, [&](std::size_t l) {
             const auto a = f.acts.find(l);
             return a != f.acts.end() ? a->second.span().elem : compute_;
@@ -328,6 +331,13 @@ private:
             throw RuntimeError(fmt::format("gradient values {}-{} asked of a stage of {}", first, first + n, base));
     }
 
+    /// The tensor-parallel group's collectives on this stage's buffers, through the host.
+    DeviceGroup* group(const StepContext& ctx) {
+        if (ctx.tp == nullptr) return nullptr;
+        tp_.emplace(*ctx.tp);
+        return &*tp_;
+    }
+
     [[nodiscard]] std::size_t row_size(std::size_t layer) const { return Tensor::count(shape_of(layer, 1)); }
 
     [[nodiscard]] DeviceSpan span_of(const InFlight& f, std::size_t layer) const {
@@ -384,6 +394,7 @@ private:
     std::map<std::tuple<Cached, std::uint64_t, std::size_t>, DeviceBuffer> cache_;
     std::size_t cached_bytes_ = 0;
     std::map<std::uint32_t, InFlight> in_flight_;
+    std::optional<HostStagedGroup> tp_;
 };
 
 }  // namespace
