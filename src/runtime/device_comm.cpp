@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "dpart/core/error.hpp"
 
@@ -45,9 +46,11 @@ std::vector<CommSplit> comm_splits(const CommGroups& groups, std::size_t workers
             for (std::size_t s = parity; s < groups.pipeline.size(); s += 2) gs.push_back(&groups.pipeline[s]);
             add(purpose, gs);
         }
-    std::vector<const std::vector<std::size_t>*> dp;
+    std::vector<const std::vector<std::size_t>*> dp, tp;
     for (const auto& g : groups.data_parallel) dp.push_back(&g);
     add(CommSplit::Purpose::data_parallel, dp);
+    for (const auto& g : groups.tensor_parallel) tp.push_back(&g);
+    add(CommSplit::Purpose::tensor_parallel, tp);
     return out;
 }
 
@@ -79,7 +82,10 @@ public:
         Communicator comm;  // members: transport ranks
     };
     CollectiveComm(CommLibrary& lib, DeviceOps& ops, std::size_t me, std::vector<Entry> comms)
-        : lib_(lib), ops_(ops), me_(me), comms_(std::move(comms)) {}
+        : lib_(lib), ops_(ops), me_(me), comms_(std::move(comms)) {
+        for (const Entry& e : comms_)
+            if (e.purpose == CommSplit::Purpose::tensor_parallel) tp_.emplace(lib_, e.comm);
+    }
     ~CollectiveComm() override {
         for (Entry& e : comms_) lib_.destroy(e.comm, false);
     }
@@ -103,8 +109,21 @@ public:
             }
         throw RuntimeError(fmt::format("{}: no device communicator joins this worker's replicas", describe(tag)));
     }
+    DeviceGroup* tensor_parallel() override { return tp_ ? &*tp_ : nullptr; }
 
 private:
+    /// The tensor-parallel communicator as a DeviceGroup (on the ops each call passes).
+    class Group final : public DeviceGroup {
+    public:
+        Group(CommLibrary& lib, const Communicator& c) : lib_(lib), c_(c) {}
+        void allreduce_sum(DeviceOps& ops, DeviceSpan data) override { lib_.allreduce_sum(c_, data, ops); }
+        void allgather(DeviceOps& ops, DeviceSpan mine, DeviceSpan all) override { lib_.allgather(c_, mine, all, ops); }
+
+    private:
+        CommLibrary& lib_;
+        Communicator c_;
+    };
+
     /// The communicator that carries `tag`'s kind between this worker and `other`, and other's rank in it.
     std::pair<const Communicator*, std::size_t> pair(std::size_t other, const Tag& tag) const {
         CommSplit::Purpose purpose{};
@@ -125,6 +144,7 @@ private:
     DeviceOps& ops_;
     std::size_t me_;
     std::vector<Entry> comms_;
+    std::optional<Group> tp_;
 };
 
 }  // namespace

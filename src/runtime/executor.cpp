@@ -457,6 +457,7 @@ private:
         ctx.seed = ex_.options().seed;
         ctx.first_sample = f.first_sample;
         ctx.tp = stage_.tp > 1 ? &tp_ : nullptr;
+        ctx.device_tp = stage_.tp > 1 && device_comm_ ? device_comm_->tensor_parallel() : nullptr;
         return ctx;
     }
 

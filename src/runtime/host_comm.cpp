@@ -16,7 +16,7 @@
 namespace dpart::rt {
 namespace {
 
-enum Op : std::uint32_t { split_op = 1, p2p_op = 2, sum_op = 3 };
+enum Op : std::uint32_t { split_op = 1, p2p_op = 2, sum_op = 3, gather_op = 4 };
 
 Tag comm_tag(std::uint64_t id, std::uint32_t seq, Op op) {
     return {Tag::Kind::comm, static_cast<std::uint32_t>(id), seq, op};
@@ -125,12 +125,22 @@ public:
     }
 
     void allreduce_sum(const Communicator& c, DeviceSpan data, DeviceOps& ops) override {
-        if (data.elem != Elem::f32) throw RuntimeError(fmt::format("{}: sums are of f32 values", name()));
+        if (data.elem == Elem::i32) throw RuntimeError(fmt::format("{}: sums are of floats", name()));
         const std::uint32_t seq = sums_[c.id]++;
         std::vector<float> values(data.count);
         ops.download(data, values);
         group_allreduce_sum(net_, c.members, comm_tag(c.id, seq, sum_op), values);
         ops.upload(values, data);
+    }
+
+    void allgather(const Communicator& c, DeviceSpan mine, DeviceSpan all, DeviceOps& ops) override {
+        if (all.count != mine.count * c.members.size() || all.elem != mine.elem)
+            throw RuntimeError(fmt::format("{}: an all-gather of {} values per rank into {}", name(), mine.count, all.count));
+        const std::uint32_t seq = sums_[c.id]++;
+        std::vector<float> m(mine.count), a(all.count);
+        ops.download(mine, m);
+        group_allgather(net_, c.members, comm_tag(c.id, seq, gather_op), m, a);
+        ops.upload(a, all);
     }
 
 private:

@@ -75,6 +75,14 @@ TEST_CASE("comm_splits: neighbouring pairs alternate between two calls, per dire
     CHECK(splits[2].colour == splits[0].colour);
     CHECK(splits[4].groups == std::vector<std::vector<std::size_t>>{{1, 2}});
     CHECK(splits[4].colour == std::vector<int>{-1, 0, 0, -1, -1});
+    // Tensor-parallel groups: one more call, each group its colour.
+    Plan tp = plan_of({{0, 1, 2, 3}, {4}});
+    tp.stages[0].tp = 2;  // two replicas of two ranks: ranks (0, 1) and (2, 3)
+    const std::vector<CommSplit> with_tp = comm_splits(comm_groups(tp), 5);
+    REQUIRE(with_tp.size() == 4);
+    CHECK(with_tp[3].purpose == CommSplit::Purpose::tensor_parallel);
+    CHECK(with_tp[3].groups == std::vector<std::vector<std::size_t>>{{0, 1}, {2, 3}});
+    CHECK(with_tp[2].groups == std::vector<std::vector<std::size_t>>{{0, 2}, {1, 3}});  // replicas per tp rank
     // One stage, one worker: nothing to split.
     CHECK(comm_splits(comm_groups(plan_of({{0}})), 1).empty());
     // Two stages: one call per direction.

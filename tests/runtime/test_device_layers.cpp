@@ -906,3 +906,15 @@ out_bytes = 256
     check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, one_memory), dev);
     check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, own_memory, host_fabric()), dev);
 }
+
+TEST_CASE("a tensor-parallel device stage sums and gathers on its communicator, changing no value") {
+    // tp 2 feeding two replicas, through the host stand-in for NCCL: the tensor-parallel sums and
+    // gathers on the group's communicator, the replicas' all-reduce on theirs.
+    const Model mlp = load_model(models_dir + "seed-mlp.toml");
+    Plan two = device_plan(4, 64, {{0, 1}, {2, 3}}, {{0, 1}, {2, 3}});
+    two.stages[0].tp = 2;
+    const auto fabric = host_fabric();
+    check_same_run(run_plan(mlp, two, host_backend(Elem::f32), 3, {}, own_memory, fabric),
+                   run_plan(mlp, two, host_backend(Elem::f32)));
+    CHECK(fabric->counts().splits == 4 * 4);  // activations, gradients, replicas, tensor parallelism
+}

@@ -41,6 +41,8 @@ struct Saved {
     std::vector<Tensor> tensors;
 };
 
+class DeviceGroup;
+
 struct StepContext {
     std::uint64_t seed = 0;
     /// Global index of the batch's first sample (iteration * global_batch + offset): labels
@@ -48,6 +50,9 @@ struct StepContext {
     std::uint64_t first_sample = 0;
     /// The stage's tensor-parallel group; null when the shard size is 1.
     GroupComm* tp = nullptr;
+    /// The same group on the devices (a device communicator), when there is one: device stages
+    /// then sum and gather there instead of through host memory.
+    DeviceGroup* device_tp = nullptr;
 };
 
 class LayerKernel {

@@ -49,6 +49,8 @@ public:
     /// `data` (f32) becomes the sum of every member's `data`; `group` is one of the plan's
     /// data-parallel groups (transport ranks, in replica order), this worker among them.
     virtual void allreduce_sum(std::span<const std::size_t> group, const Tag& tag, DeviceSpan data) = 0;
+    /// The worker's tensor-parallel group on the devices (null when its stage has tp = 1).
+    [[nodiscard]] virtual DeviceGroup* tensor_parallel() { return nullptr; }
 };
 
 /// A communicator of a CommLibrary: its handle (an ncclComm_t), this member's rank and the
@@ -86,7 +88,11 @@ public:
     /// tag is what the executor meant: NCCL ignores it; the host stand-in checks it).
     virtual void send(const Communicator& c, std::size_t peer, const Tag& tag, DeviceBuffer data, DeviceOps& ops) = 0;
     virtual void recv(const Communicator& c, std::size_t peer, const Tag& tag, DeviceSpan into, DeviceOps& ops) = 0;
+    /// In place, f32 or bf16 (a bf16 sum rounds once per step of NCCL's algorithm; the host
+    /// stand-in sums floats in rank order and rounds once).
     virtual void allreduce_sum(const Communicator& c, DeviceSpan data, DeviceOps& ops) = 0;
+    /// all = every member's `mine` in rank order (ncclAllGather).
+    virtual void allgather(const Communicator& c, DeviceSpan mine, DeviceSpan all, DeviceOps& ops) = 0;
 };
 
 /// NCCL's semantics over `net` (this process's endpoint) and host memory: ids from a counter,
@@ -103,14 +109,14 @@ public:
 /// One ncclCommSplit call of a plan's communicators: each world rank's colour (-1: not in any)
 /// and the groups (worker ranks, rank order) by colour. Groups of one call are disjoint.
 struct CommSplit {
-    enum class Purpose : std::uint8_t { activation, gradient, data_parallel };
+    enum class Purpose : std::uint8_t { activation, gradient, data_parallel, tensor_parallel };
     Purpose purpose = Purpose::activation;
     std::vector<int> colour;
     std::vector<std::vector<std::size_t>> groups;
 };
 /// The split calls for `groups` over `workers` workers (world rank = worker rank): pipeline
 /// pairs alternate between two calls (a middle stage is in two pairs), each for activations and
-/// for gradients; the data-parallel groups in one.
+/// for gradients; the data-parallel groups in one; the tensor-parallel groups in one.
 [[nodiscard]] std::vector<CommSplit> comm_splits(const CommGroups& groups, std::size_t workers);
 
 /// How a segment gets its world from what a rank holds: `reuse` (the same members), `shrink`

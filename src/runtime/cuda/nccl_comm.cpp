@@ -144,12 +144,23 @@ public:
     }
 
     void allreduce_sum(const Communicator& c, DeviceSpan data, DeviceOps& ops) override {
-        if (data.elem != Elem::f32) throw RuntimeError("NCCL all-reduce: sums are of f32 values");
         Comm& m = of(c);
         reap(m);
         const cuda::OpsStream s = cuda::stream_of(ops);
         order(s.stream, m.stream);
-        check_nccl(ncclAllReduce(data.ptr, data.ptr, data.count, ncclFloat, ncclSum, m.comm, m.stream), "ncclAllReduce");
+        check_nccl(ncclAllReduce(data.ptr, data.ptr, data.count, type(data.elem), ncclSum, m.comm, m.stream),
+                   "ncclAllReduce");
+        order(m.stream, s.stream);
+    }
+
+    void allgather(const Communicator& c, DeviceSpan mine, DeviceSpan all, DeviceOps& ops) override {
+        if (all.elem != mine.elem || all.count != mine.count * c.members.size())
+            throw RuntimeError("NCCL all-gather: the output is not members x the input");
+        Comm& m = of(c);
+        reap(m);
+        const cuda::OpsStream s = cuda::stream_of(ops);
+        order(s.stream, m.stream);
+        check_nccl(ncclAllGather(mine.ptr, all.ptr, mine.count, type(mine.elem), m.comm, m.stream), "ncclAllGather");
         order(m.stream, s.stream);
     }
 
@@ -164,6 +175,15 @@ private:
         int device = 0;
         std::vector<Pending> pending;
     };
+
+    static ncclDataType_t type(Elem e) {
+        switch (e) {
+        case Elem::f32: return ncclFloat;
+        case Elem::bf16: return ncclBfloat16;
+        case Elem::i32: break;
+        }
+        throw RuntimeError("NCCL collectives: sums and gathers are of floats");
+    }
 
     Communicator adopt(ncclComm_t comm, int device) {
         auto c = std::make_unique<Comm>();

@@ -331,8 +331,10 @@ private:
             throw RuntimeError(fmt::format("gradient values {}-{} asked of a stage of {}", first, first + n, base));
     }
 
-    /// The tensor-parallel group's collectives on this stage's buffers, through the host.
+    /// The tensor-parallel group's collectives on this stage's buffers: the device
+    /// communicator's, else through the host.
     DeviceGroup* group(const StepContext& ctx) {
+        if (ctx.device_tp != nullptr) return ctx.device_tp;
         if (ctx.tp == nullptr) return nullptr;
         tp_.emplace(*ctx.tp);
         return &*tp_;
