@@ -46,7 +46,7 @@ struct RunCliOptions {
     std::string backend = "cpu";
     std::string precision;  ///< empty: the model's dtype (cuda), fp32 (cpu)
     bool tf32 = false;
-    std::string device_comm = "auto";  ///< auto, nccl, host or off
+    std::string device_comm = "off";  ///< nccl, host or off
     bool adaptive = false;
     std::uint64_t window = 10;
     std::uint64_t copy_every = 10;
@@ -142,17 +142,17 @@ rt::Elem device_precision(const RunCliOptions& o, const Model& model) {
 }
 
 /// What moves device buffers between workers that do not share memory: "nccl", "host" (the
-/// stand-in) or "off" (host tensors). auto: NCCL when the cuda backend runs on whole GPUs only.
+/// stand-in) or "off" (host tensors). NCCL is asked for, not the default, until it has run on
+/// a machine with several GPUs.
 std::string device_comm_choice(const RunCliOptions& o, const Cluster& cluster) {
     if (o.backend == "cpu") {
-        if (o.device_comm != "auto" && o.device_comm != "off")
+        if (o.device_comm != "off")
             throw InputError(fmt::format("--device-comm {} needs a device backend (--backend cuda or host-device)",
                                          o.device_comm));
         return "off";
     }
     const bool partitions = std::any_of(cluster.devices.begin(), cluster.devices.end(),
                                         [](const Device& d) { return d.partition.has_value(); });
-    if (o.device_comm == "auto") return o.backend == "cuda" && !partitions ? "nccl" : "off";
     if (o.device_comm == "nccl") {
         if (o.backend != "cuda") throw InputError("--device-comm nccl needs --backend cuda");
         if (partitions)
@@ -195,7 +195,8 @@ std::string configure_backend(const RunCliOptions& o, const Model& model, const 
         ro.memory_domain = [gpus](const rt::WorkerPlace& p) { return gpus->memory_domain(p.device); };
     }
     if (comm == "nccl")
-        ro.device_fabric = std::make_shared<rt::DeviceFabric>([](rt::Transport&) { return rt::make_nccl_library(); });
+        ro.device_fabric = std::make_shared<rt::DeviceFabric>(
+            [timeout = ro.timeout](rt::Transport&) { return rt::make_nccl_library(timeout); });
     else if (comm == "host")
         ro.device_fabric =
             std::make_shared<rt::DeviceFabric>([](rt::Transport& t) { return rt::make_host_comm_library(t); });
@@ -384,10 +385,10 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--tf32", o->tf32, "cuda backend, fp32: matrix products on TF32 tensor cores");
     cmd->add_option("--device-comm", o->device_comm,
                     "device backends: how activations, gradients and all-reduces move between workers that do not "
-                    "share memory: nccl (whole GPUs; the default for --backend cuda without partitions), host (NCCL's "
-                    "calls rehearsed over the transport: every worker its own memory; for tests), off (host tensors; "
-                    "the default otherwise). auto picks")
-        ->check(CLI::IsMember({"auto", "nccl", "host", "off"}))
+                    "share memory: nccl (NCCL send/recv and all-reduce; whole GPUs, one per worker), host (NCCL's "
+                    "calls rehearsed over the transport: every worker its own memory; for tests), or off (through "
+                    "host tensors)")
+        ->check(CLI::IsMember({"nccl", "host", "off"}))
         ->capture_default_str();
     cmd->add_flag("--adaptive", o->adaptive,
                   "repartition live: measure stage times, re-plan every --window iterations, migrate the layers that "

@@ -15,7 +15,7 @@ CudaDevices::~CudaDevices() = default;
 std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t, bool) { return nullptr; }
 std::string CudaDevices::describe(std::size_t) const { return {}; }
 std::optional<std::uint64_t> CudaDevices::memory_domain(std::size_t) const { return std::nullopt; }
-std::unique_ptr<CommLibrary> make_nccl_library() {
+std::unique_ptr<CommLibrary> make_nccl_library(std::chrono::milliseconds) {
     throw RuntimeError("this dpart was built without CUDA: NCCL is not available (--device-comm host rehearses it)");
 }
 bool built_with_cuda_backend() noexcept { return false; }

@@ -82,12 +82,14 @@ public:
         Communicator comm;  // members: transport ranks
     };
     CollectiveComm(CommLibrary& lib, DeviceOps& ops, std::size_t me, std::vector<Entry> comms)
-        : lib_(lib), ops_(ops), me_(me), comms_(std::move(comms)) {
+        : lib_(lib), ops_(ops), me_(me), comms_(std::move(comms)), unwinding_(std::uncaught_exceptions()) {
         for (const Entry& e : comms_)
             if (e.purpose == CommSplit::Purpose::tensor_parallel) tp_.emplace(lib_, e.comm);
     }
     ~CollectiveComm() override {
-        for (Entry& e : comms_) lib_.destroy(e.comm, false);
+        // Left by an error, transfers may be pending with peers that will not come: abort.
+        const bool error = std::uncaught_exceptions() > unwinding_;
+        for (Entry& e : comms_) lib_.destroy(e.comm, error);
     }
     CollectiveComm(const CollectiveComm&) = delete;
     CollectiveComm& operator=(const CollectiveComm&) = delete;
@@ -145,6 +147,7 @@ private:
     std::size_t me_;
     std::vector<Entry> comms_;
     std::optional<Group> tp_;
+    int unwinding_;
 };
 
 }  // namespace
@@ -152,6 +155,7 @@ private:
 struct DeviceFabric::Rank {
     std::unique_ptr<CommLibrary> lib;
     Communicator world;
+    Transport* net = nullptr;  ///< the transport the library was made for
 };
 
 DeviceFabric::DeviceFabric(LibraryFactory make_library) : make_library_(std::move(make_library)) {}
@@ -160,6 +164,12 @@ DeviceFabric::~DeviceFabric() {
     // Some members may be gone (a failed device): nothing waits for them.
     for (auto& [r, rank] : ranks_)
         if (rank->world) rank->lib->destroy(rank->world, true);
+}
+
+void DeviceFabric::abort_all() noexcept {
+    std::lock_guard lock(mutex_);
+    for (auto& [r, rank] : ranks_) rank->lib->abort_all();
+    aborted_ = true;
 }
 
 DeviceFabric::Counts DeviceFabric::counts() const {
@@ -178,13 +188,31 @@ std::unique_ptr<DeviceComm> DeviceFabric::connect(const CommSetup& setup) {
     Rank* rank = nullptr;
     {
         std::lock_guard lock(mutex_);
+        if (aborted_) throw RuntimeError("device communicators: a worker failed, every communicator was aborted");
         auto& slot = ranks_[me];
         if (!slot) {
             slot = std::make_unique<Rank>();
             slot->lib = make_library_(net);
+            slot->net = &net;
         }
+        if (slot->net != &net)
+            throw RuntimeError(fmt::format("device communicators of rank {} were made for another transport", me));
         rank = slot.get();
     }
+    try {
+        return connect(setup, *rank, me);
+    } catch (...) {
+        // The world's state is unknown now (a collective call may have run on some members
+        // only): drop it, so that the next connect bootstraps a new one.
+        if (rank->world) rank->lib->destroy(rank->world, true);
+        rank->world = {};
+        throw;
+    }
+}
+
+std::unique_ptr<DeviceComm> DeviceFabric::connect(const CommSetup& setup, Rank& rank_state, std::size_t me) {
+    Transport& net = *setup.net;
+    Rank* rank = &rank_state;
     CommLibrary& lib = *rank->lib;
     const auto segment = static_cast<std::uint32_t>(setup.segment);
 
@@ -223,8 +251,18 @@ std::unique_ptr<DeviceComm> DeviceFabric::connect(const CommSetup& setup) {
         done.bootstraps = 1;
     }
 
-    // The segment's communicators, split from the world by every member in the same order.
+    // The segment's communicators, split from the world by every member in the same order
+    // (aborted if an error stops the splitting half-way).
     std::vector<CollectiveComm::Entry> comms;
+    struct Undo {
+        CommLibrary& lib;
+        std::vector<CollectiveComm::Entry>& comms;
+        bool armed = true;
+        ~Undo() {
+            if (armed)
+                for (auto& e : comms) lib.destroy(e.comm, true);
+        }
+    } undo{lib, comms};
     const std::size_t workers = setup.transport_ranks.size();
     for (const CommSplit& s : comm_splits(comm_groups(*setup.plan), workers)) {
         const int colour = s.colour.at(setup.worker);
@@ -252,6 +290,7 @@ std::unique_ptr<DeviceComm> DeviceFabric::connect(const CommSetup& setup) {
         counts_.shrinks += done.shrinks;
         counts_.splits += done.splits;
     }
+    undo.armed = false;
     return std::make_unique<CollectiveComm>(lib, *setup.ops, me, std::move(comms));
 }
 

@@ -894,11 +894,16 @@ WorkerReport Execution::run_worker(std::size_t rank, Transport& net, std::vector
             return report;
         } catch (...) {
             iteration = w.iteration();
+            // Peers may wait on this worker inside NCCL, beyond the transport's reach: stop every
+            // device communicator first (before this worker's own buffers and streams go).
+            if (options_.device_fabric) options_.device_fabric->abort_all();
             throw;
         }
     } catch (const PeerStopped&) {
+        if (options_.device_fabric) options_.device_fabric->abort_all();
         throw;
     } catch (const std::exception& e) {
+        if (options_.device_fabric) options_.device_fabric->abort_all();
         const WorkerPlace& p = places_.at(rank);
         const std::string msg =
             fmt::format("worker {} (stage {}, replica {}, device index {}) stopped at iteration {}: {}", rank, p.stage,

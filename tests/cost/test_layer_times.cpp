@@ -1,6 +1,7 @@
 // Measured layer times: interpolation, the CSV they travel in, the cost model that uses them,
 // and their measurement with the CPU kernels.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -16,8 +17,9 @@ using namespace dpart;
 namespace {
 const std::string plans_dir = std::string(DPART_SOURCE_DIR) + "/plans/";
 
+/// A file of this process's own (several test processes may run at once).
 std::string write_temp(const std::string& name, const std::string& text) {
-    const auto path = std::filesystem::temp_directory_path() / name;
+    const auto path = std::filesystem::temp_directory_path() / (std::to_string(::getpid()) + "-" + name);
     std::ofstream(path) << text;
     return path.string();
 }

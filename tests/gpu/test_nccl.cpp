@@ -30,7 +30,7 @@ mem_bw_gbs = 1000.0
                                           "nccl check");
     CudaDevices gpus(cluster);
     const std::unique_ptr<DeviceOps> ops = gpus.ops(0);
-    std::unique_ptr<CommLibrary> lib = make_nccl_library();
+    std::unique_ptr<CommLibrary> lib = make_nccl_library(std::chrono::milliseconds(60000));
     const std::vector<std::size_t> members{0};
     Communicator world = lib->init(lib->unique_id(), members, 0, *ops);
     record(static_cast<bool>(world), "nccl: one-rank world (ncclGetUniqueId, ncclCommInitRank)", "");
@@ -50,7 +50,7 @@ mem_bw_gbs = 1000.0
 
     // The fabric's bootstrap over an in-process transport, for a one-worker plan.
     InProcessNetwork net(1, std::chrono::milliseconds(10000));
-    DeviceFabric fabric([](Transport&) { return make_nccl_library(); });
+    DeviceFabric fabric([](Transport&) { return make_nccl_library(std::chrono::milliseconds(60000)); });
     Plan plan;
     Stage st;
     st.devices = {0};

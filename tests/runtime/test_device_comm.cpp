@@ -45,6 +45,17 @@ void on_ranks(InProcessNetwork& net, std::size_t n, F&& body) {
                 }
             });
     }
+    // The error that stopped the others first (not a PeerStopped it caused), as run_on_threads.
+    for (const auto& e : errors) {
+        if (!e) continue;
+        try {
+            std::rethrow_exception(e);
+        } catch (const PeerStopped&) {
+            continue;
+        } catch (...) {
+            throw;
+        }
+    }
     for (const auto& e : errors)
         if (e) std::rethrow_exception(e);
 }

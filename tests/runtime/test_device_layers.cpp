@@ -918,3 +918,27 @@ TEST_CASE("a tensor-parallel device stage sums and gathers on its communicator, 
                    run_plan(mlp, two, host_backend(Elem::f32)));
     CHECK(fabric->counts().splits == 4 * 4);  // activations, gradients, replicas, tensor parallelism
 }
+
+TEST_CASE("a worker that fails with device communicators stops the run with its error, and aborts them") {
+    const Model model = load_model(models_dir + "seed-mlp.toml");
+    const Plan plan = device_plan(4, 64, {{0, 1}, {2, 3}}, {{0, 1}, {2, 3}});
+    const Cluster cluster = load_cluster(std::string(DPART_SOURCE_DIR) + "/plans/clusters/cpu-4workers.toml");
+    const AnalyticalCostModel cost(model, cluster, {});
+    RunOptions o;
+    o.iterations = 3;
+    o.timeout = std::chrono::milliseconds(20000);
+    o.backend = host_backend(Elem::f32);
+    o.memory_domain = own_memory;
+    o.device_fabric = host_fabric();
+    o.fault = RunOptions::Fault{2, 1, false};
+    CHECK_THROWS_WITH_AS((void)run_in_process(Execution(plan, model, estimate_plan(plan, model, cluster, cost, {}), o)),
+                         doctest::Contains("worker 2 (stage 1, replica 0, device index 2) stopped at iteration 1: "
+                                           "injected fault"),
+                         RuntimeError);
+    // Every communicator was aborted: the fabric refuses to connect again.
+    InProcessNetwork net(1, std::chrono::milliseconds(1000));
+    const auto ops = make_host_ops();
+    const Plan lone = device_plan(1, 64, {{0, 3}}, {{0}});
+    CHECK_THROWS_WITH_AS((void)o.device_fabric->connect({&lone, 0, {0}, 0, &net.endpoint(0), ops.get()}),
+                         doctest::Contains("a worker failed, every communicator was aborted"), RuntimeError);
+}

@@ -3,6 +3,7 @@
 // cluster device a worker runs on is a GPU of this machine or a green-context partition of one
 // (cluster.toml's `sm`), and its DeviceOps runs the device layers there through cuBLAS and
 // dpart's kernels. Implemented in runtime/cuda; a build without CUDA refuses with a message.
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -44,8 +45,9 @@ private:
 
 class CommLibrary;
 /// NCCL as the device communicators' library (DeviceFabric): for workers on whole GPUs, one
-/// communicator rank per GPU. Throws RuntimeError in a build without CUDA.
-[[nodiscard]] std::unique_ptr<CommLibrary> make_nccl_library();
+/// communicator rank per GPU. Communicators are non-blocking: every wait for their set-up or an
+/// enqueue gives up after `timeout`. Throws RuntimeError in a build without CUDA.
+[[nodiscard]] std::unique_ptr<CommLibrary> make_nccl_library(std::chrono::milliseconds timeout);
 
 /// Whether this binary has the CUDA backend.
 [[nodiscard]] bool built_with_cuda_backend() noexcept;

@@ -82,8 +82,11 @@ public:
     /// Called by the remaining members only.
     [[nodiscard]] virtual Communicator shrink(const Communicator& parent, std::span<const int> excluded) = 0;
     /// Frees the communicator (ncclCommDestroy; ncclCommAbort when `abort`: a communicator some
-    /// of whose members may be gone).
+    /// of whose members may be gone, or one left by an error).
     virtual void destroy(Communicator& c, bool abort) noexcept = 0;
+    /// Callable from any thread: stops every communicator of this library (ncclCommAbort), so
+    /// that no wait on a peer outlives a worker that failed; later calls throw.
+    virtual void abort_all() noexcept = 0;
     /// Point-to-point and the sum, enqueued on `ops`' device after the work queued there (the
     /// tag is what the executor meant: NCCL ignores it; the host stand-in checks it).
     virtual void send(const Communicator& c, std::size_t peer, const Tag& tag, DeviceBuffer data, DeviceOps& ops) = 0;
@@ -150,7 +153,11 @@ public:
     DeviceFabric& operator=(const DeviceFabric&) = delete;
 
     /// The worker's DeviceComm for one segment (collective: every worker of the plan connects).
+    /// On an error the rank's world is dropped (the next connect bootstraps a new one).
     [[nodiscard]] std::unique_ptr<DeviceComm> connect(const CommSetup& setup);
+    /// A worker failed: every rank's communicators stop (CommLibrary::abort_all), and every
+    /// world is dropped. The executor calls it before it tells the others through the transport.
+    void abort_all() noexcept;
 
     /// What connects did, counted per rank (a bootstrap of 4 ranks counts 4).
     struct Counts {
@@ -161,10 +168,13 @@ public:
     struct Rank;  ///< one transport rank's library and world (device_comm.cpp)
 
 private:
+    std::unique_ptr<DeviceComm> connect(const CommSetup& setup, Rank& rank, std::size_t me);
+
     LibraryFactory make_library_;
     mutable std::mutex mutex_;
     std::map<std::size_t, std::unique_ptr<Rank>> ranks_;
     Counts counts_;
+    bool aborted_ = false;
 };
 
 }  // namespace dpart::rt

@@ -560,7 +560,9 @@ NcclTimes nccl_rank_times(Collective c, const std::string& unique_id, int ranks,
     DPART_CHECK(cudaSetDevice(device));
     ncclComm_t comm = nullptr;
     DPART_CHECK(ncclCommInitRank(&comm, ranks, id, rank));
-    Defer destroy([&] { ncclCommDestroy(comm); });
+    Defer destroy([&] {
+        if (comm != nullptr) ncclCommDestroy(comm);
+    });
     const std::size_t max_count = *std::max_element(counts.begin(), counts.end());
     const std::size_t send_elems = max_count * (c == Collective::reduce_scatter ? static_cast<std::size_t>(ranks) : 1);
     const std::size_t recv_elems = max_count * (c == Collective::all_gather ? static_cast<std::size_t>(ranks) : 1);
@@ -585,11 +587,18 @@ NcclTimes nccl_rank_times(Collective c, const std::string& unique_id, int ranks,
                 break;
         }
     };
-    for (std::size_t count : counts) {
-        const bool large = count * sizeof(float) > (std::size_t{64} << 20);
-        const Timing timing{t.samples, large ? std::max(2, t.per_sample / 4) : t.per_sample};
-        out.seconds.push_back(timed_on_host(timing, [&] { launch(count); },
-                                            [&] { DPART_CHECK(cudaStreamSynchronize(stream.get())); }));
+    try {
+        for (std::size_t count : counts) {
+            const bool large = count * sizeof(float) > (std::size_t{64} << 20);
+            const Timing timing{t.samples, large ? std::max(2, t.per_sample / 4) : t.per_sample};
+            out.seconds.push_back(timed_on_host(timing, [&] { launch(count); },
+                                                [&] { DPART_CHECK(cudaStreamSynchronize(stream.get())); }));
+        }
+    } catch (...) {
+        // Kernels may wait on peers: stop them before the buffers are freed (which waits for them).
+        ncclCommAbort(comm);
+        comm = nullptr;
+        throw;
     }
     return out;
 }

@@ -898,6 +898,8 @@ public:
                          const DeviceParams& params, std::vector<DeviceBuffer>& saved) const override {
         saved.clear();
         const DeviceSpan x = single(inputs);
+        if (x.count != n * g_.row)
+            bad_call(name_, fmt::format("an input of {} values for {} samples of {}", x.count, n, g_.row));
         const Slices p = slices(params);
         DeviceBuffer y = make(ops, n * g_.out);
         if (g_.row == 0) {
@@ -914,6 +916,8 @@ public:
                                        std::span<const DeviceSpan> inputs, std::size_t n, const DeviceParams& params,
                                        const std::vector<DeviceBuffer>&, DeviceSpan grads) const override {
         const DeviceSpan x = single(inputs);
+        if (x.count != n * g_.row || dout.count != n * g_.out)
+            bad_call(name_, fmt::format("backward on {} input and {} output values for {} samples", x.count, dout.count, n));
         const Slices p = slices(params, grads);
         std::vector<DeviceBuffer> dx;
         // A cut input (k < row): the columns past k get no gradient.
