@@ -82,6 +82,26 @@ except Exception as e:
 EOF
 done
 
+step "2b. tensor parallelism on two partitions (tp 2: split layers, sums through the host) as the CPU backend"
+# The whole model as one stage on partitions p0 and p1 (step 2's single-GPU plan gives its last layer).
+last=$(sed -n 's/^last_layer = \([0-9]*\).*/\1/p' "$OUT/tiny-gpt.toml" | tail -1)
+printf '[plan]\nobjective = "iteration"\nschedule = "1f1b"\nmicrobatches = 2\nmicrobatch_size = 4\n\n[[stage]]\nfirst_layer = 0\nlast_layer = %s\ndevices = ["p0", "p1"]\ntp = 2\n' \
+    "$last" >"$OUT/tp2.toml"
+for b in cpu "$BACKEND --precision fp32"; do
+    name="tp2-$(echo "$b" | tr ' ' '-' | tr -d '-')"
+    # shellcheck disable=SC2086
+    run 180 "$name" "$DPART" run "$OUT/tp2.toml" -m plans/models/tiny-gpt.toml -c plans/clusters/h100-4partitions.toml \
+        -n 6 --backend $b --out-dir "$OUT/$name" || status=1
+done
+a=$(summary_value "$OUT/tp2-cpu/summary.toml" final_loss)
+b=$(summary_value "$OUT/tp2-$(echo "$BACKEND" | tr -d '-')precisionfp32/summary.toml" final_loss)
+if awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && d <= 1e-4 * a) }'; then
+    say "tp 2 on two partitions: final loss $b vs the CPU's $a: ok"
+else
+    say "tp 2 on two partitions: final loss '$b' vs the CPU's '$a': FAIL"
+    status=1
+fi
+
 step "3. one training step: dpart --backend cuda vs PyTorch eager, same shapes"
 sed 's/^global_batch = 512/global_batch = 8/' plans/models/gpt2-small.toml >"$OUT/gpt2-small-b8.toml"
 "$DPART" plan "$OUT/gpt2-small-b8.toml" -c plans/clusters/h100x1.toml --microbatches 1 -q --out "$OUT/gpt2-1gpu.toml" >/dev/null 2>&1
