@@ -5,10 +5,13 @@
 #   scripts/gpu_run_check.sh [DPART] [GPU_TESTS]   default .devbin/dpart, .devbin/dpart_gpu_tests
 #
 # Everything it writes is under $OUT. Steps, each bounded by a timeout:
-#   1. dpart_gpu_tests: every CUDA kernel and cuBLAS product against a host reference.
+#   1. dpart_gpu_tests: every CUDA kernel and cuBLAS product against a host reference, and what
+#      one GPU can run of NCCL (a one-rank world, a split, an all-reduce, the fabric's reuse).
 #   2. Correctness of the backend: tiny-gpt and resnet-block trained 6 steps with --backend cuda
 #      (fp32, then bf16) against the CPU backend: the loss at every step within 1e-4 (fp32) and
 #      2e-2 (bf16).
+#   2b. Tensor parallelism: tiny-gpt as one stage of tp 2 on partitions p0 and p1 (split layers,
+#      their sums through the host) against the CPU backend: final loss within 1e-4.
 #   3. One training step of GPT-2 small (batch 8, sequence 1024, bf16) and of the wide MLP
 #      (4 x 8192, batch 8192, bf16): dpart's p50 step against PyTorch eager's on the same shapes
 #      (bench/torch_step.py; fp32 master weights, Adam, bf16 products). Target: dpart <= 1.1x.
