@@ -5,8 +5,9 @@
 #   scripts/gpu_run_check.sh [DPART] [GPU_TESTS]   default .devbin/dpart, .devbin/dpart_gpu_tests
 #
 # Everything it writes is under $OUT. Steps, each bounded by a timeout:
-#   1. dpart_gpu_tests: every CUDA kernel and cuBLAS product against a host reference, and what
-#      one GPU can run of NCCL (a one-rank world, a split, an all-reduce, the fabric's reuse).
+#   1. dpart_gpu_tests: every CUDA kernel and cuBLAS product against a host reference, the conv2d
+#      layer through cuDNN against the host's im2col path, and what one GPU can run of NCCL (a
+#      one-rank world, a split, an all-reduce, the fabric's reuse).
 #   2. Correctness of the backend: tiny-gpt and resnet-block trained 6 steps with --backend cuda
 #      (fp32, then bf16) against the CPU backend: the loss at every step within 1e-4 (fp32) and
 #      2e-2 (bf16).

@@ -27,8 +27,9 @@
 #include "runtime/cuda/check.cuh"
 
 namespace dpart::rt {
-// tests/gpu/test_nccl.cpp
+// tests/gpu/test_nccl.cpp, tests/gpu/test_conv.cpp
 void nccl_checks(const std::function<void(bool, const std::string&, const std::string&)>& record);
+void conv_checks(const std::function<void(bool, const std::string&, const std::string&)>& record);
 }  // namespace dpart::rt
 
 #include "runtime/cuda/device_ops.cuh"
@@ -987,6 +988,11 @@ int main() {
             check_gemm_batched<bf16>(blas);
             check_gemm_guards(blas);
         }
+        group("cudnn", [] {
+            dpart::rt::conv_checks([](bool ok, const std::string& name, const std::string& detail) {
+                report.record(ok, name, detail);
+            });
+        });
         group("nccl", [] {
             dpart::rt::nccl_checks([](bool ok, const std::string& name, const std::string& detail) {
                 report.record(ok, name, detail);

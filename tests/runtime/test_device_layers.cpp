@@ -505,6 +505,38 @@ struct OpsLog {
     std::mutex mutex;
     std::vector<double> resizes;
     std::size_t uploads = 0, downloads = 0, copies = 0, grouped_embeddings = 0;
+    bool own_conv = false;  ///< the ops have convolutions of their own (a naive f32 reference, as cuDNN)
+    std::size_t convs = 0;
+};
+
+/// The host ops' values as floats (the host DeviceOps keeps f32 spans in host memory).
+float* f(DeviceSpan s) { return static_cast<float*>(s.ptr); }
+
+/// The naive convolutions (f32, host memory) a DeviceOps with its own may run: the definitions
+/// DeviceOps::conv2d_* state, summed in double.
+struct NaiveConv {
+    const DeviceOps::Conv& c;
+    [[nodiscard]] std::size_t cin() const { return c.in / c.groups; }
+    [[nodiscard]] std::size_t cout() const { return c.out / c.groups; }
+    /// f(x index, w index, y index) for every term of the convolution.
+    template <class F>
+    void each(F&& fn) const {
+        const Window2d& g = c.g;
+        for (std::size_t s = 0; s < c.samples; ++s)
+            for (std::size_t o = 0; o < c.out; ++o)
+                for (std::size_t i = 0; i < g.oh; ++i)
+                    for (std::size_t j = 0; j < g.ow; ++j)
+                        for (std::size_t k = 0; k < cin(); ++k)
+                            for (std::size_t a = 0; a < g.kh; ++a)
+                                for (std::size_t b = 0; b < g.kw; ++b) {
+                                    const std::size_t hh = Window2d::at(i, a, g.stride, g.pad, g.h);
+                                    const std::size_t ww = Window2d::at(j, b, g.stride, g.pad, g.w);
+                                    if (hh == Window2d::npos || ww == Window2d::npos) continue;
+                                    const std::size_t ch = o / cout() * cin() + k;
+                                    fn(((s * c.in + ch) * g.h + hh) * g.w + ww, ((o * cin() + k) * g.kh + a) * g.kw + b,
+                                       ((s * c.out + o) * g.oh + i) * g.ow + j);
+                                }
+    }
 };
 
 /// Host ops that record what they are asked into a log, and can be "resized" as a GPU
@@ -514,6 +546,30 @@ class RecordingOps final : public DeviceOps {
 public:
     explicit RecordingOps(OpsLog& log) : host_(make_host_ops()), log_(log) {}
     std::string name() const override { return "recording host"; }
+    bool conv2d_forward(const Conv& c, DeviceSpan x, DeviceSpan w, DeviceSpan y) override {
+        if (!log_.own_conv || x.elem != Elem::f32) return false;
+        count(log_.convs);
+        std::vector<double> acc(y.count, 0.0);
+        NaiveConv{c}.each([&](std::size_t xi, std::size_t wi, std::size_t yi) { acc[yi] += f(x)[xi] * double{f(w)[wi]}; });
+        for (std::size_t i = 0; i < acc.size(); ++i) f(y)[i] = static_cast<float>(acc[i]);
+        return true;
+    }
+    bool conv2d_backward_data(const Conv& c, DeviceSpan dy, DeviceSpan w, DeviceSpan dx) override {
+        if (!log_.own_conv || dy.elem != Elem::f32) return false;
+        count(log_.convs);
+        std::vector<double> acc(dx.count, 0.0);
+        NaiveConv{c}.each([&](std::size_t xi, std::size_t wi, std::size_t yi) { acc[xi] += f(dy)[yi] * double{f(w)[wi]}; });
+        for (std::size_t i = 0; i < acc.size(); ++i) f(dx)[i] = static_cast<float>(acc[i]);
+        return true;
+    }
+    bool conv2d_backward_filter(const Conv& c, DeviceSpan x, DeviceSpan dy, DeviceSpan dw) override {
+        if (!log_.own_conv || x.elem != Elem::f32) return false;
+        count(log_.convs);
+        std::vector<double> acc(dw.count, 0.0);
+        NaiveConv{c}.each([&](std::size_t xi, std::size_t wi, std::size_t yi) { acc[wi] += f(dy)[yi] * double{f(x)[xi]}; });
+        for (std::size_t i = 0; i < acc.size(); ++i) f(dw)[i] += static_cast<float>(acc[i]);
+        return true;
+    }
     double resize(double factor) override {
         std::lock_guard lock(log_.mutex);
         log_.resizes.push_back(factor);
@@ -941,4 +997,18 @@ TEST_CASE("a worker that fails with device communicators stops the run with its 
     const Plan lone = device_plan(1, 64, {{0, 3}}, {{0}});
     CHECK_THROWS_WITH_AS((void)o.device_fabric->connect({&lone, 0, {0}, 0, &net.endpoint(0), ops.get()}),
                          doctest::Contains("a worker failed, every communicator was aborted"), RuntimeError);
+}
+
+TEST_CASE("a device with convolutions of its own (as cuDNN) trains resnet-block as through im2col and products") {
+    const Model model = load_model(models_dir + "resnet-block.toml");
+    const Plan plan = device_plan(2, 32, {{0, 3}, {4, 10}}, {{0}, {1}});
+    std::vector<OpsLog> im2col(2), own(2);
+    own[0].own_conv = own[1].own_conv = true;
+    const RunResult a = run_plan(model, plan, recording_backend(im2col));
+    const RunResult b = run_plan(model, plan, recording_backend(own));
+    CHECK(own[0].convs + own[1].convs > 0);
+    CHECK(im2col[0].convs + im2col[1].convs == 0);
+    REQUIRE(a.loss.size() == b.loss.size());
+    for (std::size_t i = 0; i < a.loss.size(); ++i) CHECK(b.loss[i] == doctest::Approx(a.loss[i]).epsilon(1e-5));
+    CHECK(weights_error(b, a) < 1e-4);
 }

@@ -150,6 +150,25 @@ public:
     /// The adjoint of im2col: each column entry added into its element of dx (same layout as x).
     virtual void col2im(DeviceSpan cols, std::size_t samples, std::size_t total, std::size_t first,
                         std::size_t channels, const Window2d& g, DeviceSpan dx) = 0;
+    /// A convolution by the device's own library (cuDNN on a GPU), over every sample at once:
+    /// x [samples, in, h, w], w [out, in / groups, kh, kw], y [samples, out, oh, ow], all of one
+    /// element type. Forward: y = the convolution (no bias). Backward data: dx = its adjoint of dy.
+    /// Backward filter: dw (f32) += the weight gradient. Each returns false, doing nothing, when
+    /// the device has no such convolution for these types (the host's never has): the layer then
+    /// uses im2col and products.
+    struct Conv {
+        std::size_t samples = 0, in = 0, out = 0, groups = 1;
+        Window2d g;
+    };
+    virtual bool conv2d_forward(const Conv& /*c*/, DeviceSpan /*x*/, DeviceSpan /*w*/, DeviceSpan /*y*/) {
+        return false;
+    }
+    virtual bool conv2d_backward_data(const Conv& /*c*/, DeviceSpan /*dy*/, DeviceSpan /*w*/, DeviceSpan /*dx*/) {
+        return false;
+    }
+    virtual bool conv2d_backward_filter(const Conv& /*c*/, DeviceSpan /*x*/, DeviceSpan /*dy*/, DeviceSpan /*dw*/) {
+        return false;
+    }
     /// y [planes, oh, ow] from x [planes, h, w]: each window's first largest element (padding
     /// ignored; an empty window gives 0), or its sum divided by kh x kw (padding counted).
     virtual void pool_forward(bool max, DeviceSpan x, DeviceSpan y, std::size_t planes, const Window2d& g) = 0;

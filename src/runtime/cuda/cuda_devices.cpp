@@ -22,6 +22,7 @@
 #include "device_ops.cuh"
 #include "dpart/runtime/cuda_backend.hpp"
 #include "dpart/runtime/sm_partition.hpp"
+#include "cudnn_conv.hpp"
 #include "gemm.cuh"
 #include "streams.hpp"
 
@@ -154,6 +155,7 @@ public:
         }
         blas_ = std::make_unique<cuda::Blas>(stream_);
         blas_->set_tf32(tf32);
+        tf32_ = tf32;
         // On a partition, cuBLAS sizes its persistent kernels' grids for the partition's SMs.
         if (sms > 0) blas_->set_sm_count_target(static_cast<int>(sms));
     }
@@ -469,6 +471,27 @@ public:
             cuda::col2im(static_cast<const T*>(cols.ptr), samples, total, first, channels, window(g), p, stream_);
         });
     }
+    // Convolutions through cuDNN (deterministic algorithms; a shape it declines goes through
+    // im2col and cuBLAS in the layer).
+    bool conv2d_forward(const Conv& c, DeviceSpan x, DeviceSpan w, DeviceSpan y) override {
+        if (x.elem != w.elem || x.elem != y.elem) return false;
+        conv_sizes(c, x, w, y);
+        Scratch ws(*this);
+        return conv_.forward(stream_, c, x.elem, tf32_, x.ptr, w.ptr, y.ptr, ws.get());
+    }
+    bool conv2d_backward_data(const Conv& c, DeviceSpan dy, DeviceSpan w, DeviceSpan dx) override {
+        if (dy.elem != w.elem || dy.elem != dx.elem) return false;
+        conv_sizes(c, dx, w, dy);
+        Scratch ws(*this);
+        return conv_.backward_data(stream_, c, dy.elem, tf32_, dy.ptr, w.ptr, dx.ptr, ws.get());
+    }
+    bool conv2d_backward_filter(const Conv& c, DeviceSpan x, DeviceSpan dy, DeviceSpan dw) override {
+        if (x.elem != dy.elem || dw.elem != Elem::f32) return false;
+        conv_sizes(c, x, dw, dy);
+        Scratch ws(*this);
+        return conv_.backward_filter(stream_, c, x.elem, tf32_, x.ptr, dy.ptr, dw.ptr, ws.get());
+    }
+
     void pool_forward(bool max, DeviceSpan x, DeviceSpan y, std::size_t planes, const Window2d& g) override {
         need(x, planes * g.h * g.w, "pool's x");
         need(y, planes * g.oh * g.ow, "pool's y");
@@ -524,6 +547,33 @@ private:
     std::string name_;
     Resizer resizer_;
     std::unique_ptr<cuda::Blas> blas_;
+    bool tf32_ = false;
+    cuda::CudnnConv conv_;
+
+    /// A convolution's workspace: allocated when cuDNN asks, released (in stream order) after it.
+    class Scratch {
+    public:
+        explicit Scratch(CudaOps& ops) : ops_(ops) {}
+        ~Scratch() { ops_.release(span_); }
+        Scratch(const Scratch&) = delete;
+        Scratch& operator=(const Scratch&) = delete;
+        [[nodiscard]] cuda::CudnnConv::Workspace get() {
+            return [this](std::size_t bytes) {
+                ops_.release(span_);
+                span_ = ops_.allocate_uninitialized((bytes + 3) / 4, Elem::f32);
+                return span_.ptr;
+            };
+        }
+
+    private:
+        CudaOps& ops_;
+        DeviceSpan span_;
+    };
+    void conv_sizes(const Conv& c, DeviceSpan x, DeviceSpan w, DeviceSpan y) const {
+        need(x, c.samples * c.in * c.g.h * c.g.w, "a convolution's input");
+        need(w, c.out * (c.in / c.groups) * c.g.kh * c.g.kw, "a convolution's filter");
+        need(y, c.samples * c.out * c.g.oh * c.g.ow, "a convolution's output");
+    }
 };
 
 }  // namespace

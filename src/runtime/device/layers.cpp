@@ -673,8 +673,9 @@ public:
         const std::size_t cin = in_ / groups_, cout = out_ / groups_;
         const Slices p = slices(params);
         DeviceBuffer y = make(ops, samples * out_ * plane);
+        const bool own = ops.conv2d_forward(conv(samples), x, p.compute(w_), y.span());  // cuDNN
         const std::size_t batch = samples_per_batch(samples, fan_in_ * plane);
-        for (std::size_t s0 = 0; s0 < samples; s0 += batch) {
+        for (std::size_t s0 = 0; !own && s0 < samples; s0 += batch) {
             const std::size_t k = std::min(batch, samples - s0);
             DeviceBuffer cols = make(ops, k * fan_in_ * plane);
             for (std::size_t grp = 0; grp < groups_; ++grp) {
@@ -701,20 +702,24 @@ public:
         const std::size_t cin = in_ / groups_, cout = out_ / groups_;
         const Slices p = slices(params, grads);
         std::vector<DeviceBuffer> dx;
+        // The device's own convolutions where it has them (cuDNN), else im2col and products.
+        const bool own_filter = ops.conv2d_backward_filter(conv(samples), x, dout, p.grad(w_));
         dx.emplace_back(ops, x.count, compute_);  // zeros: col2im adds into it
+        const bool own_data = ops.conv2d_backward_data(conv(samples), dout, p.compute(w_), dx[0].span());
         const std::size_t batch = samples_per_batch(samples, fan_in_ * plane);
-        for (std::size_t s0 = 0; s0 < samples; s0 += batch) {
+        for (std::size_t s0 = 0; !(own_filter && own_data) && s0 < samples; s0 += batch) {
             const std::size_t k = std::min(batch, samples - s0);
             DeviceBuffer cols = make(ops, k * fan_in_ * plane), dcols = make(ops, k * fan_in_ * plane);
             for (std::size_t grp = 0; grp < groups_; ++grp) {
                 const DeviceSpan w = p.compute(w_).sub(grp * cout * fan_in_, cout * fan_in_);
                 const DeviceSpan dy = out_block(dout, s0, k, grp * cout, cout);
-                ops.im2col(sample_rows(x, s0, k), k, in_, grp * cin, cin, g_, cols.span());
+                if (!own_filter) ops.im2col(sample_rows(x, s0, k), k, in_, grp * cin, cin, g_, cols.span());
                 // dW += dy_s cols_s^T, sample after sample (as the CPU kernel sums them).
-                for (std::size_t s = 0; s < k; ++s)
+                for (std::size_t s = 0; !own_filter && s < k; ++s)
                     ops.gemm(Trans::none, Trans::trans, cout, fan_in_, plane, 1.0f, dy.sub(s * out_ * plane, cout * plane),
                              plane, cols.span().sub(s * fan_in_ * plane, fan_in_ * plane), plane, 1.0f,
                              p.grad(w_).sub(grp * cout * fan_in_, cout * fan_in_), fan_in_);
+                if (own_data) continue;
                 ops.gemm_batched(Trans::trans, Trans::none, fan_in_, plane, cout, 1.0f, w, fan_in_, 0, dy, plane,
                                  out_ * plane, 0.0f, dcols.span(), plane, fan_in_ * plane, k);
                 ops.col2im(dcols.span(), k, in_, grp * cin, cin, g_, sample_rows(dx[0].span(), s0, k));
@@ -732,6 +737,7 @@ public:
     }
 
 private:
+    [[nodiscard]] DeviceOps::Conv conv(std::size_t samples) const { return {samples, in_, out_, groups_, g_}; }
     /// Samples [s0, s0 + k) of x.
     [[nodiscard]] DeviceSpan sample_rows(DeviceSpan x, std::size_t s0, std::size_t k) const {
         const std::size_t per = in_ * g_.h * g_.w;
