@@ -161,6 +161,7 @@ public:
     }
     ~CudaOps() override {
         cudaStreamSynchronize(stream_);
+        conv_.reset();  // its handle is set on the stream: gone before the stream
         blas_.reset();
         if (own_stream_) cudaStreamDestroy(stream_);
     }
@@ -477,19 +478,19 @@ public:
         if (x.elem != w.elem || x.elem != y.elem) return false;
         conv_sizes(c, x, w, y);
         Scratch ws(*this);
-        return conv_.forward(stream_, c, x.elem, tf32_, x.ptr, w.ptr, y.ptr, ws.get());
+        return conv_->forward(stream_, c, x.elem, tf32_, x.ptr, w.ptr, y.ptr, ws.get());
     }
     bool conv2d_backward_data(const Conv& c, DeviceSpan dy, DeviceSpan w, DeviceSpan dx) override {
         if (dy.elem != w.elem || dy.elem != dx.elem) return false;
         conv_sizes(c, dx, w, dy);
         Scratch ws(*this);
-        return conv_.backward_data(stream_, c, dy.elem, tf32_, dy.ptr, w.ptr, dx.ptr, ws.get());
+        return conv_->backward_data(stream_, c, dy.elem, tf32_, dy.ptr, w.ptr, dx.ptr, ws.get());
     }
     bool conv2d_backward_filter(const Conv& c, DeviceSpan x, DeviceSpan dy, DeviceSpan dw) override {
         if (x.elem != dy.elem || dw.elem != Elem::f32) return false;
         conv_sizes(c, x, dw, dy);
         Scratch ws(*this);
-        return conv_.backward_filter(stream_, c, x.elem, tf32_, x.ptr, dy.ptr, dw.ptr, ws.get());
+        return conv_->backward_filter(stream_, c, x.elem, tf32_, x.ptr, dy.ptr, dw.ptr, ws.get());
     }
 
     void pool_forward(bool max, DeviceSpan x, DeviceSpan y, std::size_t planes, const Window2d& g) override {
@@ -548,7 +549,7 @@ private:
     Resizer resizer_;
     std::unique_ptr<cuda::Blas> blas_;
     bool tf32_ = false;
-    cuda::CudnnConv conv_;
+    std::unique_ptr<cuda::CudnnConv> conv_ = std::make_unique<cuda::CudnnConv>();
 
     /// A convolution's workspace: allocated when cuDNN asks, released (in stream order) after it.
     class Scratch {
@@ -560,6 +561,7 @@ private:
         [[nodiscard]] cuda::CudnnConv::Workspace get() {
             return [this](std::size_t bytes) {
                 ops_.release(span_);
+                span_ = {};
                 span_ = ops_.allocate_uninitialized((bytes + 3) / 4, Elem::f32);
                 return span_.ptr;
             };

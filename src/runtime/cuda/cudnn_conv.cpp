@@ -10,8 +10,23 @@ namespace {
 void check(cudnnStatus_t s, const char* what) {
     if (s != CUDNN_STATUS_SUCCESS) throw RuntimeError(fmt::format("{}: {}", what, cudnnGetErrorString(s)));
 }
+/// A status that means "cuDNN cannot do this one": declined, not an error.
+bool declined(cudnnStatus_t s) { return s == CUDNN_STATUS_BAD_PARAM || s == CUDNN_STATUS_NOT_SUPPORTED; }
 
 constexpr std::size_t workspace_limit = std::size_t{1} << 30;
+
+/// Every size cuDNN's int arguments and 32-bit indexing take (tensors of at most 2^31 - 1
+/// elements), and none zero.
+bool fits(const DeviceOps::Conv& c) {
+    constexpr std::size_t max = 0x7fffffff;
+    const Window2d& g = c.g;
+    for (std::size_t v : {c.samples, c.in, c.out, c.groups, g.h, g.w, g.kh, g.kw, g.stride, g.oh, g.ow})
+        if (v == 0 || v > max) return false;
+    if (g.pad > max || c.in % c.groups != 0 || c.out % c.groups != 0) return false;
+    const auto small = [&](std::size_t a, std::size_t b, std::size_t d) { return a <= max / b && a * b <= max / d; };
+    return small(c.samples * c.in, g.h, g.w) && c.samples <= max / c.in && small(c.samples * c.out, g.oh, g.ow) &&
+           c.samples <= max / c.out && small(c.out * (c.in / c.groups), g.kh, g.kw);
+}
 
 }  // namespace
 
@@ -22,36 +37,48 @@ struct CudnnConv::Descriptors {
     cudnnConvolutionDescriptor_t conv = nullptr;
     bool ok = false;  ///< cuDNN's output size is dpart's
 
+    /// ok: cuDNN takes the shape and its output size is dpart's; a shape it refuses leaves ok
+    /// false (declined); only a failure to create descriptors throws (after freeing what was made).
     Descriptors(const DeviceOps::Conv& c, Elem e, bool tf32) {
+        if (!fits(c)) return;
         const cudnnDataType_t type = e == Elem::bf16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
         const auto i = [](std::size_t v) { return static_cast<int>(v); };
-        check(cudnnCreateTensorDescriptor(&x), "cudnnCreateTensorDescriptor");
-        check(cudnnCreateTensorDescriptor(&y), "cudnnCreateTensorDescriptor");
-        check(cudnnCreateFilterDescriptor(&w), "cudnnCreateFilterDescriptor");
-        check(cudnnCreateConvolutionDescriptor(&conv), "cudnnCreateConvolutionDescriptor");
+        try {
+            check(cudnnCreateTensorDescriptor(&x), "cudnnCreateTensorDescriptor");
+            check(cudnnCreateTensorDescriptor(&y), "cudnnCreateTensorDescriptor");
+            check(cudnnCreateFilterDescriptor(&w), "cudnnCreateFilterDescriptor");
+            check(cudnnCreateConvolutionDescriptor(&conv), "cudnnCreateConvolutionDescriptor");
+        } catch (...) {
+            free();
+            throw;
+        }
         const Window2d& g = c.g;
-        check(cudnnSetTensor4dDescriptor(x, CUDNN_TENSOR_NCHW, type, i(c.samples), i(c.in), i(g.h), i(g.w)),
-              "cudnnSetTensor4dDescriptor (x)");
-        check(cudnnSetFilter4dDescriptor(w, type, CUDNN_TENSOR_NCHW, i(c.out), i(c.in / c.groups), i(g.kh), i(g.kw)),
-              "cudnnSetFilter4dDescriptor");
-        check(cudnnSetConvolution2dDescriptor(conv, i(g.pad), i(g.pad), i(g.stride), i(g.stride), 1, 1,
-                                              CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT),
-              "cudnnSetConvolution2dDescriptor");
-        check(cudnnSetConvolutionGroupCount(conv, i(c.groups)), "cudnnSetConvolutionGroupCount");
         // fp32 without --tf32: no tensor cores (FMA), as cuBLAS's products; otherwise tensor ops.
-        check(cudnnSetConvolutionMathType(conv, e == Elem::f32 && !tf32 ? CUDNN_FMA_MATH : CUDNN_DEFAULT_MATH),
-              "cudnnSetConvolutionMathType");
+        const cudnnMathType_t math = e == Elem::f32 && !tf32 ? CUDNN_FMA_MATH : CUDNN_DEFAULT_MATH;
         int n = 0, k = 0, oh = 0, ow = 0;
-        check(cudnnGetConvolution2dForwardOutputDim(conv, x, w, &n, &k, &oh, &ow), "cudnnGetConvolution2dForwardOutputDim");
-        ok = n == i(c.samples) && k == i(c.out) && oh == i(g.oh) && ow == i(g.ow);
-        if (ok)
-            check(cudnnSetTensor4dDescriptor(y, CUDNN_TENSOR_NCHW, type, n, k, oh, ow), "cudnnSetTensor4dDescriptor (y)");
+        for (const cudnnStatus_t s :
+             {cudnnSetTensor4dDescriptor(x, CUDNN_TENSOR_NCHW, type, i(c.samples), i(c.in), i(g.h), i(g.w)),
+              cudnnSetFilter4dDescriptor(w, type, CUDNN_TENSOR_NCHW, i(c.out), i(c.in / c.groups), i(g.kh), i(g.kw)),
+              cudnnSetConvolution2dDescriptor(conv, i(g.pad), i(g.pad), i(g.stride), i(g.stride), 1, 1,
+                                              CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT),
+              cudnnSetConvolutionGroupCount(conv, i(c.groups)), cudnnSetConvolutionMathType(conv, math),
+              cudnnGetConvolution2dForwardOutputDim(conv, x, w, &n, &k, &oh, &ow)}) {
+            if (declined(s)) return;
+            check(s, "cuDNN convolution descriptors");
+        }
+        if (n != i(c.samples) || k != i(c.out) || oh != i(g.oh) || ow != i(g.ow)) return;
+        const cudnnStatus_t s = cudnnSetTensor4dDescriptor(y, CUDNN_TENSOR_NCHW, type, n, k, oh, ow);
+        if (declined(s)) return;
+        check(s, "cudnnSetTensor4dDescriptor (y)");
+        ok = true;
     }
-    ~Descriptors() {
-        cudnnDestroyConvolutionDescriptor(conv);
-        cudnnDestroyFilterDescriptor(w);
-        cudnnDestroyTensorDescriptor(y);
-        cudnnDestroyTensorDescriptor(x);
+    ~Descriptors() { free(); }
+    void free() noexcept {
+        if (conv != nullptr) cudnnDestroyConvolutionDescriptor(conv);
+        if (w != nullptr) cudnnDestroyFilterDescriptor(w);
+        if (y != nullptr) cudnnDestroyTensorDescriptor(y);
+        if (x != nullptr) cudnnDestroyTensorDescriptor(x);
+        conv = nullptr, w = nullptr, y = nullptr, x = nullptr;
     }
     Descriptors(const Descriptors&) = delete;
     Descriptors& operator=(const Descriptors&) = delete;
@@ -72,11 +99,13 @@ CudnnConv::Choice CudnnConv::choose(Kind kind, const DeviceOps::Conv& c, Elem e,
                   c.g.w, c.g.kh, c.g.kw, c.g.stride, c.g.pad};
     if (const auto it = choices_.find(key); it != choices_.end()) return it->second;
     Choice out;
-    // cuDNN's heuristic order, the first deterministic algorithm that fits the workspace.
+    // cuDNN's heuristic order, the first deterministic algorithm that fits the workspace (and, for
+    // fp32 without --tf32, that keeps to FMA math: no TF32 behind the user's back).
+    const bool fma = e == Elem::f32 && !tf32;
     const auto pick = [&](const auto* perf, int n) {
         for (int k = 0; k < n; ++k)
             if (perf[k].status == CUDNN_STATUS_SUCCESS && perf[k].determinism == CUDNN_DETERMINISTIC &&
-                perf[k].memory <= workspace_limit) {
+                perf[k].memory <= workspace_limit && (!fma || perf[k].mathType == CUDNN_FMA_MATH)) {
                 out = {true, static_cast<int>(perf[k].algo), perf[k].memory, perf[k].mathType};
                 return;
             }
@@ -84,22 +113,19 @@ CudnnConv::Choice CudnnConv::choose(Kind kind, const DeviceOps::Conv& c, Elem e,
     int n = 0;
     if (kind == Kind::forward) {
         cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT] = {};
-        check(cudnnGetConvolutionForwardAlgorithm_v7(handle_, d.x, d.w, d.conv, d.y, CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n,
-                                                     perf),
-              "cudnnGetConvolutionForwardAlgorithm_v7");
-        pick(perf, n);
+        const cudnnStatus_t s =
+            cudnnGetConvolutionForwardAlgorithm_v7(handle_, d.x, d.w, d.conv, d.y, CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n, perf);
+        if (!declined(s)) check(s, "cudnnGetConvolutionForwardAlgorithm_v7"), pick(perf, n);
     } else if (kind == Kind::data) {
         cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT] = {};
-        check(cudnnGetConvolutionBackwardDataAlgorithm_v7(handle_, d.w, d.y, d.conv, d.x,
-                                                          CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, perf),
-              "cudnnGetConvolutionBackwardDataAlgorithm_v7");
-        pick(perf, n);
+        const cudnnStatus_t s = cudnnGetConvolutionBackwardDataAlgorithm_v7(
+            handle_, d.w, d.y, d.conv, d.x, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, perf);
+        if (!declined(s)) check(s, "cudnnGetConvolutionBackwardDataAlgorithm_v7"), pick(perf, n);
     } else {
         cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT] = {};
-        check(cudnnGetConvolutionBackwardFilterAlgorithm_v7(handle_, d.x, d.y, d.conv, d.w,
-                                                            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, perf),
-              "cudnnGetConvolutionBackwardFilterAlgorithm_v7");
-        pick(perf, n);
+        const cudnnStatus_t s = cudnnGetConvolutionBackwardFilterAlgorithm_v7(
+            handle_, d.x, d.y, d.conv, d.w, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, perf);
+        if (!declined(s)) check(s, "cudnnGetConvolutionBackwardFilterAlgorithm_v7"), pick(perf, n);
     }
     choices_.emplace(key, out);
     return out;

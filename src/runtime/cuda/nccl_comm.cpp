@@ -66,12 +66,18 @@ void order(cudaStream_t earlier, cudaStream_t later) {
     check_cuda(cudaStreamWaitEvent(later, e.get(), 0), "cudaStreamWaitEvent");
 }
 
+/// NCCL behind CommLibrary. Every call on a communicator holds its lock and first checks that it
+/// has not been aborted: abort_all (another worker's thread) takes each lock in turn, so NCCL
+/// never sees a communicator used while it is aborted, nor after (when NCCL frees it). The
+/// locks are held only for a call or one poll, never across a wait on the GPU, so an abort can
+/// always reach a worker that waits on a peer.
 class NcclLibrary final : public CommLibrary {
 public:
     explicit NcclLibrary(std::chrono::milliseconds timeout) : timeout_(timeout) {}
     ~NcclLibrary() override {
         abort_all();
         for (auto& [h, c] : comms_) close(*c, true);
+        for (auto& c : making_) close(*c, true);
     }
 
     std::string name() const override { return "NCCL"; }
@@ -94,35 +100,64 @@ public:
         check_cuda(cudaSetDevice(s.device), "cudaSetDevice");
         ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
         config.blocking = 0;  // every wait below is bounded by the timeout and the abort switch
-        ncclComm_t comm = nullptr;
-        started(ncclCommInitRankConfig(&comm, static_cast<int>(members.size()), id, static_cast<int>(rank), &config),
-                comm, "ncclCommInitRankConfig");
-        settle(comm, "ncclCommInitRankConfig", true);
-        return adopt(comm, s.device);
+        // The new communicator lives on the heap from the start: a Comm of its own, which
+        // abort_all reaches like any other while it is being made.
+        auto made = std::make_unique<Comm>();
+        made->device = s.device;
+        Comm& m = *made;
+        {
+            std::lock_guard lock(mutex_);
+            if (aborted_) throw RuntimeError("ncclCommInitRankConfig: stopped: another worker failed");
+            making_.push_back(std::move(made));
+        }
+        {
+            std::lock_guard lock(m.mutex);
+            const ncclResult_t r =
+                ncclCommInitRankConfig(&m.comm, static_cast<int>(members.size()), id, static_cast<int>(rank), &config);
+            if (r != ncclSuccess && r != ncclInProgress) {
+                if (m.comm != nullptr) ncclCommAbort(m.comm);
+                m.aborted = true;
+                check_nccl(r, "ncclCommInitRankConfig");
+            }
+        }
+        try {
+            settle(m, "ncclCommInitRankConfig");
+        } catch (...) {
+            discard(m);
+            throw;
+        }
+        return adopt(m);
     }
 
     Communicator split(const Communicator& parent, int colour, int key) override {
         Comm& p = of(parent);
         check_cuda(cudaSetDevice(p.device), "cudaSetDevice");
-        ncclComm_t comm = nullptr;  // inherits the parent's (non-blocking) configuration
-        started(ncclCommSplit(p.comm, colour < 0 ? NCCL_SPLIT_NOCOLOR : colour, key, &comm, nullptr), comm,
-                "ncclCommSplit");
-        settle(p.comm, "ncclCommSplit", false);
-        if (comm != nullptr) settle(comm, "ncclCommSplit", true);
-        if (colour < 0 || comm == nullptr) return {};
-        return adopt(comm, p.device);
+        {
+            std::lock_guard lock(p.mutex);
+            live(p, "ncclCommSplit");
+            p.child = nullptr;  // NCCL writes the child here when the split completes (inherits non-blocking)
+            check_nccl_started(ncclCommSplit(p.comm, colour < 0 ? NCCL_SPLIT_NOCOLOR : colour, key, &p.child, nullptr),
+                               "ncclCommSplit");
+        }
+        settle(p, "ncclCommSplit");  // the split's job completes through the parent
+        return child_of(p, colour >= 0, "ncclCommSplit");
     }
 
     Communicator shrink(const Communicator& parent, std::span<const int> excluded) override {
         Comm& p = of(parent);
         check_cuda(cudaSetDevice(p.device), "cudaSetDevice");
         std::vector<int> list(excluded.begin(), excluded.end());
-        ncclComm_t comm = nullptr;
-        // Nothing is in flight at the start-of-iteration vote that tells who left.
-        started(ncclCommShrink(p.comm, list.data(), static_cast<int>(list.size()), &comm, nullptr, NCCL_SHRINK_DEFAULT),
-                comm, "ncclCommShrink");
-        if (comm != nullptr) settle(comm, "ncclCommShrink", true);
-        return adopt(comm, p.device);
+        {
+            std::lock_guard lock(p.mutex);
+            live(p, "ncclCommShrink");
+            p.child = nullptr;
+            // Nothing is in flight at the start-of-iteration vote that tells who left.
+            check_nccl_started(ncclCommShrink(p.comm, list.data(), static_cast<int>(list.size()), &p.child, nullptr,
+                                              NCCL_SHRINK_DEFAULT),
+                               "ncclCommShrink");
+        }
+        settle(p, "ncclCommShrink");
+        return child_of(p, true, "ncclCommShrink");
     }
 
     void destroy(Communicator& c, bool abort) noexcept override {
@@ -143,73 +178,80 @@ public:
     /// kernels, so that a wait on a peer that will not come ends; the owner's next call throws,
     /// and its destroy frees what is left.
     void abort_all() noexcept override {
-        aborted_ = true;
         std::lock_guard lock(mutex_);
+        aborted_ = true;
+        std::vector<std::unique_lock<std::mutex>> held;
+        std::vector<ncclComm_t> victims;
+        const auto take = [&](Comm& c) {
+            held.emplace_back(c.mutex);
+            if (c.aborted) return;
+            c.aborted = true;
+            if (c.comm != nullptr) victims.push_back(c.comm);
+            if (c.child != nullptr) victims.push_back(c.child), c.child = nullptr;
+        };
+        for (auto& [h, c] : comms_) take(*c);
+        for (auto& c : making_) take(*c);
         ncclGroupStart();  // several communicators of one process: aborted together
-        for (auto& [h, c] : comms_)
-            if (!c->aborted.exchange(true)) ncclCommAbort(c->comm);
+        for (ncclComm_t v : victims) ncclCommAbort(v);
         ncclGroupEnd();
     }
 
     void send(const Communicator& c, std::size_t peer, const Tag&, DeviceBuffer data, DeviceOps& ops) override {
         Comm& m = of(c);
-        reap(m);
         const cuda::OpsStream s = cuda::stream_of(ops);
-        order(s.stream, m.stream);
-        started(ncclSend(data.span().ptr, data.span().bytes(), ncclUint8, static_cast<int>(peer), m.comm, m.stream),
-                m.comm, "ncclSend");
-        settle(m.comm, "ncclSend", false);
-        Event done;
-        check_cuda(cudaEventRecord(done.get(), m.stream), "cudaEventRecord");
-        m.pending.push_back({std::move(done), std::move(data)});
+        const void* ptr = data.span().ptr;
+        const std::size_t bytes = data.span().bytes();
+        {
+            std::lock_guard lock(m.mutex);
+            live(m, "ncclSend");
+            reap(m);
+            order(s.stream, m.stream);
+            // Kept from here on: released only once the send is known done, or after an abort.
+            m.pending.push_back({Event{}, std::move(data), false});
+            check_nccl_started(ncclSend(ptr, bytes, ncclUint8, static_cast<int>(peer), m.comm, m.stream), "ncclSend");
+        }
+        settle(m, "ncclSend");
+        std::lock_guard lock(m.mutex);
+        live(m, "ncclSend");
+        Pending& p = m.pending.back();
+        check_cuda(cudaEventRecord(p.done.get(), m.stream), "cudaEventRecord");
+        p.recorded = true;
     }
 
     void recv(const Communicator& c, std::size_t peer, const Tag&, DeviceSpan into, DeviceOps& ops) override {
-        Comm& m = of(c);
-        reap(m);
-        const cuda::OpsStream s = cuda::stream_of(ops);
-        order(s.stream, m.stream);  // after the compute queued so far (the buffer's allocation among it)
-        started(ncclRecv(into.ptr, into.bytes(), ncclUint8, static_cast<int>(peer), m.comm, m.stream), m.comm,
-                "ncclRecv");
-        settle(m.comm, "ncclRecv", false);
-        order(m.stream, s.stream);
+        enqueue(c, ops, "ncclRecv", [&](Comm& m) {
+            return ncclRecv(into.ptr, into.bytes(), ncclUint8, static_cast<int>(peer), m.comm, m.stream);
+        });
     }
 
     void allreduce_sum(const Communicator& c, DeviceSpan data, DeviceOps& ops) override {
-        Comm& m = of(c);
-        reap(m);
-        const cuda::OpsStream s = cuda::stream_of(ops);
-        order(s.stream, m.stream);
-        started(ncclAllReduce(data.ptr, data.ptr, data.count, type(data.elem), ncclSum, m.comm, m.stream), m.comm,
-                "ncclAllReduce");
-        settle(m.comm, "ncclAllReduce", false);
-        order(m.stream, s.stream);
+        enqueue(c, ops, "ncclAllReduce", [&](Comm& m) {
+            return ncclAllReduce(data.ptr, data.ptr, data.count, type(data.elem), ncclSum, m.comm, m.stream);
+        });
     }
 
     void allgather(const Communicator& c, DeviceSpan mine, DeviceSpan all, DeviceOps& ops) override {
         if (all.elem != mine.elem || all.count != mine.count * c.members.size())
             throw RuntimeError("NCCL all-gather: the output is not members x the input");
-        Comm& m = of(c);
-        reap(m);
-        const cuda::OpsStream s = cuda::stream_of(ops);
-        order(s.stream, m.stream);
-        started(ncclAllGather(mine.ptr, all.ptr, mine.count, type(mine.elem), m.comm, m.stream), m.comm,
-                "ncclAllGather");
-        settle(m.comm, "ncclAllGather", false);
-        order(m.stream, s.stream);
+        enqueue(c, ops, "ncclAllGather", [&](Comm& m) {
+            return ncclAllGather(mine.ptr, all.ptr, mine.count, type(mine.elem), m.comm, m.stream);
+        });
     }
 
 private:
     struct Pending {
         Event done;
         DeviceBuffer buffer;
+        bool recorded = false;  ///< `done` follows the send on the stream
     };
     struct Comm {
+        std::mutex mutex;
         ncclComm_t comm = nullptr;
+        ncclComm_t child = nullptr;  ///< where a split or shrink puts its result (outlives the call)
         cudaStream_t stream = nullptr;
         int device = 0;
         std::vector<Pending> pending;
-        std::atomic<bool> aborted{false};
+        bool aborted = false;
     };
 
     static ncclDataType_t type(Elem e) {
@@ -220,74 +262,157 @@ private:
         }
         throw RuntimeError("NCCL collectives: sums and gathers are of floats");
     }
-
-    /// A non-blocking call's immediate result: success or in progress go on; an error aborts the
-    /// communicator it was making (if any) and throws.
-    static void started(ncclResult_t r, ncclComm_t& made, const char* what) {
-        if (r == ncclSuccess || r == ncclInProgress) return;
-        if (made != nullptr) ncclCommAbort(made), made = nullptr;
-        check_nccl(r, what);
+    /// A call that receives: the communicator's stream waits for the compute queued so far (the
+    /// receiving buffer's allocation among it), the call, then the compute waits for the stream.
+    template <class Call>
+    void enqueue(const Communicator& c, DeviceOps& ops, const char* what, Call&& call) {
+        Comm& m = of(c);
+        const cuda::OpsStream s = cuda::stream_of(ops);
+        {
+            std::lock_guard lock(m.mutex);
+            live(m, what);
+            reap(m);
+            order(s.stream, m.stream);
+            check_nccl_started(call(m), what);
+        }
+        settle(m, what);
+        std::lock_guard lock(m.mutex);
+        live(m, what);
+        order(m.stream, s.stream);
     }
-    /// Waits until `comm` has left ncclInProgress, polling within the timeout; stops when another
-    /// worker failed (abort_all). On a failure, a communicator being made (`making`) is aborted.
-    void settle(ncclComm_t& comm, const char* what, bool making) {
+    /// Throws when the communicator was aborted (the caller holds its lock).
+    void live(const Comm& m, const char* what) const {
+        if (m.aborted) throw RuntimeError(fmt::format("{}: stopped: another worker failed", what));
+    }
+    static void check_nccl_started(ncclResult_t r, const char* what) {
+        if (r != ncclSuccess && r != ncclInProgress) check_nccl(r, what);
+    }
+    /// Waits until `m` has left ncclInProgress, one poll at a time under its lock, within the
+    /// timeout; stops when another worker failed.
+    void settle(Comm& m, const char* what) {
         const auto deadline = std::chrono::steady_clock::now() + timeout_;
-        ncclResult_t state = ncclInProgress;
         for (int spin = 0;; ++spin) {
-            const ncclResult_t r = ncclCommGetAsyncError(comm, &state);
-            if (r != ncclSuccess) state = r;
-            if (state != ncclInProgress) break;
-            std::string why;
-            if (aborted_) why = "stopped: another worker failed";
-            else if (std::chrono::steady_clock::now() > deadline)
-                why = fmt::format("no progress within {} s (a rank that never joined?)", timeout_.count() / 1e3);
-            if (!why.empty()) {
-                if (making) ncclCommAbort(comm), comm = nullptr;
-                throw RuntimeError(fmt::format("{}: {}", what, why));
+            ncclResult_t state = ncclInProgress;
+            std::string text;
+            {
+                std::lock_guard lock(m.mutex);
+                live(m, what);
+                const ncclResult_t r = ncclCommGetAsyncError(m.comm, &state);
+                if (r != ncclSuccess) state = r;
+                if (state != ncclInProgress && state != ncclSuccess) text = ncclGetLastError(m.comm);
             }
+            if (state == ncclSuccess) return;
+            if (state != ncclInProgress)
+                throw RuntimeError(fmt::format("{}: {} ({})", what, ncclGetErrorString(state), text));
+            if (std::chrono::steady_clock::now() > deadline)
+                throw RuntimeError(fmt::format("{}: no progress within {} s (a rank that never joined?)", what,
+                                               static_cast<double>(timeout_.count()) / 1e3));
             if (spin > 100) std::this_thread::sleep_for(std::chrono::microseconds(100));
         }
-        if (state != ncclSuccess) {
-            const std::string text = ncclGetLastError(comm);
-            if (making) ncclCommAbort(comm), comm = nullptr;
-            throw RuntimeError(fmt::format("{}: {} ({})", what, ncclGetErrorString(state), text));
-        }
     }
-
-    Communicator adopt(ncclComm_t comm, int device) {
+    /// The communicator a split or shrink of `p` made (none for a split without a colour).
+    Communicator child_of(Comm& p, bool expected, const char* what) {
+        ncclComm_t child = nullptr;
+        {
+            std::lock_guard lock(p.mutex);
+            live(p, what);
+            child = p.child;
+            p.child = nullptr;
+        }
+        if (child == nullptr) {
+            if (expected) throw RuntimeError(fmt::format("{}: NCCL gave no communicator", what));
+            return {};
+        }
         auto c = std::make_unique<Comm>();
-        c->comm = comm;
-        c->device = device;
-        const cudaError_t e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
-        if (e != cudaSuccess) {
-            ncclCommAbort(comm);
-            check_cuda(e, "cudaStreamCreateWithFlags");
+        c->comm = child;
+        c->device = p.device;
+        Comm& m = *c;
+        {
+            std::lock_guard lock(mutex_);
+            if (aborted_) {
+                ncclCommAbort(child);
+                throw RuntimeError(fmt::format("{}: stopped: another worker failed", what));
+            }
+            making_.push_back(std::move(c));
+        }
+        try {
+            settle(m, what);
+        } catch (...) {
+            discard(m);
+            throw;
+        }
+        return adopt(m);
+    }
+    /// A communicator that failed while being made: aborted and freed.
+    void discard(Comm& m) noexcept {
+        std::unique_ptr<Comm> owned;
+        {
+            std::lock_guard lock(mutex_);
+            for (auto it = making_.begin(); it != making_.end(); ++it)
+                if (it->get() == &m) {
+                    owned = std::move(*it);
+                    making_.erase(it);
+                    break;
+                }
+        }
+        if (owned) close(*owned, true);
+    }
+    /// A communicator made (in making_) becomes usable: its stream, its handle.
+    Communicator adopt(Comm& m) {
+        std::unique_ptr<Comm> owned;
+        {
+            std::lock_guard lock(mutex_);
+            for (auto it = making_.begin(); it != making_.end(); ++it)
+                if (it->get() == &m) {
+                    owned = std::move(*it);
+                    making_.erase(it);
+                    break;
+                }
+        }
+        if (!owned) throw RuntimeError("an NCCL communicator adopted twice");
+        const cudaError_t e = cudaStreamCreateWithFlags(&owned->stream, cudaStreamNonBlocking);
+        std::lock_guard lock(mutex_);
+        if (e != cudaSuccess || aborted_) {
+            close(*owned, true);
+            if (e != cudaSuccess) check_cuda(e, "cudaStreamCreateWithFlags");
+            throw RuntimeError("NCCL: stopped: another worker failed");
         }
         Communicator out;
-        out.handle = c.get();
-        std::lock_guard lock(mutex_);
-        comms_.emplace(c.get(), std::move(c));
+        out.handle = owned.get();
+        comms_.emplace(owned.get(), std::move(owned));
         return out;
     }
     Comm& of(const Communicator& c) {
         std::lock_guard lock(mutex_);
         const auto it = comms_.find(c.handle);
-        if (it == comms_.end())
+        if (it == comms_.end() || aborted_)
             throw RuntimeError(aborted_ ? "an NCCL communicator aborted because another worker failed"
                                         : "an NCCL communicator that is not (or no longer) open");
         return *it->second;
     }
-    /// Releases the buffers whose sends have completed.
+    /// Releases the buffers whose sends have completed (the caller holds the lock).
     static void reap(Comm& m) {
-        std::erase_if(m.pending, [](const Pending& p) { return cudaEventQuery(p.done.get()) == cudaSuccess; });
+        std::erase_if(m.pending,
+                      [](const Pending& p) { return p.recorded && cudaEventQuery(p.done.get()) == cudaSuccess; });
     }
-    /// A communicator's end. Aborted: NCCL stops its kernels first, and only then are the send
-    /// buffers released (a send may still read one). Destroyed: its stream is waited for.
+    /// A communicator's end, by its owner. Aborted (or to abort): NCCL has stopped its kernels
+    /// before the send buffers are released (a send may still read one). Destroyed: its stream is
+    /// waited for first.
     static void close(Comm& m, bool abort) noexcept {
         cudaSetDevice(m.device);
-        if (!m.aborted.exchange(true)) {
-            if (abort) ncclCommAbort(m.comm);
-            else cudaStreamSynchronize(m.stream), ncclCommDestroy(m.comm);
+        {
+            std::lock_guard lock(m.mutex);
+            if (!m.aborted) {
+                m.aborted = true;
+                if (m.comm != nullptr) {
+                    if (abort) ncclCommAbort(m.comm);
+                    else {
+                        if (m.stream != nullptr) cudaStreamSynchronize(m.stream);
+                        ncclCommDestroy(m.comm);
+                    }
+                }
+                if (m.child != nullptr) ncclCommAbort(m.child), m.child = nullptr;
+            }
         }
         m.pending.clear();
         if (m.stream != nullptr) cudaStreamDestroy(m.stream);
@@ -295,9 +420,10 @@ private:
     }
 
     std::chrono::milliseconds timeout_;
-    std::atomic<bool> aborted_{false};
-    std::mutex mutex_;  // comms_: abort_all comes from another worker's thread
+    std::mutex mutex_;  // comms_, making_, aborted_: abort_all comes from another worker's thread
+    bool aborted_ = false;
     std::map<void*, std::unique_ptr<Comm>> comms_;
+    std::vector<std::unique_ptr<Comm>> making_;  // being initialised or split, not yet adopted
 };
 
 }  // namespace

@@ -709,7 +709,9 @@ public:
         const std::size_t batch = samples_per_batch(samples, fan_in_ * plane);
         for (std::size_t s0 = 0; !(own_filter && own_data) && s0 < samples; s0 += batch) {
             const std::size_t k = std::min(batch, samples - s0);
-            DeviceBuffer cols = make(ops, k * fan_in_ * plane), dcols = make(ops, k * fan_in_ * plane);
+            // Each only where its path runs (im2col for the weight gradient, col2im for dx).
+            DeviceBuffer cols = own_filter ? DeviceBuffer{} : make(ops, k * fan_in_ * plane);
+            DeviceBuffer dcols = own_data ? DeviceBuffer{} : make(ops, k * fan_in_ * plane);
             for (std::size_t grp = 0; grp < groups_; ++grp) {
                 const DeviceSpan w = p.compute(w_).sub(grp * cout * fan_in_, cout * fan_in_);
                 const DeviceSpan dy = out_block(dout, s0, k, grp * cout, cout);
