@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/model_toml.hpp"
 #include "dpart/runtime/cuda_backend.hpp"
 #include "dpart/runtime/device.hpp"
+#include "one_gpu.hpp"
 
 namespace dpart::rt {
 namespace {
@@ -90,20 +90,7 @@ groups = 2
 bias = false
 )",
                                 "conv check");
-    const Cluster cluster = parse_cluster(R"([cluster]
-name = "one-gpu"
-[network]
-intra_node_gbs = 100.0
-intra_node_latency_us = 5.0
-[[device]]
-name = "gpu0"
-node = "n0"
-kind = "gpu"
-tflops = 100.0
-mem_gib = 1.0
-mem_bw_gbs = 1000.0
-)",
-                                          "conv check");
+    const Cluster cluster = one_gpu_cluster();
     CudaDevices gpus(cluster);
     const std::unique_ptr<DeviceOps> gpu = gpus.ops(0);
     const std::unique_ptr<DeviceOps> host = make_host_ops();

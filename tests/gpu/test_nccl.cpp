@@ -7,27 +7,14 @@
 #include <string>
 #include <vector>
 
-#include "dpart/io/cluster_toml.hpp"
 #include "dpart/runtime/cuda_backend.hpp"
 #include "dpart/runtime/device_comm.hpp"
+#include "one_gpu.hpp"
 
 namespace dpart::rt {
 
 void nccl_checks(const std::function<void(bool, const std::string&, const std::string&)>& record) {
-    const Cluster cluster = parse_cluster(R"([cluster]
-name = "one-gpu"
-[network]
-intra_node_gbs = 100.0
-intra_node_latency_us = 5.0
-[[device]]
-name = "gpu0"
-node = "n0"
-kind = "gpu"
-tflops = 100.0
-mem_gib = 1.0
-mem_bw_gbs = 1000.0
-)",
-                                          "nccl check");
+    const Cluster cluster = one_gpu_cluster();
     CudaDevices gpus(cluster);
     const std::unique_ptr<DeviceOps> ops = gpus.ops(0);
     std::unique_ptr<CommLibrary> lib = make_nccl_library(std::chrono::milliseconds(60000));

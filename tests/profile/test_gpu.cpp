@@ -416,18 +416,26 @@ RankNcclCalls fake_nccl(std::size_t rank, std::string why, std::vector<std::stri
     return calls;
 }
 
+/// measure_rank_collectives on ids.size() ranks (threads) with the fake; rank 2 gives `why2` as
+/// its reason not to take part ("" : it takes part). Every rank's results.
+std::vector<std::vector<ProbeResult>> rank_collectives(std::vector<std::string>& ids, const std::string& why2) {
+    const std::size_t n = ids.size();
+    rt::InProcessNetwork net(n, std::chrono::milliseconds(10000));
+    std::vector<std::vector<ProbeResult>> got(n);
+    std::vector<std::jthread> ranks;
+    for (std::size_t r = 0; r < n; ++r)
+        ranks.emplace_back([&, r] {
+            got[r] = measure_rank_collectives(net.endpoint(r), fake_nccl(r, r == 2 ? why2 : "", ids), 1 << 20);
+        });
+    ranks.clear();  // joined
+    return got;
+}
+
 }  // namespace
 
 TEST_CASE("NCCL between ranks: the first rank's id for all, each sample averaged over the ranks, busbw for all") {
-    const std::size_t n = 3;
-    rt::InProcessNetwork net(n, std::chrono::milliseconds(10000));
-    std::vector<std::vector<ProbeResult>> got(n);
-    std::vector<std::string> ids(n);
-    {
-        std::vector<std::jthread> ranks;
-        for (std::size_t r = 0; r < n; ++r)
-            ranks.emplace_back([&, r] { got[r] = measure_rank_collectives(net.endpoint(r), fake_nccl(r, "", ids), 1 << 20); });
-    }
+    std::vector<std::string> ids(3);
+    const std::vector<std::vector<ProbeResult>> got = rank_collectives(ids, "");
     for (const std::string& id : ids) CHECK(id == "id-of-rank-0");
     CHECK(got[1].empty());
     CHECK(got[2].empty());
@@ -452,18 +460,8 @@ TEST_CASE("NCCL between ranks: the first rank's id for all, each sample averaged
 }
 
 TEST_CASE("NCCL between ranks: a rank without a GPU waives them all, naming it; one rank measures nothing") {
-    const std::size_t n = 3;
-    rt::InProcessNetwork net(n, std::chrono::milliseconds(10000));
-    std::vector<std::vector<ProbeResult>> got(n);
-    std::vector<std::string> ids(n);
-    {
-        std::vector<std::jthread> ranks;
-        for (std::size_t r = 0; r < n; ++r)
-            ranks.emplace_back([&, r] {
-                got[r] = measure_rank_collectives(net.endpoint(r), fake_nccl(r, r == 2 ? "no CUDA device" : "", ids),
-                                                  1 << 20);
-            });
-    }
+    std::vector<std::string> ids(3);
+    const std::vector<std::vector<ProbeResult>> got = rank_collectives(ids, "no CUDA device");
     REQUIRE(got[0].size() == 4);
     for (const ProbeResult& r : got[0]) {
         CHECK(r.status == ProbeResult::Status::waived);

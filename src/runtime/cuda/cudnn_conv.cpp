@@ -131,56 +131,48 @@ CudnnConv::Choice CudnnConv::choose(Kind kind, const DeviceOps::Conv& c, Elem e,
     return out;
 }
 
-bool CudnnConv::forward(cudaStream_t stream, const DeviceOps::Conv& c, Elem e, bool tf32, const void* x, const void* w,
-                        void* y, const Workspace& workspace) {
-    if (e == Elem::i32) return false;
+template <class Call>
+bool CudnnConv::run(Kind kind, cudaStream_t stream, const DeviceOps::Conv& c, Elem e, bool tf32,
+                    const Workspace& workspace, Call&& call) {
+    if (e == Elem::i32 || (kind == Kind::filter && e != Elem::f32)) return false;
     const Descriptors d(c, e, tf32);
     if (!d.ok) return false;
     handle(stream);
-    const Choice ch = choose(Kind::forward, c, e, tf32, d);
+    const Choice ch = choose(kind, c, e, tf32, d);
     if (!ch.ok) return false;
     check(cudnnSetConvolutionMathType(d.conv, ch.math), "cudnnSetConvolutionMathType");
-    const float alpha = 1.0f, beta = 0.0f;
-    check(cudnnConvolutionForward(handle_, &alpha, d.x, x, d.w, w, d.conv,
-                                  static_cast<cudnnConvolutionFwdAlgo_t>(ch.algo),
-                                  ch.workspace > 0 ? workspace(ch.workspace) : nullptr, ch.workspace, &beta, d.y, y),
-          "cudnnConvolutionForward");
+    call(d, ch.algo, ch.workspace > 0 ? workspace(ch.workspace) : nullptr, ch.workspace);
     return true;
+}
+
+bool CudnnConv::forward(cudaStream_t stream, const DeviceOps::Conv& c, Elem e, bool tf32, const void* x, const void* w,
+                        void* y, const Workspace& workspace) {
+    return run(Kind::forward, stream, c, e, tf32, workspace, [&](const Descriptors& d, int algo, void* ws, std::size_t n) {
+        const float alpha = 1.0f, beta = 0.0f;
+        check(cudnnConvolutionForward(handle_, &alpha, d.x, x, d.w, w, d.conv,
+                                      static_cast<cudnnConvolutionFwdAlgo_t>(algo), ws, n, &beta, d.y, y),
+              "cudnnConvolutionForward");
+    });
 }
 
 bool CudnnConv::backward_data(cudaStream_t stream, const DeviceOps::Conv& c, Elem e, bool tf32, const void* dy,
                               const void* w, void* dx, const Workspace& workspace) {
-    if (e == Elem::i32) return false;
-    const Descriptors d(c, e, tf32);
-    if (!d.ok) return false;
-    handle(stream);
-    const Choice ch = choose(Kind::data, c, e, tf32, d);
-    if (!ch.ok) return false;
-    check(cudnnSetConvolutionMathType(d.conv, ch.math), "cudnnSetConvolutionMathType");
-    const float alpha = 1.0f, beta = 0.0f;
-    check(cudnnConvolutionBackwardData(handle_, &alpha, d.w, w, d.y, dy, d.conv,
-                                       static_cast<cudnnConvolutionBwdDataAlgo_t>(ch.algo),
-                                       ch.workspace > 0 ? workspace(ch.workspace) : nullptr, ch.workspace, &beta, d.x, dx),
-          "cudnnConvolutionBackwardData");
-    return true;
+    return run(Kind::data, stream, c, e, tf32, workspace, [&](const Descriptors& d, int algo, void* ws, std::size_t n) {
+        const float alpha = 1.0f, beta = 0.0f;
+        check(cudnnConvolutionBackwardData(handle_, &alpha, d.w, w, d.y, dy, d.conv,
+                                           static_cast<cudnnConvolutionBwdDataAlgo_t>(algo), ws, n, &beta, d.x, dx),
+              "cudnnConvolutionBackwardData");
+    });
 }
 
 bool CudnnConv::backward_filter(cudaStream_t stream, const DeviceOps::Conv& c, Elem e, bool tf32, const void* x,
                                 const void* dy, void* dw, const Workspace& workspace) {
-    if (e != Elem::f32) return false;
-    const Descriptors d(c, e, tf32);
-    if (!d.ok) return false;
-    handle(stream);
-    const Choice ch = choose(Kind::filter, c, e, tf32, d);
-    if (!ch.ok) return false;
-    check(cudnnSetConvolutionMathType(d.conv, ch.math), "cudnnSetConvolutionMathType");
-    const float alpha = 1.0f, beta = 1.0f;  // dw +=
-    check(cudnnConvolutionBackwardFilter(handle_, &alpha, d.x, x, d.y, dy, d.conv,
-                                         static_cast<cudnnConvolutionBwdFilterAlgo_t>(ch.algo),
-                                         ch.workspace > 0 ? workspace(ch.workspace) : nullptr, ch.workspace, &beta, d.w,
-                                         dw),
-          "cudnnConvolutionBackwardFilter");
-    return true;
+    return run(Kind::filter, stream, c, e, tf32, workspace, [&](const Descriptors& d, int algo, void* ws, std::size_t n) {
+        const float alpha = 1.0f, beta = 1.0f;  // dw +=
+        check(cudnnConvolutionBackwardFilter(handle_, &alpha, d.x, x, d.y, dy, d.conv,
+                                             static_cast<cudnnConvolutionBwdFilterAlgo_t>(algo), ws, n, &beta, d.w, dw),
+              "cudnnConvolutionBackwardFilter");
+    });
 }
 
 }  // namespace dpart::rt::cuda

@@ -52,6 +52,11 @@ private:
     struct Descriptors;
     cudnnHandle_t handle(cudaStream_t stream);
     Choice choose(Kind kind, const DeviceOps::Conv& c, Elem e, bool tf32, const Descriptors& d);
+    /// The steps every convolution shares (descriptors, handle, algorithm, math type), then
+    /// call(descriptors, algorithm, workspace, its bytes); false when declined.
+    template <class Call>
+    bool run(Kind kind, cudaStream_t stream, const DeviceOps::Conv& c, Elem e, bool tf32, const Workspace& workspace,
+             Call&& call);
 
     cudnnHandle_t handle_ = nullptr;
     std::map<Key, Choice> choices_;

@@ -14,7 +14,7 @@
 #include <fmt/format.h>
 #include <nccl.h>
 
-#include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -345,30 +345,20 @@ private:
     }
     /// A communicator that failed while being made: aborted and freed.
     void discard(Comm& m) noexcept {
-        std::unique_ptr<Comm> owned;
-        {
-            std::lock_guard lock(mutex_);
-            for (auto it = making_.begin(); it != making_.end(); ++it)
-                if (it->get() == &m) {
-                    owned = std::move(*it);
-                    making_.erase(it);
-                    break;
-                }
-        }
-        if (owned) close(*owned, true);
+        if (std::unique_ptr<Comm> owned = unmake(m)) close(*owned, true);
+    }
+    /// Takes `m` out of making_ (null when it is not there).
+    std::unique_ptr<Comm> unmake(Comm& m) noexcept {
+        std::lock_guard lock(mutex_);
+        const auto it = std::find_if(making_.begin(), making_.end(), [&](const auto& c) { return c.get() == &m; });
+        if (it == making_.end()) return nullptr;
+        std::unique_ptr<Comm> owned = std::move(*it);
+        making_.erase(it);
+        return owned;
     }
     /// A communicator made (in making_) becomes usable: its stream, its handle.
     Communicator adopt(Comm& m) {
-        std::unique_ptr<Comm> owned;
-        {
-            std::lock_guard lock(mutex_);
-            for (auto it = making_.begin(); it != making_.end(); ++it)
-                if (it->get() == &m) {
-                    owned = std::move(*it);
-                    making_.erase(it);
-                    break;
-                }
-        }
+        std::unique_ptr<Comm> owned = unmake(m);
         if (!owned) throw RuntimeError("an NCCL communicator adopted twice");
         const cudaError_t e = cudaStreamCreateWithFlags(&owned->stream, cudaStreamNonBlocking);
         std::lock_guard lock(mutex_);
