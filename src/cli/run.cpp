@@ -190,8 +190,13 @@ std::string configure_backend(const RunCliOptions& o, const Model& model, const 
             ro.memory_domain = [](const rt::WorkerPlace&) { return std::optional<std::uint64_t>(0); };  // host memory
     } else {
         auto gpus = std::make_shared<rt::CudaDevices>(cluster);
+        // With NCCL a stream may wait on a receive whose sender failed: host waits give up after
+        // --timeout, as a worker waiting on a peer does.
+        const auto wait_limit = comm == "nccl" ? std::chrono::milliseconds(static_cast<std::int64_t>(o.timeout_s * 1e3))
+                                               : std::chrono::milliseconds(0);
         ro.backend = rt::make_device_stage_factory(
-            [gpus, tf32 = o.tf32](const rt::WorkerPlace& p) { return gpus->ops(p.device, tf32); }, elem);
+            [gpus, tf32 = o.tf32, wait_limit](const rt::WorkerPlace& p) { return gpus->ops(p.device, tf32, wait_limit); },
+            elem);
         ro.memory_domain = [gpus](const rt::WorkerPlace& p) { return gpus->memory_domain(p.device); };
     }
     if (comm == "nccl")

@@ -12,7 +12,7 @@ CudaDevices::CudaDevices(const Cluster&) {
                        "--backend cuda is not available; use --backend cpu");
 }
 CudaDevices::~CudaDevices() = default;
-std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t, bool) { return nullptr; }
+std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t, bool, std::chrono::milliseconds) { return nullptr; }
 std::string CudaDevices::describe(std::size_t) const { return {}; }
 std::optional<std::uint64_t> CudaDevices::memory_domain(std::size_t) const { return std::nullopt; }
 std::unique_ptr<CommLibrary> make_nccl_library(std::chrono::milliseconds) {

@@ -1,13 +1,15 @@
 // The CUDA backend's CPU-side logic, tested without a GPU: green-context partitions read from a
 // cluster file and cut into cuDevSmResourceSplitByCount calls, what a slowdown leaves of a
 // partition, the device-memory arena, the communicators a plan needs, the NCCL unique id shared
-// over a (fake) bootstrap transport, and ncclCommShrink's exclusion list.
+// over a (fake) bootstrap transport, ncclCommShrink's exclusion list, and the bounded wait that
+// keeps a stream waiting on a failed peer's transfer from hanging the host.
 #include <doctest/doctest.h>
 
 #include <thread>
 
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/runtime/arena.hpp"
+#include "dpart/runtime/bounded_wait.hpp"
 #include "dpart/runtime/comm_groups.hpp"
 #include "dpart/runtime/sm_partition.hpp"
 
@@ -210,4 +212,31 @@ TEST_CASE("ncclCommShrink's exclusion list and the survivors' new ranks") {
     CHECK_THROWS_WITH_AS((void)shrink_ranks(2, std::vector<std::size_t>{2}),
                          "failed rank 2 is not in a communicator of 2 ranks", InputError);
     CHECK_THROWS_AS((void)shrink_ranks(2, std::vector<std::size_t>{0, 1}), InputError);
+}
+
+TEST_CASE("a bounded wait returns once the work is done and gives up with its message after the limit") {
+    using namespace std::chrono_literals;
+    int calls = 0;
+    // Done on the fifth question: four pending answers, then done.
+    const auto fifth = [&] { return ++calls >= 5 ? Poll::done : Poll::pending; };
+    CHECK(wait_bounded(fifth, 1000ms, [] { return std::string("never"); }) == 5);
+    calls = 0;
+    CHECK(wait_bounded(fifth, 0ms, [] { return std::string("never"); }) == 5);  // 0: no limit
+
+    // Never done: the message after the limit, not before it.
+    const auto start = std::chrono::steady_clock::now();
+    std::size_t asked = 0;
+    const auto never = [&] {
+        ++asked;
+        return Poll::pending;
+    };
+    CHECK_THROWS_WITH_AS(wait_bounded(never, 30ms, [] { return std::string("gpu0: did not finish within 0.03 s"); }),
+                         "gpu0: did not finish within 0.03 s", RuntimeError);
+    CHECK(std::chrono::steady_clock::now() - start >= 30ms);
+    CHECK(asked > 1);
+
+    // An error of the query's own goes through at once.
+    CHECK_THROWS_WITH_AS(wait_bounded([]() -> Poll { throw RuntimeError("cudaStreamQuery: illegal address"); }, 1000ms,
+                                      [] { return std::string("timeout"); }),
+                         "cudaStreamQuery: illegal address", RuntimeError);
 }

@@ -28,7 +28,10 @@ public:
 
     /// A DeviceOps on cluster device `device`: its own stream on the GPU, or on its partition's
     /// green context. Call it on the thread that will use it. fp32 products use TF32 when `tf32`.
-    [[nodiscard]] std::unique_ptr<DeviceOps> ops(std::size_t device, bool tf32 = false);
+    /// With `wait_limit` > 0 a host wait for the stream (synchronize, download) throws
+    /// RuntimeError after that long (for streams that wait on device communicators' receives).
+    [[nodiscard]] std::unique_ptr<DeviceOps> ops(std::size_t device, bool tf32 = false,
+                                                 std::chrono::milliseconds wait_limit = {});
 
     /// What `device` runs on, e.g. "CUDA device 0 (NVIDIA H100 80GB HBM3), green context of 32 SMs".
     [[nodiscard]] std::string describe(std::size_t device) const;

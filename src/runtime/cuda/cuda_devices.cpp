@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -20,6 +21,7 @@
 
 #include "check.cuh"
 #include "device_ops.cuh"
+#include "dpart/runtime/bounded_wait.hpp"
 #include "dpart/runtime/cuda_backend.hpp"
 #include "dpart/runtime/sm_partition.hpp"
 #include "cudnn_conv.hpp"
@@ -146,8 +148,10 @@ public:
     /// sets the slowdown it gives); empty for a device that cannot be resized.
     using Resizer = std::function<cudaStream_t(double factor, double& realised, std::uint32_t& sms)>;
 
-    CudaOps(int device, cudaStream_t stream, std::string name, bool tf32, std::uint32_t sms = 0, Resizer resizer = {})
-        : device_(device), stream_(stream), name_(std::move(name)), resizer_(std::move(resizer)) {
+    CudaOps(int device, cudaStream_t stream, std::string name, bool tf32, std::chrono::milliseconds wait_limit,
+            std::uint32_t sms = 0, Resizer resizer = {})
+        : device_(device), stream_(stream), name_(std::move(name)), resizer_(std::move(resizer)),
+          wait_limit_(wait_limit) {
         if (stream_ == nullptr) {
             check_cuda(cudaSetDevice(device_), "cudaSetDevice");
             check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -160,7 +164,15 @@ public:
         if (sms > 0) blas_->set_sm_count_target(static_cast<int>(sms));
     }
     ~CudaOps() override {
-        cudaStreamSynchronize(stream_);
+        try {
+            synchronize();
+        } catch (const std::exception&) {
+            // The stream still waits on a transfer that will not come (or failed): leave it and
+            // its handles to the process's end rather than block here.
+            (void)blas_.release();
+            (void)conv_.release();
+            return;
+        }
         conv_.reset();  // its handle is set on the stream: gone before the stream
         blas_.reset();
         if (own_stream_) cudaStreamDestroy(stream_);
@@ -287,7 +299,28 @@ public:
             cuda::mul(static_cast<const T*>(a.ptr), static_cast<const T*>(b.ptr), o, a.count, stream_);
         });
     }
-    void synchronize() override { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+    /// Waits for the stream, at most wait_limit_ when set: with device communicators the stream
+    /// may wait on a receive whose sender failed in another process; the run then stops with an
+    /// error instead of hanging (an abort in this process ends such a wait sooner).
+    void synchronize() override {
+        if (wait_limit_.count() == 0) {
+            check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+            return;
+        }
+        wait_bounded(
+            [&] {
+                const cudaError_t e = cudaStreamQuery(stream_);
+                if (e == cudaErrorNotReady) return Poll::pending;
+                check_cuda(e, "cudaStreamQuery");
+                return Poll::done;
+            },
+            wait_limit_,
+            [&] {
+                return fmt::format("{}: the work queued on the GPU did not finish within {:g} s (a transfer "
+                                   "waits on a peer that does not send; --timeout)",
+                                   name_, static_cast<double>(wait_limit_.count()) / 1e3);
+            });
+    }
 
     double resize(double factor) override {
         if (!resizer_) return 1.0;
@@ -547,6 +580,7 @@ private:
     bool own_stream_ = false;
     std::string name_;
     Resizer resizer_;
+    std::chrono::milliseconds wait_limit_{0};  ///< 0: synchronize() waits for as long as it takes
     std::unique_ptr<cuda::Blas> blas_;
     bool tf32_ = false;
     std::unique_ptr<cuda::CudnnConv> conv_ = std::make_unique<cuda::CudnnConv>();
@@ -780,7 +814,7 @@ CudaDevices::CudaDevices(const Cluster& cluster) : impl_(std::make_unique<Impl>(
 
 CudaDevices::~CudaDevices() = default;
 
-std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t device, bool tf32) {
+std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t device, bool tf32, std::chrono::milliseconds wait_limit) {
     std::lock_guard lock(impl_->mutex);
     const auto it = impl_->targets.find(device);
     if (it == impl_->targets.end()) throw RuntimeError(fmt::format("cluster device {} has no CUDA target", device));
@@ -792,9 +826,9 @@ std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t device, bool tf32) {
         check_cu(Driver::get().ctx_from_green_ctx(&ctx, t.green), "cuCtxFromGreenCtx");
         check_cu(Driver::get().ctx_set_current(ctx), "cuCtxSetCurrent");
     }
-    if (t.green == nullptr) return std::make_unique<CudaOps>(t.gpu, nullptr, t.name, tf32);  // a stream of its own
+    if (t.green == nullptr) return std::make_unique<CudaOps>(t.gpu, nullptr, t.name, tf32, wait_limit);  // a stream of its own
     Impl* impl = impl_.get();
-    return std::make_unique<CudaOps>(t.gpu, reinterpret_cast<cudaStream_t>(t.stream), t.name, tf32, t.sms,
+    return std::make_unique<CudaOps>(t.gpu, reinterpret_cast<cudaStream_t>(t.stream), t.name, tf32, wait_limit, t.sms,
                                      [impl, device](double factor, double& realised, std::uint32_t& sms) {
                                          return impl->resize(device, factor, realised, sms);
                                      });
