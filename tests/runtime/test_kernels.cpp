@@ -78,6 +78,32 @@ TEST_CASE("kernel gradients: mlp, plain and gated") {
     CHECK(check_gradients(single(mlp(4, 6, MlpKind::gated, Activation::gelu, true), {4}), 0) > 0);
 }
 
+TEST_CASE("kernel gradients: mixtures of experts, alone and in a Mixtral-style block") {
+    MlpOp plain = mlp(6, 10, MlpKind::plain, Activation::gelu, true);
+    plain.experts = 4;
+    plain.experts_per_token = 2;
+    const Model a = single(plain, {3, 6});
+    CHECK(make_cpu_kernel(a, 0)->full_params() == a.layers[0].cost.params);
+    CHECK(check_gradients(a, 0) == 36 + a.layers[0].cost.params);
+    MlpOp gated = mlp(6, 8, MlpKind::gated, Activation::silu, false);
+    gated.experts = 3;
+    gated.experts_per_token = 1;  // one expert per token: its weight is 1, the router learns nothing
+    const Model b = single(gated, {4, 6});
+    CHECK(make_cpu_kernel(b, 0)->full_params() == b.layers[0].cost.params);
+    CHECK(check_gradients(b, 0, {.input_grads = true}) > 0);
+    TransformerBlockOp mixtral = block(NormKind::rmsnorm, MlpKind::gated, Activation::silu, false, 4, 2);
+    mixtral.mlp.experts = 4;
+    mixtral.mlp.experts_per_token = 2;
+    const Model c = single(mixtral, {3, 8});
+    CHECK(make_cpu_kernel(c, 0)->full_params() == c.layers[0].cost.params);
+    // The top-k choice is a step function: a difference step must not move a token across a
+    // tie (in a block every input moves every later token, through attention). 5e-3 does here,
+    // 1e-3 does not; with every expert chosen there is no step at all.
+    CHECK(check_gradients(c, 0, {.step = 1e-3f}) > 0);
+    mixtral.mlp.experts_per_token = 4;
+    CHECK(check_gradients(single(mixtral, {3, 8}), 0) > 0);
+}
+
 TEST_CASE("kernel gradients: transformer blocks (GPT-2 style and Llama style)") {
     CHECK(check_gradients(single(block(NormKind::layernorm, MlpKind::plain, Activation::gelu, true, 2, 2), {3, 8}), 0) > 0);
     CHECK(check_gradients(single(block(NormKind::rmsnorm, MlpKind::gated, Activation::silu, false, 4, 2), {3, 8}), 0) > 0);

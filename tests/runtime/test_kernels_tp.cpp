@@ -157,15 +157,18 @@ TEST_CASE("kernel errors: splits that do not divide are bad input naming the lay
               .find("heads 4") != std::string::npos);
 }
 
-TEST_CASE("kernel errors: a mixture-of-experts MLP has no CPU kernel") {
+TEST_CASE("kernel tensor parallel: mixtures of experts split every expert by inner units") {
     MlpOp moe{16, 24, MlpKind::plain, Activation::gelu, true};
     moe.experts = 4;
     moe.experts_per_token = 2;
-    const std::string e = error_of(single(moe, {16}), 0, 1);
-    CHECK(e.find("k.toml:3:1: layer \"op\": a mixture-of-experts mlp (4 experts) has no CPU kernel in dpart run") == 0);
-    TransformerBlockOp b = block(NormKind::rmsnorm, MlpKind::gated, Activation::silu, false, 4);
-    b.mlp.experts = 8;
-    CHECK(error_of(single(b, {2, 16}), 0, 2).find("mixture-of-experts") != std::string::npos);
+    check_tensor_parallel(single(moe, {3, 16}), 0, {2, 4});
+    TransformerBlockOp b = block(NormKind::rmsnorm, MlpKind::gated, Activation::silu, false, 2);
+    b.mlp.experts = 3;
+    b.mlp.experts_per_token = 2;
+    check_tensor_parallel(single(b, {4, 16}), 0, {2});
+    // The experts' inner size must split like a dense MLP's.
+    moe.ffn_hidden = 18;
+    CHECK(error_of(single(moe, {16}), 0, 4).find("ffn_hidden 18") != std::string::npos);
 }
 
 TEST_CASE("kernel factory: conv2d, batchnorm, pool, custom and the rest all have CPU kernels") {

@@ -199,7 +199,7 @@ private:
     NormPart norm1_;
     AttentionPart attn_;
     NormPart norm2_;
-    MlpPart mlp_;
+    FeedForwardPart mlp_;
 };
 
 }  // namespace
@@ -214,7 +214,6 @@ KernelPtr make_attention(const Model& model, std::size_t layer, Shard shard) {
 KernelPtr make_block(const Model& model, std::size_t layer, Shard shard) {
     const Layer& l = model.layers[layer];
     const auto& op = std::get<TransformerBlockOp>(l.op);
-    require_dense(l, op.mlp);
     require_heads_split(l, op.attention, shard);
     require_split(l, op.mlp.ffn_hidden, "ffn_hidden", shard);
     return std::make_unique<BlockKernel>(model, layer, shard, op, l.out_shape[0]);

@@ -150,17 +150,11 @@ KernelPtr make_linear(const Model& model, std::size_t layer, Shard shard) {
     return std::make_unique<LinearKernel>(model, layer, shard);
 }
 
-void require_dense(const Layer& layer, const MlpOp& op) {
-    if (op.experts > 1)
-        unsupported(layer, fmt::format("a mixture-of-experts mlp ({} experts)", op.experts), "dense mlp, experts = 1");
-}
-
 KernelPtr make_mlp(const Model& model, std::size_t layer, Shard shard) {
     const Layer& l = model.layers[layer];
     const auto& op = std::get<MlpOp>(l.op);
-    require_dense(l, op);
     require_split(l, op.ffn_hidden, "ffn_hidden", shard);
-    return std::make_unique<PartKernel<MlpPart>>(model, layer, shard, op, shard);
+    return std::make_unique<PartKernel<FeedForwardPart>>(model, layer, shard, op, shard);
 }
 
 }  // namespace dpart::rt::cpu

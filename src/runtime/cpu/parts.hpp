@@ -6,6 +6,7 @@
 // what its backward needs to `saved` (saved_count() tensors), and backward reads exactly those.
 #include <memory>
 #include <span>
+#include <variant>
 #include <vector>
 
 #include "common.hpp"
@@ -74,6 +75,43 @@ private:
     ParamLayout::Id gate_, up_, down_, bgate_, bup_, bdown_;
 };
 
+/// A mixture of experts on [..., hidden] (docs/METHOD.md, "Mixtures of experts"): a router
+/// (hidden -> experts, no bias, whole on every rank), then each expert a plain or gated MlpPart
+/// on the tokens routed to it (its inner size split over the shard), their outputs weighted and
+/// summed per token in expert order. Parameters: the router, then each expert's MLP.
+/// Saved: the router's logits, the experts' outputs by slot, then each MlpPart tensor by slot.
+class MoePart {
+public:
+    MoePart(ParamLayout& layout, const MlpOp& op, Shard shard);
+    [[nodiscard]] std::size_t saved_count() const { return 2 + experts_.front().saved_count(); }
+    [[nodiscard]] Tensor forward(const StepContext& ctx, const Tensor& x, std::span<const float> params,
+                                 std::vector<Tensor>& saved) const;
+    [[nodiscard]] Tensor backward(const StepContext& ctx, const Tensor& dy, const Tensor& x,
+                                  std::span<const float> params, std::span<const Tensor> saved,
+                                  std::span<float> dparams) const;
+
+private:
+    const ParamLayout* layout_;
+    std::size_t hidden_, experts_count_, k_;
+    ParamLayout::Id router_;
+    std::vector<MlpPart> experts_;
+};
+
+/// An op's MLP: dense, or a mixture of experts when it has more than one.
+class FeedForwardPart {
+public:
+    FeedForwardPart(ParamLayout& layout, const MlpOp& op, Shard shard);
+    [[nodiscard]] std::size_t saved_count() const;
+    [[nodiscard]] Tensor forward(const StepContext& ctx, const Tensor& x, std::span<const float> params,
+                                 std::vector<Tensor>& saved) const;
+    [[nodiscard]] Tensor backward(const StepContext& ctx, const Tensor& dy, const Tensor& x,
+                                  std::span<const float> params, std::span<const Tensor> saved,
+                                  std::span<float> dparams) const;
+
+private:
+    std::variant<MlpPart, MoePart> part_;
+};
+
 /// A layer that is one part.
 template <class Part>
 class PartKernel final : public Kernel {
@@ -117,8 +155,6 @@ KernelPtr make_conv2d(const Model& model, std::size_t layer, Shard shard);
 KernelPtr make_batchnorm(const Model& model, std::size_t layer, Shard shard);
 KernelPtr make_pool(const Model& model, std::size_t layer, Shard shard);
 
-/// Throws InputError at the layer for an MLP the CPU kernels do not run (mixture of experts).
-void require_dense(const Layer& layer, const MlpOp& op);
 
 /// Elements per sample of layer `layer`'s i-th input (the model input for the first layer);
 /// 0 when opaque.
