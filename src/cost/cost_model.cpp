@@ -13,6 +13,16 @@ bool tp_splits(const OpParams& op) noexcept {
            std::holds_alternative<EmbeddingOp>(op) || std::holds_alternative<SoftmaxXentOp>(op);
 }
 
+bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept {
+    if (tp <= 1) return true;
+    if (const auto* l = std::get_if<LinearOp>(&op)) return l->tied_to.has_value() || l->out_features % tp == 0;
+    if (const auto* a = std::get_if<AttentionOp>(&op)) return a->heads % tp == 0 && a->kv_heads % tp == 0;
+    if (const auto* m = std::get_if<MlpOp>(&op)) return m->ffn_hidden % tp == 0;
+    if (const auto* b = std::get_if<TransformerBlockOp>(&op))
+        return b->attention.heads % tp == 0 && b->attention.kv_heads % tp == 0 && b->mlp.ffn_hidden % tp == 0;
+    return true;
+}
+
 TpCollectives tp_collectives(const OpParams& op) noexcept {
     // Megatron-LM: a block all-reduces its activation after attention and after the MLP, in
     // forward and again in backward; a standalone attention or MLP (a column- then row-parallel

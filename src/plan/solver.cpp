@@ -86,6 +86,9 @@ private:
 /// (split ops rounded up per layer, exactly as stage_memory counts them).
 struct MemoryTables {
     std::vector<std::uint64_t> params, saved;
+    /// Prefix counts of the layers that cannot be split over this tp (tp_divides): a stage
+    /// holding one cannot take it.
+    std::vector<std::uint32_t> indivisible;
 };
 
 struct TiedCopy {
@@ -143,8 +146,10 @@ struct Context {
         MemoryTables t;
         t.params.assign(L + 1, 0);
         t.saved.assign(L + 1, 0);
+        t.indivisible.assign(L + 1, 0);
         for (std::size_t l = 0; l < L; ++l) {
             const LayerCost& c = model.layers[l].cost;
+            t.indivisible[l + 1] = t.indivisible[l] + (tp_divides(model.layers[l].op, tp) ? 0 : 1);
             const bool split = tp > 1 && tp_splits(model.layers[l].op);
             t.params[l + 1] = sat_add(t.params[l], split ? (c.params + tp - 1) / tp : c.params);
             t.saved[l + 1] = sat_add(t.saved[l], split ? (c.saved_bytes + tp - 1) / tp : c.saved_bytes);
@@ -171,7 +176,10 @@ public:
 
     std::uint64_t microbatches() const { return M_; }
 
+    /// Forward + backward of layers [i, i2) on the block; infinite when one of them cannot be
+    /// split over the block's tp (it stays so for every larger i2: the DP's scan stops there).
     double compute_seconds(const Block& blk, std::size_t i, std::size_t i2) const {
+        if (blk.memory->indivisible[i2] != blk.memory->indivisible[i]) return inf;
         if (blk.prefix.size() == 1) {  // one device class and share: the common case
             const auto& [F, B] = blk.prefix.front();
             return (F[i2] - F[i]) + (B[i2] - B[i]);
@@ -361,7 +369,9 @@ public:
                 for (std::size_t i = j == 0 ? 0 : 1; i < (j == 0 ? 1 : L_); ++i)
                     for (std::size_t i2 = i + 1; i2 <= L_; ++i2) {
                         if (i2 < L_ && blocks_[bi].start + blocks_[bi].size >= D_) continue;
-                        out.push_back(stage_seconds(blocks_[bi], i, i2, compute_seconds(blocks_[bi], i, i2)));
+                        const double compute = compute_seconds(blocks_[bi], i, i2);
+                        if (compute == inf) continue;
+                        out.push_back(stage_seconds(blocks_[bi], i, i2, compute));
                     }
         std::sort(out.begin(), out.end());
         out.erase(std::unique(out.begin(), out.end()), out.end());
@@ -909,6 +919,9 @@ SolveResult solve_baseline(const Model& model, const Cluster& cluster, const Cos
         }
         for (std::uint32_t tp = 1; tp <= sopt.max_tp && tp <= n; tp *= 2) {
             if (n % tp != 0 || node_size % tp != 0) continue;
+            if (!std::all_of(model.layers.begin(), model.layers.end(),
+                             [tp](const Layer& l) { return tp_divides(l.op, tp); }))
+                continue;  // every stage has this tp: every layer must take it
             const std::size_t r = n / tp;
             if (r > max_r) continue;
             for (std::uint64_t b : microbatch_candidates(model.global_batch, sopt)) {

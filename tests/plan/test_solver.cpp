@@ -284,6 +284,29 @@ TEST_CASE("no baseline beats the optimal plan on the bundled models and clusters
     }
 }
 
+TEST_CASE("no stage gets a tensor-parallel degree one of its layers cannot split over") {
+    // tiny-mixtral's blocks have 2 KV heads: on 4 CPU workers tp 4 looked fastest, and dpart run
+    // refused the plan. Every strategy now keeps tp to what each stage's layers divide by.
+    CHECK(tp_divides(LinearOp{6, 10, true, std::nullopt}, 2));
+    CHECK_FALSE(tp_divides(LinearOp{6, 10, true, std::nullopt}, 4));
+    CHECK(tp_divides(LinearOp{6, 10, true, std::size_t{0}}, 4));  // tied: whole on every rank
+    CHECK_FALSE(tp_divides(AttentionOp{16, 4, 2, 4, 0, true, true, true}, 4));
+    CHECK(tp_divides(NormOp{NormKind::rmsnorm, 6, false}, 8));
+    const Model model = load_model(plans_dir + "models/tiny-mixtral.toml");
+    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
+    const AnalyticalCostModel cost(model, cluster, {});
+    for (Strategy s : {Strategy::optimal, Strategy::uniform, Strategy::parameters, Strategy::time}) {
+        SolverOptions sopt;
+        sopt.strategy = s;
+        const SolveResult r = solve(model, cluster, cost, {}, sopt);
+        for (const Stage& st : r.plan.stages)
+            for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
+                CAPTURE(l);
+                CHECK(tp_divides(model.layers[l].op, st.tp));
+            }
+    }
+}
+
 TEST_CASE("a model that fits nowhere is infeasible, with what would help") {
     const Model model = load_model(plans_dir + "models/llama3-70b.toml");
     const Cluster cluster = load_cluster(plans_dir + "clusters/h100x1.toml");

@@ -51,6 +51,11 @@ public:
 /// Whether tensor parallelism splits this op (Megatron's column/row split of transformer
 /// layers, vocabulary-parallel embedding, head and loss); other ops run whole on every rank.
 [[nodiscard]] bool tp_splits(const OpParams& op) noexcept;
+/// Whether the runtime's kernels run the op over a tensor-parallel group of `tp`: an op that
+/// splits must divide evenly (a linear layer its out_features unless tied to an embedding,
+/// attention its heads and kv_heads, an MLP its ffn_hidden, a block all three); the others run
+/// whole on every rank. The planner gives no stage a tp that one of its layers cannot take.
+[[nodiscard]] bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept;
 /// Tensor-parallel all-reduces of the op's output activation per pass: {forward, backward}.
 struct TpCollectives {
     std::uint32_t forward = 0;
