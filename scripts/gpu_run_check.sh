@@ -8,7 +8,8 @@
 #   1. dpart_gpu_tests: every CUDA kernel and cuBLAS product against a host reference, the conv2d
 #      layer through cuDNN against the host's im2col path, and what one GPU can run of NCCL (a
 #      one-rank world, a split, an all-reduce, the fabric's reuse).
-#   2. Correctness of the backend: tiny-gpt and resnet-block trained 6 steps with --backend cuda
+#   2. Correctness of the backend: tiny-gpt, resnet-block and tiny-mixtral (mixtures of experts:
+#      the gathers, the routing on the host) trained 6 steps with --backend cuda
 #      (fp32, then bf16) against the CPU backend: the loss at every step within 1e-4 (fp32) and
 #      2e-2 (bf16).
 #   2b. Tensor parallelism: tiny-gpt as one stage of tp 2 on partitions p0 and p1 (split layers,
@@ -54,8 +55,8 @@ summary_value() {  # summary_value FILE KEY
 step "1. CUDA kernels and cuBLAS products (dpart_gpu_tests)"
 run 180 gpu_tests "$TESTS" || status=1
 
-step "2. the CUDA backend trains tiny-gpt and resnet-block (conv2d, pooling) as the CPU backend does"
-for model in tiny-gpt resnet-block; do
+step "2. the CUDA backend trains tiny-gpt, resnet-block (conv2d, pooling) and tiny-mixtral as the CPU backend does"
+for model in tiny-gpt resnet-block tiny-mixtral; do
     "$DPART" plan "plans/models/$model.toml" -c plans/clusters/h100x1.toml -q --out "$OUT/$model.toml" >/dev/null 2>&1
     for b in "cpu" "$BACKEND --precision fp32" "$BACKEND --precision bf16"; do
         name="$model-$(echo "$b" | tr ' ' '-' | tr -d '-' )"

@@ -116,6 +116,26 @@ check "tiny-gpt 2 stages" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "
 same "tiny-gpt 2 stages: same digest" "$(summary_value "$tmp/gpt1/summary.toml" weights_digest)" \
     "$(summary_value "$tmp/gpt2/summary.toml" weights_digest)"
 
+# A mixture of experts (Mixtral's routing), planned then run: the planner keeps tp to what its
+# 2 KV heads split over, and the 2-stage split trains bitwise as one stage.
+moe="$src/plans/models/tiny-mixtral.toml"
+check "plan tiny-mixtral on 4 workers" 0 "$dpart" plan "$moe" -c "$cpu4" --out "$tmp/moe-planned.toml"
+check "run the planned tiny-mixtral" 0 "$dpart" run "$tmp/moe-planned.toml" -m "$moe" -c "$cpu4" "${run_flags[@]}"
+plan_file moe1 1f1b 2 4 '0 7 "cpu0" 1'
+plan_file moe2 1f1b 2 4 '0 3 "cpu0" 1' '4 7 "cpu1" 1'
+check "tiny-mixtral 1 stage" 0 "$dpart" run "$tmp/moe1.toml" -m "$moe" -c "$cpu2" "${run_flags[@]}" -o "$tmp/moe1"
+check "tiny-mixtral 2 stages" 0 "$dpart" run "$tmp/moe2.toml" -m "$moe" -c "$cpu2" "${run_flags[@]}" -o "$tmp/moe2"
+same "tiny-mixtral 2 stages: same digest" "$(summary_value "$tmp/moe1/summary.toml" weights_digest)" \
+    "$(summary_value "$tmp/moe2/summary.toml" weights_digest)"
+if check "host-device: tiny-mixtral, 2 stages" 0 "$dpart" run "$tmp/moe2.toml" -m "$moe" -c "$cpu2" "${run_flags[@]}" \
+    --backend host-device -o "$tmp/moe2-dev"; then
+    awk -v a="$(summary_value "$tmp/moe2-dev/summary.toml" final_loss)" \
+        -v b="$(summary_value "$tmp/moe2/summary.toml" final_loss)" \
+        'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 1e-5 * (b < 0 ? -b : b)) }' ||
+        { echo "FAIL host-device: tiny-mixtral's final loss differs from the CPU backend's"; failures=$((failures + 1)); }
+    checks=$((checks + 1))
+fi
+
 # --- Under mpirun: one rank per device, the same results -------------------------------------
 if command -v mpirun >/dev/null; then
     mpi=(timeout 120 mpirun --oversubscribe -np)

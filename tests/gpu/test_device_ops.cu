@@ -478,6 +478,52 @@ void check_embedding() {
     });
 }
 
+/// A mixture of experts' row moves against double references: gather (exact), the weighted sum
+/// of k gathered rows (overwriting, then accumulating; unweighted too), row dot products (more
+/// columns than a block's threads) and row scaling.
+template <class T>
+void check_moe_rows() {
+    group(label<T>("moe rows"), [] {
+        const std::size_t src_rows = 70, cols = 300, n = 130, k = 2, tokens = n / k;
+        const std::vector<T> src = random_vec<T>(src_rows * cols);
+        std::vector<std::int32_t> index(n);
+        std::uniform_int_distribution<std::int32_t> pick(0, static_cast<std::int32_t>(src_rows) - 1);
+        for (auto& i : index) i = pick(rng);
+        const std::vector<float> weight = random_floats(n, 0.0f, 1.0f);
+        const std::vector<T> base = random_vec<T>(tokens * cols);
+        DevBuf<T> dsrc(src), dgathered(n * cols), dsum(tokens * cols), dacc(base);
+        DevBuf<std::int32_t> dindex(index);
+        DevBuf<float> dweight(weight), ddots(n);
+        gather_rows(dsrc.get(), dindex.get(), dgathered.get(), n, cols, stream);
+        gather_sum_rows(dsrc.get(), dindex.get(), dweight.get(), dsum.get(), tokens, k, cols, false, stream);
+        gather_sum_rows(dsrc.get(), dindex.get(), static_cast<const float*>(nullptr), dacc.get(), tokens, k, cols, true,
+                        stream);
+        std::vector<double> gathered(n * cols), sum(tokens * cols, 0.0), acc = as_double(base);
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t c = 0; c < cols; ++c) {
+                const double v = to_d(src[static_cast<std::size_t>(index[i]) * cols + c]);
+                gathered[i * cols + c] = v;
+                sum[(i / k) * cols + c] += weight[i] * v;
+                acc[(i / k) * cols + c] += v;
+            }
+        expect_close(label<T>("gather_rows"), dgathered.download(), gathered, 0.0);
+        expect_close(label<T>("gather_sum_rows (weighted)"), dsum.download(), sum, Type<T>::rtol);
+        expect_close(label<T>("gather_sum_rows (accumulating)"), dacc.download(), acc, Type<T>::rtol);
+
+        const std::vector<T> other = random_vec<T>(n * cols);
+        DevBuf<T> dother(other);
+        row_dots(dgathered.get(), dother.get(), ddots.get(), n, cols, stream);
+        std::vector<double> dots(n, 0.0);
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t c = 0; c < cols; ++c) dots[i] += gathered[i * cols + c] * to_d(other[i * cols + c]);
+        expect_close(label<T>("row_dots"), ddots.download(), dots, 1e-5);
+        scale_rows(dother.get(), dweight.get(), n, cols, stream);
+        std::vector<double> scaled(n * cols);
+        for (std::size_t i = 0; i < n * cols; ++i) scaled[i] = weight[i / cols] * to_d(other[i]);
+        expect_close(label<T>("scale_rows"), dother.download(), scaled, Type<T>::rtol);
+    });
+}
+
 /// Batch normalisation against a double reference: y and the statistics, then dx, and dgamma and
 /// dbeta accumulated onto random values; more than one block's worth of elements per channel.
 template <class T>
@@ -967,6 +1013,8 @@ int main() {
             check_softmax_xent<bf16>();
             check_embedding<float>();
             check_embedding<bf16>();
+            check_moe_rows<float>();
+            check_moe_rows<bf16>();
             check_images<float>();
             check_images<bf16>();
             check_batchnorm<float>(5, 7, 130);

@@ -144,7 +144,7 @@ TEST_CASE("executor: pipeline splits of the seed MLP train bitwise like one stag
 }
 
 TEST_CASE("executor: pipeline splits of small transformers train bitwise like one stage") {
-    for (const char* name : {"tiny-gpt", "tiny-llama"}) {
+    for (const char* name : {"tiny-gpt", "tiny-llama", "tiny-mixtral"}) {
         CAPTURE(name);
         const Fixture f(name);
         const std::size_t L = f.model.layers.size();
@@ -167,7 +167,7 @@ TEST_CASE("executor: data-parallel replicas agree with one worker within 1e-6") 
 }
 
 TEST_CASE("executor: tensor-parallel stages agree with tp = 1 within 1e-6") {
-    for (const char* name : {"tiny-gpt", "tiny-llama"}) {
+    for (const char* name : {"tiny-gpt", "tiny-llama", "tiny-mixtral"}) {
         CAPTURE(name);
         const Fixture f(name);
         const std::size_t L = f.model.layers.size();

@@ -256,7 +256,7 @@ TEST_CASE("kernel synthetic input: token ids in range, values independent of the
 }
 
 TEST_CASE("kernel chain: the bundled tiny transformers run forward and backward through every layer") {
-    for (const char* name : {"tiny-gpt", "tiny-llama"}) {
+    for (const char* name : {"tiny-gpt", "tiny-llama", "tiny-mixtral"}) {
         CAPTURE(name);
         const Model m = load_model(std::string(DPART_SOURCE_DIR) + "/plans/models/" + name + ".toml");
         const std::size_t n = 2;

@@ -134,6 +134,17 @@ public:
     /// caller has checked that every id is within the table.
     virtual void embedding_backward_grouped(DeviceSpan grouping, std::size_t groups, DeviceSpan dout,
                                             DeviceSpan dtable, std::size_t n, std::size_t dim) = 0;
+    /// Mixtures of experts move rows between tokens and their experts' slots (runtime/moe.hpp).
+    /// dst[i, :] = src[index[i], :] for n rows of `cols` (index i32; src and dst one type).
+    virtual void gather_rows(DeviceSpan src, DeviceSpan index, DeviceSpan dst, std::size_t n, std::size_t cols) = 0;
+    /// dst[r, :] = (accumulate ? dst[r, :] : 0) + the sum over j < k, in order, of
+    /// weight[r k + j] x src[index[r k + j], :] (weight f32, or none: 1), in fp32; index i32.
+    virtual void gather_sum_rows(DeviceSpan src, DeviceSpan index, std::optional<DeviceSpan> weight, DeviceSpan dst,
+                                 std::size_t rows, std::size_t k, std::size_t cols, bool accumulate) = 0;
+    /// out[r] (f32) = the sum over c, in order, of a[r, c] x b[r, c] (fp32).
+    virtual void row_dots(DeviceSpan a, DeviceSpan b, DeviceSpan out, std::size_t rows, std::size_t cols) = 0;
+    /// x[r, :] *= scale[r] (f32).
+    virtual void scale_rows(DeviceSpan x, DeviceSpan scale, std::size_t rows, std::size_t cols) = 0;
     /// Row i of each [s, s] block of scores (batch_heads blocks): scale, then softmax over the
     /// columns <= i (all columns when not causal); the others become 0. In place.
     virtual void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,

@@ -454,6 +454,48 @@ public:
                                              static_cast<const T*>(p), f32(dtable, "table gradient"), dim, stream_);
         });
     }
+    void gather_rows(DeviceSpan src, DeviceSpan index, DeviceSpan dst, std::size_t n, std::size_t cols) override {
+        need(index, n, "gather's index");
+        need(dst, n * cols, "gather's destination");
+        if (src.elem != dst.elem) throw RuntimeError("cuda ops: gather_rows between element types");
+        typed(src, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::gather_rows(static_cast<const T*>(p), ints(index, "gather's index"), static_cast<T*>(dst.ptr), n, cols,
+                              stream_);
+        });
+    }
+    void gather_sum_rows(DeviceSpan src, DeviceSpan index, std::optional<DeviceSpan> weight, DeviceSpan dst,
+                         std::size_t rows, std::size_t k, std::size_t cols, bool accumulate) override {
+        need(index, rows * k, "gather_sum's index");
+        if (weight) need(*weight, rows * k, "gather_sum's weights");
+        need(dst, rows * cols, "gather_sum's destination");
+        if (src.elem != dst.elem) throw RuntimeError("cuda ops: gather_sum_rows between element types");
+        const float* w = weight ? f32(*weight, "gather_sum's weights") : nullptr;
+        typed(src, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::gather_sum_rows(static_cast<const T*>(p), ints(index, "gather_sum's index"), w,
+                                  static_cast<T*>(dst.ptr), rows, k, cols, accumulate, stream_);
+        });
+    }
+    void row_dots(DeviceSpan a, DeviceSpan b, DeviceSpan out, std::size_t rows, std::size_t cols) override {
+        need(a, rows * cols, "row_dots' a");
+        need(b, rows * cols, "row_dots' b");
+        need(out, rows, "row_dots' output");
+        if (a.elem != b.elem) throw RuntimeError("cuda ops: row_dots between element types");
+        typed(a, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::row_dots(static_cast<const T*>(p), static_cast<const T*>(b.ptr), f32(out, "row_dots' output"), rows,
+                           cols, stream_);
+        });
+    }
+    void scale_rows(DeviceSpan x, DeviceSpan scale, std::size_t rows, std::size_t cols) override {
+        need(x, rows * cols, "scale_rows' rows");
+        need(scale, rows, "scale_rows' scales");
+        typed(x, [&](auto* p) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            cuda::scale_rows(static_cast<T*>(p), f32(scale, "scale_rows' scales"), rows, cols, stream_);
+        });
+    }
     void batchnorm_forward(DeviceSpan x, DeviceSpan gamma, DeviceSpan beta, DeviceSpan y, DeviceSpan stats,
                            std::size_t samples, std::size_t channels, std::size_t plane) override {
         need(x, samples * channels * plane, "batchnorm's x");

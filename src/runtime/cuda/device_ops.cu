@@ -834,6 +834,81 @@ void fill(float* p, float value, std::size_t n, cudaStream_t stream) {
     launched("fill kernel launch");
 }
 
+// --- Mixtures of experts ------------------------------------------------------------------------
+
+namespace {
+
+template <class T>
+__global__ void gather_rows_kernel(const T* src, const std::int32_t* index, T* dst, std::size_t n, std::size_t cols) {
+    for (std::size_t i = global_index(); i < n * cols; i += grid_stride()) {
+        const std::size_t r = i / cols, c = i % cols;
+        dst[i] = src[static_cast<std::size_t>(index[r]) * cols + c];
+    }
+}
+
+template <class T>
+__global__ void gather_sum_rows_kernel(const T* src, const std::int32_t* index, const float* weight, T* dst,
+                                       std::size_t rows, std::size_t k, std::size_t cols, bool accumulate) {
+    for (std::size_t i = global_index(); i < rows * cols; i += grid_stride()) {
+        const std::size_t r = i / cols, c = i % cols;
+        float acc = accumulate ? to_f(dst[i]) : 0.0f;
+        for (std::size_t j = 0; j < k; ++j) {
+            const float w = weight != nullptr ? weight[r * k + j] : 1.0f;
+            acc = __fadd_rn(acc, __fmul_rn(w, to_f(src[static_cast<std::size_t>(index[r * k + j]) * cols + c])));
+        }
+        dst[i] = from_f<T>(acc);
+    }
+}
+
+template <class T>
+__global__ void row_dots_kernel(const T* a, const T* b, float* out, std::size_t rows, std::size_t cols) {
+    for (std::size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        float dot = 0.0f;
+        for (std::size_t c = threadIdx.x; c < cols; c += kThreads) dot += to_f(a[r * cols + c]) * to_f(b[r * cols + c]);
+        dot = block_reduce(dot, SumOp{});
+        if (threadIdx.x == 0) out[r] = dot;
+    }
+}
+
+template <class T>
+__global__ void scale_rows_kernel(T* x, const float* scale, std::size_t rows, std::size_t cols) {
+    for (std::size_t i = global_index(); i < rows * cols; i += grid_stride())
+        x[i] = from_f<T>(__fmul_rn(scale[i / cols], to_f(x[i])));
+}
+
+}  // namespace
+
+template <class T>
+void gather_rows(const T* src, const std::int32_t* index, T* dst, std::size_t n, std::size_t cols,
+                 cudaStream_t stream) {
+    if (n == 0 || cols == 0) return;
+    gather_rows_kernel<<<elementwise_blocks(n * cols), kThreads, 0, stream>>>(src, index, dst, n, cols);
+    launched("gather_rows kernel launch");
+}
+
+template <class T>
+void gather_sum_rows(const T* src, const std::int32_t* index, const float* weight, T* dst, std::size_t rows,
+                     std::size_t k, std::size_t cols, bool accumulate, cudaStream_t stream) {
+    if (rows == 0 || cols == 0) return;
+    gather_sum_rows_kernel<<<elementwise_blocks(rows * cols), kThreads, 0, stream>>>(src, index, weight, dst, rows, k,
+                                                                                     cols, accumulate);
+    launched("gather_sum_rows kernel launch");
+}
+
+template <class T>
+void row_dots(const T* a, const T* b, float* out, std::size_t rows, std::size_t cols, cudaStream_t stream) {
+    if (rows == 0) return;
+    row_dots_kernel<<<row_blocks(rows), kThreads, 0, stream>>>(a, b, out, rows, cols);
+    launched("row_dots kernel launch");
+}
+
+template <class T>
+void scale_rows(T* x, const float* scale, std::size_t rows, std::size_t cols, cudaStream_t stream) {
+    if (rows == 0 || cols == 0) return;
+    scale_rows_kernel<<<elementwise_blocks(rows * cols), kThreads, 0, stream>>>(x, scale, rows, cols);
+    launched("scale_rows kernel launch");
+}
+
 // --- Explicit instantiations: float and __nv_bfloat16 ------------------------------------------
 
 #define DPART_DEVICE_OPS_INSTANTIATE(T)                                                                              \
@@ -868,7 +943,12 @@ void fill(float* p, float value, std::size_t n, cudaStream_t stream) {
     template void add<T>(const T*, T*, std::size_t, cudaStream_t);                                                   \
     template void mul<T>(const T*, const T*, T*, std::size_t, cudaStream_t);                                         \
     template void causal_softmax_forward<T>(T*, std::size_t, std::size_t, float, bool, cudaStream_t);                \
-    template void causal_softmax_backward<T>(const T*, T*, std::size_t, std::size_t, float, bool, cudaStream_t);
+    template void causal_softmax_backward<T>(const T*, T*, std::size_t, std::size_t, float, bool, cudaStream_t);     \
+    template void gather_rows<T>(const T*, const std::int32_t*, T*, std::size_t, std::size_t, cudaStream_t);          \
+    template void gather_sum_rows<T>(const T*, const std::int32_t*, const float*, T*, std::size_t, std::size_t,       \
+                                     std::size_t, bool, cudaStream_t);                                               \
+    template void row_dots<T>(const T*, const T*, float*, std::size_t, std::size_t, cudaStream_t);                   \
+    template void scale_rows<T>(T*, const float*, std::size_t, std::size_t, cudaStream_t);
 
 DPART_DEVICE_OPS_INSTANTIATE(float)
 DPART_DEVICE_OPS_INSTANTIATE(__nv_bfloat16)

@@ -138,6 +138,23 @@ void batchnorm_backward(const T* x, const float* gamma, const float* stats, cons
                         float* dbeta, std::size_t samples, std::size_t channels, std::size_t plane,
                         cudaStream_t stream);
 
+/// Mixtures of experts: rows moved between tokens and their experts' slots (index i32).
+/// dst[i][c] = src[index[i]][c] for n rows of cols: one thread per element.
+template <class T>
+void gather_rows(const T* src, const std::int32_t* index, T* dst, std::size_t n, std::size_t cols,
+                 cudaStream_t stream);
+/// dst[r][c] = (accumulate ? dst[r][c] : 0) + sum over j < k, in order, of weight[r k + j] *
+/// src[index[r k + j]][c] (weight nullptr: 1), in fp32: one thread per element, no atomics.
+template <class T>
+void gather_sum_rows(const T* src, const std::int32_t* index, const float* weight, T* dst, std::size_t rows,
+                     std::size_t k, std::size_t cols, bool accumulate, cudaStream_t stream);
+/// out[r] = sum over c of a[r][c] * b[r][c] (fp32): one block per row, block_reduce.
+template <class T>
+void row_dots(const T* a, const T* b, float* out, std::size_t rows, std::size_t cols, cudaStream_t stream);
+/// x[r][c] *= scale[r].
+template <class T>
+void scale_rows(T* x, const float* scale, std::size_t rows, std::size_t cols, cudaStream_t stream);
+
 /// A sliding window over [h, w] planes: kernel kh x kw, stride, zero padding, [oh, ow] output.
 struct Window {
     std::size_t h, w, kh, kw, stride, pad, oh, ow;

@@ -296,6 +296,53 @@ public:
         }
     }
 
+    void gather_rows(DeviceSpan src, DeviceSpan index, DeviceSpan dst, std::size_t n, std::size_t cols) override {
+        need(index, n, "gather's index");
+        need(dst, n * cols, "gather's destination");
+        if (src.elem != dst.elem) throw std::invalid_argument("host ops: gather_rows between element types");
+        for (std::size_t i = 0; i < n; ++i) {
+            const auto from = static_cast<std::size_t>(id_at(index, i));
+            need(src, (from + 1) * cols, "gather's source");
+            std::memcpy(static_cast<char*>(dst.ptr) + i * cols * elem_bytes(dst.elem),
+                        static_cast<const char*>(src.ptr) + from * cols * elem_bytes(src.elem), cols * elem_bytes(src.elem));
+        }
+    }
+    void gather_sum_rows(DeviceSpan src, DeviceSpan index, std::optional<DeviceSpan> weight, DeviceSpan dst,
+                         std::size_t rows, std::size_t k, std::size_t cols, bool accumulate) override {
+        need(index, rows * k, "gather_sum's index");
+        if (weight) need(*weight, rows * k, "gather_sum's weights");
+        need(dst, rows * cols, "gather_sum's destination");
+        for (std::size_t r = 0; r < rows; ++r)
+            for (std::size_t c = 0; c < cols; ++c) {
+                float acc = accumulate ? get(dst, r * cols + c) : 0.0f;
+                for (std::size_t j = 0; j < k; ++j) {
+                    const auto from = static_cast<std::size_t>(id_at(index, r * k + j));
+                    need(src, (from + 1) * cols, "gather_sum's source");
+                    const float w = weight ? get(*weight, r * k + j) : 1.0f;
+                    acc += w * get(src, from * cols + c);
+                }
+                put(dst, r * cols + c, acc);
+            }
+    }
+    void row_dots(DeviceSpan a, DeviceSpan b, DeviceSpan out, std::size_t rows, std::size_t cols) override {
+        need(a, rows * cols, "row_dots' a");
+        need(b, rows * cols, "row_dots' b");
+        need(out, rows, "row_dots' output");
+        for (std::size_t r = 0; r < rows; ++r) {
+            float dot = 0.0f;
+            for (std::size_t c = 0; c < cols; ++c) dot += get(a, r * cols + c) * get(b, r * cols + c);
+            put(out, r, dot);
+        }
+    }
+    void scale_rows(DeviceSpan x, DeviceSpan scale, std::size_t rows, std::size_t cols) override {
+        need(x, rows * cols, "scale_rows' rows");
+        need(scale, rows, "scale_rows' scales");
+        for (std::size_t r = 0; r < rows; ++r) {
+            const float w = get(scale, r);
+            for (std::size_t c = 0; c < cols; ++c) put(x, r * cols + c, w * get(x, r * cols + c));
+        }
+    }
+
     void attention_softmax_forward(DeviceSpan scores, std::size_t batch_heads, std::size_t s, float scale,
                                    bool causal) override {
         need(scores, batch_heads * s * s, "attention's scores");

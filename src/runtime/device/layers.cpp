@@ -9,10 +9,12 @@
 #include <cmath>
 #include <map>
 #include <numeric>
+#include <variant>
 
 #include "dpart/core/error.hpp"
 #include "dpart/graph/ops.hpp"
 #include "dpart/runtime/device.hpp"
+#include "dpart/runtime/moe.hpp"
 #include "dpart/runtime/param_layout.hpp"
 #include "dpart/runtime/tensor.hpp"
 
@@ -333,6 +335,152 @@ private:
     ParamLayout::Id gate_, up_, down_, bgate_, bup_, bdown_;
 };
 
+/// A mixture of experts: the CPU kernel's MoePart (runtime/moe.hpp's routing), its rows moved
+/// by gathers. The router's logits (f32) go to the host, which routes the tokens (one wait per
+/// layer, forward and backward; the router's gradient too is taken there, [tokens, experts]
+/// values) and uploads each slot's token and weight; each expert is an MlpPart on its block of
+/// gathered rows. Saved: the logits, the gathered inputs by slot, the experts' outputs by slot,
+/// then each expert's MlpPart buffers (empty for an expert no token chose).
+class MoePart {
+public:
+    MoePart(ParamLayout& layout, const MlpOp& op)
+        : hidden_(op.hidden), count_(op.experts), k_(op.experts_per_token),
+          router_(layout.add(op.experts, op.hidden, Split::none, Init::weight, op.hidden)) {
+        MlpOp expert = op;
+        expert.experts = 1;
+        expert.experts_per_token = 1;
+        experts_.reserve(count_);
+        for (std::size_t e = 0; e < count_; ++e) experts_.emplace_back(layout, expert);
+    }
+    [[nodiscard]] std::size_t saved_count() const { return 3 + MlpPart::saved_count * count_; }
+
+    DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
+                         std::vector<DeviceBuffer>& saved) const {
+        const std::size_t tokens = x.count / hidden_;
+        DeviceBuffer logits(ops, tokens * count_, Elem::f32, DeviceBuffer::uninitialized);
+        ops.gemm(Trans::none, Trans::trans, tokens, count_, hidden_, 1.0f, x, hidden_, p.compute(router_), hidden_, 0.0f,
+                 logits.span(), count_);
+        const Routed r = route(ops, logits.span(), tokens);
+        const std::size_t slots = r.routing.slots();
+        DeviceBuffer xs(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
+        DeviceBuffer ys(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
+        ops.gather_rows(x, r.token.span(), xs.span(), slots, hidden_);
+        std::vector<DeviceBuffer> kept;
+        for (std::size_t e = 0; e < count_; ++e) {
+            const std::size_t first = r.routing.offset[e], n = r.routing.offset[e + 1] - first;
+            if (n == 0) {  // every rank of a group routes alike: all skip it
+                kept.resize(kept.size() + MlpPart::saved_count);
+                continue;
+            }
+            const DeviceBuffer y = experts_[e].forward(ops, p, xs.span().sub(first * hidden_, n * hidden_), compute, kept);
+            ops.copy(y.span(), ys.span().sub(first * hidden_, n * hidden_));
+        }
+        DeviceBuffer out(ops, x.count, compute, DeviceBuffer::uninitialized);
+        ops.gather_sum_rows(ys.span(), r.token_slots.span(), r.token_weight.span(), out.span(), tokens, k_, hidden_,
+                            false);
+        saved.push_back(std::move(logits));
+        saved.push_back(std::move(xs));
+        saved.push_back(std::move(ys));
+        for (DeviceBuffer& b : kept) saved.push_back(std::move(b));
+        return out;
+    }
+
+    DeviceBuffer backward(DeviceOps& ops, const Slices& p, DeviceSpan dy, DeviceSpan x, Elem compute,
+                          std::span<const DeviceBuffer> saved) const {
+        const std::size_t tokens = x.count / hidden_;
+        const DeviceSpan xs = saved[1].span(), ys = saved[2].span();
+        const Routed r = route(ops, saved[0].span(), tokens);
+        const std::size_t slots = r.routing.slots();
+        // Each slot's output gradient; its dot with the slot's output is d loss / d weight.
+        DeviceBuffer g(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
+        ops.gather_rows(dy, r.token.span(), g.span(), slots, hidden_);
+        DeviceBuffer dweight(ops, slots, Elem::f32, DeviceBuffer::uninitialized);
+        ops.row_dots(g.span(), ys, dweight.span(), slots, hidden_);
+        std::vector<float> host(slots);
+        ops.download(dweight.span(), host);
+        // The router: dW += dlogits^T x, dx = dlogits W.
+        const std::vector<float> dlogits = router_logit_grads(r.routing, host);
+        DeviceBuffer dz(ops, dlogits.size(), compute, DeviceBuffer::uninitialized);
+        ops.upload(dlogits, dz.span());
+        DeviceBuffer dx(ops, x.count, compute, DeviceBuffer::uninitialized);
+        dense_backward(ops, p, x, dz.span(), tokens, hidden_, count_, router_, ParamLayout::absent, dx.span(), 0.0f);
+        // The experts, on their slots' weighted output gradients; then each token's input
+        // gradients summed in expert order.
+        DeviceBuffer weight(ops, slots, Elem::f32, DeviceBuffer::uninitialized);
+        ops.upload(r.routing.weight, weight.span());
+        ops.scale_rows(g.span(), weight.span(), slots, hidden_);
+        DeviceBuffer dxs(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
+        for (std::size_t e = 0; e < count_; ++e) {
+            const std::size_t first = r.routing.offset[e], n = r.routing.offset[e + 1] - first;
+            if (n == 0) continue;
+            const DeviceBuffer dxe =
+                experts_[e].backward(ops, p, g.span().sub(first * hidden_, n * hidden_),
+                                     xs.sub(first * hidden_, n * hidden_), compute,
+                                     saved.subspan(3 + e * MlpPart::saved_count, MlpPart::saved_count));
+            ops.copy(dxe.span(), dxs.span().sub(first * hidden_, n * hidden_));
+        }
+        ops.gather_sum_rows(dxs.span(), r.token_slots.span(), std::nullopt, dx.span(), tokens, k_, hidden_, true);
+        return dx;
+    }
+
+private:
+    /// The routing, on the host, and what the device needs of it.
+    struct Routed {
+        MoeRouting routing;
+        DeviceBuffer token;         ///< i32 [slots]: each slot's token
+        DeviceBuffer token_slots;   ///< i32 [tokens, k]: each token's slots, in expert order
+        DeviceBuffer token_weight;  ///< f32 [tokens, k]: their weights
+    };
+    [[nodiscard]] Routed route(DeviceOps& ops, DeviceSpan logits, std::size_t tokens) const {
+        std::vector<float> host(tokens * count_);
+        ops.download(logits, host);
+        Routed r{route_tokens(host, tokens, count_, k_), {}, {}, {}};
+        const std::size_t slots = r.routing.slots();
+        if (slots >= (std::size_t{1} << 24))
+            throw RuntimeError(fmt::format("a mixture of experts routes {} slots in one micro-batch; at most 2^24", slots));
+        const auto indices = [&](const std::vector<std::size_t>& v) {
+            DeviceBuffer b(ops, v.size(), Elem::i32, DeviceBuffer::uninitialized);
+            ops.upload(std::vector<float>(v.begin(), v.end()), b.span());
+            return b;
+        };
+        r.token = indices(r.routing.token);
+        r.token_slots = indices(r.routing.token_slots);
+        std::vector<float> w(slots);
+        for (std::size_t i = 0; i < slots; ++i) w[i] = r.routing.weight[r.routing.token_slots[i]];
+        r.token_weight = DeviceBuffer(ops, slots, Elem::f32, DeviceBuffer::uninitialized);
+        ops.upload(w, r.token_weight.span());
+        return r;
+    }
+
+    std::size_t hidden_, count_, k_;
+    ParamLayout::Id router_;
+    std::vector<MlpPart> experts_;
+};
+
+/// An op's MLP: dense, or a mixture of experts when it has more than one.
+class FeedForwardPart {
+public:
+    FeedForwardPart(ParamLayout& layout, const MlpOp& op)
+        : part_(op.experts > 1 ? std::variant<MlpPart, MoePart>(std::in_place_type<MoePart>, layout, op)
+                               : std::variant<MlpPart, MoePart>(std::in_place_type<MlpPart>, layout, op)) {}
+    [[nodiscard]] std::size_t saved_count() const {
+        return std::visit(Overloaded{[](const MlpPart&) { return MlpPart::saved_count; },
+                                     [](const MoePart& m) { return m.saved_count(); }},
+                          part_);
+    }
+    DeviceBuffer forward(DeviceOps& ops, const Slices& p, DeviceSpan x, Elem compute,
+                         std::vector<DeviceBuffer>& saved) const {
+        return std::visit([&](const auto& part) { return part.forward(ops, p, x, compute, saved); }, part_);
+    }
+    DeviceBuffer backward(DeviceOps& ops, const Slices& p, DeviceSpan dy, DeviceSpan x, Elem compute,
+                          std::span<const DeviceBuffer> saved) const {
+        return std::visit([&](const auto& part) { return part.backward(ops, p, dy, x, compute, saved); }, part_);
+    }
+
+private:
+    std::variant<MlpPart, MoePart> part_;
+};
+
 // --- layers --------------------------------------------------------------------------------
 
 template <class Part>
@@ -615,7 +763,7 @@ public:
         constexpr std::size_t at = n1 + NormPart::saved_count;
         constexpr std::size_t n2 = at + AttentionPart::saved_count;
         constexpr std::size_t m = n2 + NormPart::saved_count;
-        const DeviceBuffer dh2 = mlp_.backward(ops, p, dout, s[2].span(), compute_, s.subspan(m, MlpPart::saved_count));
+        const DeviceBuffer dh2 = mlp_.backward(ops, p, dout, s[2].span(), compute_, s.subspan(m, mlp_.saved_count()));
         DeviceBuffer dx1 = norm2_.backward(ops, p, dh2.span(), s[1].span(), compute_, s.subspan(n2, NormPart::saved_count));
         ops.add(dout, dx1.span());
         const DeviceBuffer dh1 =
@@ -630,7 +778,7 @@ private:
     NormPart norm1_;
     AttentionPart attn_;
     NormPart norm2_;
-    MlpPart mlp_;
+    FeedForwardPart mlp_;
 };
 
 
@@ -1035,11 +1183,6 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
     if (compute != Elem::f32 && compute != Elem::bf16)
         throw std::invalid_argument("make_device_layer: layers compute in f32 or bf16");
     const Layer& l = model.layers[layer];
-    const auto unsupported = [&](const std::string& what) -> std::unique_ptr<DeviceLayer> {
-        throw InputError(l.where, fmt::format("layer \"{}\": {} has no device kernel yet (the device backend runs "
-                                              "every op but mixtures of experts)",
-                                              l.name, what));
-    };
     const auto make = Overloaded{
         [&](const LinearOp&) -> std::unique_ptr<DeviceLayer> {
             return std::make_unique<LinearLayer>(model, layer, compute, shard);
@@ -1064,12 +1207,10 @@ std::unique_ptr<DeviceLayer> make_device_layer(const Model& model, std::size_t l
                                                               std::size_t{l.out_shape[0]});
         },
         [&](const MlpOp& op) -> std::unique_ptr<DeviceLayer> {
-            if (op.experts > 1) return unsupported("a mixture of experts");
             require_split(l, op.ffn_hidden, "ffn_hidden", shard);
-            return std::make_unique<PartLayer<MlpPart>>(model, layer, compute, shard, op);
+            return std::make_unique<PartLayer<FeedForwardPart>>(model, layer, compute, shard, op);
         },
         [&](const TransformerBlockOp& op) -> std::unique_ptr<DeviceLayer> {
-            if (op.mlp.experts > 1) return unsupported("a mixture of experts");
             require_heads_split(l, op.attention, shard);
             require_split(l, op.mlp.ffn_hidden, "ffn_hidden", shard);
             return std::make_unique<BlockLayer>(model, layer, compute, shard, op, std::size_t{l.out_shape[0]});
