@@ -358,7 +358,7 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
         ->check(CLI::IsMember({"sgd", "adam"}))
         ->capture_default_str();
     cmd->add_option("--lr", o->lr, "learning rate")->check(CLI::Range(0.0, 1e3))->check(finite_number)->capture_default_str();
-    cmd->add_option("--timeout", o->timeout_s, "seconds a worker waits for a peer before it stops the run")
+    cmd->add_option("--timeout", o->timeout_s, "seconds a worker waits for a peer before it stops the run (with --device-comm nccl, also for its GPU's queued work)")
         ->check(CLI::Range(0.01, 86400.0))
         ->check(finite_number)
         ->capture_default_str();

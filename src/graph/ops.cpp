@@ -192,8 +192,9 @@ OpResult eval(const MlpOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.bwd_flops = mul({2, r.cost.fwd_flops});
     r.cost.out_bytes = mul({t, h, e});
     // Plain: X, the activation's input and its output. Gated: X, gate, up and their product;
-    // per active expert. A router adds its logits.
-    r.cost.saved_bytes = mul({t, sum({h, mul({k, matrices, f}), moe ? o.experts : 0}), e});
+    // per active expert. A router adds its logits and keeps each token's k dispatched copies and
+    // the k expert outputs (what the combine's and the router's gradients read).
+    r.cost.saved_bytes = mul({t, sum({h, mul({k, matrices, f}), moe ? sum({o.experts, mul({2, k, h})}) : 0}), e});
     // Each active expert reads its tokens and writes its output; a router writes its logits,
     // dispatches k copies of every token and combines k outputs.
     const u64 routing = moe ? sum({o.experts, mul({2, k, h})}) : 0;

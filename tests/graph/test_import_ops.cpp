@@ -18,7 +18,7 @@ TEST_CASE("a mixture of experts counts every expert and runs the active ones") {
     CHECK(m.cost.fwd_flops == 2 * d.cost.fwd_flops + 2 * t * h * 8);  // 2 active experts + router
     CHECK(m.cost.bwd_flops == 2 * m.cost.fwd_flops);
     CHECK(m.cost.weight_bytes == m.cost.params * e);  // every expert's weights are read
-    CHECK(m.cost.saved_bytes == t * (h + 2 * 3 * f + 8) * e);
+    CHECK(m.cost.saved_bytes == t * (h + 2 * 3 * f + 8 + 2 * 2 * h) * e);  // + 2 dispatched copies and outputs
     CHECK(m.out_shape == Shape{t, h});
     // experts = 1 is the dense MLP, whatever experts_per_token is not given as.
     MlpOp one = dense;

@@ -171,6 +171,47 @@ TEST_CASE("kernel tensor parallel: mixtures of experts split every expert by inn
     CHECK(error_of(single(moe, {16}), 0, 4).find("ffn_hidden 18") != std::string::npos);
 }
 
+TEST_CASE("kernel tensor parallel: every rank routes a mixture of experts from rank 0's logits") {
+    // Rank 1's router is negated, as if its products rounded (much) differently: it must still
+    // send every token where rank 0 does, or the two ranks' experts would all-reduce different
+    // sizes. Both ranks then give the unsplit layer's output.
+    prepare_cpu_workers();
+    MlpOp moe{16, 24, MlpKind::plain, Activation::gelu, true};
+    moe.experts = 4;
+    moe.experts_per_token = 2;
+    const Model m = single(moe, {3, 16});
+    const auto whole = make_cpu_kernel(m, 0);
+    const StepContext base{21, 8, nullptr};
+    const std::vector<Tensor> in = inputs_for(m, 0, 2, 31);
+    const std::vector<float> full = params_for(*whole, 9);
+    Saved saved;
+    const Tensor y1 = whole->forward(base, pointers(in), full, saved);
+    const Tensor dout = random_tensor(y1.shape, 41);
+    const Result one = run(*whole, base, in, full, dout);
+    const std::size_t router = 4 * 16;  // the first parameters: [experts, hidden], whole on each rank
+    ThreadGroup group(2);
+    std::vector<Result> ranks(2);
+    std::vector<std::thread> threads;
+    for (std::uint32_t r = 0; r < 2; ++r)
+        threads.emplace_back([&, r] {
+            const auto k = make_cpu_kernel(m, 0, Shard{r, 2});
+            ThreadGroup::Comm comm(group, r);
+            StepContext ctx = base;
+            ctx.tp = &comm;
+            std::vector<float> shard(k->shard_params());
+            k->to_shard(full, shard);
+            if (r == 1)
+                for (std::size_t i = 0; i < router; ++i) shard[i] = -shard[i];
+            ranks[r] = run(*k, ctx, in, shard, dout);
+        });
+    for (auto& t : threads) t.join();
+    CHECK(ranks[0].y.data == ranks[1].y.data);
+    CHECK(rel_diff(ranks[0].y.data, one.y.data) < 1e-6);
+    // Backward ran through the same experts on both (the router's own input gradient reads each
+    // rank's router, so only rank 0's is the unsplit one's).
+    CHECK(rel_diff(ranks[0].dx[0].data, one.dx[0].data) < 1e-6);
+}
+
 TEST_CASE("kernel factory: conv2d, batchnorm, pool, custom and the rest all have CPU kernels") {
     CustomOp c;
     c.fwd_flops = 2 * 4 * 4;

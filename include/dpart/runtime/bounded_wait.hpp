@@ -3,6 +3,7 @@
 // limit: the host side of a wait whose other end may never come (a receive from a peer that
 // failed). Header-only and free of CUDA, so that the loop is tested without a GPU.
 #include <chrono>
+#include <cstddef>
 #include <string>
 #include <thread>
 

@@ -141,7 +141,8 @@ public:
     /// weight[r k + j] x src[index[r k + j], :] (weight f32, or none: 1), in fp32; index i32.
     virtual void gather_sum_rows(DeviceSpan src, DeviceSpan index, std::optional<DeviceSpan> weight, DeviceSpan dst,
                                  std::size_t rows, std::size_t k, std::size_t cols, bool accumulate) = 0;
-    /// out[r] (f32) = the sum over c, in order, of a[r, c] x b[r, c] (fp32).
+    /// out[r] (f32) = the sum over c of a[r, c] x b[r, c] (fp32, in a fixed order: in index
+    /// order on the host, a fixed tree on a GPU). a and b have one element type.
     virtual void row_dots(DeviceSpan a, DeviceSpan b, DeviceSpan out, std::size_t rows, std::size_t cols) = 0;
     /// x[r, :] *= scale[r] (f32).
     virtual void scale_rows(DeviceSpan x, DeviceSpan scale, std::size_t rows, std::size_t cols) = 0;

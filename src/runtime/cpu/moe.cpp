@@ -26,7 +26,7 @@ Tensor gather_tokens(const Tensor& x, const MoeRouting& r, std::size_t cols, std
 }  // namespace
 
 MoePart::MoePart(ParamLayout& layout, const MlpOp& op, Shard shard)
-    : layout_(&layout), hidden_(op.hidden), experts_count_(op.experts), k_(op.experts_per_token) {
+    : layout_(&layout), shard_(shard), hidden_(op.hidden), experts_count_(op.experts), k_(op.experts_per_token) {
     router_ = layout.add(op.experts, op.hidden, Split::none, Init::weight, op.hidden);
     MlpOp expert = op;
     expert.experts = 1;
@@ -35,12 +35,21 @@ MoePart::MoePart(ParamLayout& layout, const MlpOp& op, Shard shard)
     for (std::size_t e = 0; e < op.experts; ++e) experts_.emplace_back(layout, expert, shard);
 }
 
+std::vector<float> MoePart::shared_logits(const StepContext& ctx, std::vector<float> logits) const {
+    if (shard_.size <= 1) return logits;
+    std::vector<float> all(logits.size() * shard_.size);
+    allgather(ctx, shard_, logits, all);
+    all.resize(logits.size());  // rank 0's
+    return all;
+}
+
 Tensor MoePart::forward(const StepContext& ctx, const Tensor& x, std::span<const float> params,
                         std::vector<Tensor>& saved) const {
     const ParamLayout& p = *layout_;
     const std::size_t tokens = x.size() / hidden_;
     Tensor logits({tokens, experts_count_});
     dense_forward(x.data.data(), tokens, hidden_, p.at(params, router_), nullptr, experts_count_, logits.data.data());
+    logits.data = shared_logits(ctx, std::move(logits.data));
     const MoeRouting r = route_tokens(logits.data, tokens, experts_count_, k_);
 
     // Each expert on its block of slots; its outputs and saved tensors kept by slot.

@@ -91,7 +91,13 @@ public:
                                   std::span<float> dparams) const;
 
 private:
+    /// The routing of x's tokens from logits [tokens, experts]: under tensor parallelism every
+    /// rank routes from rank 0's logits (an all-gather), so that all send the same tokens to the
+    /// same experts (and make the same collectives) even where their products round differently.
+    [[nodiscard]] std::vector<float> shared_logits(const StepContext& ctx, std::vector<float> logits) const;
+
     const ParamLayout* layout_;
+    Shard shard_;
     std::size_t hidden_, experts_count_, k_;
     ParamLayout::Id router_;
     std::vector<MlpPart> experts_;

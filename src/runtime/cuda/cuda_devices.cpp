@@ -165,6 +165,7 @@ public:
     }
     ~CudaOps() override {
         try {
+            if (stuck_) throw RuntimeError("a wait already gave up");  // do not wait out the limit twice
             synchronize();
         } catch (const std::exception&) {
             // The stream still waits on a transfer that will not come (or failed): leave it and
@@ -203,6 +204,7 @@ public:
     void upload(std::span<const float> from, DeviceSpan to) override {
         need(to, from.size(), "upload's destination");
         if (from.empty()) return;
+        settle_before_host_copy();
         if (to.elem == Elem::f32) {
             check_cuda(cudaMemcpyAsync(to.ptr, from.data(), from.size_bytes(), cudaMemcpyHostToDevice, stream_),
                        "cudaMemcpyAsync (upload)");
@@ -224,6 +226,7 @@ public:
     void download(DeviceSpan from, std::span<float> to) override {
         need(from, to.size(), "download's source");
         if (to.empty()) return;
+        settle_before_host_copy();
         if (from.elem == Elem::f32) {
             check_cuda(cudaMemcpyAsync(to.data(), from.ptr, to.size_bytes(), cudaMemcpyDeviceToHost, stream_),
                        "cudaMemcpyAsync (download)");
@@ -307,6 +310,7 @@ public:
             check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
             return;
         }
+        stuck_ = true;  // until the wait below ends
         wait_bounded(
             [&] {
                 const cudaError_t e = cudaStreamQuery(stream_);
@@ -320,6 +324,13 @@ public:
                                    "waits on a peer that does not send; --timeout)",
                                    name_, static_cast<double>(wait_limit_.count()) / 1e3);
             });
+        stuck_ = false;
+    }
+    /// A copy between the device and pageable host memory waits for the stream inside the CUDA
+    /// call, where no limit reaches it: with a limit, the bounded wait goes first, so that the
+    /// copy then waits only for itself.
+    void settle_before_host_copy() {
+        if (wait_limit_.count() > 0) synchronize();
     }
 
     double resize(double factor) override {
@@ -623,6 +634,7 @@ private:
     std::string name_;
     Resizer resizer_;
     std::chrono::milliseconds wait_limit_{0};  ///< 0: synchronize() waits for as long as it takes
+    bool stuck_ = false;                        ///< a bounded wait gave up (or threw) on this stream
     std::unique_ptr<cuda::Blas> blas_;
     bool tf32_ = false;
     std::unique_ptr<cuda::CudnnConv> conv_ = std::make_unique<cuda::CudnnConv>();

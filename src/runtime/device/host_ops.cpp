@@ -312,6 +312,7 @@ public:
         need(index, rows * k, "gather_sum's index");
         if (weight) need(*weight, rows * k, "gather_sum's weights");
         need(dst, rows * cols, "gather_sum's destination");
+        if (src.elem != dst.elem) throw std::invalid_argument("host ops: gather_sum_rows between element types");
         for (std::size_t r = 0; r < rows; ++r)
             for (std::size_t c = 0; c < cols; ++c) {
                 float acc = accumulate ? get(dst, r * cols + c) : 0.0f;
@@ -328,6 +329,7 @@ public:
         need(a, rows * cols, "row_dots' a");
         need(b, rows * cols, "row_dots' b");
         need(out, rows, "row_dots' output");
+        if (a.elem != b.elem) throw std::invalid_argument("host ops: row_dots between element types");
         for (std::size_t r = 0; r < rows; ++r) {
             float dot = 0.0f;
             for (std::size_t c = 0; c < cols; ++c) dot += get(a, r * cols + c) * get(b, r * cols + c);

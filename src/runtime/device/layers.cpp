@@ -344,7 +344,7 @@ private:
 class MoePart {
 public:
     MoePart(ParamLayout& layout, const MlpOp& op)
-        : hidden_(op.hidden), count_(op.experts), k_(op.experts_per_token),
+        : hidden_(op.hidden), count_(op.experts), k_(op.experts_per_token), tp_(layout.shard().size),
           router_(layout.add(op.experts, op.hidden, Split::none, Init::weight, op.hidden)) {
         MlpOp expert = op;
         expert.experts = 1;
@@ -360,11 +360,20 @@ public:
         DeviceBuffer logits(ops, tokens * count_, Elem::f32, DeviceBuffer::uninitialized);
         ops.gemm(Trans::none, Trans::trans, tokens, count_, hidden_, 1.0f, x, hidden_, p.compute(router_), hidden_, 0.0f,
                  logits.span(), count_);
-        const Routed r = route(ops, logits.span(), tokens);
+        if (tp_ > 1) {
+            // Every rank routes from rank 0's logits (the CPU kernel's rule): partitions of other
+            // sizes may round the router's product differently, and a token that went to
+            // another expert on one rank would leave the group's collectives mismatched.
+            if (p.tp == nullptr) throw RuntimeError("a tensor-parallel device layer ran without its group (DeviceStep::tp)");
+            DeviceBuffer all(ops, logits.count() * tp_, Elem::f32, DeviceBuffer::uninitialized);
+            p.tp->allgather(ops, logits.span(), all.span());
+            ops.copy(all.span().sub(0, logits.count()), logits.span());
+        }
+        const Routed r = route(ops, logits.span(), tokens, false);
         const std::size_t slots = r.routing.slots();
         DeviceBuffer xs(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
         DeviceBuffer ys(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
-        ops.gather_rows(x, r.token.span(), xs.span(), slots, hidden_);
+        ops.gather_rows(x, r.token(), xs.span(), slots, hidden_);
         std::vector<DeviceBuffer> kept;
         for (std::size_t e = 0; e < count_; ++e) {
             const std::size_t first = r.routing.offset[e], n = r.routing.offset[e + 1] - first;
@@ -376,8 +385,7 @@ public:
             ops.copy(y.span(), ys.span().sub(first * hidden_, n * hidden_));
         }
         DeviceBuffer out(ops, x.count, compute, DeviceBuffer::uninitialized);
-        ops.gather_sum_rows(ys.span(), r.token_slots.span(), r.token_weight.span(), out.span(), tokens, k_, hidden_,
-                            false);
+        ops.gather_sum_rows(ys.span(), r.token_slots(), r.weight.span(), out.span(), tokens, k_, hidden_, false);
         saved.push_back(std::move(logits));
         saved.push_back(std::move(xs));
         saved.push_back(std::move(ys));
@@ -389,11 +397,11 @@ public:
                           std::span<const DeviceBuffer> saved) const {
         const std::size_t tokens = x.count / hidden_;
         const DeviceSpan xs = saved[1].span(), ys = saved[2].span();
-        const Routed r = route(ops, saved[0].span(), tokens);
+        const Routed r = route(ops, saved[0].span(), tokens, true);
         const std::size_t slots = r.routing.slots();
         // Each slot's output gradient; its dot with the slot's output is d loss / d weight.
         DeviceBuffer g(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
-        ops.gather_rows(dy, r.token.span(), g.span(), slots, hidden_);
+        ops.gather_rows(dy, r.token(), g.span(), slots, hidden_);
         DeviceBuffer dweight(ops, slots, Elem::f32, DeviceBuffer::uninitialized);
         ops.row_dots(g.span(), ys, dweight.span(), slots, hidden_);
         std::vector<float> host(slots);
@@ -406,9 +414,7 @@ public:
         dense_backward(ops, p, x, dz.span(), tokens, hidden_, count_, router_, ParamLayout::absent, dx.span(), 0.0f);
         // The experts, on their slots' weighted output gradients; then each token's input
         // gradients summed in expert order.
-        DeviceBuffer weight(ops, slots, Elem::f32, DeviceBuffer::uninitialized);
-        ops.upload(r.routing.weight, weight.span());
-        ops.scale_rows(g.span(), weight.span(), slots, hidden_);
+        ops.scale_rows(g.span(), r.weight.span(), slots, hidden_);
         DeviceBuffer dxs(ops, slots * hidden_, compute, DeviceBuffer::uninitialized);
         for (std::size_t e = 0; e < count_; ++e) {
             const std::size_t first = r.routing.offset[e], n = r.routing.offset[e + 1] - first;
@@ -419,40 +425,39 @@ public:
                                      saved.subspan(3 + e * MlpPart::saved_count, MlpPart::saved_count));
             ops.copy(dxe.span(), dxs.span().sub(first * hidden_, n * hidden_));
         }
-        ops.gather_sum_rows(dxs.span(), r.token_slots.span(), std::nullopt, dx.span(), tokens, k_, hidden_, true);
+        ops.gather_sum_rows(dxs.span(), r.token_slots(), std::nullopt, dx.span(), tokens, k_, hidden_, true);
         return dx;
     }
 
 private:
-    /// The routing, on the host, and what the device needs of it.
+    /// The routing, on the host, and what the device needs of it (two uploads).
     struct Routed {
         MoeRouting routing;
-        DeviceBuffer token;         ///< i32 [slots]: each slot's token
-        DeviceBuffer token_slots;   ///< i32 [tokens, k]: each token's slots, in expert order
-        DeviceBuffer token_weight;  ///< f32 [tokens, k]: their weights
+        DeviceBuffer indices;  ///< i32: each slot's token [slots], then each token's slots [tokens, k]
+        DeviceBuffer weight;   ///< f32: forward, by token [tokens, k]; backward, by slot [slots]
+        [[nodiscard]] DeviceSpan token() const { return indices.span().sub(0, routing.slots()); }
+        [[nodiscard]] DeviceSpan token_slots() const { return indices.span().sub(routing.slots(), routing.slots()); }
     };
-    [[nodiscard]] Routed route(DeviceOps& ops, DeviceSpan logits, std::size_t tokens) const {
+    [[nodiscard]] Routed route(DeviceOps& ops, DeviceSpan logits, std::size_t tokens, bool backward) const {
         std::vector<float> host(tokens * count_);
         ops.download(logits, host);
-        Routed r{route_tokens(host, tokens, count_, k_), {}, {}, {}};
-        const std::size_t slots = r.routing.slots();
+        Routed r{route_tokens(host, tokens, count_, k_), {}, {}};
+        const MoeRouting& m = r.routing;
+        const std::size_t slots = m.slots();
         if (slots >= (std::size_t{1} << 24))
             throw RuntimeError(fmt::format("a mixture of experts routes {} slots in one micro-batch; at most 2^24", slots));
-        const auto indices = [&](const std::vector<std::size_t>& v) {
-            DeviceBuffer b(ops, v.size(), Elem::i32, DeviceBuffer::uninitialized);
-            ops.upload(std::vector<float>(v.begin(), v.end()), b.span());
-            return b;
-        };
-        r.token = indices(r.routing.token);
-        r.token_slots = indices(r.routing.token_slots);
+        std::vector<float> packed(m.token.begin(), m.token.end());  // exact: below 2^24
+        packed.insert(packed.end(), m.token_slots.begin(), m.token_slots.end());
+        r.indices = DeviceBuffer(ops, packed.size(), Elem::i32, DeviceBuffer::uninitialized);
+        ops.upload(packed, r.indices.span());
         std::vector<float> w(slots);
-        for (std::size_t i = 0; i < slots; ++i) w[i] = r.routing.weight[r.routing.token_slots[i]];
-        r.token_weight = DeviceBuffer(ops, slots, Elem::f32, DeviceBuffer::uninitialized);
-        ops.upload(w, r.token_weight.span());
+        for (std::size_t i = 0; i < slots; ++i) w[i] = backward ? m.weight[i] : m.weight[m.token_slots[i]];
+        r.weight = DeviceBuffer(ops, slots, Elem::f32, DeviceBuffer::uninitialized);
+        ops.upload(w, r.weight.span());
         return r;
     }
 
-    std::size_t hidden_, count_, k_;
+    std::size_t hidden_, count_, k_, tp_;
     ParamLayout::Id router_;
     std::vector<MlpPart> experts_;
 };
