@@ -28,8 +28,17 @@ TpCollectives tp_collectives(const OpParams& op) noexcept {
     // forward and again in backward; a standalone attention or MLP (a column- then row-parallel
     // pair) once each way; a vocabulary-parallel embedding once in forward; a column-parallel
     // linear gathers its output once in forward and reduces its input gradient once in backward.
-    if (std::holds_alternative<TransformerBlockOp>(op)) return {2, 2};
-    if (std::holds_alternative<AttentionOp>(op) || std::holds_alternative<MlpOp>(op)) return {1, 1};
+    // A mixture of experts sums each expert's output over the group: k times the output's
+    // bytes per token (in as many calls as experts are hit).
+    if (const auto* b = std::get_if<TransformerBlockOp>(&op)) {
+        const auto k = static_cast<std::uint32_t>(b->mlp.experts > 1 ? b->mlp.experts_per_token : 1);
+        return {1 + k, 1 + k};
+    }
+    if (const auto* m = std::get_if<MlpOp>(&op)) {
+        const auto k = static_cast<std::uint32_t>(m->experts > 1 ? m->experts_per_token : 1);
+        return {k, k};
+    }
+    if (std::holds_alternative<AttentionOp>(op)) return {1, 1};
     if (std::holds_alternative<EmbeddingOp>(op)) return {1, 0};
     if (std::holds_alternative<LinearOp>(op)) return {1, 1};
     return {0, 0};  // the vocabulary-parallel loss reduces only per-row scalars: negligible

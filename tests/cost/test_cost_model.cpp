@@ -113,4 +113,10 @@ TEST_CASE("which ops tensor parallelism splits, and its collectives") {
     CHECK(tp_collectives(TransformerBlockOp{}).forward == 2);
     CHECK(tp_collectives(TransformerBlockOp{}).backward == 2);
     CHECK(tp_collectives(EmbeddingOp{}).backward == 0);
+    // A mixture of experts sums k experts' outputs per token.
+    TransformerBlockOp mixtral;
+    mixtral.mlp.experts = 8;
+    mixtral.mlp.experts_per_token = 2;
+    CHECK(tp_collectives(mixtral).forward == 3);
+    CHECK(tp_collectives(mixtral.mlp).backward == 2);
 }
