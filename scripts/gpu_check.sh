@@ -3,7 +3,8 @@
 # - `dpart profile` (issue 7): every gpu.* and nccl.* probe writing $OUT/cluster.toml and
 #   $OUT/profile.csv; references measured without dpart (PyTorch: a bf16 8192^3 matmul, a 1 GiB
 #   device copy, a pinned 1 GiB host-to-device copy) and dpart's figure / reference for each
-#   (target >= 0.95); then `dpart plan` on the measured cluster;
+#   (target >= 0.95); then `dpart plan` on the measured cluster, and with GPT-2 small's layers
+#   timed on the GPU (`dpart profile --model --backend cuda`);
 # - the CUDA backend of `dpart run` (issue 8): scripts/gpu_run_check.sh (kernel tests, training
 #   against the CPU backend, steps against PyTorch eager, a pipeline on green-context partitions).
 # Everything it writes is under $OUT.
@@ -153,6 +154,19 @@ if [[ -f $OUT/cluster.toml ]]; then
     "$DPART" plan plans/models/gpt2-small.toml -c "$OUT/cluster.toml" --out "$OUT/plan.toml" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     [[ $rc == 0 ]] || status=1
+    # Measured layer costs: GPT-2 small's layers timed by the device layers on this GPU (kind:
+    # its name, as cluster.toml's), then the plan from them instead of the roofline.
+    sed 's/^global_batch = 512/global_batch = 8/' plans/models/gpt2-small.toml >"$OUT/gpt2-small-b8-profile.toml"
+    timeout 180 "$DPART" profile --model "$OUT/gpt2-small-b8-profile.toml" --layer-times "$OUT/gpt2-layer-times.csv" \
+        --backend cuda --precision bf16 --repeats 3 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    if [[ $rc == 0 ]]; then
+        "$DPART" plan "$OUT/gpt2-small-b8-profile.toml" -c "$OUT/cluster.toml" --layer-times "$OUT/gpt2-layer-times.csv" \
+            --out "$OUT/plan-measured.toml" 2>&1 | tee -a "$log"
+        [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+    else
+        status=1
+    fi
 else
     say "no cluster.toml was written"
     status=1

@@ -18,11 +18,14 @@
 #include "dpart/io/csv.hpp"
 #include "dpart/io/model_toml.hpp"
 #include "dpart/profile/gpu.hpp"
+#include "dpart/profile/gpu_measure.hpp"
 #include "dpart/profile/layers.hpp"
 #include "dpart/profile/probe.hpp"
 #include "dpart/report/text_table.hpp"
 #include "dpart/profile/host_links.hpp"
 #include "dpart/profile/rank_nccl.hpp"
+#include "dpart/runtime/cuda_backend.hpp"
+#include "dpart/runtime/device.hpp"
 #include "dpart/runtime/mpi.hpp"
 
 namespace dpart::cli {
@@ -40,18 +43,49 @@ struct ProfileOptions {
     double timeout_s = 3600;
     std::string model;        ///< --model: time its layers
     std::string layer_times;  ///< where their times go
+    std::string backend = "auto";  ///< what times them: cpu, cuda, host-device; auto: cuda if a GPU is here
+    std::string precision;         ///< the device layers' compute precision (default: the model's dtype)
 };
 
+/// The device layers' compute precision: fp32 or bf16 (fp16 and bf16 models compute in bf16).
+rt::Elem layer_precision(const ProfileOptions& o, const Model& model) {
+    if (o.precision == "fp32") return rt::Elem::f32;
+    if (o.precision == "bf16") return rt::Elem::bf16;
+    return model.dtype == DType::fp32 ? rt::Elem::f32 : rt::Elem::bf16;
+}
+
 /// dpart profile --model M --layer-times FILE: every layer's forward and backward at the
-/// microbatch sizes the planner considers, on one core, written as the CSV plan, replay and run
-/// take with --layer-times.
+/// microbatch sizes the planner considers, with the kernels dpart run would use (the CPU
+/// kernels, one core each, or the device layers on GPU 0), written as the CSV plan, replay and
+/// run take with --layer-times.
 int run_layer_timing(const ProfileOptions& o) {
     if (o.layer_times.empty()) throw InputError("--model needs --layer-times FILE (where the layer times go)");
     const Model model = load_model(o.model);
     const auto sizes = profile::layer_timing_sizes(model.global_batch);
-    // Every core at once, as dpart run's workers use them (one worker per core).
-    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-    const LayerTimes t = profile::time_layers(model, sizes, o.repeats, profile::cpu_kind(), 1, cores);
+    std::string backend = o.backend;
+    if (backend == "auto") backend = rt::built_with_cuda_backend() && profile::gpu::unavailable().empty() ? "cuda" : "cpu";
+    if (backend == "cpu" && !o.precision.empty())
+        throw InputError("--precision is the device layers' (--backend cuda or host-device); the CPU kernels compute in fp32");
+    LayerTimes t;
+    std::string where;
+    if (backend == "cpu") {
+        // Every core at once, as dpart run's workers use them (one worker per core).
+        const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+        t = profile::time_layers(model, sizes, o.repeats, profile::cpu_kind(), 1, cores);
+        where = fmt::format("on each of {} cores of {} at once", cores, t.kind);
+    } else {
+        const rt::Elem compute = layer_precision(o, model);
+        const bool gpu = backend == "cuda";
+        if (gpu && !rt::built_with_cuda_backend())
+            throw RuntimeError("--backend cuda: this dpart was built without CUDA");
+        if (gpu && !profile::gpu::unavailable().empty())
+            throw RuntimeError("--backend cuda: " + profile::gpu::unavailable());
+        const auto ops = gpu ? rt::make_gpu_ops(0) : rt::make_host_ops();
+        // The kind a cluster.toml from `dpart profile --out` gives this GPU (gpu.facts' name).
+        const std::string kind = gpu ? profile::gpu::device_facts(0).name : std::string("host-device");
+        t = profile::time_device_layers(model, sizes, o.repeats, kind, *ops, compute);
+        where = fmt::format("with the device layers on {} ({})", ops->name(), rt::to_string(compute));
+    }
     double fwd = 0, bwd = 0;
     for (const auto& [layer, points] : t.layers) {
         fwd += points.back().forward_s;
@@ -59,9 +93,9 @@ int run_layer_timing(const ProfileOptions& o) {
     }
     std::string list;
     for (std::uint64_t q : sizes) list += (list.empty() ? "" : ", ") + std::to_string(q);
-    fmt::print("layers of {}: {} layers at {} samples on each of {} cores of {} at once (median of {}); at {} samples "
+    fmt::print("layers of {}: {} layers at {} samples {} (median of {}); at {} samples "
                "the whole model takes {:.4g} ms forward, {:.4g} ms backward\n",
-               model.name, model.layers.size(), list, cores, t.kind, o.repeats, sizes.back(), fwd * 1e3, bwd * 1e3);
+               model.name, model.layers.size(), list, where, o.repeats, sizes.back(), fwd * 1e3, bwd * 1e3);
     layer_times_table(t, model).write(o.layer_times);
     fmt::print("wrote {}\n", o.layer_times);
     return 0;
@@ -112,6 +146,8 @@ std::string result_line(const profile::ProbeResult& r, const std::string& who) {
 int run_profile(const ProfileOptions& o, const std::string& command) {
     if (!o.model.empty() && !o.list) return run_layer_timing(o);
     if (!o.layer_times.empty()) throw InputError("--layer-times names where --model's layer times go: give --model");
+    if (o.backend != "auto" || !o.precision.empty())
+        throw InputError("--backend and --precision choose what times --model's layers: give --model");
     profile::ProbeSettings settings{o.repeats, o.scale};
     // Under mpirun every rank measures its own devices (the ranks of one host share its GPUs
     // out by CUDA index) and rank 0 merges them into one cluster.toml.
@@ -235,10 +271,18 @@ void setup_profile(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--csv", o->csv, "write every figure there: key,status,figure,value,unit,reason");
     cmd->add_flag("--list", o->list, "list the probes (key and description) and exit");
     cmd->add_option("--model", o->model,
-                    "time this model's layers (forward and backward, one core, at the microbatch sizes the planner "
-                    "considers) instead of running the probes; with --layer-times");
+                    "time this model's layers (forward and backward, at the microbatch sizes the planner considers, "
+                    "with the kernels dpart run uses: see --backend) instead of running the probes; with --layer-times");
     cmd->add_option("--layer-times", o->layer_times,
                     "with --model: write the layer times there (CSV), for plan, replay and run --layer-times");
+    cmd->add_option("--backend", o->backend,
+                    "with --model: what times the layers: cpu (the CPU kernels), cuda (the device layers on GPU 0, "
+                    "its name as the kind), host-device (the device layers on the host); auto: cuda when a GPU is here")
+        ->check(CLI::IsMember({"auto", "cpu", "cuda", "host-device"}))
+        ->capture_default_str();
+    cmd->add_option("--precision", o->precision,
+                    "with --model and a device backend: fp32 or bf16 (default: the model's dtype)")
+        ->check(CLI::IsMember({"fp32", "bf16"}));
     cmd->add_option("-t,--test", o->keys, "run this probe (repeatable)");
     cmd->add_option("-p,--prefix", o->prefixes, "run the probes whose key starts with this (repeatable)");
     cmd->add_option("--repeats", o->repeats, "timed repeats per figure after one warm-up; the median is reported")

@@ -18,6 +18,9 @@ std::optional<std::uint64_t> CudaDevices::memory_domain(std::size_t) const { ret
 std::unique_ptr<CommLibrary> make_nccl_library(std::chrono::milliseconds) {
     throw RuntimeError("this dpart was built without CUDA: NCCL is not available (--device-comm host rehearses it)");
 }
+std::unique_ptr<DeviceOps> make_gpu_ops(int, bool) {
+    throw RuntimeError("this dpart was built without CUDA: no GPU can run the device layers");
+}
 bool built_with_cuda_backend() noexcept { return false; }
 
 }  // namespace dpart::rt

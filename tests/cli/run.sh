@@ -299,6 +299,19 @@ if command -v mpirun >/dev/null; then
     fi
 fi
 check "profile --layer-times without --model" 2 "$dpart" profile --layer-times "$tmp/x.csv"
+# The device layers' times (the host DeviceOps standing in for a GPU), bf16, a mixture of experts.
+if check "profile --model with the device layers" 0 "$dpart" profile --model "$src/plans/models/tiny-mixtral.toml" \
+    --layer-times "$tmp/dev-times.csv" --backend host-device --precision bf16 --repeats 1; then
+    contains "device layer times: the path and precision" "$tmp/out" "with the device layers on host (bf16)"
+    contains "device layer times: their kind" "$tmp/dev-times.csv" "tiny-mixtral,host-device,block0,8,"
+fi
+check "profile --precision without --model" 2 "$dpart" profile --precision bf16
+check "profile --precision on the CPU kernels" 2 "$dpart" profile --model "$gpt" --layer-times "$tmp/x.csv" \
+    --backend cpu --precision bf16
+if ! nvidia-smi >/dev/null 2>&1; then
+    check "profile --model on a GPU without one" 1 "$dpart" profile --model "$gpt" --layer-times "$tmp/x.csv" \
+        --backend cuda && contains "no GPU: the reason" "$tmp/err" "--backend cuda:"
+fi
 check "profile an unknown probe" 2 "$dpart" profile -t cpu.gemm_fp3 && contains "profile suggests a probe" "$tmp/err" \
     'did you mean "cpu.gemm_fp32"'
 check "profile waives the GPU without one" 0 "$dpart" profile -t gpu.facts

@@ -1,5 +1,5 @@
 // Measured layer times: interpolation, the CSV they travel in, the cost model that uses them,
-// and their measurement with the CPU kernels.
+// and their measurement with the CPU kernels and with the device layers (on the host DeviceOps).
 #include <doctest/doctest.h>
 #include <unistd.h>
 
@@ -11,6 +11,7 @@
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/model_toml.hpp"
 #include "dpart/profile/layers.hpp"
+#include "dpart/runtime/device.hpp"
 
 using namespace dpart;
 
@@ -100,4 +101,36 @@ TEST_CASE("layer timing: the planner's microbatch sizes, and every layer timed w
         CHECK(points[1].backward_s >= 0);
     }
     CHECK(t.layers.at(0)[1].forward_s > 0);  // the first linear layer takes some time
+}
+
+TEST_CASE("layer timing with the device layers: a chain, a DAG whose gradients meet, a mixture of experts") {
+    // The host DeviceOps stands in for a GPU: the same passes, each timed from an idle stream.
+    const auto ops = rt::make_host_ops();
+    for (const char* name : {"tiny-gpt", "resnet-block", "tiny-mixtral"}) {
+        CAPTURE(name);
+        const Model model = load_model(plans_dir + "models/" + name + ".toml");
+        for (const rt::Elem e : {rt::Elem::f32, rt::Elem::bf16}) {
+            const LayerTimes t = profile::time_device_layers(model, {1, 2}, 2, "test gpu", *ops, e);
+            CHECK(t.kind == "test gpu");
+            CHECK(t.model == model.name);
+            REQUIRE(t.layers.size() == model.layers.size());
+            double fwd = 0, bwd = 0;
+            for (const auto& [layer, points] : t.layers) {
+                REQUIRE(points.size() == 2);
+                CHECK(points[1].samples == 2);
+                CHECK(points[1].forward_s > 0);  // every layer computes something
+                CHECK(points[1].backward_s >= 0);
+                fwd += points[1].forward_s;
+                bwd += points[1].backward_s;
+            }
+            CHECK(bwd > 0);
+            // Written as the CSV plan reads, then used for devices of that kind.
+            const std::string csv = write_temp(std::string(name) + "-device-times.csv", "");
+            layer_times_table(t, model).write(csv);
+            const LayerTimes back = load_layer_times(csv, model);
+            CHECK(back.kind == "test gpu");
+            CHECK(back.layers.size() == t.layers.size());
+            std::filesystem::remove(csv);
+        }
+    }
 }

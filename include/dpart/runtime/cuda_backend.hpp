@@ -46,6 +46,10 @@ private:
     std::unique_ptr<Impl> impl_;
 };
 
+/// A DeviceOps on a stream of its own on CUDA device `gpu` (the whole GPU), for work outside a
+/// run (dpart profile --model). Throws RuntimeError in a build without CUDA or without the GPU.
+[[nodiscard]] std::unique_ptr<DeviceOps> make_gpu_ops(int gpu, bool tf32 = false);
+
 class CommLibrary;
 /// NCCL as the device communicators' library (DeviceFabric): for workers on whole GPUs, one
 /// communicator rank per GPU. Communicators are non-blocking: every wait for their set-up or an

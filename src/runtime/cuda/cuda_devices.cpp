@@ -888,6 +888,18 @@ std::unique_ptr<DeviceOps> CudaDevices::ops(std::size_t device, bool tf32, std::
                                      });
 }
 
+std::unique_ptr<DeviceOps> make_gpu_ops(int gpu, bool tf32) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || gpu < 0 || gpu >= count) {
+        cudaGetLastError();
+        throw RuntimeError(fmt::format("no CUDA device {} (this machine shows {})", gpu, count));
+    }
+    cudaDeviceProp prop{};
+    check_cuda(cudaGetDeviceProperties(&prop, gpu), "cudaGetDeviceProperties");
+    return std::make_unique<CudaOps>(gpu, nullptr, fmt::format("CUDA device {} ({})", gpu, prop.name), tf32,
+                                     std::chrono::milliseconds(0));
+}
+
 std::string CudaDevices::describe(std::size_t device) const {
     const auto it = impl_->targets.find(device);
     return it == impl_->targets.end() ? std::string("none") : it->second.name;
