@@ -15,6 +15,7 @@
 #include "commands.hpp"
 #include "dpart/core/error.hpp"
 #include "dpart/io/atomic_file.hpp"
+#include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/csv.hpp"
 #include "dpart/io/model_toml.hpp"
 #include "dpart/profile/gpu.hpp"
@@ -45,7 +46,49 @@ struct ProfileOptions {
     std::string layer_times;  ///< where their times go
     std::string backend = "auto";  ///< what times them: cpu, cuda, host-device; auto: cuda if a GPU is here
     std::string precision;         ///< the device layers' compute precision (default: the model's dtype)
+    std::string cluster;           ///< --cluster and --device: time on this cluster device (a partition too)
+    std::string device;
 };
+
+/// The device layers' DeviceOps for --model and the kind its times are for: GPU 0 (its name),
+/// or --device of --cluster (its kind; on a GPU, the GPU or green-context partition dpart run
+/// would give it). `gpus` keeps the partitions cut while the ops live.
+struct LayerTimingTarget {
+    std::shared_ptr<rt::CudaDevices> gpus;
+    std::unique_ptr<rt::DeviceOps> ops;
+    std::string kind;
+};
+LayerTimingTarget layer_timing_target(const ProfileOptions& o, bool gpu) {
+    LayerTimingTarget t;
+    if (o.device.empty()) {
+        if (!o.cluster.empty()) throw InputError("--cluster goes with --device (the cluster device to time the layers on)");
+        t.ops = gpu ? rt::make_gpu_ops(0) : rt::make_host_ops();
+        // The kind a cluster.toml from `dpart profile --out` gives this GPU (gpu.facts' name).
+        t.kind = gpu ? profile::gpu::device_facts(0).name : std::string("host-device");
+        return t;
+    }
+    if (o.cluster.empty()) throw InputError("--device names a device of a cluster: give --cluster");
+    const Cluster cluster = load_cluster(o.cluster);
+    std::size_t d = 0;
+    while (d < cluster.devices.size() && cluster.devices[d].name != o.device) ++d;
+    if (d == cluster.devices.size()) {
+        std::string names;
+        for (const Device& dev : cluster.devices) names += (names.empty() ? "" : ", ") + dev.name;
+        throw InputError(fmt::format("{}: no device \"{}\" (its devices: {})", o.cluster, o.device, names));
+    }
+    const Device& dev = cluster.devices[d];
+    if (dev.kind.empty())
+        throw InputError(dev.where, fmt::format("device \"{}\" has no kind: the layer times would apply to no device",
+                                                dev.name));
+    if (gpu) {
+        t.gpus = std::make_shared<rt::CudaDevices>(cluster);
+        t.ops = t.gpus->ops(d);
+    } else {
+        t.ops = rt::make_host_ops();
+    }
+    t.kind = dev.kind;
+    return t;
+}
 
 /// The device layers' compute precision: fp32 or bf16 (fp16 and bf16 models compute in bf16).
 rt::Elem layer_precision(const ProfileOptions& o, const Model& model) {
@@ -66,6 +109,8 @@ int run_layer_timing(const ProfileOptions& o) {
     if (backend == "auto") backend = rt::built_with_cuda_backend() && profile::gpu::unavailable().empty() ? "cuda" : "cpu";
     if (backend == "cpu" && !o.precision.empty())
         throw InputError("--precision is the device layers' (--backend cuda or host-device); the CPU kernels compute in fp32");
+    if (backend == "cpu" && (!o.device.empty() || !o.cluster.empty()))
+        throw InputError("--cluster and --device choose a device for the device layers (--backend cuda or host-device)");
     LayerTimes t;
     std::string where;
     if (backend == "cpu") {
@@ -80,11 +125,9 @@ int run_layer_timing(const ProfileOptions& o) {
             throw RuntimeError("--backend cuda: this dpart was built without CUDA");
         if (gpu && !profile::gpu::unavailable().empty())
             throw RuntimeError("--backend cuda: " + profile::gpu::unavailable());
-        const auto ops = gpu ? rt::make_gpu_ops(0) : rt::make_host_ops();
-        // The kind a cluster.toml from `dpart profile --out` gives this GPU (gpu.facts' name).
-        const std::string kind = gpu ? profile::gpu::device_facts(0).name : std::string("host-device");
-        t = profile::time_device_layers(model, sizes, o.repeats, kind, *ops, compute);
-        where = fmt::format("with the device layers on {} ({})", ops->name(), rt::to_string(compute));
+        const LayerTimingTarget target = layer_timing_target(o, gpu);
+        t = profile::time_device_layers(model, sizes, o.repeats, target.kind, *target.ops, compute);
+        where = fmt::format("with the device layers on {} ({})", target.ops->name(), rt::to_string(compute));
     }
     double fwd = 0, bwd = 0;
     for (const auto& [layer, points] : t.layers) {
@@ -146,8 +189,8 @@ std::string result_line(const profile::ProbeResult& r, const std::string& who) {
 int run_profile(const ProfileOptions& o, const std::string& command) {
     if (!o.model.empty() && !o.list) return run_layer_timing(o);
     if (!o.layer_times.empty()) throw InputError("--layer-times names where --model's layer times go: give --model");
-    if (o.backend != "auto" || !o.precision.empty())
-        throw InputError("--backend and --precision choose what times --model's layers: give --model");
+    if (o.backend != "auto" || !o.precision.empty() || !o.device.empty() || !o.cluster.empty())
+        throw InputError("--backend, --precision, --cluster and --device choose what times --model's layers: give --model");
     profile::ProbeSettings settings{o.repeats, o.scale};
     // Under mpirun every rank measures its own devices (the ranks of one host share its GPUs
     // out by CUDA index) and rank 0 merges them into one cluster.toml.
@@ -283,6 +326,10 @@ void setup_profile(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--precision", o->precision,
                     "with --model and a device backend: fp32 or bf16 (default: the model's dtype)")
         ->check(CLI::IsMember({"fp32", "bf16"}));
+    cmd->add_option("--cluster", o->cluster, "with --model and --device: the cluster file that declares the device");
+    cmd->add_option("--device", o->device,
+                    "with --model and a device backend: time on this device of --cluster (a GPU, or a green-context "
+                    "partition with sm = N, as dpart run makes it); its kind is the times' kind");
     cmd->add_option("-t,--test", o->keys, "run this probe (repeatable)");
     cmd->add_option("-p,--prefix", o->prefixes, "run the probes whose key starts with this (repeatable)");
     cmd->add_option("--repeats", o->repeats, "timed repeats per figure after one warm-up; the median is reported")

@@ -305,6 +305,18 @@ if check "profile --model with the device layers" 0 "$dpart" profile --model "$s
     contains "device layer times: the path and precision" "$tmp/out" "with the device layers on host (bf16)"
     contains "device layer times: their kind" "$tmp/dev-times.csv" "tiny-mixtral,host-device,block0,8,"
 fi
+# On a device of a cluster file (a green-context partition on a GPU): its kind is the times' kind.
+if check "profile --model on a cluster's device" 0 "$dpart" profile --model "$gpt" --layer-times "$tmp/p0-times.csv" \
+    --backend host-device --cluster "$src/plans/clusters/h100-4partitions.toml" --device p0 --repeats 1; then
+    contains "device layer times: the partition's kind" "$tmp/p0-times.csv" '"H100-SXM5 green context, 32 SMs"'
+    check "plan with a partition's layer times" 0 "$dpart" plan "$gpt" -c "$src/plans/clusters/h100-4partitions.toml" \
+        --layer-times "$tmp/p0-times.csv" -q --out "$tmp/p0-plan.toml"
+fi
+check "profile --device of no such device" 2 "$dpart" profile --model "$gpt" --layer-times "$tmp/x.csv" \
+    --backend host-device --cluster "$src/plans/clusters/h100-4partitions.toml" --device p9 &&
+    contains "no such device: the cluster's devices" "$tmp/err" 'no device "p9" (its devices: p0, p1, p2, p3)'
+check "profile --device without --cluster" 2 "$dpart" profile --model "$gpt" --layer-times "$tmp/x.csv" \
+    --backend host-device --device p0
 check "profile --precision without --model" 2 "$dpart" profile --precision bf16
 check "profile --precision on the CPU kernels" 2 "$dpart" profile --model "$gpt" --layer-times "$tmp/x.csv" \
     --backend cpu --precision bf16
