@@ -248,6 +248,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
                     fd += cost.layer_seconds(l, Pass::forward, d, e.shares[k], st.tp);
                     bd += cost.layer_seconds(l, Pass::backward, d, e.shares[k], st.tp);
                 }
+                if (options.recompute) bd += fd;  // backward runs the stage's forward again first
                 f = std::max(f, fd);
                 b = std::max(b, bd);
             }

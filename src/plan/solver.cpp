@@ -53,7 +53,9 @@ namespace {
 /// built on first use and shared by every device order and microbatch size.
 class TimeTables {
 public:
-    TimeTables(const Model& model, const CostModel& cost, std::size_t devices) : model_(model), cost_(cost) {
+    /// With `recompute` (activation checkpointing) a layer's backward runs its forward again.
+    TimeTables(const Model& model, const CostModel& cost, std::size_t devices, bool recompute)
+        : model_(model), cost_(cost), recompute_(recompute) {
         for (std::size_t d = 0; d < devices; ++d) representative_.emplace(cost.device_class(d), d);
     }
     std::size_t index(std::size_t cls, std::uint64_t samples, std::uint32_t tp) {
@@ -63,8 +65,9 @@ public:
         const std::size_t device = representative_.at(cls);
         std::vector<double> f(L + 1, 0), b(L + 1, 0);
         for (std::size_t l = 0; l < L; ++l) {
-            f[l + 1] = f[l] + cost_.layer_seconds(l, Pass::forward, device, samples, tp);
-            b[l + 1] = b[l] + cost_.layer_seconds(l, Pass::backward, device, samples, tp);
+            const double fwd = cost_.layer_seconds(l, Pass::forward, device, samples, tp);
+            f[l + 1] = f[l] + fwd;
+            b[l + 1] = b[l] + cost_.layer_seconds(l, Pass::backward, device, samples, tp) + (recompute_ ? fwd : 0.0);
         }
         forward_.push_back(std::move(f));
         backward_.push_back(std::move(b));
@@ -77,6 +80,7 @@ public:
 private:
     const Model& model_;
     const CostModel& cost_;
+    bool recompute_;
     std::map<std::size_t, std::size_t> representative_;
     std::map<std::tuple<std::size_t, std::uint64_t, std::uint32_t>, std::size_t> index_;
     std::vector<std::vector<double>> forward_, backward_;
@@ -130,7 +134,7 @@ struct Context {
     std::size_t evaluations = 0;
 
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
-        : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), times(m, cm, c.devices.size()) {
+        : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), times(m, cm, c.devices.size(), co.recompute) {
         const std::uint64_t e = dtype_bytes(m.dtype);
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
@@ -891,7 +895,7 @@ SolveResult solve_baseline(const Model& model, const Cluster& cluster, const Cos
     std::vector<double> params(L), times(L);
     for (std::size_t l = 0; l < L; ++l) {
         params[l] = static_cast<double>(model.layers[l].cost.params);
-        times[l] = cost.layer_seconds(l, Pass::forward, order.front(), 1, 1) +
+        times[l] = cost.layer_seconds(l, Pass::forward, order.front(), 1, 1) * (copt.recompute ? 2 : 1) +
                    cost.layer_seconds(l, Pass::backward, order.front(), 1, 1);
     }
     SolveResult best;

@@ -59,6 +59,25 @@ TEST_CASE("stage memory: training state plus activations of the microbatches in 
     CHECK(in_flight(ScheduleKind::gpipe, 3, 4, 8) == 8);
 }
 
+TEST_CASE("with recompute, a stage's backward runs its forward again; the planner counts it too") {
+    const Model m = load_model(plans_dir + "models/gpt2-small.toml");
+    const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
+    const AnalyticalCostModel cost(m, c, {});
+    CostOptions rc;
+    rc.recompute = true;
+    const SolveResult r = solve(m, c, cost, rc, {});
+    const PlanEstimate plain = estimate_plan(r.plan, m, c, cost, {});
+    const PlanEstimate again = estimate_plan(r.plan, m, c, cost, rc);
+    REQUIRE(again.stages.size() == plain.stages.size());
+    for (std::size_t s = 0; s < again.stages.size(); ++s) {
+        CHECK(again.stages[s].forward_s == plain.stages[s].forward_s);
+        CHECK(again.stages[s].backward_s == doctest::Approx(plain.stages[s].backward_s + plain.stages[s].forward_s));
+    }
+    CHECK(again.iteration_s > plain.iteration_s);
+    // What the solver reported for its plan is the estimate with recompute.
+    CHECK(r.estimate.iteration_s == doctest::Approx(again.iteration_s));
+}
+
 TEST_CASE("a plan survives plan.toml: written, read back, the same predictions") {
     const Model m = load_model(plans_dir + "models/llama3-8b.toml");
     const Cluster c = load_cluster(plans_dir + "clusters/hetero-3kinds.toml");
