@@ -43,6 +43,7 @@ struct RunCliOptions {
     std::string checkpoint_dir;
     std::string resume;
     bool emulate = false;
+    bool recompute = false;
     std::string backend = "cpu";
     std::string precision;  ///< empty: the model's dtype (cuda), fp32 (cpu)
     bool tf32 = false;
@@ -271,7 +272,8 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     const Model model = load_model(o.model);
     const Cluster cluster = load_cluster(o.cluster);
     const Plan plan = load_plan(o.plan, model, cluster);
-    const CostOptions copt;
+    CostOptions copt;
+    copt.recompute = o.recompute;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);
@@ -289,6 +291,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     ro.checkpoint_dir = o.resume.empty() ? o.checkpoint_dir : o.resume;
     ro.resume = !o.resume.empty();
     ro.emulate = o.emulate;
+    ro.recompute = o.recompute;
     if (o.adaptive && (ro.checkpoint_every > 0 || ro.resume))
         throw InputError("--adaptive keeps its state in memory (snapshots and neighbour copies): it does not take "
                          "--checkpoint-every or --resume");
@@ -299,7 +302,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
         std::filesystem::create_directories(ro.checkpoint_dir, ec);
         if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", ro.checkpoint_dir, ec.message()));
     }
-    const std::string backend = configure_backend(o, model, cluster, ro);
+    const std::string backend = configure_backend(o, model, cluster, ro) + (o.recompute ? " (recompute)" : "");
     const rt::Execution ex(plan, model, predicted, ro);
     check_host_memory(ex, predicted, model);
     if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get(), backend);
@@ -374,6 +377,9 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--layer-times", o->layer_times,
                     "measured layer times (dpart profile --model ... --layer-times FILE): used for the cluster's devices "
                     "of the kind they were measured on, instead of the roofline");
+    cmd->add_flag("--recompute", o->recompute,
+                  "activation checkpointing, as dpart plan --recompute assumes: a stage keeps only its inputs between "
+                  "forward and backward and recomputes the rest (the same values); the prediction counts it");
     cmd->add_flag("--emulate", o->emulate,
                   "emulated devices: every task takes the time the cluster file predicts for it (compute, then wait out "
                   "the rest), so that a small host runs a cluster's timing");

@@ -226,7 +226,7 @@ public:
         if (given && initial->size() != stage_.last_layer - stage_.first_layer + 1)
             throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", initial->size(),
                                            stage_.last_layer - stage_.first_layer + 1));
-        StageSetup setup{&model_, &stage_, place_, ex_.options().seed, {}};
+        StageSetup setup{&model_, &stage_, place_, ex_.options().seed, {}, ex_.options().recompute};
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             setup.state.push_back(given ? std::move((*initial)[l - stage_.first_layer])
                                         : initial_state(model_, l, Shard{t, stage_.tp}, ex_.options().seed));

@@ -115,6 +115,17 @@ check "tiny-gpt 1 stage" 0 "$dpart" run "$tmp/gpt1.toml" -m "$gpt" -c "$cpu2" "$
 check "tiny-gpt 2 stages" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" -o "$tmp/gpt2"
 same "tiny-gpt 2 stages: same digest" "$(summary_value "$tmp/gpt1/summary.toml" weights_digest)" \
     "$(summary_value "$tmp/gpt2/summary.toml" weights_digest)"
+# Activation checkpointing: the same training; the prediction counts the forward run again.
+if check "tiny-gpt 2 stages, recomputed" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" \
+    --recompute -o "$tmp/gpt2-rc"; then
+    same "recompute: same digest" "$(summary_value "$tmp/gpt2/summary.toml" weights_digest)" \
+        "$(summary_value "$tmp/gpt2-rc/summary.toml" weights_digest)"
+    contains "recompute: named in the summary" "$tmp/gpt2-rc/summary.toml" 'backend = "cpu (recompute)"'
+    awk -v a="$(summary_value "$tmp/gpt2-rc/summary.toml" predicted_iteration_ms)" \
+        -v b="$(summary_value "$tmp/gpt2/summary.toml" predicted_iteration_ms)" 'BEGIN { exit !(a > b) }' ||
+        { echo "FAIL recompute: the prediction does not count the recomputed forward"; failures=$((failures + 1)); }
+    checks=$((checks + 1))
+fi
 
 # A mixture of experts (Mixtral's routing), planned then run: the planner keeps tp to what its
 # 2 KV heads split over, and the 2-stage split trains bitwise as one stage.

@@ -404,7 +404,7 @@ using Domain = std::function<std::optional<std::uint64_t>(const WorkerPlace&)>;
 
 RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& backend, std::uint64_t iterations = 3,
                    const Scenario& scenario = {}, const Domain& domain = {},
-                   std::shared_ptr<DeviceFabric> fabric = nullptr) {
+                   std::shared_ptr<DeviceFabric> fabric = nullptr, bool recompute = false) {
     const Cluster cluster = load_cluster(std::string(DPART_SOURCE_DIR) + "/plans/clusters/cpu-4workers.toml");
     const AnalyticalCostModel cost(model, cluster, {});
     const PlanEstimate est = estimate_plan(plan, model, cluster, cost, {});
@@ -416,6 +416,7 @@ RunResult run_plan(const Model& model, const Plan& plan, const StageFactory& bac
     o.scenario = scenario;
     o.memory_domain = domain;
     o.device_fabric = std::move(fabric);
+    o.recompute = recompute;
     return run_in_process(Execution(plan, model, est, o));
 }
 
@@ -544,6 +545,7 @@ struct OpsLog {
     std::size_t uploads = 0, downloads = 0, copies = 0, grouped_embeddings = 0;
     bool own_conv = false;  ///< the ops have convolutions of their own (a naive f32 reference, as cuDNN)
     std::size_t convs = 0;
+    std::size_t live_bytes = 0, peak_bytes = 0;  ///< device memory allocated and not released, and its peak
 };
 
 /// The host ops' values as floats (the host DeviceOps keeps f32 spans in host memory).
@@ -625,8 +627,20 @@ public:
         host_->copy(f, t);
     }
     // Everything else is the host's.
-    DeviceSpan allocate(std::size_t c, Elem e) override { return host_->allocate(c, e); }
-    void release(DeviceSpan s) noexcept override { host_->release(s); }
+    DeviceSpan allocate(std::size_t c, Elem e) override {
+        const DeviceSpan s = host_->allocate(c, e);
+        std::lock_guard lock(log_.mutex);
+        log_.live_bytes += s.bytes();
+        log_.peak_bytes = std::max(log_.peak_bytes, log_.live_bytes);
+        return s;
+    }
+    void release(DeviceSpan s) noexcept override {
+        if (s.ptr != nullptr) {
+            std::lock_guard lock(log_.mutex);
+            log_.live_bytes -= s.bytes();
+        }
+        host_->release(s);
+    }
     void fill(DeviceSpan s, float v) override { host_->fill(s, v); }
     void add(DeviceSpan f, DeviceSpan t) override { host_->add(f, t); }
     void mul(DeviceSpan a, DeviceSpan b, DeviceSpan o) override { host_->mul(a, b, o); }
@@ -751,6 +765,30 @@ TEST_CASE("a device that resizes itself is resized once when a scenario slows it
     CHECK(logs[0].resizes.empty());                              // device 0 never slowed
     CHECK(logs[1].resizes == std::vector<double>{40.0, 1.0});   // shrunk at iteration 1, restored at 3
     CHECK(weights_error(resized, plain) < 1e-6);         // a slowdown changes no value
+}
+
+TEST_CASE("recomputed activations: the same training in less device memory, on both backends") {
+    // GPipe keeps every microbatch's activations until the backward passes: 4 in flight.
+    const Model model = load_model(models_dir + "tiny-gpt.toml");
+    const std::size_t L = model.layers.size();
+    Plan plan = device_plan(4, 8, {{0, 3}, {4, L - 1}}, {{0}, {1}});
+    plan.schedule = ScheduleKind::gpipe;
+    std::vector<OpsLog> kept(2), recomputed(2);
+    const RunResult a = run_plan(model, plan, recording_backend(kept), 2);
+    const RunResult b = run_plan(model, plan, recording_backend(recomputed), 2, {}, {}, nullptr, true);
+    CHECK(a.loss == b.loss);
+    CHECK(a.weights_digest == b.weights_digest);
+    for (std::size_t d = 0; d < 2; ++d) {
+        CAPTURE(d);
+        MESSAGE("device " << d << ": peak " << kept[d].peak_bytes << " B kept, " << recomputed[d].peak_bytes
+                          << " B recomputed");
+        CHECK(recomputed[d].peak_bytes < kept[d].peak_bytes);
+    }
+    // The CPU backend recomputes alike.
+    const RunResult cpu = run_plan(model, plan, nullptr, 2);
+    const RunResult cpu_rc = run_plan(model, plan, nullptr, 2, {}, {}, nullptr, true);
+    CHECK(cpu_rc.loss == cpu.loss);
+    CHECK(cpu_rc.weights_digest == cpu.weights_digest);
 }
 
 // --- Handing tensors over on the device -----------------------------------------------------

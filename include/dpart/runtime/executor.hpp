@@ -81,6 +81,11 @@ struct RunOptions {
     /// worker connects at its start, and what it hands to, or all-reduces with, workers not
     /// sharing its memory moves between the devices instead of through host tensors. Null: host.
     std::shared_ptr<DeviceFabric> device_fabric;
+    /// Activation checkpointing (`dpart plan --recompute`'s memory model): a stage keeps only its
+    /// inputs, and what it sends on, between a microbatch's forward and backward; its backward runs
+    /// the forward again first. Every value is the same (the kernels are deterministic, dropout
+    /// masks drawn from the sample index).
+    bool recompute = false;
 };
 
 

@@ -135,6 +135,8 @@ struct StageSetup {
     std::uint64_t seed = 0;
     /// The initial state of the stage's layers, in order.
     std::vector<ShardState> state;
+    /// Activation checkpointing (RunOptions::recompute).
+    bool recompute = false;
 };
 using StageFactory = std::function<std::unique_ptr<StageCompute>(StageSetup)>;
 

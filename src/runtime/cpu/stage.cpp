@@ -22,7 +22,8 @@ void accumulate(TensorMap& grads, std::size_t i, Tensor&& g) {
 
 class CpuStage final : public StageCompute {
 public:
-    explicit CpuStage(StageSetup setup) : model_(*setup.model), stage_(*setup.stage) {
+    explicit CpuStage(StageSetup setup)
+        : model_(*setup.model), stage_(*setup.stage), recompute_(setup.recompute) {
         const Shard shard{static_cast<std::uint32_t>(setup.place.tp_rank), stage_.tp};
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             kernels_.push_back(make_cpu_kernel(model_, l, shard));
@@ -37,16 +38,19 @@ public:
     }
 
     const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t, TensorMap inputs,
-                             std::span<const std::size_t>, DeviceHandoff* device) override {
+                             std::span<const std::size_t> keep, DeviceHandoff* device) override {
         no_device(device);
         InFlight& f = in_flight_[mb];
         f.acts = std::move(inputs);
-        f.saved.assign(kernels_.size(), Saved{});
-        for (std::size_t k = 0; k < kernels_.size(); ++k) {
-            const std::size_t l = stage_.first_layer + k;
-            std::vector<const Tensor*> in;
-            for (std::size_t i : inputs_of(model_, l)) in.push_back(&f.acts.at(i));
-            f.acts[l] = kernels_[k]->forward(ctx, in, state_[k].params, f.saved[k]);
+        run_forward(ctx, f);
+        if (recompute_) {
+            // Checkpointing: the stage's inputs and what leaves it stay; the rest comes back in
+            // backward.
+            f.saved.clear();
+            std::erase_if(f.acts, [&](const auto& a) {
+                const bool ours = a.first != model_input && a.first >= stage_.first_layer && a.first <= stage_.last_layer;
+                return ours && std::find(keep.begin(), keep.end(), a.first) == keep.end();
+            });
         }
         return f.acts;
     }
@@ -55,6 +59,7 @@ public:
                        DeviceHandoff* device) override {
         no_device(device);
         InFlight& f = in_flight_.at(mb);
+        if (recompute_) run_forward(ctx, f);  // the same values: deterministic kernels, the same ctx
         for (std::size_t k = kernels_.size(); k-- > 0;) {
             const std::size_t l = stage_.first_layer + k;
             const auto g = grads.find(l);
@@ -104,6 +109,18 @@ public:
     void push_state() override {}
 
 private:
+    struct InFlight;
+    /// Every layer's forward on f.acts (which holds the stage's inputs), keeping what backward needs.
+    void run_forward(const StepContext& ctx, InFlight& f) {
+        f.saved.assign(kernels_.size(), Saved{});
+        for (std::size_t k = 0; k < kernels_.size(); ++k) {
+            const std::size_t l = stage_.first_layer + k;
+            std::vector<const Tensor*> in;
+            for (std::size_t i : inputs_of(model_, l)) in.push_back(&f.acts.at(i));
+            f.acts[l] = kernels_[k]->forward(ctx, in, state_[k].params, f.saved[k]);
+        }
+    }
+
     /// Host memory has no device to hand tensors over on (no memory domain: the executor never asks).
     static void no_device(const DeviceHandoff* device) {
         if (device != nullptr) throw RuntimeError("the CPU stage was asked to hand tensors over on a device");
@@ -115,6 +132,7 @@ private:
     };
     const Model& model_;
     const Stage& stage_;
+    bool recompute_;
     std::vector<std::unique_ptr<LayerKernel>> kernels_;
     std::vector<ShardState> state_;
     std::vector<std::vector<float>> grads_;

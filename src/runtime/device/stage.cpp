@@ -20,7 +20,8 @@ namespace {
 class DeviceStage final : public StageCompute {
 public:
     DeviceStage(StageSetup setup, std::unique_ptr<DeviceOps> ops, Elem compute)
-        : model_(*setup.model), stage_(*setup.stage), ops_(std::move(ops)), compute_(compute), seed_(setup.seed) {
+        : model_(*setup.model), stage_(*setup.stage), ops_(std::move(ops)), compute_(compute), seed_(setup.seed),
+          recompute_(setup.recompute) {
         // Tensor parallelism: each rank holds its shard of the split layers (the CPU kernels'
         // split), their collectives going through the executor's group (StepContext::tp).
         const Shard shard{static_cast<std::uint32_t>(setup.place.tp_rank),
@@ -86,13 +87,7 @@ public:
             f.step.labels = cached(Cached::labels, ctx.first_sample, rows, Elem::i32, f.owned_labels, [&] {
                 return loss_labels(seed_, ctx.first_sample, rows, loss_.positions, loss_.classes);
             });
-        f.saved.resize(layers_.size());
-        for (std::size_t k = 0; k < layers_.size(); ++k) {
-            const std::size_t l = stage_.first_layer + k;
-            std::vector<DeviceSpan> in;
-            for (std::size_t i : inputs_of(model_, l)) in.push_back(span_of(f, i));
-            f.acts[l] = layers_[k]->forward(*ops_, f.step, in, f.rows, params(k), f.saved[k]);
-        }
+        run_forward(f);
         // Hand back what leaves the stage: computed here (downloaded) or passing through.
         for (std::size_t l : keep) {
             if (auto it = inputs.find(l); it != inputs.end()) {
@@ -106,6 +101,12 @@ public:
             f.out.emplace(l, std::move(t));
         }
         if (device != nullptr) hand_out(*device, f.acts, rows);
+        if (recompute_) {
+            // Checkpointing: only the stage's inputs stay on the device (what leaves it has gone,
+            // to the host or in parcels); backward runs the forward again.
+            f.saved.clear();
+            std::erase_if(f.acts, [&](const auto& a) { return a.first >= stage_.first_layer && a.first <= stage_.last_layer; });
+        }
         ops_->synchronize();
         return f.out;
     }
@@ -114,6 +115,7 @@ public:
                        DeviceHandoff* device) override {
         InFlight& f = in_flight_.at(mb);
         f.step.tp = group(ctx);
+        if (recompute_) run_forward(f);  // the same values: deterministic layers, the same step
         std::map<std::size_t, DeviceBuffer> dgrads = bring_in(grads, device, f.rows, [&](std::size_t l) {
             const auto a = f.acts.find(l);
             return a != f.acts.end() ? a->second.span().elem : compute_;
@@ -240,6 +242,19 @@ private:
     struct LayerState {
         DeviceBuffer master, compute, grads, m, v;
     };
+    struct InFlight;
+    /// Every layer's forward on the microbatch's inputs, keeping what backward needs.
+    void run_forward(InFlight& f) {
+        f.saved.clear();
+        f.saved.resize(layers_.size());
+        for (std::size_t k = 0; k < layers_.size(); ++k) {
+            const std::size_t l = stage_.first_layer + k;
+            std::vector<DeviceSpan> in;
+            for (std::size_t i : inputs_of(model_, l)) in.push_back(span_of(f, i));
+            f.acts[l] = layers_[k]->forward(*ops_, f.step, in, f.rows, params(k), f.saved[k]);
+        }
+    }
+
     struct InFlight {
         std::size_t rows = 0;
         DeviceSpan input;          // the model input (first stage): in cache_, or owned_input
@@ -386,6 +401,7 @@ private:
     std::unique_ptr<DeviceOps> ops_;
     Elem compute_;
     std::uint64_t seed_;
+    bool recompute_;
     std::vector<std::unique_ptr<DeviceLayer>> layers_;
     std::vector<LayerState> dev_;
     std::vector<ShardState> host_state_;
