@@ -43,6 +43,10 @@ void print_model(const Model& m) {
         std::string name = l.name;
         if (const auto* linear = std::get_if<LinearOp>(&l.op); linear && linear->tied_to)
             name += " (tied to " + m.layers[*linear->tied_to].name + ")";
+        const MlpOp* mlp = std::get_if<MlpOp>(&l.op);
+        if (const auto* block = std::get_if<TransformerBlockOp>(&l.op)) mlp = &block->mlp;
+        if (mlp != nullptr && mlp->experts > 1)
+            name += fmt::format(" ({} experts, top-{})", mlp->experts, mlp->experts_per_token);
         table.add_row({std::to_string(i), name, op_name(l.op), to_string(l.out_shape), with_commas(l.cost.params),
                        flops_text(l.cost.fwd_flops), flops_text(l.cost.bwd_flops),
                        bytes_iec(static_cast<double>(l.cost.out_bytes)),

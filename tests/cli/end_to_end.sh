@@ -49,6 +49,8 @@ check "no subcommand" 2 "$dpart"
 check "unknown subcommand" 2 "$dpart" frobnicate
 check "unknown flag" 2 "$dpart" inspect --bogus "$src/plans/models/seed-mlp.toml"
 check "inspect with nothing" 2 "$dpart" inspect && contains "inspect with nothing says why" "$tmp/err" "give a MODEL file"
+check "inspect a mixture of experts" 0 "$dpart" inspect "$src/plans/models/tiny-mixtral.toml" &&
+    contains "inspect names the experts" "$tmp/out" "block0 (4 experts, top-2)"
 check "missing file" 2 "$dpart" inspect "$tmp/none.toml" &&
     contains "missing file is named" "$tmp/err" "$tmp/none.toml: error: cannot open the file for reading"
 
