@@ -44,7 +44,7 @@ struct ProfileOptions {
     double timeout_s = 3600;
     std::string model;        ///< --model: time its layers
     std::string layer_times;  ///< where their times go
-    std::string backend = "auto";  ///< what times them: cpu, cuda, host-device; auto: cuda if a GPU is here
+    std::string backend = "cpu";   ///< what times them: cpu, cuda, host-device
     std::string precision;         ///< the device layers' compute precision (default: the model's dtype)
     std::string cluster;           ///< --cluster and --device: time on this cluster device (a partition too)
     std::string device;
@@ -105,8 +105,7 @@ int run_layer_timing(const ProfileOptions& o) {
     if (o.layer_times.empty()) throw InputError("--model needs --layer-times FILE (where the layer times go)");
     const Model model = load_model(o.model);
     const auto sizes = profile::layer_timing_sizes(model.global_batch);
-    std::string backend = o.backend;
-    if (backend == "auto") backend = rt::built_with_cuda_backend() && profile::gpu::unavailable().empty() ? "cuda" : "cpu";
+    const std::string& backend = o.backend;
     if (backend == "cpu" && !o.precision.empty())
         throw InputError("--precision is the device layers' (--backend cuda or host-device); the CPU kernels compute in fp32");
     if (backend == "cpu" && (!o.device.empty() || !o.cluster.empty()))
@@ -126,6 +125,9 @@ int run_layer_timing(const ProfileOptions& o) {
         if (gpu && !profile::gpu::unavailable().empty())
             throw RuntimeError("--backend cuda: " + profile::gpu::unavailable());
         const LayerTimingTarget target = layer_timing_target(o, gpu);
+        if (!gpu && !o.device.empty())
+            fmt::print(stderr, "note: host-device times are the host's, written under {}'s kind \"{}\" (a rehearsal: "
+                               "plan would price that device with them)\n", o.device, target.kind);
         t = profile::time_device_layers(model, sizes, o.repeats, target.kind, *target.ops, compute);
         where = fmt::format("with the device layers on {} ({})", target.ops->name(), rt::to_string(compute));
     }
@@ -189,8 +191,11 @@ std::string result_line(const profile::ProbeResult& r, const std::string& who) {
 int run_profile(const ProfileOptions& o, const std::string& command) {
     if (!o.model.empty() && !o.list) return run_layer_timing(o);
     if (!o.layer_times.empty()) throw InputError("--layer-times names where --model's layer times go: give --model");
-    if (o.backend != "auto" || !o.precision.empty() || !o.device.empty() || !o.cluster.empty())
-        throw InputError("--backend, --precision, --cluster and --device choose what times --model's layers: give --model");
+    if (o.backend != "cpu" || !o.precision.empty() || !o.device.empty() || !o.cluster.empty())
+        throw InputError(o.list ? "--list lists the probes: --backend, --precision, --cluster and --device go with "
+                                  "--model (without --list)"
+                                : "--backend, --precision, --cluster and --device choose what times --model's layers: "
+                                  "give --model");
     profile::ProbeSettings settings{o.repeats, o.scale};
     // Under mpirun every rank measures its own devices (the ranks of one host share its GPUs
     // out by CUDA index) and rank 0 merges them into one cluster.toml.
@@ -320,8 +325,8 @@ void setup_profile(CLI::App& app, Action& action, const std::string& command) {
                     "with --model: write the layer times there (CSV), for plan, replay and run --layer-times");
     cmd->add_option("--backend", o->backend,
                     "with --model: what times the layers: cpu (the CPU kernels), cuda (the device layers on GPU 0, "
-                    "its name as the kind), host-device (the device layers on the host); auto: cuda when a GPU is here")
-        ->check(CLI::IsMember({"auto", "cpu", "cuda", "host-device"}))
+                    "its name as the kind, or on --device), host-device (the device layers on the host)")
+        ->check(CLI::IsMember({"cpu", "cuda", "host-device"}))
         ->capture_default_str();
     cmd->add_option("--precision", o->precision,
                     "with --model and a device backend: fp32 or bf16 (default: the model's dtype)")

@@ -29,18 +29,22 @@ TpCollectives tp_collectives(const OpParams& op) noexcept {
     // pair) once each way; a vocabulary-parallel embedding once in forward; a column-parallel
     // linear gathers its output once in forward and reduces its input gradient once in backward.
     // A mixture of experts sums each expert's output over the group: k times the output's
-    // bytes per token (in as many calls as experts are hit).
+    // bytes per token, in as many calls as experts are hit (all E, with more than a handful of
+    // tokens), after one all-gather of the router's logits in forward.
+    const auto mlp_collectives = [](const MlpOp& m) -> TpCollectives {
+        if (m.experts <= 1) return {1, 1, 1, 1};
+        const auto k = static_cast<std::uint32_t>(m.experts_per_token);
+        const auto e = static_cast<std::uint32_t>(std::min<std::uint64_t>(m.experts, 1u << 20));
+        return {k, k, e + 1, e};
+    };
     if (const auto* b = std::get_if<TransformerBlockOp>(&op)) {
-        const auto k = static_cast<std::uint32_t>(b->mlp.experts > 1 ? b->mlp.experts_per_token : 1);
-        return {1 + k, 1 + k};
+        const TpCollectives m = mlp_collectives(b->mlp);
+        return {1 + m.forward, 1 + m.backward, 1 + m.forward_calls, 1 + m.backward_calls};
     }
-    if (const auto* m = std::get_if<MlpOp>(&op)) {
-        const auto k = static_cast<std::uint32_t>(m->experts > 1 ? m->experts_per_token : 1);
-        return {k, k};
-    }
-    if (std::holds_alternative<AttentionOp>(op)) return {1, 1};
-    if (std::holds_alternative<EmbeddingOp>(op)) return {1, 0};
-    if (std::holds_alternative<LinearOp>(op)) return {1, 1};
+    if (const auto* m = std::get_if<MlpOp>(&op)) return mlp_collectives(*m);
+    if (std::holds_alternative<AttentionOp>(op)) return {1, 1, 1, 1};
+    if (std::holds_alternative<EmbeddingOp>(op)) return {1, 0, 1, 0};
+    if (std::holds_alternative<LinearOp>(op)) return {1, 1, 1, 1};
     return {0, 0};  // the vocabulary-parallel loss reduces only per-row scalars: negligible
 }
 
@@ -97,9 +101,11 @@ double AnalyticalCostModel::layer_seconds(std::size_t layer, Pass pass, std::siz
     if (split) {
         const TpCollectives c = tp_collectives(l.op);
         const std::uint32_t count = fwd ? c.forward : c.backward;
-        if (count > 0) {
-            const auto bytes = static_cast<std::uint64_t>(static_cast<double>(l.cost.out_bytes) * b);
-            seconds += count * ring_allreduce_seconds(bytes, tp, tp_link(device));
+        const std::uint32_t calls = fwd ? c.forward_calls : c.backward_calls;
+        const double bytes = static_cast<double>(l.cost.out_bytes) * b;
+        if (count > 0 && bytes > 0) {
+            const AllreduceCost ring = ring_allreduce(tp, tp_link(device));
+            seconds += count * ring.per_byte * bytes + calls * ring.fixed;
         }
     }
     return seconds;

@@ -69,6 +69,16 @@ LayerTimes time_device_layers(const Model& model, const std::vector<std::uint64_
         rt::DeviceStep step;
         step.seed = seed;
         step.loss_scale = 1.0f / static_cast<float>(model.global_batch);
+        // The tokens grouped by id, as a run's first stage gives its embedding (whose backward
+        // then sums the table's rows by group, not by walking every token per column).
+        rt::DeviceBuffer groups;
+        if (embedding_first) {
+            const rt::TokenGroups g = rt::group_tokens(x);
+            groups = rt::DeviceBuffer(ops, g.packed.size(), rt::Elem::i32);
+            ops.upload(g.packed, groups.span());
+            step.token_groups = groups.span();
+            step.token_group_count = g.groups;
+        }
         rt::DeviceBuffer labels;
         if (loss_last) {
             const rt::LossShape ls = rt::loss_shape(model, L - 1);

@@ -113,10 +113,14 @@ TEST_CASE("which ops tensor parallelism splits, and its collectives") {
     CHECK(tp_collectives(TransformerBlockOp{}).forward == 2);
     CHECK(tp_collectives(TransformerBlockOp{}).backward == 2);
     CHECK(tp_collectives(EmbeddingOp{}).backward == 0);
-    // A mixture of experts sums k experts' outputs per token.
+    CHECK(tp_collectives(TransformerBlockOp{}).forward_calls == 2);
+    // A mixture of experts sums k experts' outputs per token, expert by expert (8 calls), after
+    // gathering its router's logits in forward.
     TransformerBlockOp mixtral;
     mixtral.mlp.experts = 8;
     mixtral.mlp.experts_per_token = 2;
     CHECK(tp_collectives(mixtral).forward == 3);
+    CHECK(tp_collectives(mixtral).forward_calls == 1 + 9);
     CHECK(tp_collectives(mixtral.mlp).backward == 2);
+    CHECK(tp_collectives(mixtral.mlp).backward_calls == 8);
 }

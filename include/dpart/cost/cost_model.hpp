@@ -60,6 +60,11 @@ public:
 struct TpCollectives {
     std::uint32_t forward = 0;
     std::uint32_t backward = 0;
+    /// How many collective calls carry those bytes (each pays the ring's latency): the counts
+    /// above, except for a mixture of experts, whose k outputs per token are summed expert by
+    /// expert (up to E calls) after its router's logits are gathered (one more, in forward).
+    std::uint32_t forward_calls = 0;
+    std::uint32_t backward_calls = 0;
 };
 [[nodiscard]] TpCollectives tp_collectives(const OpParams& op) noexcept;
 

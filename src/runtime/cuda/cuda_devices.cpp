@@ -894,6 +894,7 @@ std::unique_ptr<DeviceOps> make_gpu_ops(int gpu, bool tf32) {
         cudaGetLastError();
         throw RuntimeError(fmt::format("no CUDA device {} (this machine shows {})", gpu, count));
     }
+    prepare_gpu(gpu);  // the pool a run uses: freed memory kept for the next allocation
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, gpu), "cudaGetDeviceProperties");
     return std::make_unique<CudaOps>(gpu, nullptr, fmt::format("CUDA device {} ({})", gpu, prop.name), tf32,
