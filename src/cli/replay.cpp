@@ -46,7 +46,7 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     CostOptions copt;
     copt.bytes_per_param = o.bytes_per_param;
     copt.shard_optimizer = o.shard_optimizer;
-    copt.recompute = o.recompute;
+    copt.recompute = o.recompute || plan.recompute;
     copt.overlap_allreduce = o.overlap_allreduce;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();

@@ -273,7 +273,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     const Cluster cluster = load_cluster(o.cluster);
     const Plan plan = load_plan(o.plan, model, cluster);
     CostOptions copt;
-    copt.recompute = o.recompute;
+    copt.recompute = o.recompute || plan.recompute;  // a plan made with --recompute runs with it
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);
@@ -291,7 +291,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     ro.checkpoint_dir = o.resume.empty() ? o.checkpoint_dir : o.resume;
     ro.resume = !o.resume.empty();
     ro.emulate = o.emulate;
-    ro.recompute = o.recompute;
+    ro.recompute = copt.recompute;
     if (o.adaptive && (ro.checkpoint_every > 0 || ro.resume))
         throw InputError("--adaptive keeps its state in memory (snapshots and neighbour copies): it does not take "
                          "--checkpoint-every or --resume");
@@ -302,7 +302,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
         std::filesystem::create_directories(ro.checkpoint_dir, ec);
         if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", ro.checkpoint_dir, ec.message()));
     }
-    const std::string backend = configure_backend(o, model, cluster, ro) + (o.recompute ? " (recompute)" : "");
+    const std::string backend = configure_backend(o, model, cluster, ro) + (ro.recompute ? " (recompute)" : "");
     const rt::Execution ex(plan, model, predicted, ro);
     check_host_memory(ex, predicted, model);
     if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get(), backend);

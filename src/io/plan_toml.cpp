@@ -27,6 +27,7 @@ std::string plan_toml(const Plan& plan, const PlanEstimate& est, const Model& mo
     out += fmt::format("schedule = {}\n", toml_string(std::string(to_string(plan.schedule))));
     out += fmt::format("microbatch_size = {}\n", plan.microbatch_size);
     out += fmt::format("microbatches = {}\n", plan.microbatches);
+    if (plan.recompute) out += "recompute = true  # activation checkpointing: dpart run recomputes\n";
     out += fmt::format("predicted_iteration_ms = {}\n", ms_text(est.iteration_s));
     out += fmt::format("predicted_bottleneck_ms = {}\n", ms_text(est.bottleneck_s));
     out += fmt::format("predicted_samples_per_s = {:.6g}\n", est.samples_per_s);
@@ -127,6 +128,7 @@ Plan read_plan(const toml::table& root, const std::string& path, const Model& mo
                                                                           : ScheduleKind::one_f_one_b;
     plan.microbatch_size = p.required_count("microbatch_size");
     plan.microbatches = p.required_count("microbatches");
+    plan.recompute = p.optional_bool("recompute", false);
     p.finish();
 
     std::unordered_map<std::string, std::size_t> device_index;

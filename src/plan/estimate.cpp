@@ -222,7 +222,10 @@ void assign_shared_links(const Plan& plan, const Cluster& cluster, std::vector<S
 }
 
 PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
-                           const CostOptions& options) {
+                           const CostOptions& given) {
+    // A plan made with --recompute is estimated (and run) with it, whatever the caller's options.
+    CostOptions options = given;
+    options.recompute = options.recompute || plan.recompute;
     validate_plan(plan, model, cluster);
     const std::size_t S = plan.stages.size();
     const std::uint64_t M = plan.microbatches;

@@ -981,8 +981,10 @@ SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& c
         throw InputError(fmt::format("{} layers on {} devices is beyond what the planner searches (layers x devices at "
                                      "most {}): merge layers, or plan for a part of the cluster",
                                      L, D, max_plan_layers_x_devices));
-    if (sopt.strategy == Strategy::optimal) return solve_optimal(model, cluster, cost, copt, sopt);
-    return solve_baseline(model, cluster, cost, copt, sopt);
+    SolveResult r = sopt.strategy == Strategy::optimal ? solve_optimal(model, cluster, cost, copt, sopt)
+                                                       : solve_baseline(model, cluster, cost, copt, sopt);
+    r.plan.recompute = copt.recompute;  // the plan says how it is to be run
+    return r;
 }
 
 }  // namespace dpart

@@ -115,7 +115,14 @@ check "tiny-gpt 1 stage" 0 "$dpart" run "$tmp/gpt1.toml" -m "$gpt" -c "$cpu2" "$
 check "tiny-gpt 2 stages" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" -o "$tmp/gpt2"
 same "tiny-gpt 2 stages: same digest" "$(summary_value "$tmp/gpt1/summary.toml" weights_digest)" \
     "$(summary_value "$tmp/gpt2/summary.toml" weights_digest)"
-# Activation checkpointing: the same training; the prediction counts the forward run again.
+# Activation checkpointing: the same training; the prediction counts the forward run again. A
+# plan made with --recompute says so, and runs so without the flag.
+if check "plan tiny-gpt with --recompute" 0 "$dpart" plan "$gpt" -c "$cpu2" --recompute -q --out "$tmp/gpt-rc-plan.toml"; then
+    contains "the plan records recompute" "$tmp/gpt-rc-plan.toml" "recompute = true"
+    check "run a plan made with --recompute" 0 "$dpart" run "$tmp/gpt-rc-plan.toml" -m "$gpt" -c "$cpu2" \
+        "${run_flags[@]}" -o "$tmp/gpt-rc-planned" &&
+        contains "a recompute plan runs recomputed" "$tmp/gpt-rc-planned/summary.toml" '(recompute)"'
+fi
 if check "tiny-gpt 2 stages, recomputed" 0 "$dpart" run "$tmp/gpt2.toml" -m "$gpt" -c "$cpu2" "${run_flags[@]}" \
     --recompute -o "$tmp/gpt2-rc"; then
     same "recompute: same digest" "$(summary_value "$tmp/gpt2/summary.toml" weights_digest)" \

@@ -66,8 +66,10 @@ TEST_CASE("with recompute, a stage's backward runs its forward again; the planne
     CostOptions rc;
     rc.recompute = true;
     const SolveResult r = solve(m, c, cost, rc, {});
-    const PlanEstimate plain = estimate_plan(r.plan, m, c, cost, {});
-    const PlanEstimate again = estimate_plan(r.plan, m, c, cost, rc);
+    Plan without = r.plan;
+    without.recompute = false;
+    const PlanEstimate plain = estimate_plan(without, m, c, cost, {});
+    const PlanEstimate again = estimate_plan(without, m, c, cost, rc);
     REQUIRE(again.stages.size() == plain.stages.size());
     for (std::size_t s = 0; s < again.stages.size(); ++s) {
         CHECK(again.stages[s].forward_s == plain.stages[s].forward_s);
@@ -76,6 +78,14 @@ TEST_CASE("with recompute, a stage's backward runs its forward again; the planne
     CHECK(again.iteration_s > plain.iteration_s);
     // What the solver reported for its plan is the estimate with recompute.
     CHECK(r.estimate.iteration_s == doctest::Approx(again.iteration_s));
+    // The plan says so, in plan.toml too, and is estimated with it whatever the caller's options.
+    CHECK(r.plan.recompute);
+    const std::string text = plan_toml(r.plan, again, m, c, Meta{"dpart plan test", {}}, "optimal");
+    CHECK(text.find("recompute = true") != std::string::npos);
+    const Plan back = parse_plan(text, "plan.toml", m, c);
+    CHECK(back.recompute);
+    CHECK(estimate_plan(back, m, c, cost, {}).iteration_s == again.iteration_s);
+    CHECK(estimate_plan(r.plan, m, c, cost, {}).iteration_s == again.iteration_s);
 }
 
 TEST_CASE("a plan survives plan.toml: written, read back, the same predictions") {

@@ -34,11 +34,14 @@ struct Plan {
     std::uint64_t microbatch_size = 1;
     std::uint64_t microbatches = 1;
     std::vector<Stage> stages;
+    /// Activation checkpointing (dpart plan --recompute): the plan's memory and time assume it,
+    /// and dpart run executes it so.
+    bool recompute = false;
     SourceLocation where;
 
     friend bool operator==(const Plan& a, const Plan& b) {
         return a.objective == b.objective && a.schedule == b.schedule && a.microbatch_size == b.microbatch_size &&
-               a.microbatches == b.microbatches && a.stages == b.stages;
+               a.microbatches == b.microbatches && a.stages == b.stages && a.recompute == b.recompute;
     }
 };
 
