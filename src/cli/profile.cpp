@@ -48,6 +48,7 @@ struct ProfileOptions {
     std::string precision;         ///< the device layers' compute precision (default: the model's dtype)
     std::string cluster;           ///< --cluster and --device: time on this cluster device (a partition too)
     std::string device;
+    bool tf32 = false;             ///< fp32 products on TF32 tensor cores, as run --tf32
 };
 
 /// The device layers' DeviceOps for --model and the kind its times are for: GPU 0 (its name),
@@ -62,7 +63,7 @@ LayerTimingTarget layer_timing_target(const ProfileOptions& o, bool gpu) {
     LayerTimingTarget t;
     if (o.device.empty()) {
         if (!o.cluster.empty()) throw InputError("--cluster goes with --device (the cluster device to time the layers on)");
-        t.ops = gpu ? rt::make_gpu_ops(0) : rt::make_host_ops();
+        t.ops = gpu ? rt::make_gpu_ops(0, o.tf32) : rt::make_host_ops();
         // The kind a cluster.toml from `dpart profile --out` gives this GPU (gpu.facts' name).
         t.kind = gpu ? profile::gpu::device_facts(0).name : std::string("host-device");
         return t;
@@ -82,7 +83,7 @@ LayerTimingTarget layer_timing_target(const ProfileOptions& o, bool gpu) {
                                                 dev.name));
     if (gpu) {
         t.gpus = std::make_shared<rt::CudaDevices>(cluster);
-        t.ops = t.gpus->ops(d);
+        t.ops = t.gpus->ops(d, o.tf32);
     } else {
         t.ops = rt::make_host_ops();
     }
@@ -108,6 +109,7 @@ int run_layer_timing(const ProfileOptions& o) {
     const std::string& backend = o.backend;
     if (backend == "cpu" && !o.precision.empty())
         throw InputError("--precision is the device layers' (--backend cuda or host-device); the CPU kernels compute in fp32");
+    if (o.tf32 && backend != "cuda") throw InputError("--tf32 is the GPU's (--backend cuda)");
     if (backend == "cpu" && (!o.device.empty() || !o.cluster.empty()))
         throw InputError("--cluster and --device choose a device for the device layers (--backend cuda or host-device)");
     LayerTimes t;
@@ -191,10 +193,10 @@ std::string result_line(const profile::ProbeResult& r, const std::string& who) {
 int run_profile(const ProfileOptions& o, const std::string& command) {
     if (!o.model.empty() && !o.list) return run_layer_timing(o);
     if (!o.layer_times.empty()) throw InputError("--layer-times names where --model's layer times go: give --model");
-    if (o.backend != "cpu" || !o.precision.empty() || !o.device.empty() || !o.cluster.empty())
-        throw InputError(o.list ? "--list lists the probes: --backend, --precision, --cluster and --device go with "
+    if (o.backend != "cpu" || !o.precision.empty() || !o.device.empty() || !o.cluster.empty() || o.tf32)
+        throw InputError(o.list ? "--list lists the probes: --backend, --precision, --tf32, --cluster and --device go with "
                                   "--model (without --list)"
-                                : "--backend, --precision, --cluster and --device choose what times --model's layers: "
+                                : "--backend, --precision, --tf32, --cluster and --device choose what times --model's layers: "
                                   "give --model");
     profile::ProbeSettings settings{o.repeats, o.scale};
     // Under mpirun every rank measures its own devices (the ranks of one host share its GPUs
@@ -331,6 +333,7 @@ void setup_profile(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--precision", o->precision,
                     "with --model and a device backend: fp32 or bf16 (default: the model's dtype)")
         ->check(CLI::IsMember({"fp32", "bf16"}));
+    cmd->add_flag("--tf32", o->tf32, "with --model --backend cuda: fp32 products on TF32 tensor cores, as run --tf32");
     cmd->add_option("--cluster", o->cluster, "with --model and --device: the cluster file that declares the device");
     cmd->add_option("--device", o->device,
                     "with --model and a device backend: time on this device of --cluster (a GPU, or a green-context "
