@@ -4,6 +4,7 @@
 #include <map>
 
 #include "dpart/core/error.hpp"
+#include "dpart/profile/gpu.hpp"
 #include "dpart/profile/layers.hpp"
 #include "dpart/runtime/backend.hpp"
 #include "dpart/runtime/stage_compute.hpp"
@@ -13,11 +14,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const std::size_t n = v.size();
-    return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+double median(std::vector<double> v) { return stats_of(std::move(v)).median; }
 
 /// A layer's parameters on the device: the fp32 master and the compute copy, and its gradients.
 struct Layer {

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "dpart/core/error.hpp"
+#include "dpart/profile/gpu.hpp"
 #include "dpart/profile/layers.hpp"
 #include "dpart/runtime/backend.hpp"
 
@@ -46,11 +47,7 @@ std::vector<std::size_t> inputs_of(const Model& model, std::size_t l) {
 
 double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    const std::size_t n = v.size();
-    return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+double median(std::vector<double> v) { return stats_of(std::move(v)).median; }
 
 }  // namespace
 
