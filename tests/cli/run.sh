@@ -117,7 +117,8 @@ same "tiny-gpt 2 stages: same digest" "$(summary_value "$tmp/gpt1/summary.toml" 
     "$(summary_value "$tmp/gpt2/summary.toml" weights_digest)"
 # Activation checkpointing: the same training; the prediction counts the forward run again. A
 # plan made with --recompute says so, and runs so without the flag.
-if check "plan tiny-gpt with --recompute" 0 "$dpart" plan "$gpt" -c "$cpu2" --recompute -q --out "$tmp/gpt-rc-plan.toml"; then
+if check "plan tiny-gpt with --recompute" 0 "$dpart" plan "$gpt" -c "$cpu2" --recompute --out "$tmp/gpt-rc-plan.toml"; then
+    contains "the printed plan says it recomputes" "$tmp/out" "activations recomputed"
     contains "the plan records recompute" "$tmp/gpt-rc-plan.toml" "recompute = true"
     check "run a plan made with --recompute" 0 "$dpart" run "$tmp/gpt-rc-plan.toml" -m "$gpt" -c "$cpu2" \
         "${run_flags[@]}" -o "$tmp/gpt-rc-planned" &&
