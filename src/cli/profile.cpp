@@ -91,12 +91,6 @@ LayerTimingTarget layer_timing_target(const ProfileOptions& o, bool gpu) {
     return t;
 }
 
-/// The device layers' compute precision: fp32 or bf16 (fp16 and bf16 models compute in bf16).
-rt::Elem layer_precision(const ProfileOptions& o, const Model& model) {
-    if (o.precision == "fp32") return rt::Elem::f32;
-    if (o.precision == "bf16") return rt::Elem::bf16;
-    return model.dtype == DType::fp32 ? rt::Elem::f32 : rt::Elem::bf16;
-}
 
 /// dpart profile --model M --layer-times FILE: every layer's forward and backward at the
 /// microbatch sizes the planner considers, with the kernels dpart run would use (the CPU
@@ -120,7 +114,7 @@ int run_layer_timing(const ProfileOptions& o) {
         t = profile::time_layers(model, sizes, o.repeats, profile::cpu_kind(), 1, cores);
         where = fmt::format("on each of {} cores of {} at once", cores, t.kind);
     } else {
-        const rt::Elem compute = layer_precision(o, model);
+        const rt::Elem compute = rt::compute_precision(o.precision, model.dtype);
         const bool gpu = backend == "cuda";
         if (gpu && !rt::built_with_cuda_backend())
             throw RuntimeError("--backend cuda: this dpart was built without CUDA");

@@ -134,12 +134,9 @@ void write_adaptive_outputs(const RunCliOptions& o, const std::string& command, 
                                 fmt::format("the last of {} plan versions of the adaptive run", r.plans.size())));
 }
 
-/// The compute precision of the device backends: --precision, else the model's dtype (bf16 and
-/// fp16 models compute in bf16).
+/// The compute precision of the device backends: --precision, else the model's dtype.
 rt::Elem device_precision(const RunCliOptions& o, const Model& model) {
-    if (o.precision == "fp32") return rt::Elem::f32;
-    if (o.precision == "bf16") return rt::Elem::bf16;
-    return model.dtype == DType::fp32 ? rt::Elem::f32 : rt::Elem::bf16;
+    return rt::compute_precision(o.precision, model.dtype);
 }
 
 /// What moves device buffers between workers that do not share memory: "nccl", "host" (the

@@ -14,8 +14,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double median(std::vector<double> v) { return stats_of(std::move(v)).median; }
-
 /// A layer's parameters on the device: the fp32 master and the compute copy, and its gradients.
 struct Layer {
     std::unique_ptr<rt::DeviceLayer> layer;
@@ -130,7 +128,7 @@ LayerTimes time_device_layers(const Model& model, const std::vector<std::uint64_
                 }
             }
         }
-        for (std::size_t l = 0; l < L; ++l) out.layers[l].push_back({q, median(fwd[l]), median(bwd[l])});
+        for (std::size_t l = 0; l < L; ++l) out.layers[l].push_back({q, stats_of(fwd[l]).median, stats_of(bwd[l]).median});
     }
     return out;
 }

@@ -19,6 +19,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "dpart/graph/model.hpp"
@@ -31,6 +32,9 @@ namespace dpart::rt {
 enum class Elem : std::uint8_t { f32, bf16, i32 };
 [[nodiscard]] constexpr std::size_t elem_bytes(Elem e) noexcept { return e == Elem::bf16 ? 2 : 4; }
 [[nodiscard]] const char* to_string(Elem e) noexcept;
+/// The device layers' compute precision: `precision` ("fp32" or "bf16", as --precision gives
+/// it), else the model's dtype (bf16 and fp16 models compute in bf16).
+[[nodiscard]] Elem compute_precision(std::string_view precision, DType model_dtype) noexcept;
 
 /// `count` elements of type `elem` at `ptr`, in the memory of the DeviceOps that made it.
 struct DeviceSpan {

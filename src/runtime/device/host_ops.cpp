@@ -534,6 +534,12 @@ private:
 
 }  // namespace
 
+Elem compute_precision(std::string_view precision, DType model_dtype) noexcept {
+    if (precision == "fp32") return Elem::f32;
+    if (precision == "bf16") return Elem::bf16;
+    return model_dtype == DType::fp32 ? Elem::f32 : Elem::bf16;
+}
+
 const char* to_string(Elem e) noexcept {
     switch (e) {
     case Elem::f32: return "f32";
