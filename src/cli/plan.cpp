@@ -86,9 +86,10 @@ std::string msf(double seconds) {
 
 void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, const Cluster& cluster,
                 const std::string& strategy) {
-    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}\n\n",
+    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}{}\n\n",
                model.name, cluster.name, strategy, to_string(plan.objective), to_string(plan.schedule),
-               plan.microbatches, plan.microbatch_size, plan.recompute ? ", activations recomputed" : "");
+               plan.microbatches, plan.microbatch_size, plan.recompute ? ", activations recomputed" : "",
+               plan.shard_optimizer ? ", optimizer state sharded" : "");
     TextTable t({{"stage", Align::right},
                  {"layers", Align::left},
                  {"devices", Align::left},

@@ -45,7 +45,7 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     const Plan plan = load_plan(o.plan, model, cluster);
     CostOptions copt;
     copt.bytes_per_param = o.bytes_per_param;
-    copt.shard_optimizer = o.shard_optimizer;
+    copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;
     copt.recompute = o.recompute || plan.recompute;
     copt.overlap_allreduce = o.overlap_allreduce;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);

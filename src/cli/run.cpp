@@ -44,6 +44,7 @@ struct RunCliOptions {
     std::string resume;
     bool emulate = false;
     bool recompute = false;
+    bool shard_optimizer = false;
     std::string backend = "cpu";
     std::string precision;  ///< empty: the model's dtype (cuda), fp32 (cpu)
     bool tf32 = false;
@@ -271,6 +272,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     const Plan plan = load_plan(o.plan, model, cluster);
     CostOptions copt;
     copt.recompute = o.recompute || plan.recompute;  // a plan made with --recompute runs with it
+    copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;  // as a plan made with --shard-optimizer
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);
@@ -289,6 +291,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     ro.resume = !o.resume.empty();
     ro.emulate = o.emulate;
     ro.recompute = copt.recompute;
+    ro.shard_optimizer = copt.shard_optimizer;
     if (o.adaptive && (ro.checkpoint_every > 0 || ro.resume))
         throw InputError("--adaptive keeps its state in memory (snapshots and neighbour copies): it does not take "
                          "--checkpoint-every or --resume");
@@ -299,7 +302,9 @@ int run_run(const RunCliOptions& o, const std::string& command) {
         std::filesystem::create_directories(ro.checkpoint_dir, ec);
         if (ec) throw RuntimeError(fmt::format("cannot create {}: {}", ro.checkpoint_dir, ec.message()));
     }
-    const std::string backend = configure_backend(o, model, cluster, ro) + (ro.recompute ? " (recompute)" : "");
+    std::string backend = configure_backend(o, model, cluster, ro);
+    if (ro.recompute) backend += " (recompute)";
+    if (ro.shard_optimizer) backend += " (ZeRO-1)";
     const rt::Execution ex(plan, model, predicted, ro);
     check_host_memory(ex, predicted, model);
     if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get(), backend);
@@ -377,6 +382,10 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--recompute", o->recompute,
                   "activation checkpointing, as dpart plan --recompute assumes: a stage keeps only its inputs between "
                   "forward and backward and recomputes the rest (the same values); the prediction counts it");
+    cmd->add_flag("--shard-optimizer", o->shard_optimizer,
+                  "ZeRO-1, as dpart plan --shard-optimizer assumes: a stage's replicas reduce-scatter its gradients, each "
+                  "steps its part of the parameters (holding that part's optimizer state only), then they all-gather the "
+                  "parts (the same values)");
     cmd->add_flag("--emulate", o->emulate,
                   "emulated devices: every task takes the time the cluster file predicts for it (compute, then wait out "
                   "the rest), so that a small host runs a cluster's timing");

@@ -28,6 +28,7 @@ std::string plan_toml(const Plan& plan, const PlanEstimate& est, const Model& mo
     out += fmt::format("microbatch_size = {}\n", plan.microbatch_size);
     out += fmt::format("microbatches = {}\n", plan.microbatches);
     if (plan.recompute) out += "recompute = true  # activation checkpointing: dpart run recomputes\n";
+    if (plan.shard_optimizer) out += "shard_optimizer = true  # ZeRO-1: each replica keeps its part of the optimizer state\n";
     out += fmt::format("predicted_iteration_ms = {}\n", ms_text(est.iteration_s));
     out += fmt::format("predicted_bottleneck_ms = {}\n", ms_text(est.bottleneck_s));
     out += fmt::format("predicted_samples_per_s = {:.6g}\n", est.samples_per_s);
@@ -129,6 +130,7 @@ Plan read_plan(const toml::table& root, const std::string& path, const Model& mo
     plan.microbatch_size = p.required_count("microbatch_size");
     plan.microbatches = p.required_count("microbatches");
     plan.recompute = p.optional_bool("recompute", false);
+    plan.shard_optimizer = p.optional_bool("shard_optimizer", false);
     p.finish();
 
     std::unordered_map<std::string, std::size_t> device_index;

@@ -226,6 +226,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
     // A plan made with --recompute is estimated (and run) with it, whatever the caller's options.
     CostOptions options = given;
     options.recompute = options.recompute || plan.recompute;
+    options.shard_optimizer = options.shard_optimizer || plan.shard_optimizer;
     validate_plan(plan, model, cluster);
     const std::size_t S = plan.stages.size();
     const std::uint64_t M = plan.microbatches;
@@ -270,7 +271,8 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
         StageMemoryInput in{st.first_layer, st.last_layer, st.tp, r, max_share, in_flight(plan.schedule, s, S, M)};
         e.memory = stage_memory(model, in, options, &cuts);
         e.allreduce_s = cost.allreduce_seconds(leaders, e.memory.params * dtype_bytes(model.dtype));
-        for (std::size_t d : st.devices) e.optimizer_s = std::max(e.optimizer_s, cost.optimizer_seconds(d, e.memory.params));
+        const std::uint64_t stepped = optimizer_params(e.memory.params, r, options.shard_optimizer);
+        for (std::size_t d : st.devices) e.optimizer_s = std::max(e.optimizer_s, cost.optimizer_seconds(d, stepped));
         double allreduce = e.allreduce_s;
         if (options.overlap_allreduce) allreduce = std::max(0.0, allreduce - e.backward_s);
         e.stage_s = e.forward_s + e.backward_s + e.send_activation_s + e.send_gradient_s +

@@ -241,7 +241,8 @@ public:
             allreduce = std::max(0.0, allreduce - bwd);
         }
         double opt = 0;
-        for (std::size_t d : blk.optimizer_devices) opt = std::max(opt, ctx_.cost.optimizer_seconds(d, p));
+        const std::uint64_t stepped = optimizer_params(p, blk.replicas, ctx_.copt.shard_optimizer);
+        for (std::size_t d : blk.optimizer_devices) opt = std::max(opt, ctx_.cost.optimizer_seconds(d, stepped));
         return t + (allreduce + opt) / static_cast<double>(M_);
     }
 
@@ -984,6 +985,7 @@ SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& c
     SolveResult r = sopt.strategy == Strategy::optimal ? solve_optimal(model, cluster, cost, copt, sopt)
                                                        : solve_baseline(model, cluster, cost, copt, sopt);
     r.plan.recompute = copt.recompute;  // the plan says how it is to be run
+    r.plan.shard_optimizer = copt.shard_optimizer;
     return r;
 }
 

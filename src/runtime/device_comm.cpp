@@ -103,13 +103,10 @@ public:
         lib_.recv(*c, peer, tag, into, ops_);
     }
     void allreduce_sum(std::span<const std::size_t> group, const Tag& tag, DeviceSpan data) override {
-        for (const Entry& e : comms_)
-            if (e.purpose == CommSplit::Purpose::data_parallel &&
-                std::equal(group.begin(), group.end(), e.comm.members.begin(), e.comm.members.end())) {
-                lib_.allreduce_sum(e.comm, data, ops_);
-                return;
-            }
-        throw RuntimeError(fmt::format("{}: no device communicator joins this worker's replicas", describe(tag)));
+        lib_.allreduce_sum(data_parallel(group, tag), data, ops_);
+    }
+    void allgather(std::span<const std::size_t> group, const Tag& tag, DeviceSpan mine, DeviceSpan all) override {
+        lib_.allgather(data_parallel(group, tag), mine, all, ops_);
     }
     DeviceGroup* tensor_parallel() override { return tp_ ? &*tp_ : nullptr; }
 
@@ -125,6 +122,15 @@ private:
         CommLibrary& lib_;
         Communicator c_;
     };
+
+    /// The communicator of the data-parallel group `group`.
+    const Communicator& data_parallel(std::span<const std::size_t> group, const Tag& tag) const {
+        for (const Entry& e : comms_)
+            if (e.purpose == CommSplit::Purpose::data_parallel &&
+                std::equal(group.begin(), group.end(), e.comm.members.begin(), e.comm.members.end()))
+                return e.comm;
+        throw RuntimeError(fmt::format("{}: no device communicator joins this worker's replicas", describe(tag)));
+    }
 
     /// The communicator that carries `tag`'s kind between this worker and `other`, and other's rank in it.
     std::pair<const Communicator*, std::size_t> pair(std::size_t other, const Tag& tag) const {

@@ -86,6 +86,16 @@ std::vector<std::size_t> sample_shape(const Model& model, std::size_t layer) {
     return {l.out_shape.begin(), l.out_shape.end()};
 }
 
+ValueRange optimizer_part(std::size_t total, std::size_t replica, std::size_t replicas) {
+    const auto [first, count] = group_part(total, replica, replicas);
+    return {first, count};
+}
+
+ValueRange layer_part(ValueRange part, std::size_t base, std::size_t size) {
+    const std::size_t lo = std::max(part.first, base), hi = std::min(part.first + part.count, base + size);
+    return lo < hi ? ValueRange{lo - base, hi - lo} : ValueRange{};
+}
+
 std::vector<std::size_t> inputs_of(const Model& model, std::size_t l) {
     const Layer& layer = model.layers[l];
     if (layer.inputs.empty()) return {l == 0 ? model_input : l - 1};
@@ -125,13 +135,17 @@ Execution::Execution(const Plan& plan, const Model& model, const PlanEstimate& e
         if (const auto* lin = std::get_if<LinearOp>(&model.layers[l].op); lin && lin->tied_to)
             tied_.push_back({*lin->tied_to, l});
     first_iteration_ = options_.start_iteration;
+    options_.shard_optimizer = options_.shard_optimizer || plan_.shard_optimizer;
     if (options_.resume) first_iteration_ = read_checkpoint_iteration(options_.checkpoint_dir, fingerprint(), workers());
     // Build every shard's kernel once so that an op without a kernel, or a split that does not
     // divide, is reported before any worker starts.
     for (const Stage& st : plan.stages)
         for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
-            for (std::uint32_t t = 0; t < st.tp; ++t)
-                state_bytes_ += 4 * sizeof(float) * st.replicas() * make_cpu_kernel(model, l, Shard{t, st.tp})->shard_params();
+            for (std::uint32_t t = 0; t < st.tp; ++t) {
+                const std::size_t n = make_cpu_kernel(model, l, Shard{t, st.tp})->shard_params(), r = st.replicas();
+                const std::size_t moments = options_.shard_optimizer ? 2 : 2 * r;  // ZeRO-1: one copy, in parts
+                state_bytes_ += sizeof(float) * n * (2 * r + moments);
+            }
 }
 
 ShardState initial_state(const Model& model, std::size_t layer, Shard shard, std::uint64_t seed) {
@@ -164,6 +178,7 @@ std::string Execution::fingerprint() const {
         for (std::size_t d : st.devices) text += fmt::format(" {}", d);
         text += "]";
     }
+    if (options_.shard_optimizer) text += " zero1";  // each worker's file holds its part of the moments
     std::uint64_t h = 0xcbf29ce484222325ull;
     for (unsigned char c : text) {
         h ^= c;
@@ -226,13 +241,18 @@ public:
         if (given && initial->size() != stage_.last_layer - stage_.first_layer + 1)
             throw RuntimeError(fmt::format("given the state of {} layers for a stage of {}", initial->size(),
                                            stage_.last_layer - stage_.first_layer + 1));
-        StageSetup setup{&model_, &stage_, place_, ex_.options().seed, {}, ex_.options().recompute};
+        StageSetup setup{&model_, &stage_, place_, ex_.options().seed, {}, ex_.options().recompute, std::nullopt};
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             setup.state.push_back(given ? std::move((*initial)[l - stage_.first_layer])
                                         : initial_state(model_, l, Shard{t, stage_.tp}, ex_.options().seed));
             gradient_offsets_.push_back(gradient_count_);
             gradient_count_ += setup.state.back().params.size();
         }
+        // ZeRO-1: this replica keeps and steps its part of the stage's values (a part for each
+        // replica, so not with more replicas than values).
+        zero_ = ex_.options().shard_optimizer && stage_.replicas() > 1 && gradient_count_ >= stage_.replicas();
+        if (zero_) setup.optimizer_part = optimizer_part(gradient_count_, place_.replica, stage_.replicas());
+        whole_state_ = initial != nullptr;
         compute_ = ex_.options().backend ? ex_.options().backend(std::move(setup)) : make_cpu_stage(std::move(setup));
         // A lone worker has no one to talk to: no communicator (an adaptive run's later plan with
         // more workers bootstraps one then).
@@ -318,6 +338,7 @@ public:
             if (every > 0 && (it + 1) % every == 0 && it + 1 < ex_.options().iterations) checkpoint(it + 1, all);
         }
         report.state = std::move(compute_->pull_state());
+        if (zero_ && whole_state_) unshard_moments(report.state, report.left);
         return report;
     }
 
@@ -400,9 +421,10 @@ private:
     double seconds_since_start() const { return std::chrono::duration<double>(Clock::now() - t0_).count(); }
     /// Runs and times one task; under a scenario, waits out the extra time a slowed device
     /// (compute) or link (sends) would have taken.
-    /// Emulated devices take the predicted time of the task instead (see RunOptions::emulate).
+    /// Emulated devices take the predicted time of the task instead (see RunOptions::emulate), or
+    /// `share` of it for a task done in two halves (ZeRO-1's reduce-scatter and all-gather).
     template <class F>
-    void timed(TaskKind kind, std::uint32_t mb, F&& f) {
+    void timed(TaskKind kind, std::uint32_t mb, F&& f, double share = 1.0) {
         const double start = seconds_since_start();
         const bool compute = kind == TaskKind::forward || kind == TaskKind::backward || kind == TaskKind::optimizer;
         // A device that realises its slowdown (a shrunk GPU partition) is not also waited for.
@@ -413,7 +435,7 @@ private:
                 const double left = s - seconds_since_start();
                 if (left > 0) std::this_thread::sleep_for(std::chrono::duration<double>(left));
             };
-            const double target = start + predicted_seconds(kind) * factor;
+            const double target = start + predicted_seconds(kind) * share * factor;
             if (send) until(target);  // the receiver gets the data when the transfer would end
             f();
             if (!send) until(target);
@@ -638,28 +660,133 @@ private:
     /// hand it, then hands the sum to every other member; each ends with the same values as
     /// group_allreduce_sum gives through the host.
     void allreduce_on_device() {
+        reduce_scatter_on_device();
         const std::size_t n = dp_group_.size(), me = place_.replica;
-        const auto chunk = [&](std::size_t k) {
-            return std::pair{k * gradient_count_ / n, (k + 1) * gradient_count_ / n};
-        };
-        const Tag scatter{Tag::Kind::allreduce, iteration_, 2, 0}, gather{Tag::Kind::allreduce, iteration_, 3, 0};
+        const Tag gather{Tag::Kind::allreduce, iteration_, 3, 0};
+        const ValueRange mine = part(me);
+        for (std::size_t k = 0; k < n; ++k)
+            if (k != me) send_span(dp_group_[k], gather, compute_->export_gradients(mine.first, mine.count));
         for (std::size_t k = 0; k < n; ++k) {
             if (k == me) continue;
-            const auto [a, b] = chunk(k);
-            send_span(dp_group_[k], scatter, compute_->export_gradients(a, b - a));
+            const ValueRange theirs = part(k);
+            compute_->import_gradients(recv_span(dp_group_[k], gather, theirs.count), theirs.first, false);
+        }
+    }
+    /// Its first half: replica k's part of the stage's gradients (part(k)) becomes the sum of
+    /// every replica's, summed by k in replica order.
+    void reduce_scatter_on_device() {
+        const std::size_t n = dp_group_.size(), me = place_.replica;
+        const Tag scatter{Tag::Kind::allreduce, iteration_, 2, 0};
+        for (std::size_t k = 0; k < n; ++k) {
+            if (k == me) continue;
+            const ValueRange theirs = part(k);
+            send_span(dp_group_[k], scatter, compute_->export_gradients(theirs.first, theirs.count));
         }
         // Replica order: member 0's values first, then each member's added in turn (this
-        // member's own from a copy, as the chunk is overwritten first).
-        const auto [a, b] = chunk(me);
-        const DeviceSpan own = me == 0 ? DeviceSpan{} : compute_->export_gradients(a, b - a);
+        // member's own from a copy, as the part is overwritten first).
+        const ValueRange mine = part(me);
+        const DeviceSpan own = me == 0 ? DeviceSpan{} : compute_->export_gradients(mine.first, mine.count);
         for (std::size_t j = me == 0 ? 1 : 0; j < n; ++j)
-            compute_->import_gradients(j == me ? own : recv_span(dp_group_[j], scatter, b - a), a, j != 0);
-        for (std::size_t k = 0; k < n; ++k)
-            if (k != me) send_span(dp_group_[k], gather, compute_->export_gradients(a, b - a));
-        for (std::size_t k = 0; k < n; ++k) {
-            if (k == me) continue;
-            const auto [c, d] = chunk(k);
-            compute_->import_gradients(recv_span(dp_group_[k], gather, d - c), c, false);
+            compute_->import_gradients(j == me ? own : recv_span(dp_group_[j], scatter, mine.count), mine.first, j != 0);
+    }
+    /// Replica k's part of the stage's values: the chunk it sums, and under ZeRO-1 steps.
+    ValueRange part(std::size_t k) const { return optimizer_part(gradient_count_, k, dp_group_.size()); }
+
+    // --- ZeRO-1 ----------------------------------------------------------------------------
+    /// The replicas' gradients summed part by part (each needs only its part's sums: a
+    /// reduce-scatter), each replica's step of its part, then the parts' all-gather: the traffic
+    /// of one all-reduce. Gradients tied across stages need whole rows, and a device
+    /// communicator's reduce-scatter parts of one size: those all-reduce the gradients whole.
+    void finish_sharded(bool tied) {
+        if (!tied && dp_on_device_) {
+            timed(TaskKind::allreduce, 0, [&] { reduce_scatter_on_device(); }, 0.5);
+        } else if (!tied && device_comm_) {
+            timed(TaskKind::allreduce, 0, [&] { allreduce_through_comm(); }, 0.5);
+        } else {
+            timed(TaskKind::allreduce, 0, [&] {
+                std::vector<std::vector<float>>& grads = compute_->pull_grads();
+                std::vector<float> flat;
+                for (const auto& g : grads) flat.insert(flat.end(), g.begin(), g.end());
+                const Tag tag{Tag::Kind::allreduce, iteration_, 1, 0};
+                if (tied) group_allreduce_sum(net_, dp_group_, tag, flat);
+                else group_reduce_scatter_sum(net_, dp_group_, tag, flat);
+                std::size_t at = 0;
+                for (auto& g : grads) {
+                    std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), g.size(), g.begin());
+                    at += g.size();
+                }
+                exchange_tied(grads);
+                compute_->push_grads();
+            }, 0.5);
+        }
+        timed(TaskKind::optimizer, 0, [&] { compute_->step(ex_.options().optimizer, iteration_ + 1); });
+        timed(TaskKind::allreduce, 0, [&] { gather_parameters(); }, 0.5);
+    }
+
+    /// Every replica's stepped part of the parameters to every other replica.
+    void gather_parameters() {
+        const std::size_t n = dp_group_.size(), me = place_.replica;
+        const ValueRange mine = part(me);
+        if (dp_on_device_) {
+            const Tag tag{Tag::Kind::allreduce, iteration_, 5, 0};
+            for (std::size_t k = 0; k < n; ++k)
+                if (k != me) send_span(dp_group_[k], tag, compute_->export_parameters(mine.first, mine.count));
+            for (std::size_t k = 0; k < n; ++k) {
+                if (k == me) continue;
+                const ValueRange theirs = part(k);
+                const DeviceBuffer b = DeviceBuffer::adopt(device_ops(), recv_span(dp_group_[k], tag, theirs.count));
+                compute_->import_parameters(b.span(), theirs.first);
+            }
+        } else if (device_comm_) {
+            // ncclAllGather takes parts of one size: each is padded to the largest.
+            DeviceOps& ops = device_ops();
+            const std::size_t c = (gradient_count_ + n - 1) / n;
+            DeviceBuffer own(ops, c, Elem::f32), all(ops, c * n, Elem::f32, DeviceBuffer::uninitialized);
+            {
+                const DeviceBuffer stepped = DeviceBuffer::adopt(ops, compute_->export_parameters(mine.first, mine.count));
+                ops.copy(stepped.span(), own.span().sub(0, mine.count));
+            }
+            device_comm_->allgather(dp_group_, {Tag::Kind::allreduce, iteration_, 6, 0}, own.span(), all.span());
+            for (std::size_t k = 0; k < n; ++k)
+                if (k != me) compute_->import_parameters(all.span().sub(k * c, part(k).count), part(k).first);
+            ops.synchronize();
+        } else {
+            std::vector<float> flat(gradient_count_);
+            const std::vector<float> stepped = compute_->parameters(mine.first, mine.count);
+            std::copy(stepped.begin(), stepped.end(), flat.begin() + static_cast<std::ptrdiff_t>(mine.first));
+            group_allgather_parts(net_, dp_group_, {Tag::Kind::allreduce, iteration_, 7, 0}, flat);
+            for (std::size_t k = 0; k < n; ++k)
+                if (k != me)
+                    compute_->set_parameters(part(k).first, std::span<const float>(flat).subspan(part(k).first, part(k).count));
+        }
+    }
+
+    /// For a caller that keeps the state (an adaptive run moves and copies whole layers): the
+    /// replicas all-gather their parts of the moments, so that each returns them whole. When a
+    /// replica of the stage has left, its part went with it: the moments come back empty (the
+    /// adaptive job rolls back to its snapshot after a departure, and never uses them).
+    void unshard_moments(std::vector<ShardState>& state, const std::vector<std::size_t>& left) {
+        const bool whole = std::none_of(dp_group_.begin(), dp_group_.end(), [&](std::size_t r) {
+            return std::find(left.begin(), left.end(), r) != left.end();
+        });
+        const ValueRange mine = part(place_.replica);
+        for (std::uint32_t which = 0; which < 2; ++which) {
+            std::vector<float> flat(whole ? gradient_count_ : 0);
+            std::size_t base = 0;
+            for (ShardState& st : state) {
+                std::vector<float>& x = which == 0 ? st.m : st.v;
+                if (whole) std::copy(x.begin(), x.end(), flat.begin() + static_cast<std::ptrdiff_t>(base + layer_part(mine, base, st.params.size()).first));
+                base += st.params.size();
+            }
+            if (whole) group_allgather_parts(net_, dp_group_, {Tag::Kind::allgather, iteration_, 8 + which, 0}, flat);
+            base = 0;
+            for (ShardState& st : state) {
+                std::vector<float>& x = which == 0 ? st.m : st.v;
+                if (whole) x.assign(flat.begin() + static_cast<std::ptrdiff_t>(base),
+                                    flat.begin() + static_cast<std::ptrdiff_t>(base + st.params.size()));
+                else x.clear();
+                base += st.params.size();
+            }
         }
     }
 
@@ -745,6 +872,10 @@ private:
     void finish_iteration() {
         const bool tied = std::any_of(ex_.tied().begin(), ex_.tied().end(),
                                       [&](const auto& p) { return holds(p.first) || holds(p.second); });
+        if (zero_) {
+            finish_sharded(tied);
+            return;
+        }
         // Without replicas, ties are summed where the gradients are (on the device, for a device
         // stage): within the stage in place, across stages by exchanging the tied rows only.
         if (tied && dp_group_.size() == 1) {
@@ -863,6 +994,8 @@ private:
     std::vector<bool> via_comm_prev_, via_comm_next_;
     std::unique_ptr<DeviceComm> device_comm_;  // RunOptions::device_fabric's, or null
     bool dp_on_device_ = false;  // the replicas all share this worker's memory: all-reduce on the device
+    bool zero_ = false;          // ZeRO-1: this replica steps its part (optimizer_part) of the stage's values
+    bool whole_state_ = false;   // the caller keeps the final state: the moments are returned whole
     std::vector<std::size_t> gradient_offsets_;  // per layer of the stage, in its gradients as one array
     std::size_t gradient_count_ = 0;
     bool device_slowed_ = false;     // the stage realises this iteration's slowdown itself

@@ -132,25 +132,36 @@ void copy_into(const Bytes& b, std::span<float> out, std::size_t from, const Tag
 }
 }  // namespace
 
-void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data) {
-    const std::size_t n = group.size();
-    if (n <= 1) return;
+namespace {
+
+/// This caller's index in `group`.
+std::size_t member_index(const Transport& t, std::span<const std::size_t> group, const Tag& tag) {
     const auto at = std::find(group.begin(), group.end(), t.rank());
     if (at == group.end()) throw RuntimeError(fmt::format("{}: rank {} is not in its group", describe(tag), t.rank()));
-    const auto me = static_cast<std::size_t>(at - group.begin());
-    // Chunk k of the data is member k's to sum: each member sends and receives 2 (n - 1) / n of
-    // the data, as in a ring, instead of the whole of it n - 1 times through one root. Member k
-    // sums its chunk in group order (x_0 + x_1 + ...), so every chunk, and so the whole result, is
-    // bitwise what summing at one root gives. The gather phase's tag has the index's top bit set.
-    auto chunk = [&](std::size_t k) {
-        const std::size_t lo = data.size() * k / n, hi = data.size() * (k + 1) / n;
-        return data.subspan(lo, hi - lo);
-    };
-    Tag gather = tag;
-    gather.index |= 0x80000000u;
+    return static_cast<std::size_t>(at - group.begin());
+}
+
+std::span<float> part_of(std::span<float> data, std::size_t k, std::size_t n) {
+    const auto [first, count] = group_part(data.size(), k, n);
+    return data.subspan(first, count);
+}
+
+}  // namespace
+
+std::pair<std::size_t, std::size_t> group_part(std::size_t total, std::size_t k, std::size_t n) {
+    const std::size_t lo = total * k / n, hi = total * (k + 1) / n;
+    return {lo, hi - lo};
+}
+
+void group_reduce_scatter_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data) {
+    const std::size_t n = group.size();
+    if (n <= 1) return;
+    const std::size_t me = member_index(t, group, tag);
+    // Member k sums part k in group order (x_0 + x_1 + ...): bitwise what one root summing in
+    // group order gives, each member sending and receiving (n - 1) / n of the data.
     for (std::size_t k = 0; k < n; ++k)
-        if (k != me) t.send(group[k], tag, bytes_of(chunk(k)));
-    const std::span<float> mine = chunk(me);
+        if (k != me) t.send(group[k], tag, bytes_of(part_of(data, k, n)));
+    const std::span<float> mine = part_of(data, me, n);
     std::vector<float> sum(mine.size()), part(mine.size());
     for (std::size_t j = 0; j < n; ++j) {
         std::span<const float> x = mine;
@@ -163,10 +174,26 @@ void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag t
             for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += x[i];
     }
     std::copy(sum.begin(), sum.end(), mine.begin());
+}
+
+void group_allgather_parts(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data) {
+    const std::size_t n = group.size();
+    if (n <= 1) return;
+    const std::size_t me = member_index(t, group, tag);
     for (std::size_t k = 0; k < n; ++k)
-        if (k != me) t.send(group[k], gather, bytes_of(mine));
+        if (k != me) t.send(group[k], tag, bytes_of(part_of(data, me, n)));
     for (std::size_t k = 0; k < n; ++k)
-        if (k != me) copy_into(t.recv(group[k], gather), chunk(k), group[k], gather);
+        if (k != me) copy_into(t.recv(group[k], tag), part_of(data, k, n), group[k], tag);
+}
+
+void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data) {
+    // A reduce-scatter, then an all-gather of the sums: 2 (n - 1) / n of the data each, as in a
+    // ring, instead of the whole of it n - 1 times through one root. The gather phase's tag has
+    // the index's top bit set.
+    group_reduce_scatter_sum(t, group, tag, data);
+    Tag gather = tag;
+    gather.index |= 0x80000000u;
+    group_allgather_parts(t, group, gather, data);
 }
 void group_allgather(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<const float> mine,
                      std::span<float> all) {

@@ -219,6 +219,39 @@ if check "run under a slowdown" 0 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cp
     contains "the recovery is named" "$tmp/slow/iterations.csv" ",recover cpu1"
 fi
 printf '[[event]]\niteration = 2\nkind = "fail"\ndevice = "cpu1"\n' >"$tmp/fail.toml"
+# ZeRO-1: replicas (3 of the first stage: parts of uneven size) reduce-scatter, step their part,
+# all-gather; the same training. A plan that says shard_optimizer runs so without the flag, and a
+# checkpoint holds each replica's part of the moments.
+plan_file zero 1f1b 2 32 '0 1 "localhost0.cpu0","localhost0.cpu1","localhost0.cpu2" 1' '2 3 "localhost0.cpu3" 1'
+check "seed-mlp with replicas" 0 "$dpart" run "$tmp/zero.toml" -m "$mlp" -c "$cpu4" "${run_flags[@]}" -o "$tmp/zero-whole"
+if check "seed-mlp with replicas, ZeRO-1" 0 "$dpart" run "$tmp/zero.toml" -m "$mlp" -c "$cpu4" "${run_flags[@]}" \
+    --shard-optimizer -o "$tmp/zero-sharded"; then
+    same "ZeRO-1: same digest" "$(summary_value "$tmp/zero-whole/summary.toml" weights_digest)" \
+        "$(summary_value "$tmp/zero-sharded/summary.toml" weights_digest)"
+    same "ZeRO-1: same losses" "$(summary_value "$tmp/zero-whole/summary.toml" loss)" \
+        "$(summary_value "$tmp/zero-sharded/summary.toml" loss)"
+    contains "ZeRO-1: named in the summary" "$tmp/zero-sharded/summary.toml" 'backend = "cpu (ZeRO-1)"'
+fi
+sed 's/^microbatches = 2$/microbatches = 2\nshard_optimizer = true/' "$tmp/zero.toml" >"$tmp/zero-plan.toml"
+if check "a plan with shard_optimizer" 0 "$dpart" run "$tmp/zero-plan.toml" -m "$mlp" -c "$cpu4" --iterations 8 --seed 3 \
+    --dataset-batches 2 -o "$tmp/zero-8"; then
+    contains "a sharded plan runs sharded" "$tmp/zero-8/summary.toml" '(ZeRO-1)"'
+    check "ZeRO-1 checkpointed" 0 "$dpart" run "$tmp/zero-plan.toml" -m "$mlp" -c "$cpu4" --iterations 4 --seed 3 \
+        --dataset-batches 2 --checkpoint-every 2 --checkpoint-dir "$tmp/zero-ck"
+    if check "ZeRO-1 resumed" 0 "$dpart" run "$tmp/zero-plan.toml" -m "$mlp" -c "$cpu4" --iterations 8 --seed 3 \
+        --dataset-batches 2 --checkpoint-every 2 --resume "$tmp/zero-ck" -o "$tmp/zero-resumed"; then
+        same "ZeRO-1 resumed: same digest" "$(summary_value "$tmp/zero-8/summary.toml" weights_digest)" \
+            "$(summary_value "$tmp/zero-resumed/summary.toml" weights_digest)"
+    fi
+    check "a ZeRO-1 checkpoint is not an unsharded run's" 2 "$dpart" run "$tmp/zero.toml" -m "$mlp" -c "$cpu4" \
+        --iterations 8 --seed 3 --dataset-batches 2 --resume "$tmp/zero-ck" &&
+        contains "ZeRO-1: another run's checkpoint" "$tmp/err" "written by another run"
+fi
+if check "plan seed-mlp with --shard-optimizer" 0 "$dpart" plan "$mlp" -c "$cpu4" --shard-optimizer --out "$tmp/zero-planned.toml"; then
+    contains "the printed plan says it shards" "$tmp/out" "optimizer state sharded"
+    contains "the plan records it" "$tmp/zero-planned.toml" "shard_optimizer = true"
+fi
+
 check "a failed device stops a static run" 1 "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}" \
     --scenario "$tmp/fail.toml" && contains "the failure is named" "$tmp/err" "its device failed at iteration 2"
 

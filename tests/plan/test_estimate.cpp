@@ -88,6 +88,42 @@ TEST_CASE("with recompute, a stage's backward runs its forward again; the planne
     CHECK(estimate_plan(r.plan, m, c, cost, {}).iteration_s == again.iteration_s);
 }
 
+TEST_CASE("with a sharded optimizer, each replica steps its part; the plan says so and is estimated with it") {
+    CHECK(optimizer_params(10, 3, true) == 4);
+    CHECK(optimizer_params(10, 3, false) == 10);
+    CHECK(optimizer_params(10, 1, true) == 10);
+    const Model m = load_model(plans_dir + "models/gpt2-small.toml");
+    const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
+    const AnalyticalCostModel cost(m, c, {});
+    // Every layer on all eight GPUs as replicas.
+    Plan dp;
+    dp.microbatch_size = m.global_batch;
+    dp.microbatches = 1;
+    Stage st;
+    st.first_layer = 0;
+    st.last_layer = m.layers.size() - 1;
+    for (std::size_t d = 0; d < 8; ++d) st.devices.push_back(d);
+    dp.stages.push_back(st);
+    CostOptions zero;
+    zero.shard_optimizer = true;
+    const PlanEstimate whole = estimate_plan(dp, m, c, cost, {});
+    const PlanEstimate parts = estimate_plan(dp, m, c, cost, zero);
+    CHECK(parts.stages[0].optimizer_s == doctest::Approx(whole.stages[0].optimizer_s / 8).epsilon(1e-6));
+    CHECK(parts.stages[0].allreduce_s == whole.stages[0].allreduce_s);  // reduce-scatter + all-gather
+    CHECK(parts.stages[0].memory.state_bytes < whole.stages[0].memory.state_bytes);
+    // A plan solved with it records it; read back, it is estimated with it.
+    const SolveResult r = solve(m, c, cost, zero, {});
+    CHECK(r.plan.shard_optimizer);
+    const std::string text = plan_toml(r.plan, r.estimate, m, c, Meta{"dpart plan test", {}}, "optimal");
+    CHECK(text.find("shard_optimizer = true") != std::string::npos);
+    const Plan back = parse_plan(text, "plan.toml", m, c);
+    CHECK(back.shard_optimizer);
+    CHECK(back == r.plan);
+    CHECK(estimate_plan(back, m, c, cost, {}).iteration_s == doctest::Approx(r.estimate.iteration_s));
+    dp.shard_optimizer = true;
+    CHECK(estimate_plan(dp, m, c, cost, {}).stages[0].optimizer_s == parts.stages[0].optimizer_s);
+}
+
 TEST_CASE("a plan survives plan.toml: written, read back, the same predictions") {
     const Model m = load_model(plans_dir + "models/llama3-8b.toml");
     const Cluster c = load_cluster(plans_dir + "clusters/hetero-3kinds.toml");

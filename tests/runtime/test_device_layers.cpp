@@ -1098,3 +1098,46 @@ TEST_CASE("a device with convolutions of its own (as cuDNN) trains resnet-block 
     for (std::size_t i = 0; i < a.loss.size(); ++i) CHECK(b.loss[i] == doctest::Approx(a.loss[i]).epsilon(1e-5));
     CHECK(weights_error(b, a) < 1e-4);
 }
+
+TEST_CASE("ZeRO-1 on device stages: through the host, on the device and through communicators, the same training") {
+    const Model model = load_model(models_dir + "seed-mlp.toml");
+    // Stage 0 in three replicas (parts of uneven size), stage 1 in one.
+    Plan plan = device_plan(4, 64, {{0, 1}, {2, 3}}, {{0, 1, 2}, {3}});
+    Plan sharded = plan;
+    sharded.shard_optimizer = true;
+    for (const Elem e : {Elem::f32, Elem::bf16}) {
+        CAPTURE(to_string(e));
+        std::vector<OpsLog> whole_logs(4), sharded_logs(4);
+        const RunResult whole = run_plan(model, plan, recording_backend(whole_logs, e));
+        const RunResult through_host = run_plan(model, sharded, recording_backend(sharded_logs, e));
+        check_same_run(through_host, whole);
+        // Each replica of stage 0 holds a third of the moments: less device memory at the peak.
+        for (std::size_t d = 0; d < 3; ++d) {
+            CAPTURE(d);
+            MESSAGE("device " << d << ": peak " << whole_logs[d].peak_bytes << " B whole, " << sharded_logs[d].peak_bytes
+                              << " B sharded");
+            CHECK(sharded_logs[d].peak_bytes < whole_logs[d].peak_bytes);
+        }
+        check_same_run(run_plan(model, sharded, host_backend(e), 3, {}, one_memory), whole);
+        check_same_run(run_plan(model, sharded, host_backend(e), 3, {}, own_memory, host_fabric()), whole);
+    }
+    // The CPU backend shards alike, to the same bits.
+    const RunResult cpu = run_plan(model, plan, nullptr);
+    check_same_run(run_plan(model, sharded, nullptr), cpu);
+}
+
+TEST_CASE("ZeRO-1 on device stages of tiny-gpt: the tie across stages, tensor-parallel replicas") {
+    const Model model = load_model(models_dir + "tiny-gpt.toml");
+    const std::size_t L = model.layers.size();
+    Plan tied = device_plan(2, 8, {{0, 3}, {4, L - 1}}, {{0, 1}, {2, 3}});
+    Plan tp = device_plan(2, 8, {{0, L - 1}}, {{0, 1, 2, 3}});
+    tp.stages[0].tp = 2;
+    for (Plan plan : {tied, tp}) {
+        CAPTURE(plan.stages.size());
+        const RunResult whole = run_plan(model, plan, host_backend(Elem::f32));
+        plan.shard_optimizer = true;
+        check_same_run(run_plan(model, plan, host_backend(Elem::f32)), whole);
+        check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, one_memory), whole);
+        check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, own_memory, host_fabric()), whole);
+    }
+}

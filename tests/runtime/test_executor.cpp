@@ -279,3 +279,130 @@ TEST_CASE("transport: group sums are the same bits on every member, in group ord
         CHECK(all[r] == std::vector<float>{1.0f, 3.0f, 1e8f, 1.0f, -1e8f, 2.0f});
     }
 }
+
+TEST_CASE("transport: a reduce-scatter then an all-gather of the parts is the group sum, part by part") {
+    const std::vector<std::size_t> group{2, 0, 1};
+    for (std::size_t size : {std::size_t{2}, std::size_t{3}, std::size_t{100}, std::size_t{1001}}) {
+        CAPTURE(size);
+        // The parts tile the values in member order.
+        std::size_t next = 0;
+        for (std::size_t k = 0; k < group.size(); ++k) {
+            const auto [first, count] = group_part(size, k, group.size());
+            CHECK(first == next);
+            next = first + count;
+        }
+        CHECK(next == size);
+        InProcessNetwork net(3, std::chrono::milliseconds(5000));
+        std::vector<std::vector<float>> data(3, std::vector<float>(size)), whole;
+        for (std::size_t r = 0; r < 3; ++r)
+            for (std::size_t i = 0; i < size; ++i) data[r][i] = random_symmetric(3, r, i) * (i % 4 == 0 ? 1e7f : 1.0f);
+        whole = data;
+        std::vector<std::vector<float>> scattered = data;
+        {
+            std::vector<std::jthread> t;
+            for (std::size_t r = 0; r < 3; ++r)
+                t.emplace_back([&, r] {
+                    group_allreduce_sum(net.endpoint(r), group, {Tag::Kind::allreduce, 0, 0, 1}, whole[r]);
+                    group_reduce_scatter_sum(net.endpoint(r), group, {Tag::Kind::allreduce, 0, 0, 2}, scattered[r]);
+                });
+        }
+        for (std::size_t k = 0; k < group.size(); ++k) {
+            const std::size_t r = group[k];
+            const auto [first, count] = group_part(size, k, group.size());
+            for (std::size_t i = 0; i < size; ++i) {
+                // Its own part summed (the same bits as the all-reduce), the rest untouched.
+                const bool mine = i >= first && i < first + count;
+                if (mine) CHECK(scattered[r][i] == whole[r][i]);
+                else CHECK(scattered[r][i] == data[r][i]);
+            }
+        }
+        {
+            std::vector<std::jthread> t;
+            for (std::size_t r = 0; r < 3; ++r)
+                t.emplace_back([&, r] {
+                    group_allgather_parts(net.endpoint(r), group, {Tag::Kind::allgather, 0, 0, 3}, scattered[r]);
+                });
+        }
+        for (std::size_t r = 0; r < 3; ++r) CHECK(scattered[r] == whole[r]);
+    }
+}
+
+TEST_CASE("ZeRO-1: optimizer parts cut a stage's values between replicas, and layers into their pieces") {
+    CHECK(optimizer_part(10, 0, 3) == ValueRange{0, 3});
+    CHECK(optimizer_part(10, 1, 3) == ValueRange{3, 3});
+    CHECK(optimizer_part(10, 2, 3) == ValueRange{6, 4});
+    // A layer of values [4, 8) and the part [6, 10): its values 2 and 3.
+    CHECK(layer_part({6, 4}, 4, 4) == ValueRange{2, 2});
+    CHECK(layer_part({6, 4}, 0, 4) == ValueRange{});   // before the part
+    CHECK(layer_part({6, 4}, 10, 5) == ValueRange{});  // after it
+    CHECK(layer_part({0, 100}, 10, 5) == ValueRange{0, 5});
+}
+
+namespace {
+
+RunResult run_sharded(const Fixture& f, const Plan& plan, bool shard, OptimizerKind opt, std::uint64_t* state_bytes = nullptr) {
+    const AnalyticalCostModel cost(f.model, f.cluster, {});
+    const PlanEstimate est = estimate_plan(plan, f.model, f.cluster, cost, {});
+    RunOptions o;
+    o.iterations = 3;
+    o.seed = 7;
+    o.dataset_batches = 2;
+    o.optimizer.kind = opt;
+    o.optimizer.lr = opt == OptimizerKind::sgd ? 0.1f : 1e-3f;
+    o.timeout = std::chrono::milliseconds(20000);
+    o.shard_optimizer = shard;
+    const Execution ex(plan, f.model, est, o);
+    if (state_bytes != nullptr) *state_bytes = ex.state_bytes();
+    return run_in_process(ex);
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO-1: sharded optimizer state trains bitwise like whole replicas, each holding its part of the moments") {
+    struct Case {
+        std::string model;
+        std::vector<StageSpec> stages;
+    };
+    const std::size_t gpt_layers = load_model(plans_dir + "models/tiny-gpt.toml").layers.size();
+    const std::vector<Case> cases{
+        // Three replicas of uneven parts, then one stage of two.
+        {"seed-mlp", {{0, 1, {0, 1, 2}}, {2, 3, {3}}}},
+        {"seed-mlp", {{0, 3, {0, 1}}}},
+        // The embedding and its tied head on two stages of two replicas: whole all-reduces there.
+        {"tiny-gpt", {{0, 3, {0, 1}}, {4, gpt_layers - 1, {2, 3}}}},
+        // Replicas of a tensor-parallel stage: each tp rank's group shards its own values.
+        {"tiny-gpt", {{0, gpt_layers - 1, {0, 1, 2, 3}, 2}}},
+    };
+    for (const Case& c : cases) {
+        const Fixture f(c.model);
+        const Plan plan = make_plan(ScheduleKind::one_f_one_b, 2, f.model.global_batch, c.stages);
+        for (const OptimizerKind opt : {OptimizerKind::adam, OptimizerKind::sgd}) {
+            CAPTURE(c.model);
+            CAPTURE(c.stages.size());
+            CAPTURE(to_string(opt));
+            std::uint64_t whole_bytes = 0, sharded_bytes = 0;
+            const RunResult whole = run_sharded(f, plan, false, opt, &whole_bytes);
+            const RunResult sharded = run_sharded(f, plan, true, opt, &sharded_bytes);
+            CHECK(sharded.loss == whole.loss);
+            CHECK(sharded.weights_digest == whole.weights_digest);
+            CHECK(sharded_bytes < whole_bytes);
+            // Each replica keeps the moments of its part only: together, one copy of the stage's.
+            const Execution ex(plan, f.model, estimate_plan(plan, f.model, f.cluster, AnalyticalCostModel(f.model, f.cluster, {}), {}), {});
+            for (std::size_t s = 0; s < plan.stages.size(); ++s)
+                for (std::size_t t = 0; t < plan.stages[s].tp; ++t) {
+                    std::size_t params = 0, moments = 0;
+                    for (std::size_t w = 0; w < ex.workers(); ++w) {
+                        if (ex.places()[w].stage != s || ex.places()[w].tp_rank != t) continue;
+                        std::size_t p = 0;
+                        for (const ShardState& st : sharded.workers[w].state) {
+                            p += st.params.size();
+                            moments += st.m.size();
+                            CHECK(st.m.size() == st.v.size());
+                        }
+                        params = p;
+                    }
+                    CHECK(moments == params);
+                }
+        }
+    }
+}

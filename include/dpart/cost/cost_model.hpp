@@ -84,6 +84,13 @@ struct CostOptions {
     bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
 };
 
+/// Parameters each replica's optimizer steps: all `params` of its stage, or with
+/// `shard_optimizer` (ZeRO-1) its part of them, ceil(params / replicas).
+[[nodiscard]] constexpr std::uint64_t optimizer_params(std::uint64_t params, std::size_t replicas,
+                                                       bool shard_optimizer) noexcept {
+    return shard_optimizer && replicas > 1 ? (params + replicas - 1) / replicas : params;
+}
+
 /// The roofline on the cluster's figures (docs/METHOD.md):
 ///   t = max(samples * flops / (tflops * 1e12), (weight_bytes + samples * activation_bytes) / (mem_bw_gbs * 1e9))
 /// per layer and pass (the sum of the two on a device that does not overlap them, a CPU core), with tensor parallelism dividing the split ops' work and adding their

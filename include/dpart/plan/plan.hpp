@@ -37,11 +37,15 @@ struct Plan {
     /// Activation checkpointing (dpart plan --recompute): the plan's memory and time assume it,
     /// and dpart run executes it so.
     bool recompute = false;
+    /// ZeRO-1 (dpart plan --shard-optimizer): each replica of a stage keeps and steps the
+    /// optimizer state of its 1/replicas part of the stage's parameters; dpart run executes it so.
+    bool shard_optimizer = false;
     SourceLocation where;
 
     friend bool operator==(const Plan& a, const Plan& b) {
         return a.objective == b.objective && a.schedule == b.schedule && a.microbatch_size == b.microbatch_size &&
-               a.microbatches == b.microbatches && a.stages == b.stages && a.recompute == b.recompute;
+               a.microbatches == b.microbatches && a.stages == b.stages && a.recompute == b.recompute &&
+               a.shard_optimizer == b.shard_optimizer;
     }
 };
 

@@ -49,6 +49,9 @@ public:
     /// `data` (f32) becomes the sum of every member's `data`; `group` is one of the plan's
     /// data-parallel groups (transport ranks, in replica order), this worker among them.
     virtual void allreduce_sum(std::span<const std::size_t> group, const Tag& tag, DeviceSpan data) = 0;
+    /// `all` becomes every member's `mine` (f32, the same count on each) in group order: the
+    /// ZeRO-1 parameter all-gather over a data-parallel group.
+    virtual void allgather(std::span<const std::size_t> group, const Tag& tag, DeviceSpan mine, DeviceSpan all) = 0;
     /// The worker's tensor-parallel group on the devices (null when its stage has tp = 1).
     [[nodiscard]] virtual DeviceGroup* tensor_parallel() { return nullptr; }
 };

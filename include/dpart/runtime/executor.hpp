@@ -86,6 +86,11 @@ struct RunOptions {
     /// the forward again first. Every value is the same (the kernels are deterministic, dropout
     /// masks drawn from the sample index).
     bool recompute = false;
+    /// ZeRO-1 (`dpart plan --shard-optimizer`'s memory model; on whenever the plan says so): the
+    /// replicas of a stage reduce-scatter its gradients, each steps its part of the parameters
+    /// (optimizer_part) holding only that part's Adam moments, then they all-gather the parts.
+    /// The values are bitwise those of the unsharded run (the same sums, an elementwise step).
+    bool shard_optimizer = false;
 };
 
 
@@ -171,7 +176,8 @@ public:
     /// What must not change between a checkpoint and its resume, as a digest.
     [[nodiscard]] std::string fingerprint() const;
     /// Bytes every worker together holds for parameters, gradients and Adam's two moments (4
-    /// fp32 values per parameter of each shard), before activations.
+    /// fp32 values per parameter of each shard; the moments once per stage under ZeRO-1), before
+    /// activations.
     [[nodiscard]] std::uint64_t state_bytes() const noexcept { return state_bytes_; }
     /// The embedding a tied linear layer shares its weight with: {embedding, linear}, if any.
     [[nodiscard]] const std::vector<std::pair<std::size_t, std::size_t>>& tied() const noexcept { return tied_; }

@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -23,10 +24,23 @@
 namespace dpart::rt {
 
 /// A layer's training state on one worker: its shard of the parameters and Adam's two moments
-/// (the same layout as the parameters).
+/// (the same layout as the parameters; under ZeRO-1, StageSetup::optimizer_part, only the
+/// moments of the layer's values inside the part, in order: layer_part).
 struct ShardState {
     std::vector<float> params, m, v;
 };
+
+/// Values [first, first + count) of a stage's parameters seen as one array (its layers' in stage
+/// order, as its gradients: StageCompute::export_gradients).
+struct ValueRange {
+    std::size_t first = 0, count = 0;
+    friend bool operator==(const ValueRange&, const ValueRange&) = default;
+};
+/// ZeRO-1: the part of a stage's `total` values whose optimizer state replica k of n keeps and
+/// steps (group_part: the part group_reduce_scatter_sum sums on member k).
+[[nodiscard]] ValueRange optimizer_part(std::size_t total, std::size_t replica, std::size_t replicas);
+/// The values of `part` inside a layer holding values [base, base + size), relative to the layer.
+[[nodiscard]] ValueRange layer_part(ValueRange part, std::size_t base, std::size_t size);
 
 /// Where a worker sits. Ranks are numbered stage by stage, then replica, then tensor-parallel
 /// rank: rank r runs plan.stages[stage].devices[replica * tp + tp_rank].
@@ -120,8 +134,18 @@ public:
     /// fewer SMs), so that the executor does not also wait it out; false (the default) when the
     /// executor should emulate it by waiting.
     virtual bool apply_slowdown(double /*factor*/) { return false; }
-    /// One optimizer step (step counts from 1) on every layer; zeroes the gradients.
+    /// One optimizer step (step counts from 1) of the values of its optimizer part (every value
+    /// without ZeRO-1, StageSetup::optimizer_part); zeroes every gradient.
     virtual void step(const OptimizerOptions& o, std::uint64_t step) = 0;
+    /// Values [first, first + n) of the stage's parameters (the fp32 master values), and back
+    /// (the compute copy follows): what replicas exchange after a ZeRO-1 step.
+    [[nodiscard]] virtual std::vector<float> parameters(std::size_t first, std::size_t n) = 0;
+    virtual void set_parameters(std::size_t first, std::span<const float> values) = 0;
+    /// The same on the device: a copy of values [first, first + n) in a new f32 buffer of the
+    /// stage's memory, owned by whoever receives it; and values [first, first + from.count)
+    /// become `from`'s (the caller keeps `from`). The CPU stage has no device memory: both throw.
+    [[nodiscard]] virtual DeviceSpan export_parameters(std::size_t first, std::size_t n);
+    virtual void import_parameters(DeviceSpan from, std::size_t first);
     /// Every layer's state in host memory, from pull_state() until push_state().
     [[nodiscard]] virtual std::vector<ShardState>& pull_state() = 0;
     virtual void push_state() = 0;
@@ -137,6 +161,9 @@ struct StageSetup {
     std::vector<ShardState> state;
     /// Activation checkpointing (RunOptions::recompute).
     bool recompute = false;
+    /// ZeRO-1 (RunOptions::shard_optimizer): the values whose optimizer state this worker keeps
+    /// and steps; nullopt: all. `state` comes with whole moments; the stage keeps their part.
+    std::optional<ValueRange> optimizer_part;
 };
 using StageFactory = std::function<std::unique_ptr<StageCompute>(StageSetup)>;
 

@@ -9,6 +9,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dpart/core/error.hpp"
@@ -114,6 +115,13 @@ private:
 /// bitwise the same result, the one a single root summing in group order gets, whatever the
 /// transport, and each member moves 2 (n - 1) / n of the data, as in a ring.
 void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data);
+/// Its two halves, for ZeRO-1. Member k's part of `total` values: [total k / n, total (k + 1) / n),
+/// as {first, count}. group_reduce_scatter_sum: member `me`'s part of `data` becomes the group's sum
+/// of it (the rest of `data` is left as it was); group_allgather_parts: every member's part of
+/// `data` becomes what that member holds there.
+[[nodiscard]] std::pair<std::size_t, std::size_t> group_part(std::size_t total, std::size_t k, std::size_t n);
+void group_reduce_scatter_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data);
+void group_allgather_parts(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data);
 void group_allgather(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<const float> mine,
                      std::span<float> all);
 /// Returns when every rank of `group` has called it.

@@ -35,6 +35,20 @@ public:
             grads_.emplace_back(k.shard_params(), 0.0f);
         }
         state_ = std::move(setup.state);
+        // ZeRO-1: only the moments of the optimizer part stay.
+        std::size_t base = 0;
+        for (ShardState& st : state_) {
+            const std::size_t n = st.params.size();
+            parts_.push_back(setup.optimizer_part ? layer_part(*setup.optimizer_part, base, n) : ValueRange{0, n});
+            const ValueRange r = parts_.back();
+            if (r.count != n) {
+                st.m = std::vector<float>(st.m.begin() + static_cast<std::ptrdiff_t>(r.first),
+                                          st.m.begin() + static_cast<std::ptrdiff_t>(r.first + r.count));
+                st.v = std::vector<float>(st.v.begin() + static_cast<std::ptrdiff_t>(r.first),
+                                          st.v.begin() + static_cast<std::ptrdiff_t>(r.first + r.count));
+            }
+            base += n;
+        }
     }
 
     const TensorMap& forward(std::uint32_t mb, const StepContext& ctx, std::size_t, TensorMap inputs,
@@ -97,18 +111,47 @@ public:
     void step(const OptimizerOptions& o, std::uint64_t step) override {
         for (std::size_t k = 0; k < state_.size(); ++k) {
             ShardState& st = state_[k];
+            const ValueRange r = parts_[k];
+            const std::span<float> p = std::span<float>(st.params).subspan(r.first, r.count);
+            const std::span<const float> g = std::span<const float>(grads_[k]).subspan(r.first, r.count);
             if (o.kind == OptimizerKind::sgd)
-                sgd_step(st.params, grads_[k], o.lr);
+                sgd_step(p, g, o.lr);
             else
-                adam_step(st.params, grads_[k], st.m, st.v, step, o);
+                adam_step(p, g, st.m, st.v, step, o);
             std::fill(grads_[k].begin(), grads_[k].end(), 0.0f);
         }
+    }
+
+    std::vector<float> parameters(std::size_t first, std::size_t n) override {
+        std::vector<float> out(n);
+        over_parameters(first, n, [&](std::span<float> p, std::size_t at) { std::copy(p.begin(), p.end(), out.begin() + static_cast<std::ptrdiff_t>(at)); });
+        return out;
+    }
+    void set_parameters(std::size_t first, std::span<const float> values) override {
+        over_parameters(first, values.size(), [&](std::span<float> p, std::size_t at) {
+            const auto from = values.subspan(at, p.size());
+            std::copy(from.begin(), from.end(), p.begin());
+        });
     }
 
     std::vector<ShardState>& pull_state() override { return state_; }
     void push_state() override {}
 
 private:
+    /// f(values, at) for each layer's values inside [first, first + n) of the stage's
+    /// parameters, `at` counted from `first`.
+    template <class F>
+    void over_parameters(std::size_t first, std::size_t n, F&& f) {
+        std::size_t base = 0;
+        for (ShardState& st : state_) {
+            const ValueRange r = layer_part({first, n}, base, st.params.size());
+            if (r.count > 0) f(std::span<float>(st.params).subspan(r.first, r.count), base + r.first - first);
+            base += st.params.size();
+        }
+        if (first + n > base)
+            throw RuntimeError(fmt::format("parameter values {}-{} asked of a stage of {}", first, first + n, base));
+    }
+
     struct InFlight;
     /// Every layer's forward on f.acts (which holds the stage's inputs), keeping what backward needs.
     void run_forward(const StepContext& ctx, InFlight& f) {
@@ -135,6 +178,7 @@ private:
     bool recompute_;
     std::vector<std::unique_ptr<LayerKernel>> kernels_;
     std::vector<ShardState> state_;
+    std::vector<ValueRange> parts_;  // per layer: the values it steps (ZeRO-1), relative to the layer
     std::vector<std::vector<float>> grads_;
     std::map<std::uint32_t, InFlight> in_flight_;
 };
@@ -146,6 +190,13 @@ DeviceSpan StageCompute::export_gradients(std::size_t, std::size_t) {
 }
 void StageCompute::import_gradients(DeviceSpan, std::size_t, bool) {
     throw RuntimeError("this stage keeps its gradients in host memory: it cannot import a device buffer");
+}
+
+DeviceSpan StageCompute::export_parameters(std::size_t, std::size_t) {
+    throw RuntimeError("this stage keeps its parameters in host memory: there is nothing to export on a device");
+}
+void StageCompute::import_parameters(DeviceSpan, std::size_t) {
+    throw RuntimeError("this stage keeps its parameters in host memory: it cannot import a device buffer");
 }
 
 std::unique_ptr<StageCompute> make_cpu_stage(StageSetup setup) { return std::make_unique<CpuStage>(std::move(setup)); }

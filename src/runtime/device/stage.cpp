@@ -27,6 +27,7 @@ public:
         const Shard shard{static_cast<std::uint32_t>(setup.place.tp_rank),
                           static_cast<std::uint32_t>(stage_.tp == 0 ? 1 : stage_.tp)};
         host_state_ = std::move(setup.state);
+        std::size_t base = 0;
         for (std::size_t l = stage_.first_layer; l <= stage_.last_layer; ++l) {
             layers_.push_back(make_device_layer(model_, l, compute_, shard));
             const std::size_t n = layers_.back()->params();
@@ -38,9 +39,24 @@ public:
             dev.master = DeviceBuffer(*ops_, n, Elem::f32);
             if (compute_ != Elem::f32) dev.compute = DeviceBuffer(*ops_, n, compute_);
             dev.grads = DeviceBuffer(*ops_, n, Elem::f32);
-            dev.m = DeviceBuffer(*ops_, n, Elem::f32);
-            dev.v = DeviceBuffer(*ops_, n, Elem::f32);
+            // ZeRO-1: the moments of the optimizer part only.
+            const ValueRange r = setup.optimizer_part ? layer_part(*setup.optimizer_part, base, n) : ValueRange{0, n};
+            if (r.count > 0) {
+                dev.m = DeviceBuffer(*ops_, r.count, Elem::f32);
+                dev.v = DeviceBuffer(*ops_, r.count, Elem::f32);
+            }
+            if (r.count != n) {
+                ShardState& hs = host_state_[l - stage_.first_layer];
+                const auto cut = [&](std::vector<float>& x) {
+                    x = std::vector<float>(x.begin() + static_cast<std::ptrdiff_t>(r.first),
+                                           x.begin() + static_cast<std::ptrdiff_t>(r.first + r.count));
+                };
+                cut(hs.m);
+                cut(hs.v);
+            }
+            parts_.push_back(r);
             dev_.push_back(std::move(dev));
+            base += n;
         }
         host_grads_.resize(layers_.size());
         push_state();
@@ -210,19 +226,54 @@ public:
     void step(const OptimizerOptions& o, std::uint64_t step) override {
         for (std::size_t k = 0; k < dev_.size(); ++k) {
             LayerState& d = dev_[k];
-            ops_->optimizer_step(o, step, d.master.span(), d.grads.span(), d.m.span(), d.v.span());
-            if (compute_ != Elem::f32) ops_->copy(d.master.span(), d.compute.span());
+            if (const ValueRange r = parts_[k]; r.count > 0) {
+                const DeviceSpan master = d.master.span().sub(r.first, r.count);
+                ops_->optimizer_step(o, step, master, d.grads.span().sub(r.first, r.count), d.m.span(), d.v.span());
+                if (compute_ != Elem::f32) ops_->copy(master, d.compute.span().sub(r.first, r.count));
+            }
             ops_->fill(d.grads.span(), 0.0f);
         }
         ops_->synchronize();
+    }
+
+    std::vector<float> parameters(std::size_t first, std::size_t n) override {
+        std::vector<float> out(n);
+        over_values(&LayerState::master, first, n, [&](std::size_t k, DeviceSpan part, std::size_t at) {
+            (void)k;
+            ops_->download(part, std::span<float>(out).subspan(at, part.count));
+        });
+        return out;
+    }
+    void set_parameters(std::size_t first, std::span<const float> values) override {
+        over_values(&LayerState::master, first, values.size(), [&](std::size_t k, DeviceSpan part, std::size_t at) {
+            ops_->upload(values.subspan(at, part.count), part);
+            follow_master(k, part);
+        });
+        ops_->synchronize();
+    }
+    DeviceSpan export_parameters(std::size_t first, std::size_t n) override {
+        DeviceBuffer b(*ops_, n, Elem::f32, DeviceBuffer::uninitialized);
+        over_values(&LayerState::master, first, n,
+                    [&](std::size_t, DeviceSpan part, std::size_t at) { ops_->copy(part, b.span().sub(at, part.count)); });
+        ops_->synchronize();
+        return b.release_ownership();
+    }
+    void import_parameters(DeviceSpan from, std::size_t first) override {
+        if (from.elem != Elem::f32) throw RuntimeError("parameters to import must be f32");
+        over_values(&LayerState::master, first, from.count, [&](std::size_t k, DeviceSpan part, std::size_t at) {
+            ops_->copy(from.sub(at, part.count), part);
+            follow_master(k, part);
+        });
     }
 
     std::vector<ShardState>& pull_state() override {
         for (std::size_t k = 0; k < dev_.size(); ++k) {
             ShardState& st = host_state_[k];
             ops_->download(dev_[k].master.span(), st.params);
-            ops_->download(dev_[k].m.span(), st.m);
-            ops_->download(dev_[k].v.span(), st.v);
+            if (parts_[k].count > 0) {
+                ops_->download(dev_[k].m.span(), st.m);
+                ops_->download(dev_[k].v.span(), st.v);
+            }
         }
         return host_state_;
     }
@@ -232,8 +283,10 @@ public:
             LayerState& d = dev_[k];
             ops_->upload(st.params, d.master.span());
             if (compute_ != Elem::f32) ops_->copy(d.master.span(), d.compute.span());
-            ops_->upload(st.m, d.m.span());
-            ops_->upload(st.v, d.v.span());
+            if (parts_[k].count > 0) {
+                ops_->upload(st.m, d.m.span());
+                ops_->upload(st.v, d.v.span());
+            }
         }
         ops_->synchronize();
     }
@@ -335,15 +388,28 @@ private:
     /// gradients seen as one array; `at` is the part's offset within the range.
     template <class F>
     void over_gradients(std::size_t first, std::size_t n, F&& f) {
+        over_values(&LayerState::grads, first, n, [&](std::size_t, DeviceSpan part, std::size_t at) { f(part, at); });
+    }
+    /// The same over any per-layer buffer of the parameters' size (f gets the layer's index too).
+    template <class F>
+    void over_values(DeviceBuffer LayerState::*which, std::size_t first, std::size_t n, F&& f) {
         std::size_t base = 0;
-        for (LayerState& d : dev_) {
-            const std::size_t size = d.grads.count();
-            const std::size_t lo = std::max(first, base), hi = std::min(first + n, base + size);
-            if (lo < hi) f(d.grads.span().sub(lo - base, hi - lo), lo - first);
+        for (std::size_t k = 0; k < dev_.size(); ++k) {
+            const DeviceBuffer& b = dev_[k].*which;
+            const std::size_t size = b.count();
+            const ValueRange r = layer_part({first, n}, base, size);
+            if (r.count > 0) f(k, b.span().sub(r.first, r.count), base + r.first - first);
             base += size;
         }
         if (first + n > base)
-            throw RuntimeError(fmt::format("gradient values {}-{} asked of a stage of {}", first, first + n, base));
+            throw RuntimeError(fmt::format("values {}-{} asked of a stage of {}", first, first + n, base));
+    }
+    /// The compute copy of master values `part` (of layer k), when the compute precision is not f32.
+    void follow_master(std::size_t k, DeviceSpan part) {
+        if (compute_ == Elem::f32) return;
+        const DeviceSpan master = dev_[k].master.span();
+        const auto offset = static_cast<std::size_t>(static_cast<const float*>(part.ptr) - static_cast<const float*>(master.ptr));
+        ops_->copy(part, dev_[k].compute.span().sub(offset, part.count));
     }
 
     /// The tensor-parallel group's collectives on this stage's buffers: the device
@@ -404,6 +470,7 @@ private:
     bool recompute_;
     std::vector<std::unique_ptr<DeviceLayer>> layers_;
     std::vector<LayerState> dev_;
+    std::vector<ValueRange> parts_;  // per layer: the values it steps (ZeRO-1), relative to the layer
     std::vector<ShardState> host_state_;
     std::vector<std::vector<float>> host_grads_;
     LossShape loss_;  // classes 0: the stage ends with no loss layer
