@@ -175,6 +175,11 @@ if command -v mpirun >/dev/null; then
         same "mpirun replicas: same digest as threads" "$(summary_value "$tmp/dp/summary.toml" weights_digest)" \
             "$(summary_value "$tmp/mpidp/summary.toml" weights_digest)"
     fi
+    if check "mpirun replicas, ZeRO-1" 0 "${mpi[@]}" 4 "$dpart" run "$tmp/dp.toml" -m "$mlp" -c "$cpu4" "${run_flags[@]}" \
+        --shard-optimizer -o "$tmp/mpidp-zero"; then
+        same "mpirun ZeRO-1: same digest as whole replicas" "$(summary_value "$tmp/dp/summary.toml" weights_digest)" \
+            "$(summary_value "$tmp/mpidp-zero/summary.toml" weights_digest)"
+    fi
     plan_file gpt_tp 1f1b 2 4 '0 3 "localhost0.cpu0","localhost0.cpu1" 2' '4 7 "localhost0.cpu2","localhost0.cpu3" 2'
     check "tiny-gpt tensor parallel, threads" 0 "$dpart" run "$tmp/gpt_tp.toml" -m "$gpt" -c "$cpu4" "${run_flags[@]}" \
         -o "$tmp/gpt_tp"
