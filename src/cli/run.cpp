@@ -269,10 +269,13 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     if (rt::launched_by_mpi()) mpi = std::make_unique<rt::MpiSession>(timeout);
     const Model model = load_model(o.model);
     const Cluster cluster = load_cluster(o.cluster);
-    const Plan plan = load_plan(o.plan, model, cluster);
+    Plan plan = load_plan(o.plan, model, cluster);
     CostOptions copt;
     copt.recompute = o.recompute || plan.recompute;  // a plan made with --recompute runs with it
     copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;  // as a plan made with --shard-optimizer
+    // The plan as it runs, in the files it writes too (replay then predicts what ran).
+    plan.recompute = copt.recompute;
+    plan.shard_optimizer = copt.shard_optimizer;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);

@@ -273,8 +273,8 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
         e.allreduce_s = cost.allreduce_seconds(leaders, e.memory.params * dtype_bytes(model.dtype));
         const std::uint64_t stepped = optimizer_params(e.memory.params, r, options.shard_optimizer);
         for (std::size_t d : st.devices) e.optimizer_s = std::max(e.optimizer_s, cost.optimizer_seconds(d, stepped));
-        double allreduce = e.allreduce_s;
-        if (options.overlap_allreduce) allreduce = std::max(0.0, allreduce - e.backward_s);
+        e.sharded_optimizer = options.shard_optimizer && r > 1;
+        const double allreduce = exposed_allreduce(e.allreduce_s, e.backward_s, options.overlap_allreduce, e.sharded_optimizer);
         e.stage_s = e.forward_s + e.backward_s + e.send_activation_s + e.send_gradient_s +
                     (allreduce + e.optimizer_s) / static_cast<double>(M);
         e.capacity_bytes = capacity_of(st, cluster);
@@ -282,7 +282,8 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
         for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
             e.flops_per_iteration += static_cast<double>(model.layers[l].cost.fwd_flops + model.layers[l].cost.bwd_flops) *
                                      static_cast<double>(model.global_batch);
-        durations[s] = {e.forward_s, e.backward_s, e.send_activation_s, e.send_gradient_s, e.allreduce_s, e.optimizer_s};
+        durations[s] = {e.forward_s,  e.backward_s,  e.send_activation_s,  e.send_gradient_s,
+                        e.allreduce_s, e.optimizer_s, e.sharded_optimizer};
         if (e.stage_s > est.bottleneck_s) {
             est.bottleneck_s = e.stage_s;
             est.bottleneck_stage = s;

@@ -238,7 +238,7 @@ public:
         if (ctx_.copt.overlap_allreduce) {
             double bwd = 0;
             for (const auto& [F, B] : blk.prefix) bwd = std::max(bwd, B[i2] - B[i]);
-            allreduce = std::max(0.0, allreduce - bwd);
+            allreduce = exposed_allreduce(allreduce, bwd, true, ctx_.copt.shard_optimizer && blk.replicas > 1);
         }
         double opt = 0;
         const std::uint64_t stepped = optimizer_params(p, blk.replicas, ctx_.copt.shard_optimizer);

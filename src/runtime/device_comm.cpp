@@ -108,6 +108,9 @@ public:
     void allgather(std::span<const std::size_t> group, const Tag& tag, DeviceSpan mine, DeviceSpan all) override {
         lib_.allgather(data_parallel(group, tag), mine, all, ops_);
     }
+    void reduce_scatter_sum(std::span<const std::size_t> group, const Tag& tag, DeviceSpan data, DeviceSpan out) override {
+        lib_.reduce_scatter_sum(data_parallel(group, tag), data, out, ops_);
+    }
     DeviceGroup* tensor_parallel() override { return tp_ ? &*tp_ : nullptr; }
 
 private:

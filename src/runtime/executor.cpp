@@ -178,7 +178,10 @@ std::string Execution::fingerprint() const {
         for (std::size_t d : st.devices) text += fmt::format(" {}", d);
         text += "]";
     }
-    if (options_.shard_optimizer) text += " zero1";  // each worker's file holds its part of the moments
+    // Each worker's file holds its part of the moments (where a stage has replicas to share them).
+    if (options_.shard_optimizer &&
+        std::any_of(plan_.stages.begin(), plan_.stages.end(), [](const Stage& st) { return st.replicas() > 1; }))
+        text += " zero1";
     std::uint64_t h = 0xcbf29ce484222325ull;
     for (unsigned char c : text) {
         h ^= c;
@@ -695,13 +698,13 @@ private:
     // --- ZeRO-1 ----------------------------------------------------------------------------
     /// The replicas' gradients summed part by part (each needs only its part's sums: a
     /// reduce-scatter), each replica's step of its part, then the parts' all-gather: the traffic
-    /// of one all-reduce. Gradients tied across stages need whole rows, and a device
-    /// communicator's reduce-scatter parts of one size: those all-reduce the gradients whole.
+    /// of one all-reduce. Gradients tied across stages need whole rows: those are all-reduced
+    /// whole (half as much traffic again).
     void finish_sharded(bool tied) {
         if (!tied && dp_on_device_) {
             timed(TaskKind::allreduce, 0, [&] { reduce_scatter_on_device(); }, 0.5);
         } else if (!tied && device_comm_) {
-            timed(TaskKind::allreduce, 0, [&] { allreduce_through_comm(); }, 0.5);
+            timed(TaskKind::allreduce, 0, [&] { reduce_scatter_through_comm(); }, 0.5);
         } else {
             timed(TaskKind::allreduce, 0, [&] {
                 std::vector<std::vector<float>>& grads = compute_->pull_grads();
@@ -721,6 +724,26 @@ private:
         }
         timed(TaskKind::optimizer, 0, [&] { compute_->step(ex_.options().optimizer, iteration_ + 1); });
         timed(TaskKind::allreduce, 0, [&] { gather_parameters(); }, 0.5);
+    }
+
+    /// The reduce-scatter through the device communicator: ncclReduceScatter takes parts of one
+    /// size, so part k of the gradients goes at k x c of a buffer padded to n parts of c; this
+    /// replica's summed part is written back.
+    void reduce_scatter_through_comm() {
+        DeviceOps& ops = device_ops();
+        const std::size_t n = dp_group_.size(), c = (gradient_count_ + n - 1) / n;
+        DeviceBuffer padded(ops, c * n, Elem::f32), summed(ops, c, Elem::f32, DeviceBuffer::uninitialized);
+        for (std::size_t k = 0; k < n; ++k) {
+            const ValueRange p = part(k);
+            const DeviceBuffer values = DeviceBuffer::adopt(ops, compute_->export_gradients(p.first, p.count));
+            ops.copy(values.span(), padded.span().sub(k * c, p.count));
+        }
+        device_comm_->reduce_scatter_sum(dp_group_, {Tag::Kind::allreduce, iteration_, 8, 0}, padded.span(), summed.span());
+        const ValueRange mine = part(place_.replica);
+        DeviceBuffer exact(ops, mine.count, Elem::f32, DeviceBuffer::uninitialized);
+        ops.copy(summed.span().sub(0, mine.count), exact.span());
+        compute_->import_gradients(exact.release_ownership(), mine.first, false);
+        ops.synchronize();
     }
 
     /// Every replica's stepped part of the parameters to every other replica.

@@ -16,7 +16,7 @@
 namespace dpart::rt {
 namespace {
 
-enum Op : std::uint32_t { split_op = 1, p2p_op = 2, sum_op = 3, gather_op = 4 };
+enum Op : std::uint32_t { split_op = 1, p2p_op = 2, sum_op = 3, gather_op = 4, scatter_op = 5 };
 
 Tag comm_tag(std::uint64_t id, std::uint32_t seq, Op op) {
     return {Tag::Kind::comm, static_cast<std::uint32_t>(id), seq, op};
@@ -142,6 +142,17 @@ public:
         ops.download(mine, m);
         group_allgather(net_, c.members, comm_tag(c.id, seq, gather_op), m, a);
         ops.upload(a, all);
+    }
+
+    void reduce_scatter_sum(const Communicator& c, DeviceSpan data, DeviceSpan out, DeviceOps& ops) override {
+        if (data.elem != Elem::f32 || out.elem != Elem::f32 || data.count != out.count * c.members.size())
+            throw RuntimeError(fmt::format("{}: a reduce-scatter of {} values into {} per rank", name(), data.count, out.count));
+        const std::uint32_t seq = sums_[c.id]++;
+        std::vector<float> values(data.count);
+        ops.download(data, values);
+        // Equal parts: member k's is [k n, (k + 1) n), summed in rank order.
+        group_reduce_scatter_sum(net_, c.members, comm_tag(c.id, seq, scatter_op), values);
+        ops.upload(std::span<const float>(values).subspan(c.rank * out.count, out.count), out);
     }
 
 private:

@@ -135,8 +135,12 @@ double migration_seconds(const Plan& from, const Plan& to, const Model& model, c
 namespace {
 
 /// The best plan for the devices alive under `conditions`, in the original device indices.
-std::optional<Plan> replan(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& copt,
+std::optional<Plan> replan(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& given,
                            const Conditions& conditions, const Plan& current, const PolicyOptions& options) {
+    // A re-plan runs as the current plan does: recomputed, sharded, if it says so.
+    CostOptions copt = given;
+    copt.recompute = copt.recompute || current.recompute;
+    copt.shard_optimizer = copt.shard_optimizer || current.shard_optimizer;
     const Survivors alive = survivors(cluster, conditions.failed);
     if (alive.cluster.devices.empty()) return std::nullopt;
     const RemappedCostModel remapped(cost, alive.original);

@@ -138,7 +138,7 @@ TaskGraph build_schedule(ScheduleKind schedule, const std::vector<StageDurations
         // optimizer step needs the reduced gradients.
         const std::uint32_t last_backward = last_on[s];
         double allreduce = stages[s].allreduce;
-        if (overlap_allreduce) allreduce = std::max(0.0, allreduce - stages[s].backward);
+        allreduce = exposed_allreduce(allreduce, stages[s].backward, overlap_allreduce, stages[s].sharded);
         Task ar;
         ar.kind = TaskKind::allreduce;
         ar.stage = s;

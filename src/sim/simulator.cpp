@@ -36,6 +36,7 @@ std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate
         for (std::size_t k = 0; r > 1 && k < r; ++k)
             ring = std::max(ring, conditions.link(st.devices[k * st.tp], st.devices[((k + 1) % r) * st.tp]));
         d.allreduce = e.allreduce_s * ring;
+        d.sharded = e.sharded_optimizer;
     }
     return out;
 }

@@ -236,6 +236,7 @@ if check "seed-mlp with replicas, ZeRO-1" 0 "$dpart" run "$tmp/zero.toml" -m "$m
     same "ZeRO-1: same losses" "$(summary_value "$tmp/zero-whole/summary.toml" loss)" \
         "$(summary_value "$tmp/zero-sharded/summary.toml" loss)"
     contains "ZeRO-1: named in the summary" "$tmp/zero-sharded/summary.toml" 'backend = "cpu (ZeRO-1)"'
+    contains "ZeRO-1 by the flag: the written plan says so" "$tmp/zero-sharded/plan.toml" "shard_optimizer = true"
 fi
 sed 's/^microbatches = 2$/microbatches = 2\nshard_optimizer = true/' "$tmp/zero.toml" >"$tmp/zero-plan.toml"
 if check "a plan with shard_optimizer" 0 "$dpart" run "$tmp/zero-plan.toml" -m "$mlp" -c "$cpu4" --iterations 8 --seed 3 \

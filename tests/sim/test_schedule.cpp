@@ -111,3 +111,18 @@ TEST_CASE("a link two stages share carries one transfer at a time, first ready f
     one_link[2].gradient_link = 3;  // shared in name only: one stage uses it
     CHECK(simulate(build_schedule(ScheduleKind::gpipe, one_link, 2)).makespan == to.makespan);
 }
+
+TEST_CASE("an overlapped all-reduce hides behind the last backward; under ZeRO-1 only its reduce-scatter half") {
+    CHECK(exposed_allreduce(3.0, 1.0, false, false) == 3.0);
+    CHECK(exposed_allreduce(3.0, 1.0, true, false) == 2.0);
+    CHECK(exposed_allreduce(3.0, 5.0, true, false) == 0.0);
+    CHECK(exposed_allreduce(3.0, 1.0, true, true) == 2.0);  // 1.5 - 1 + 1.5
+    CHECK(exposed_allreduce(3.0, 5.0, true, true) == 1.5);  // the all-gather after the step
+    CHECK(exposed_allreduce(3.0, 5.0, false, true) == 3.0);
+    // The schedule's all-reduce task takes what is exposed.
+    std::vector<StageDurations> d(1, StageDurations{1, 2, 0, 0, 3, 0});
+    d[0].sharded = true;
+    const TaskGraph g = build_schedule(ScheduleKind::one_f_one_b, d, 1, true);
+    for (const Task& t : g.tasks)
+        if (t.kind == TaskKind::allreduce) CHECK(t.duration == 1.5);
+}

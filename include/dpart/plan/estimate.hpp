@@ -49,6 +49,7 @@ struct StageEstimate {
     double send_gradient_s = 0;    ///< to the previous stage
     double allreduce_s = 0;        ///< per iteration
     double optimizer_s = 0;        ///< per iteration
+    bool sharded_optimizer = false;  ///< ZeRO-1 across this stage's replicas (--shard-optimizer, replicas > 1)
     /// Per microbatch: forward + backward + both sends + (all-reduce + optimizer) / M. The
     /// pipeline's bottleneck is the largest of these.
     double stage_s = 0;

@@ -52,6 +52,9 @@ public:
     /// `all` becomes every member's `mine` (f32, the same count on each) in group order: the
     /// ZeRO-1 parameter all-gather over a data-parallel group.
     virtual void allgather(std::span<const std::size_t> group, const Tag& tag, DeviceSpan mine, DeviceSpan all) = 0;
+    /// `out` becomes the group's sum of each member's `data` part of out.count values at
+    /// out.count x (this member's index): ZeRO-1's gradient reduce-scatter.
+    virtual void reduce_scatter_sum(std::span<const std::size_t> group, const Tag& tag, DeviceSpan data, DeviceSpan out) = 0;
     /// The worker's tensor-parallel group on the devices (null when its stage has tp = 1).
     [[nodiscard]] virtual DeviceGroup* tensor_parallel() { return nullptr; }
 };
@@ -99,6 +102,9 @@ public:
     virtual void allreduce_sum(const Communicator& c, DeviceSpan data, DeviceOps& ops) = 0;
     /// all = every member's `mine` in rank order (ncclAllGather).
     virtual void allgather(const Communicator& c, DeviceSpan mine, DeviceSpan all, DeviceOps& ops) = 0;
+    /// `out` (n values) = the sum over members of their `data`'s values [rank n, (rank + 1) n)
+    /// (ncclReduceScatter; `data` holds members x n values), f32.
+    virtual void reduce_scatter_sum(const Communicator& c, DeviceSpan data, DeviceSpan out, DeviceOps& ops) = 0;
 };
 
 /// NCCL's semantics over `net` (this process's endpoint) and host memory: ids from a counter,

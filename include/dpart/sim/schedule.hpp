@@ -4,6 +4,7 @@
 // data-parallel all-reduce and the optimizer step, with their dependencies. The planner's
 // predicted iteration time is this graph's exact makespan; the simulator and the runtime
 // execute the same graph.
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <string_view>
@@ -23,6 +24,15 @@ enum class TaskKind { forward, backward, send_activation, send_gradient, allredu
 inline constexpr std::uint32_t private_link = UINT32_MAX;
 
 /// Per-stage durations (seconds) of one microbatch's work, and of the per-iteration steps.
+/// The all-reduce time a stage still waits for after its last backward: all of it, or with
+/// --overlap-allreduce what that backward does not hide; under ZeRO-1 (`sharded`) only the
+/// reduce-scatter half can hide (the all-gather comes after the optimizer's step).
+[[nodiscard]] constexpr double exposed_allreduce(double allreduce, double backward, bool overlap, bool sharded) noexcept {
+    if (!overlap) return allreduce;
+    const double hideable = sharded ? allreduce / 2 : allreduce;
+    return std::max(0.0, hideable - backward) + (allreduce - hideable);
+}
+
 struct StageDurations {
     double forward = 0;
     double backward = 0;
@@ -30,6 +40,9 @@ struct StageDurations {
     double send_gradient = 0;    ///< to the previous stage (unused on the first)
     double allreduce = 0;        ///< gradients across the stage's replicas, once per iteration
     double optimizer = 0;        ///< the optimizer step, once per iteration
+    /// ZeRO-1 across replicas: the all-reduce is a reduce-scatter before the step and an
+    /// all-gather after it, so only its first half can overlap the backward.
+    bool sharded = false;
     /// The physical links the two sends use: transfers of any stage with the same id share one
     /// link, which carries one transfer at a time, first come first served.
     std::uint32_t activation_link = private_link;

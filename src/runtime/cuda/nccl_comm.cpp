@@ -238,6 +238,14 @@ public:
         });
     }
 
+    void reduce_scatter_sum(const Communicator& c, DeviceSpan data, DeviceSpan out, DeviceOps& ops) override {
+        if (data.elem != out.elem || data.count != out.count * c.members.size())
+            throw RuntimeError("NCCL reduce-scatter: the input is not members x the output");
+        enqueue(c, ops, "ncclReduceScatter", [&](Comm& m) {
+            return ncclReduceScatter(data.ptr, out.ptr, out.count, type(out.elem), ncclSum, m.comm, m.stream);
+        });
+    }
+
 private:
     struct Pending {
         Event done;
