@@ -1,6 +1,7 @@
 // dpart_gpu_tests' NCCL checks (C++, linked with test_device_ops.cu): what one GPU can run of the
 // device communicators: a one-rank world bootstrapped through DeviceFabric, a split, an
-// all-reduce (the identity on one rank, through the communicator's own stream and events), and
+// all-reduce, reduce-scatter and all-gather (identities on one rank, through the communicator's
+// own stream and events), and
 // the communicators destroyed. Several ranks need several GPUs (DEVICE.md).
 #include <chrono>
 #include <cmath>
@@ -32,6 +33,12 @@ void nccl_checks(const std::function<void(bool, const std::string&, const std::s
     std::vector<float> back(values.size());
     ops->download(b.span(), back);
     record(back == values, "nccl: all-reduce on one rank leaves the values", "");
+    // ZeRO-1's reduce-scatter and all-gather: on one rank, a copy each way.
+    DeviceBuffer out(*ops, values.size(), Elem::f32), all(*ops, values.size(), Elem::f32);
+    lib->reduce_scatter_sum(part, b.span(), out.span(), *ops);
+    lib->allgather(part, out.span(), all.span(), *ops);
+    ops->download(all.span(), back);
+    record(back == values, "nccl: reduce-scatter then all-gather on one rank leave the values", "");
     lib->destroy(part, false);
     lib->destroy(world, false);
 
