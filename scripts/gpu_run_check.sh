@@ -14,6 +14,8 @@
 #      2e-2 (bf16).
 #   2b. Tensor parallelism: tiny-gpt as one stage of tp 2 on partitions p0 and p1 (split layers,
 #      their sums through the host) against the CPU backend: final loss within 1e-4.
+#   2c. ZeRO-1: tiny-gpt in two replicas on partitions p0 and p1 with and without
+#      --shard-optimizer (reduce-scatter and all-gather on the device): the same weights digest.
 #   3. One training step of GPT-2 small (batch 8, sequence 1024, bf16) and of the wide MLP
 #      (4 x 8192, batch 8192, bf16): dpart's p50 step against PyTorch eager's on the same shapes
 #      (bench/torch_step.py; fp32 master weights, Adam, bf16 products). Target: dpart <= 1.1x.
@@ -105,6 +107,25 @@ if awk -v a="$a" -v b="$b" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != ""
     say "tp 2 on two partitions: final loss $b vs the CPU's $a: ok"
 else
     say "tp 2 on two partitions: final loss '$b' vs the CPU's '$a': FAIL"
+    status=1
+fi
+
+step "2c. ZeRO-1 on two partitions (replicas sharing the GPU's memory: the sums and gathers on the device)"
+printf '[plan]\nobjective = "iteration"\nschedule = "1f1b"\nmicrobatches = 2\nmicrobatch_size = 4\n\n[[stage]]\nfirst_layer = 0\nlast_layer = %s\ndevices = ["p0", "p1"]\ntp = 1\n' \
+    "$last" >"$OUT/dp2.toml"
+for z in whole sharded; do
+    flag=""
+    [ "$z" = sharded ] && flag=--shard-optimizer
+    # shellcheck disable=SC2086
+    run 180 "dp2-$z" "$DPART" run "$OUT/dp2.toml" -m plans/models/tiny-gpt.toml -c plans/clusters/h100-4partitions.toml \
+        -n 6 --backend $BACKEND --precision fp32 $flag --out-dir "$OUT/dp2-$z" || status=1
+done
+a=$(summary_value "$OUT/dp2-whole/summary.toml" weights_digest)
+b=$(summary_value "$OUT/dp2-sharded/summary.toml" weights_digest)
+if [ -n "$a" ] && [ "$a" = "$b" ]; then
+    say "ZeRO-1 on two partitions: weights digest $b, as without it: ok"
+else
+    say "ZeRO-1 on two partitions: weights digest '$b' vs '$a' without it: FAIL"
     status=1
 fi
 
