@@ -706,21 +706,7 @@ private:
         } else if (!tied && device_comm_) {
             timed(TaskKind::allreduce, 0, [&] { reduce_scatter_through_comm(); }, 0.5);
         } else {
-            timed(TaskKind::allreduce, 0, [&] {
-                std::vector<std::vector<float>>& grads = compute_->pull_grads();
-                std::vector<float> flat;
-                for (const auto& g : grads) flat.insert(flat.end(), g.begin(), g.end());
-                const Tag tag{Tag::Kind::allreduce, iteration_, 1, 0};
-                if (tied) group_allreduce_sum(net_, dp_group_, tag, flat);
-                else group_reduce_scatter_sum(net_, dp_group_, tag, flat);
-                std::size_t at = 0;
-                for (auto& g : grads) {
-                    std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), g.size(), g.begin());
-                    at += g.size();
-                }
-                exchange_tied(grads);
-                compute_->push_grads();
-            }, 0.5);
+            timed(TaskKind::allreduce, 0, [&] { sum_through_host(tied); }, 0.5);
         }
         timed(TaskKind::optimizer, 0, [&] { compute_->step(ex_.options().optimizer, iteration_ + 1); });
         timed(TaskKind::allreduce, 0, [&] { gather_parameters(); }, 0.5);
@@ -744,6 +730,27 @@ private:
         ops.copy(summed.span().sub(0, mine.count), exact.span());
         compute_->import_gradients(exact.release_ownership(), mine.first, false);
         ops.synchronize();
+    }
+
+    /// The replicas' gradients summed through the host, all of the stage's in one message, in
+    /// replica order: whole (an all-reduce), or only this replica's part (ZeRO-1's
+    /// reduce-scatter); then the ties across stages.
+    void sum_through_host(bool whole) {
+        std::vector<std::vector<float>>& grads = compute_->pull_grads();
+        if (dp_group_.size() > 1) {
+            std::vector<float> flat;
+            for (const auto& g : grads) flat.insert(flat.end(), g.begin(), g.end());
+            const Tag tag{Tag::Kind::allreduce, iteration_, 1, 0};
+            if (whole) group_allreduce_sum(net_, dp_group_, tag, flat);
+            else group_reduce_scatter_sum(net_, dp_group_, tag, flat);
+            std::size_t at = 0;
+            for (auto& g : grads) {
+                std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), g.size(), g.begin());
+                at += g.size();
+            }
+        }
+        exchange_tied(grads);
+        compute_->push_grads();
     }
 
     /// Every replica's stepped part of the parameters to every other replica.
@@ -929,22 +936,9 @@ private:
             timed(TaskKind::allreduce, 0, [&] { allreduce_on_device(); });
         } else if (dp_group_.size() > 1 && !tied && device_comm_) {
             timed(TaskKind::allreduce, 0, [&] { allreduce_through_comm(); });
-        } else if (dp_group_.size() > 1 || tied) timed(TaskKind::allreduce, 0, [&] {
-            std::vector<std::vector<float>>& grads = compute_->pull_grads();
-            // All of the stage's gradients in one message, summed in replica order.
-            if (dp_group_.size() > 1) {
-                std::vector<float> flat;
-                for (const auto& g : grads) flat.insert(flat.end(), g.begin(), g.end());
-                group_allreduce_sum(net_, dp_group_, {Tag::Kind::allreduce, iteration_, 1, 0}, flat);
-                std::size_t at = 0;
-                for (auto& g : grads) {
-                    std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), g.size(), g.begin());
-                    at += g.size();
-                }
-            }
-            exchange_tied(grads);
-            compute_->push_grads();
-        });
+        } else if (dp_group_.size() > 1 || tied) {
+            timed(TaskKind::allreduce, 0, [&] { sum_through_host(true); });
+        }
         timed(TaskKind::optimizer, 0, [&] { compute_->step(ex_.options().optimizer, iteration_ + 1); });
     }
 
