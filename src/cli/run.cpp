@@ -1,5 +1,6 @@
 // dpart run: a plan executed as real training steps, measured, next to its prediction.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -75,6 +76,30 @@ void write_outputs(const RunCliOptions& o, const std::string& command, const Mod
     const std::filesystem::path dir = write_trace_dir(o.out_dir, meta, iterations, stages, timeline, summary);
     // The plan as it ran, with its predictions: what `dpart replay --trace DIR` compares with.
     write_file_atomic((dir / "plan.toml").string(), plan_toml(ex.plan(), predicted, model, cluster, meta, "as run"));
+}
+
+/// A device backend's memory, stage by stage: the peak its workers' allocations reached (each
+/// worker's MemoryMeter), next to the plan's prediction for its fullest device. Printed, and
+/// returned as summary.toml's [device_memory] table; nothing for the CPU backend.
+std::string device_memory_report(const rt::Execution& ex, const PlanEstimate& predicted, const rt::RunResult& run) {
+    const std::size_t S = ex.plan().stages.size();
+    std::vector<std::uint64_t> peak(S, 0), expected(S, 0);
+    for (const rt::WorkerReport& w : run.workers) {
+        const std::size_t s = ex.places().at(w.rank).stage;
+        peak[s] = std::max(peak[s], w.peak_device_bytes);
+    }
+    if (std::all_of(peak.begin(), peak.end(), [](std::uint64_t b) { return b == 0; })) return {};
+    std::vector<std::string> parts;
+    for (std::size_t s = 0; s < S; ++s) {
+        expected[s] = predicted.stages.at(s).memory.total();
+        const double error = expected[s] == 0 ? 0.0 : (static_cast<double>(peak[s]) / static_cast<double>(expected[s]) - 1) * 100;
+        parts.push_back(fmt::format("stage {} {:.4g} MB vs {:.4g} MB ({:+.3g}%)", s, static_cast<double>(peak[s]) / 1e6,
+                                    static_cast<double>(expected[s]) / 1e6, error));
+    }
+    fmt::print("device memory, peak per stage, measured vs predicted: {}\n", fmt::join(parts, ", "));
+    return fmt::format("\n[device_memory]  # per stage: the peak its workers' device allocations reached, and the "
+                       "plan's prediction for its fullest device\npeak_bytes = [{}]\npredicted_bytes = [{}]\n",
+                       fmt::join(peak, ", "), fmt::join(expected, ", "));
 }
 
 /// Refuses a run that would not fit in this host's memory (rather than be killed by the
@@ -335,6 +360,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
                summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
                summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
     if (run.first_iteration > 0) fmt::print("resumed from the checkpoint at iteration {}\n", run.first_iteration);
+    summary.extra_toml += device_memory_report(ex, predicted, run);
     if (!run.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", run.loss.front(), run.loss.back());
     fmt::print("weights_digest: {}\n", summary.weights_digest);
     if (!o.out_dir.empty()) write_outputs(o, command, model, cluster, ex, predicted, run, summary);

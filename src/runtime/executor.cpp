@@ -340,6 +340,8 @@ public:
             const std::uint64_t every = ex_.options().checkpoint_every;
             if (every > 0 && (it + 1) % every == 0 && it + 1 < ex_.options().iterations) checkpoint(it + 1, all);
         }
+        if (DeviceOps* ops = compute_->device_memory().ops; ops != nullptr && ops->meter() != nullptr)
+            report.peak_device_bytes = static_cast<std::uint64_t>(std::max<std::int64_t>(0, ops->meter()->peak()));
         report.state = std::move(compute_->pull_state());
         if (zero_ && whole_state_) unshard_moments(report.state, report.left);
         return report;
@@ -630,7 +632,9 @@ private:
         return *ops;
     }
     /// A device buffer handed to transport rank `dst` (in this process): its address and size.
+    /// Its bytes count from then on with the receiver's memory.
     void send_span(std::size_t dst, const Tag& tag, const DeviceSpan& span) {
+        if (MemoryMeter* m = device_ops().meter()) m->add(-allocation_bytes(span));
         Bytes msg;
         append_value(msg, reinterpret_cast<std::uintptr_t>(span.ptr));
         append_value(msg, static_cast<std::uint64_t>(span.count));
@@ -647,6 +651,7 @@ private:
         if (!in.done() || span.count != expected)
             throw RuntimeError(fmt::format("{} from worker {}: a device buffer of {} values, {} expected",
                                            describe(tag), src, span.count, expected));
+        if (MemoryMeter* m = device_ops().meter()) m->add(allocation_bytes(span));
         return span;
     }
 
@@ -1134,6 +1139,7 @@ Bytes serialise_report(const WorkerReport& w) {
     append_value(b, w.stopped_at);
     append_value(b, static_cast<std::uint64_t>(w.left.size()));
     append(b, std::span<const std::size_t>(w.left));
+    append_value(b, w.peak_device_bytes);
     append_value(b, static_cast<std::uint64_t>(w.state.size()));
     for (const auto& p : w.state) {
         append_value(b, static_cast<std::uint64_t>(p.params.size()));
@@ -1156,6 +1162,7 @@ WorkerReport deserialise_report(const Bytes& b, std::size_t rank) {
     w.stopped_at = in.value<std::uint64_t>();
     w.left.resize(in.value<std::uint64_t>());
     in.read_into(std::span<std::size_t>(w.left));
+    w.peak_device_bytes = in.value<std::uint64_t>();
     w.state.resize(in.value<std::uint64_t>());
     for (auto& p : w.state) {
         p.params.resize(in.value<std::uint64_t>());

@@ -153,6 +153,8 @@ if check "host-device: tiny-mixtral, 2 stages" 0 "$dpart" run "$tmp/moe2.toml" -
         'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 1e-5 * (b < 0 ? -b : b)) }' ||
         { echo "FAIL host-device: tiny-mixtral's final loss differs from the CPU backend's"; failures=$((failures + 1)); }
     checks=$((checks + 1))
+    contains "host-device: device memory measured vs predicted" "$tmp/out" "device memory, peak per stage, measured vs predicted: stage 0"
+    contains "host-device: device memory in the summary" "$tmp/moe2-dev/summary.toml" "[device_memory]"
 fi
 
 # --- Under mpirun: one rank per device, the same results -------------------------------------

@@ -1141,3 +1141,38 @@ TEST_CASE("ZeRO-1 on device stages of tiny-gpt: the tie across stages, tensor-pa
         check_same_run(run_plan(model, plan, host_backend(Elem::f32), 3, {}, own_memory, host_fabric()), whole);
     }
 }
+
+TEST_CASE("memory meters: a worker's device bytes, buffers handed over counted where they went, and the peak") {
+    MemoryMeter m;
+    m.add(100);
+    m.add(50);
+    m.add(-120);
+    CHECK(m.now() == 30);
+    CHECK(m.peak() == 150);
+    const std::unique_ptr<DeviceOps> ops = make_host_ops();
+    REQUIRE(ops->meter() != nullptr);
+    {
+        DeviceBuffer a(*ops, 1000, Elem::f32), b(*ops, 10, Elem::bf16);
+        CHECK(ops->meter()->now() == 4000 + 20);
+    }
+    CHECK(ops->meter()->now() == 0);
+    CHECK(ops->meter()->peak() == 4020);
+
+    // A run reports each device worker's peak: at least its training state (fp32 master
+    // weights, gradients and two moments: 16 B per parameter), nothing for the CPU stage.
+    const Model model = load_model(models_dir + "tiny-gpt.toml");
+    const std::size_t L = model.layers.size();
+    const Plan plan = device_plan(2, 8, {{0, 3}, {4, L - 1}}, {{0}, {1}});
+    const RunResult dev = run_plan(model, plan, host_backend(Elem::f32), 2, {}, one_memory);
+    const RunResult cpu = run_plan(model, plan, nullptr, 2);
+    for (std::size_t w = 0; w < 2; ++w) {
+        std::uint64_t params = 0;
+        for (const ShardState& st : dev.workers[w].state) params += st.params.size();
+        CAPTURE(w);
+        CHECK(dev.workers[w].peak_device_bytes >= 16 * params);
+        CHECK(cpu.workers[w].peak_device_bytes == 0);
+    }
+    // Under mpirun the reports travel as messages: the peak with them.
+    const WorkerReport back = deserialise_report(serialise_report(dev.workers[1]), 1);
+    CHECK(back.peak_device_bytes == dev.workers[1].peak_device_bytes);
+}

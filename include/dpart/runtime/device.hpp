@@ -13,6 +13,8 @@
 // Activations are kept in the compute precision (fp32 or bf16); parameters have an fp32 master
 // copy (what the optimizer updates, and what biases, norms and embeddings read) and a copy in
 // the compute precision (what the matrix products read); gradients are fp32.
+#include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -49,6 +51,27 @@ struct DeviceSpan {
 
 enum class Trans : std::uint8_t { none, trans };
 
+/// The bytes one worker's device allocations hold: what it allocated less what it released, a
+/// buffer handed to another worker's DeviceOps counted from then on where it went (the executor
+/// moves it: DeviceOps::meter()->add), and the peak of that. Safe from any thread.
+class MemoryMeter {
+public:
+    void add(std::int64_t bytes) noexcept {
+        const std::int64_t now = now_.fetch_add(bytes) + bytes;
+        std::int64_t peak = peak_.load();
+        while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+        }
+    }
+    [[nodiscard]] std::int64_t now() const noexcept { return now_.load(); }
+    [[nodiscard]] std::int64_t peak() const noexcept { return peak_.load(); }
+
+private:
+    std::atomic<std::int64_t> now_{0}, peak_{0};
+};
+/// What an allocation of `span` takes (at least one element).
+[[nodiscard]] inline std::int64_t allocation_bytes(const DeviceSpan& span) noexcept {
+    return static_cast<std::int64_t>(std::max<std::size_t>(span.count, 1) * elem_bytes(span.elem));
+}
 
 class DeviceOps {
 public:
@@ -62,6 +85,8 @@ public:
     /// (a product with beta = 0, a kernel's output). Saves the zero-fill of allocate().
     [[nodiscard]] virtual DeviceSpan allocate_uninitialized(std::size_t count, Elem elem) { return allocate(count, elem); }
     virtual void release(DeviceSpan span) noexcept = 0;
+    /// Its allocations' meter (null where they are not measured).
+    [[nodiscard]] virtual MemoryMeter* meter() noexcept { return nullptr; }
     /// Host values into the span (rounded to bf16, or integers for i32); sizes must match.
     virtual void upload(std::span<const float> from, DeviceSpan to) = 0;
     /// The span's values as floats; waits for the work queued before it.

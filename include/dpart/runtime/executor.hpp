@@ -119,6 +119,9 @@ struct WorkerReport {
     /// The iteration it stopped before: RunOptions::iterations, or the one at which `left` left.
     std::uint64_t stopped_at = 0;
     std::vector<std::size_t> left;  ///< transport ranks that left (RunOptions::leave_on_failure)
+    /// A device stage's peak of device memory held (MemoryMeter), in bytes; 0 when not measured
+    /// (the CPU stage).
+    std::uint64_t peak_device_bytes = 0;
 };
 
 /// Which transport rank runs each worker of a plan, and which ranks vote at the start of every

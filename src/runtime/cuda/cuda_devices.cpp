@@ -195,11 +195,16 @@ public:
             cudaGetLastError();
             throw RuntimeError(fmt::format("{}: cannot allocate {} bytes ({})", name_, bytes, cudaGetErrorString(e)));
         }
-        return {p, count, elem};
+        const DeviceSpan s{p, count, elem};
+        meter_.add(allocation_bytes(s));
+        return s;
     }
     void release(DeviceSpan s) noexcept override {
-        if (s.ptr != nullptr) cudaFreeAsync(s.ptr, stream_);
+        if (s.ptr == nullptr) return;
+        meter_.add(-allocation_bytes(s));
+        cudaFreeAsync(s.ptr, stream_);
     }
+    MemoryMeter* meter() noexcept override { return &meter_; }
 
     void upload(std::span<const float> from, DeviceSpan to) override {
         need(to, from.size(), "upload's destination");
@@ -632,6 +637,7 @@ private:
     cudaStream_t stream_ = nullptr;
     bool own_stream_ = false;
     std::string name_;
+    MemoryMeter meter_;
     Resizer resizer_;
     std::chrono::milliseconds wait_limit_{0};  ///< 0: synchronize() waits for as long as it takes
     bool stuck_ = false;                        ///< a bounded wait gave up (or threw) on this stream

@@ -80,7 +80,9 @@ public:
     DeviceSpan allocate(std::size_t count, Elem elem) override {
         void* p = std::calloc(std::max<std::size_t>(count, 1), elem_bytes(elem));
         if (p == nullptr) throw RuntimeError(fmt::format("host ops: out of memory allocating {} elements", count));
-        return {p, count, elem};
+        const DeviceSpan s{p, count, elem};
+        meter_.add(allocation_bytes(s));
+        return s;
     }
     /// Filled with NaN (i32: -1): a layer that reads a buffer it was meant to overwrite then
     /// fails its tests here instead of reading stale values on a GPU.
@@ -91,7 +93,12 @@ public:
             for (std::size_t i = 0; i < count; ++i) put(s, i, std::numeric_limits<float>::quiet_NaN());
         return s;
     }
-    void release(DeviceSpan s) noexcept override { std::free(s.ptr); }
+    void release(DeviceSpan s) noexcept override {
+        if (s.ptr == nullptr) return;
+        meter_.add(-allocation_bytes(s));
+        std::free(s.ptr);
+    }
+    MemoryMeter* meter() noexcept override { return &meter_; }
 
     void upload(std::span<const float> from, DeviceSpan to) override {
         need(to, from.size(), "upload's destination");
@@ -485,6 +492,7 @@ public:
     }
 
 private:
+    MemoryMeter meter_;
     /// f(element index) over channel c of every sample, in sample order.
     template <class F>
     static void for_channel(std::size_t samples, std::size_t channels, std::size_t plane, std::size_t c, F&& f) {
