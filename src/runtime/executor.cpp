@@ -655,9 +655,14 @@ private:
         return span;
     }
 
-    /// The replicas' gradients summed by the device communicator: one buffer of all the stage's
-    /// gradients, summed in place, written back.
+    /// The replicas' gradients summed by the device communicator: all the stage's gradients,
+    /// summed in place where the stage keeps them as one array (else in a copy, written back).
     void allreduce_through_comm() {
+        const Tag tag{Tag::Kind::allreduce, iteration_, 4, 0};
+        if (const DeviceSpan g = compute_->gradients_in_place(); g.ptr != nullptr && g.count == gradient_count_) {
+            device_comm_->allreduce_sum(dp_group_, tag, g);
+            return;
+        }
         DeviceBuffer g = DeviceBuffer::adopt(device_ops(), compute_->export_gradients(0, gradient_count_));
         device_comm_->allreduce_sum(dp_group_, {Tag::Kind::allreduce, iteration_, 4, 0}, g.span());
         compute_->import_gradients(g.release_ownership(), 0, false);

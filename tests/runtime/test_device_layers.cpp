@@ -1175,4 +1175,18 @@ TEST_CASE("memory meters: a worker's device bytes, buffers handed over counted w
     // Under mpirun the reports travel as messages: the peak with them.
     const WorkerReport back = deserialise_report(serialise_report(dev.workers[1]), 1);
     CHECK(back.peak_device_bytes == dev.workers[1].peak_device_bytes);
+
+    // A device communicator sums the replicas' gradients in place (the stage keeps them as one
+    // array); replicas sharing memory exchange copies of their parts: more at the peak.
+    const Model mlp = load_model(models_dir + "seed-mlp.toml");
+    const Plan two = device_plan(8, 64, {{0, 3}}, {{0, 1}});
+    const RunResult in_place = run_plan(mlp, two, host_backend(Elem::f32), 2, {}, own_memory, host_fabric());
+    const RunResult copies = run_plan(mlp, two, host_backend(Elem::f32), 2, {}, one_memory);
+    check_same_run(in_place, copies);
+    for (std::size_t w = 0; w < 2; ++w) {
+        CAPTURE(w);
+        MESSAGE("worker " << w << ": peak " << in_place.workers[w].peak_device_bytes << " B summed in place, "
+                          << copies.workers[w].peak_device_bytes << " B through copies");
+        CHECK(in_place.workers[w].peak_device_bytes < copies.workers[w].peak_device_bytes);
+    }
 }

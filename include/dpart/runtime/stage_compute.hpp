@@ -125,6 +125,10 @@ public:
     };
     [[nodiscard]] virtual DeviceMemory device_memory() { return {}; }
     virtual void import_gradients(DeviceSpan from, std::size_t first, bool add);
+    /// Every gradient of the stage as one f32 array where it is kept on the device (the stage's
+    /// own buffer, until the stage goes): a collective sums it in place, without a copy. Empty
+    /// where the gradients are not one device array (the CPU stage).
+    [[nodiscard]] virtual DeviceSpan gradients_in_place() { return {}; }
     /// An embedding and the linear layer tied to it, both on this stage (stage-relative layer
     /// indices): each ends with the sum of both gradients of the first n values (embedding's +
     /// linear's), where they are kept (no copy to the host on a device).

@@ -38,7 +38,6 @@ public:
             LayerState dev;
             dev.master = DeviceBuffer(*ops_, n, Elem::f32);
             if (compute_ != Elem::f32) dev.compute = DeviceBuffer(*ops_, n, compute_);
-            dev.grads = DeviceBuffer(*ops_, n, Elem::f32);
             // ZeRO-1: the moments of the optimizer part only.
             const ValueRange r = setup.optimizer_part ? layer_part(*setup.optimizer_part, base, n) : ValueRange{0, n};
             if (r.count > 0) {
@@ -57,6 +56,13 @@ public:
             parts_.push_back(r);
             dev_.push_back(std::move(dev));
             base += n;
+        }
+        // The gradients in one array (each layer's a part of it): a collective sums them in place.
+        grads_ = DeviceBuffer(*ops_, base, Elem::f32);
+        for (std::size_t k = 0, at = 0; k < dev_.size(); ++k) {
+            const std::size_t n = layers_[k]->params();
+            dev_[k].grads = grads_.span().sub(at, n);
+            at += n;
         }
         host_grads_.resize(layers_.size());
         push_state();
@@ -145,7 +151,7 @@ public:
             for (std::size_t i : inputs) in.push_back(span_of(f, i));
             std::vector<DeviceBuffer> din =
                 layers_[k]->backward(*ops_, f.step, g->second.span(), in, f.rows, params(k), f.saved[k],
-                                     dev_[k].grads.span());
+                                     dev_[k].grads);
             dgrads.erase(g);
             f.saved[k].clear();
             for (std::size_t j = 0; j < inputs.size(); ++j) {
@@ -171,22 +177,22 @@ public:
 
     std::vector<std::vector<float>>& pull_grads() override {
         for (std::size_t k = 0; k < dev_.size(); ++k) {
-            host_grads_[k].resize(dev_[k].grads.count());
-            ops_->download(dev_[k].grads.span(), host_grads_[k]);
+            host_grads_[k].resize(dev_[k].grads.count);
+            ops_->download(dev_[k].grads, host_grads_[k]);
         }
         return host_grads_;
     }
     void push_grads() override {
-        for (std::size_t k = 0; k < dev_.size(); ++k) ops_->upload(host_grads_[k], dev_[k].grads.span());
+        for (std::size_t k = 0; k < dev_.size(); ++k) ops_->upload(host_grads_[k], dev_[k].grads);
     }
 
     std::vector<float> gradient(std::size_t layer, std::size_t n) override {
         std::vector<float> g(n);
-        ops_->download(dev_.at(layer).grads.span().sub(0, n), g);
+        ops_->download(dev_.at(layer).grads.sub(0, n), g);
         return g;
     }
     void set_gradient(std::size_t layer, std::span<const float> values) override {
-        ops_->upload(values, dev_.at(layer).grads.span().sub(0, values.size()));
+        ops_->upload(values, dev_.at(layer).grads.sub(0, values.size()));
     }
 
     DeviceSpan export_gradients(std::size_t first, std::size_t n) override {
@@ -196,6 +202,7 @@ public:
         return b.release_ownership();
     }
     DeviceMemory device_memory() override { return {ops_.get(), compute_}; }
+    DeviceSpan gradients_in_place() override { return grads_.span(); }
 
     void import_gradients(DeviceSpan from, std::size_t first, bool add) override {
         const DeviceBuffer owned = DeviceBuffer::adopt(*ops_, from);  // released once read (stream order)
@@ -207,8 +214,8 @@ public:
     }
 
     void tie_gradients(std::size_t embedding, std::size_t linear, std::size_t n) override {
-        const DeviceSpan e = dev_.at(embedding).grads.span().sub(0, n);
-        const DeviceSpan h = dev_.at(linear).grads.span().sub(0, n);
+        const DeviceSpan e = dev_.at(embedding).grads.sub(0, n);
+        const DeviceSpan h = dev_.at(linear).grads.sub(0, n);
         ops_->add(h, e);  // e + h, element by element, as the CPU stage sums them
         ops_->copy(e, h);
     }
@@ -228,24 +235,24 @@ public:
             LayerState& d = dev_[k];
             if (const ValueRange r = parts_[k]; r.count > 0) {
                 const DeviceSpan master = d.master.span().sub(r.first, r.count);
-                ops_->optimizer_step(o, step, master, d.grads.span().sub(r.first, r.count), d.m.span(), d.v.span());
+                ops_->optimizer_step(o, step, master, d.grads.sub(r.first, r.count), d.m.span(), d.v.span());
                 if (compute_ != Elem::f32) ops_->copy(master, d.compute.span().sub(r.first, r.count));
             }
-            ops_->fill(d.grads.span(), 0.0f);
         }
+        ops_->fill(grads_.span(), 0.0f);
         ops_->synchronize();
     }
 
     std::vector<float> parameters(std::size_t first, std::size_t n) override {
         std::vector<float> out(n);
-        over_values(&LayerState::master, first, n, [&](std::size_t k, DeviceSpan part, std::size_t at) {
+        over_values(master_of, first, n, [&](std::size_t k, DeviceSpan part, std::size_t at) {
             (void)k;
             ops_->download(part, std::span<float>(out).subspan(at, part.count));
         });
         return out;
     }
     void set_parameters(std::size_t first, std::span<const float> values) override {
-        over_values(&LayerState::master, first, values.size(), [&](std::size_t k, DeviceSpan part, std::size_t at) {
+        over_values(master_of, first, values.size(), [&](std::size_t k, DeviceSpan part, std::size_t at) {
             ops_->upload(values.subspan(at, part.count), part);
             follow_master(k, part);
         });
@@ -253,14 +260,14 @@ public:
     }
     DeviceSpan export_parameters(std::size_t first, std::size_t n) override {
         DeviceBuffer b(*ops_, n, Elem::f32, DeviceBuffer::uninitialized);
-        over_values(&LayerState::master, first, n,
+        over_values(master_of, first, n,
                     [&](std::size_t, DeviceSpan part, std::size_t at) { ops_->copy(part, b.span().sub(at, part.count)); });
         ops_->synchronize();
         return b.release_ownership();
     }
     void import_parameters(DeviceSpan from, std::size_t first) override {
         if (from.elem != Elem::f32) throw RuntimeError("parameters to import must be f32");
-        over_values(&LayerState::master, first, from.count, [&](std::size_t k, DeviceSpan part, std::size_t at) {
+        over_values(master_of, first, from.count, [&](std::size_t k, DeviceSpan part, std::size_t at) {
             ops_->copy(from.sub(at, part.count), part);
             follow_master(k, part);
         });
@@ -293,7 +300,8 @@ public:
 
 private:
     struct LayerState {
-        DeviceBuffer master, compute, grads, m, v;
+        DeviceBuffer master, compute, m, v;
+        DeviceSpan grads;  // its part of grads_
     };
     struct InFlight;
     /// Every layer's forward on the microbatch's inputs, keeping what backward needs.
@@ -388,22 +396,25 @@ private:
     /// gradients seen as one array; `at` is the part's offset within the range.
     template <class F>
     void over_gradients(std::size_t first, std::size_t n, F&& f) {
-        over_values(&LayerState::grads, first, n, [&](std::size_t, DeviceSpan part, std::size_t at) { f(part, at); });
+        over_values([](const LayerState& d) { return d.grads; }, first, n,
+                    [&](std::size_t, DeviceSpan part, std::size_t at) { f(part, at); });
     }
-    /// The same over any per-layer buffer of the parameters' size (f gets the layer's index too).
-    template <class F>
-    void over_values(DeviceBuffer LayerState::*which, std::size_t first, std::size_t n, F&& f) {
+    /// The same over any per-layer span of the parameters' size, span_of(layer state) (f gets
+    /// the layer's index too).
+    template <class Get, class F>
+    void over_values(Get&& span_of, std::size_t first, std::size_t n, F&& f) {
         std::size_t base = 0;
         for (std::size_t k = 0; k < dev_.size(); ++k) {
-            const DeviceBuffer& b = dev_[k].*which;
-            const std::size_t size = b.count();
+            const DeviceSpan b = span_of(dev_[k]);
+            const std::size_t size = b.count;
             const ValueRange r = layer_part({first, n}, base, size);
-            if (r.count > 0) f(k, b.span().sub(r.first, r.count), base + r.first - first);
+            if (r.count > 0) f(k, b.sub(r.first, r.count), base + r.first - first);
             base += size;
         }
         if (first + n > base)
             throw RuntimeError(fmt::format("values {}-{} asked of a stage of {}", first, first + n, base));
     }
+    static DeviceSpan master_of(const LayerState& d) { return d.master.span(); }
     /// The compute copy of master values `part` (of layer k), when the compute precision is not f32.
     void follow_master(std::size_t k, DeviceSpan part) {
         if (compute_ == Elem::f32) return;
@@ -470,6 +481,7 @@ private:
     bool recompute_;
     std::vector<std::unique_ptr<DeviceLayer>> layers_;
     std::vector<LayerState> dev_;
+    DeviceBuffer grads_;  // every layer's gradients, in stage order
     std::vector<ValueRange> parts_;  // per layer: the values it steps (ZeRO-1), relative to the layer
     std::vector<ShardState> host_state_;
     std::vector<std::vector<float>> host_grads_;
