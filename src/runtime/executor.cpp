@@ -251,9 +251,10 @@ public:
             gradient_offsets_.push_back(gradient_count_);
             gradient_count_ += setup.state.back().params.size();
         }
-        // ZeRO-1: this replica keeps and steps its part of the stage's values (a part for each
-        // replica, so not with more replicas than values).
-        zero_ = ex_.options().shard_optimizer && stage_.replicas() > 1 && gradient_count_ >= stage_.replicas();
+        // ZeRO-1: this replica keeps and steps its part of the stage's values (so not where a
+        // replica's part would be empty: fewer values than parts of ceil(values / replicas)).
+        zero_ = ex_.options().shard_optimizer && stage_.replicas() > 1 &&
+                optimizer_part(gradient_count_, stage_.replicas() - 1, stage_.replicas()).count > 0;
         if (zero_) setup.optimizer_part = optimizer_part(gradient_count_, place_.replica, stage_.replicas());
         whole_state_ = initial != nullptr;
         compute_ = ex_.options().backend ? ex_.options().backend(std::move(setup)) : make_cpu_stage(std::move(setup));
@@ -659,8 +660,8 @@ private:
     /// summed in place where the stage keeps them as one array (else in a copy, written back).
     void allreduce_through_comm() {
         const Tag tag{Tag::Kind::allreduce, iteration_, 4, 0};
-        if (const DeviceSpan g = compute_->gradients_in_place(); g.ptr != nullptr && g.count == gradient_count_) {
-            device_comm_->allreduce_sum(dp_group_, tag, g);
+        if (const DeviceSpan g = compute_->gradients_in_place(); g.ptr != nullptr && g.count >= gradient_count_) {
+            device_comm_->allreduce_sum(dp_group_, tag, g.sub(0, gradient_count_));
             return;
         }
         DeviceBuffer g = DeviceBuffer::adopt(device_ops(), compute_->export_gradients(0, gradient_count_));
@@ -728,13 +729,20 @@ private:
     void reduce_scatter_through_comm() {
         DeviceOps& ops = device_ops();
         const std::size_t n = dp_group_.size(), c = (gradient_count_ + n - 1) / n;
+        const Tag tag{Tag::Kind::allreduce, iteration_, 8, 0};
+        // In place where the stage keeps its gradients in that layout (padded with zeros):
+        // ncclReduceScatter's output is then the input's own part k.
+        if (const DeviceSpan g = compute_->gradients_in_place(); g.ptr != nullptr && g.count == c * n) {
+            device_comm_->reduce_scatter_sum(dp_group_, tag, g, g.sub(place_.replica * c, c));
+            return;
+        }
         DeviceBuffer padded(ops, c * n, Elem::f32), summed(ops, c, Elem::f32, DeviceBuffer::uninitialized);
         for (std::size_t k = 0; k < n; ++k) {
             const ValueRange p = part(k);
             const DeviceBuffer values = DeviceBuffer::adopt(ops, compute_->export_gradients(p.first, p.count));
             ops.copy(values.span(), padded.span().sub(k * c, p.count));
         }
-        device_comm_->reduce_scatter_sum(dp_group_, {Tag::Kind::allreduce, iteration_, 8, 0}, padded.span(), summed.span());
+        device_comm_->reduce_scatter_sum(dp_group_, tag, padded.span(), summed.span());
         const ValueRange mine = part(place_.replica);
         DeviceBuffer exact(ops, mine.count, Elem::f32, DeviceBuffer::uninitialized);
         ops.copy(summed.span().sub(0, mine.count), exact.span());
@@ -778,9 +786,16 @@ private:
                 compute_->import_parameters(b.span(), theirs.first);
             }
         } else if (device_comm_) {
-            // ncclAllGather takes parts of one size: each is padded to the largest.
+            // ncclAllGather takes parts of one size: in place where the stage keeps its master
+            // weights padded to them, else through copies padded to the largest part.
             DeviceOps& ops = device_ops();
             const std::size_t c = (gradient_count_ + n - 1) / n;
+            if (const DeviceSpan p = compute_->parameters_in_place(); p.ptr != nullptr && p.count == c * n) {
+                device_comm_->allgather(dp_group_, {Tag::Kind::allreduce, iteration_, 6, 0}, p.sub(me * c, c), p);
+                compute_->refresh_compute_copy();
+                ops.synchronize();
+                return;
+            }
             DeviceBuffer own(ops, c, Elem::f32), all(ops, c * n, Elem::f32, DeviceBuffer::uninitialized);
             {
                 const DeviceBuffer stepped = DeviceBuffer::adopt(ops, compute_->export_parameters(mine.first, mine.count));

@@ -149,7 +149,8 @@ std::span<float> part_of(std::span<float> data, std::size_t k, std::size_t n) {
 }  // namespace
 
 std::pair<std::size_t, std::size_t> group_part(std::size_t total, std::size_t k, std::size_t n) {
-    const std::size_t lo = total * k / n, hi = total * (k + 1) / n;
+    const std::size_t c = (total + n - 1) / n;
+    const std::size_t lo = std::min(total, k * c), hi = std::min(total, (k + 1) * c);
     return {lo, hi - lo};
 }
 

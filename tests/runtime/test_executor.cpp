@@ -328,9 +328,10 @@ TEST_CASE("transport: a reduce-scatter then an all-gather of the parts is the gr
 }
 
 TEST_CASE("ZeRO-1: optimizer parts cut a stage's values between replicas, and layers into their pieces") {
-    CHECK(optimizer_part(10, 0, 3) == ValueRange{0, 3});
-    CHECK(optimizer_part(10, 1, 3) == ValueRange{3, 3});
-    CHECK(optimizer_part(10, 2, 3) == ValueRange{6, 4});
+    CHECK(optimizer_part(10, 0, 3) == ValueRange{0, 4});
+    CHECK(optimizer_part(10, 1, 3) == ValueRange{4, 4});
+    CHECK(optimizer_part(10, 2, 3) == ValueRange{8, 2});
+    CHECK(optimizer_part(5, 3, 4) == ValueRange{5, 0});  // ceil(5 / 4) = 2: the last part is empty
     // A layer of values [4, 8) and the part [6, 10): its values 2 and 3.
     CHECK(layer_part({6, 4}, 4, 4) == ValueRange{2, 2});
     CHECK(layer_part({6, 4}, 0, 4) == ValueRange{});   // before the part

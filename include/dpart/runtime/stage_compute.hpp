@@ -126,9 +126,15 @@ public:
     [[nodiscard]] virtual DeviceMemory device_memory() { return {}; }
     virtual void import_gradients(DeviceSpan from, std::size_t first, bool add);
     /// Every gradient of the stage as one f32 array where it is kept on the device (the stage's
-    /// own buffer, until the stage goes): a collective sums it in place, without a copy. Empty
-    /// where the gradients are not one device array (the CPU stage).
+    /// own buffer, until the stage goes): a collective sums it in place, without a copy. Under
+    /// ZeRO-1 the array is padded (with zeros) to replicas x the largest optimizer part, NCCL's
+    /// layout for a reduce-scatter in place. Empty where the gradients are not one device array
+    /// (the CPU stage).
     [[nodiscard]] virtual DeviceSpan gradients_in_place() { return {}; }
+    /// The same for the fp32 master parameters (ZeRO-1's all-gather in place); after writing
+    /// them there, refresh_compute_copy() brings the compute precision's copy up to date.
+    [[nodiscard]] virtual DeviceSpan parameters_in_place() { return {}; }
+    virtual void refresh_compute_copy() {}
     /// An embedding and the linear layer tied to it, both on this stage (stage-relative layer
     /// indices): each ends with the sum of both gradients of the first n values (embedding's +
     /// linear's), where they are kept (no copy to the host on a device).

@@ -115,8 +115,9 @@ private:
 /// bitwise the same result, the one a single root summing in group order gets, whatever the
 /// transport, and each member moves 2 (n - 1) / n of the data, as in a ring.
 void group_allreduce_sum(Transport& t, std::span<const std::size_t> group, Tag tag, std::span<float> data);
-/// Its two halves, for ZeRO-1. Member k's part of `total` values: [total k / n, total (k + 1) / n),
-/// as {first, count}. group_reduce_scatter_sum: member `me`'s part of `data` becomes the group's sum
+/// Its two halves, for ZeRO-1. Member k's part of `total` values: [k c, (k + 1) c) of them,
+/// c = ceil(total / n) (the last parts shorter, or empty), as {first, count}: NCCL's layout, so
+/// that a buffer padded to n c values is reduce-scattered and all-gathered in place. group_reduce_scatter_sum: member `me`'s part of `data` becomes the group's sum
 /// of it (the rest of `data` is left as it was); group_allgather_parts: every member's part of
 /// `data` becomes what that member holds there.
 [[nodiscard]] std::pair<std::size_t, std::size_t> group_part(std::size_t total, std::size_t k, std::size_t n);

@@ -36,7 +36,6 @@ public:
                 throw RuntimeError(fmt::format("layer {}: given a state of {} values for a layer of {}", l,
                                                st.params.size(), n));
             LayerState dev;
-            dev.master = DeviceBuffer(*ops_, n, Elem::f32);
             if (compute_ != Elem::f32) dev.compute = DeviceBuffer(*ops_, n, compute_);
             // ZeRO-1: the moments of the optimizer part only.
             const ValueRange r = setup.optimizer_part ? layer_part(*setup.optimizer_part, base, n) : ValueRange{0, n};
@@ -57,10 +56,19 @@ public:
             dev_.push_back(std::move(dev));
             base += n;
         }
-        // The gradients in one array (each layer's a part of it): a collective sums them in place.
-        grads_ = DeviceBuffer(*ops_, base, Elem::f32);
+        // The master weights and the gradients each in one array (each layer's a part of it), so
+        // that a collective sums or gathers them in place; under ZeRO-1 padded to the replicas'
+        // parts of one size (optimizer_part: NCCL's layout).
+        std::size_t padded = base;
+        if (setup.optimizer_part) {
+            const std::size_t r = std::max<std::size_t>(1, stage_.replicas());
+            padded = (base + r - 1) / r * r;
+        }
+        master_ = DeviceBuffer(*ops_, padded, Elem::f32);
+        grads_ = DeviceBuffer(*ops_, padded, Elem::f32);
         for (std::size_t k = 0, at = 0; k < dev_.size(); ++k) {
             const std::size_t n = layers_[k]->params();
+            dev_[k].master = master_.span().sub(at, n);
             dev_[k].grads = grads_.span().sub(at, n);
             at += n;
         }
@@ -203,6 +211,11 @@ public:
     }
     DeviceMemory device_memory() override { return {ops_.get(), compute_}; }
     DeviceSpan gradients_in_place() override { return grads_.span(); }
+    DeviceSpan parameters_in_place() override { return master_.span(); }
+    void refresh_compute_copy() override {
+        if (compute_ == Elem::f32) return;
+        for (LayerState& d : dev_) ops_->copy(d.master, d.compute.span());
+    }
 
     void import_gradients(DeviceSpan from, std::size_t first, bool add) override {
         const DeviceBuffer owned = DeviceBuffer::adopt(*ops_, from);  // released once read (stream order)
@@ -234,7 +247,7 @@ public:
         for (std::size_t k = 0; k < dev_.size(); ++k) {
             LayerState& d = dev_[k];
             if (const ValueRange r = parts_[k]; r.count > 0) {
-                const DeviceSpan master = d.master.span().sub(r.first, r.count);
+                const DeviceSpan master = d.master.sub(r.first, r.count);
                 ops_->optimizer_step(o, step, master, d.grads.sub(r.first, r.count), d.m.span(), d.v.span());
                 if (compute_ != Elem::f32) ops_->copy(master, d.compute.span().sub(r.first, r.count));
             }
@@ -276,7 +289,7 @@ public:
     std::vector<ShardState>& pull_state() override {
         for (std::size_t k = 0; k < dev_.size(); ++k) {
             ShardState& st = host_state_[k];
-            ops_->download(dev_[k].master.span(), st.params);
+            ops_->download(dev_[k].master, st.params);
             if (parts_[k].count > 0) {
                 ops_->download(dev_[k].m.span(), st.m);
                 ops_->download(dev_[k].v.span(), st.v);
@@ -288,8 +301,8 @@ public:
         for (std::size_t k = 0; k < dev_.size(); ++k) {
             const ShardState& st = host_state_[k];
             LayerState& d = dev_[k];
-            ops_->upload(st.params, d.master.span());
-            if (compute_ != Elem::f32) ops_->copy(d.master.span(), d.compute.span());
+            ops_->upload(st.params, d.master);
+            if (compute_ != Elem::f32) ops_->copy(d.master, d.compute.span());
             if (parts_[k].count > 0) {
                 ops_->upload(st.m, d.m.span());
                 ops_->upload(st.v, d.v.span());
@@ -300,8 +313,8 @@ public:
 
 private:
     struct LayerState {
-        DeviceBuffer master, compute, m, v;
-        DeviceSpan grads;  // its part of grads_
+        DeviceBuffer compute, m, v;
+        DeviceSpan master, grads;  // its parts of master_ and grads_
     };
     struct InFlight;
     /// Every layer's forward on the microbatch's inputs, keeping what backward needs.
@@ -414,11 +427,11 @@ private:
         if (first + n > base)
             throw RuntimeError(fmt::format("values {}-{} asked of a stage of {}", first, first + n, base));
     }
-    static DeviceSpan master_of(const LayerState& d) { return d.master.span(); }
+    static DeviceSpan master_of(const LayerState& d) { return d.master; }
     /// The compute copy of master values `part` (of layer k), when the compute precision is not f32.
     void follow_master(std::size_t k, DeviceSpan part) {
         if (compute_ == Elem::f32) return;
-        const DeviceSpan master = dev_[k].master.span();
+        const DeviceSpan master = dev_[k].master;
         const auto offset = static_cast<std::size_t>(static_cast<const float*>(part.ptr) - static_cast<const float*>(master.ptr));
         ops_->copy(part, dev_[k].compute.span().sub(offset, part.count));
     }
@@ -463,7 +476,7 @@ private:
 
     [[nodiscard]] DeviceParams params(std::size_t k) const {
         const LayerState& d = dev_[k];
-        return {d.master.span(), compute_ == Elem::f32 ? d.master.span() : d.compute.span()};
+        return {d.master, compute_ == Elem::f32 ? d.master : d.compute.span()};
     }
     [[nodiscard]] std::vector<std::size_t> shape_of(std::size_t l, std::size_t rows) const {
         std::vector<std::size_t> shape{rows};
@@ -481,7 +494,7 @@ private:
     bool recompute_;
     std::vector<std::unique_ptr<DeviceLayer>> layers_;
     std::vector<LayerState> dev_;
-    DeviceBuffer grads_;  // every layer's gradients, in stage order
+    DeviceBuffer master_, grads_;  // every layer's master weights and gradients, in stage order
     std::vector<ValueRange> parts_;  // per layer: the values it steps (ZeRO-1), relative to the layer
     std::vector<ShardState> host_state_;
     std::vector<std::vector<float>> host_grads_;
