@@ -79,27 +79,29 @@ void write_outputs(const RunCliOptions& o, const std::string& command, const Mod
 }
 
 /// A device backend's memory, stage by stage: the peak its workers' allocations reached (each
-/// worker's MemoryMeter), next to the plan's prediction for its fullest device. Printed, and
-/// returned as summary.toml's [device_memory] table; nothing for the CPU backend.
-std::string device_memory_report(const rt::Execution& ex, const PlanEstimate& predicted, const rt::RunResult& run) {
-    const std::size_t S = ex.plan().stages.size();
-    std::vector<std::uint64_t> peak(S, 0), expected(S, 0);
-    for (const rt::WorkerReport& w : run.workers) {
-        const std::size_t s = ex.places().at(w.rank).stage;
-        peak[s] = std::max(peak[s], w.peak_device_bytes);
-    }
-    if (std::all_of(peak.begin(), peak.end(), [](std::uint64_t b) { return b == 0; })) return {};
+/// worker's MemoryMeter; `peak` by worker of `plan`), next to the plan's prediction for its
+/// fullest device. Printed (after `what`), and returned as summary.toml's [device_memory] table;
+/// nothing for the CPU backend.
+std::string device_memory_report(const Plan& plan, const PlanEstimate& predicted, const std::vector<std::uint64_t>& peak,
+                                 const std::string& what) {
+    const std::size_t S = plan.stages.size();
+    const std::vector<rt::WorkerPlace> places = rt::worker_places(plan);
+    std::vector<std::uint64_t> stage_peak(S, 0), expected(S, 0);
+    for (std::size_t w = 0; w < peak.size() && w < places.size(); ++w)
+        stage_peak[places[w].stage] = std::max(stage_peak[places[w].stage], peak[w]);
+    if (std::all_of(stage_peak.begin(), stage_peak.end(), [](std::uint64_t b) { return b == 0; })) return {};
     std::vector<std::string> parts;
     for (std::size_t s = 0; s < S; ++s) {
         expected[s] = predicted.stages.at(s).memory.total();
-        const double error = expected[s] == 0 ? 0.0 : (static_cast<double>(peak[s]) / static_cast<double>(expected[s]) - 1) * 100;
-        parts.push_back(fmt::format("stage {} {:.4g} MB vs {:.4g} MB ({:+.3g}%)", s, static_cast<double>(peak[s]) / 1e6,
+        const double error =
+            expected[s] == 0 ? 0.0 : (static_cast<double>(stage_peak[s]) / static_cast<double>(expected[s]) - 1) * 100;
+        parts.push_back(fmt::format("stage {} {:.4g} MB vs {:.4g} MB ({:+.3g}%)", s, static_cast<double>(stage_peak[s]) / 1e6,
                                     static_cast<double>(expected[s]) / 1e6, error));
     }
-    fmt::print("device memory, peak per stage, measured vs predicted: {}\n", fmt::join(parts, ", "));
-    return fmt::format("\n[device_memory]  # per stage: the peak its workers' device allocations reached, and the "
+    fmt::print("device memory{}, peak per stage, measured vs predicted: {}\n", what, fmt::join(parts, ", "));
+    return fmt::format("\n[device_memory]  # per stage{}: the peak its workers' device allocations reached, and the "
                        "plan's prediction for its fullest device\npeak_bytes = [{}]\npredicted_bytes = [{}]\n",
-                       fmt::join(peak, ", "), fmt::join(expected, ", "));
+                       what, fmt::join(stage_peak, ", "), fmt::join(expected, ", "));
 }
 
 /// Refuses a run that would not fit in this host's memory (rather than be killed by the
@@ -281,6 +283,17 @@ int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const M
                "re-run; {} B of neighbour copies\n",
                r.repartitions, r.migrated_bytes, r.migration_s * 1e3, r.replan_s * 1e3, r.failures, r.rerun_iterations,
                r.copy_bytes);
+    {
+        // The last plan's segments: each worker's peak against that plan's prediction.
+        const Plan& last = r.plans.back();
+        std::vector<std::uint64_t> peak(rt::worker_places(last).size(), 0);
+        for (const rt::Segment& seg : r.segments)
+            if (seg.plan_version == r.plans.size())
+                for (std::size_t w = 0; w < seg.workers.size() && w < peak.size(); ++w)
+                    peak[w] = std::max(peak[w], seg.workers[w].peak_device_bytes);
+        summary.extra_toml += device_memory_report(last, estimate_plan(last, model, cluster, cost, copt), peak,
+                                                   fmt::format(" (plan version {})", r.plans.size()));
+    }
     if (!r.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", r.loss.front(), r.loss.back());
     fmt::print("weights_digest: {}\n", summary.weights_digest);
     if (!o.out_dir.empty()) write_adaptive_outputs(o, command, model, cluster, cost, copt, ro, r, summary);
@@ -360,7 +373,9 @@ int run_run(const RunCliOptions& o, const std::string& command) {
                summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
                summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
     if (run.first_iteration > 0) fmt::print("resumed from the checkpoint at iteration {}\n", run.first_iteration);
-    summary.extra_toml += device_memory_report(ex, predicted, run);
+    std::vector<std::uint64_t> peak(ex.workers(), 0);
+    for (const rt::WorkerReport& w : run.workers) peak.at(w.rank) = w.peak_device_bytes;
+    summary.extra_toml += device_memory_report(ex.plan(), predicted, peak, "");
     if (!run.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", run.loss.front(), run.loss.back());
     fmt::print("weights_digest: {}\n", summary.weights_digest);
     if (!o.out_dir.empty()) write_outputs(o, command, model, cluster, ex, predicted, run, summary);

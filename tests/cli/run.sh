@@ -426,6 +426,9 @@ if check "static tiny-gpt, 4 stages" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" -
         -s "$tmp/adaptive-scenario.toml" --backend host-device -o "$tmp/gpt4-adaptive-dev"; then
         same "adaptive (host-device): one failure survived" 1 \
             "$(summary_value "$tmp/gpt4-adaptive-dev/summary.toml" failures_survived)"
+        contains "adaptive (host-device): the last plan's device memory" "$tmp/out" "device memory (plan version"
+        contains "adaptive (host-device): device memory in the summary" "$tmp/gpt4-adaptive-dev/summary.toml" \
+            "[device_memory]"
     fi
     # The same with device communicators (the host stand-in for NCCL): the survivors shrink theirs.
     if check "adaptive: slowdown and failure, host communicators" 0 "$dpart" run "$tmp/gpt4.toml" -m "$gpt" \
