@@ -8,9 +8,11 @@
 namespace dpart {
 
 bool tp_splits(const OpParams& op) noexcept {
+    // A linear layer tied to an embedding is not split: each rank holds the whole head (the kernels').
+    if (const auto* l = std::get_if<LinearOp>(&op)) return !l->tied_to;
     return std::holds_alternative<TransformerBlockOp>(op) || std::holds_alternative<AttentionOp>(op) ||
-           std::holds_alternative<MlpOp>(op) || std::holds_alternative<LinearOp>(op) ||
-           std::holds_alternative<EmbeddingOp>(op) || std::holds_alternative<SoftmaxXentOp>(op);
+           std::holds_alternative<MlpOp>(op) || std::holds_alternative<EmbeddingOp>(op) ||
+           std::holds_alternative<SoftmaxXentOp>(op);
 }
 
 bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept {

@@ -75,9 +75,9 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
         const Layer& layer = model.layers[l];
         const bool split = in.tp > 1 && tp_splits(layer.op);
         std::uint64_t params = layer.cost.params;
-        // A tied layer on another stage than its embedding keeps its own copy of the weights.
-        if (const auto* linear = std::get_if<LinearOp>(&layer.op);
-            linear && linear->tied_to && (*linear->tied_to < in.first_layer || *linear->tied_to > in.last_layer))
+        // A tied layer keeps its own copy of the weights, on its embedding's stage too: dpart run's
+        // kernels hold one each and sum their gradients.
+        if (const auto* linear = std::get_if<LinearOp>(&layer.op); linear && linear->tied_to)
             params = layer.cost.weight_bytes / e;
         m.params = checked_add(m.params, split ? (params + in.tp - 1) / in.tp : params);
         saved = checked_add(saved, split ? (layer.cost.saved_bytes + in.tp - 1) / in.tp : layer.cost.saved_bytes);

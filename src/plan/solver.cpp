@@ -97,7 +97,7 @@ struct MemoryTables {
 
 struct TiedCopy {
     std::size_t layer, target;
-    std::uint64_t params;  ///< the copy's parameters when the target is on another stage
+    std::uint64_t params;  ///< the copy's parameters, on any stage holding the tied layer
     bool split;
 };
 
@@ -126,7 +126,6 @@ struct Context {
     std::vector<std::uint64_t> cuts;
     std::map<std::uint32_t, MemoryTables> memory;  ///< by tp
     std::vector<TiedCopy> tied;
-    bool memory_monotone = true;
     TimeTables times;
     std::uint64_t deficit = UINT64_MAX;  ///< smallest memory excess seen
     bool conservative = false;  ///< some search counted every stage's in-flight microbatches as the first's
@@ -138,8 +137,7 @@ struct Context {
         const std::uint64_t e = dtype_bytes(m.dtype);
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
-                tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, true});
-                if (*linear->tied_to > l) memory_monotone = false;
+                tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, tp_splits(m.layers[l].op)});
             }
     }
 
@@ -200,8 +198,8 @@ public:
         const MemoryTables& mt = *blk.memory;
         std::uint64_t p = mt.params[i2] - mt.params[i];
         for (const TiedCopy& t : ctx_.tied)
-            if (t.layer >= i && t.layer < i2 && (t.target < i || t.target >= i2))
-                p = sat_add(p, blk.tp > 1 ? (t.params + blk.tp - 1) / blk.tp : t.params);
+            if (t.layer >= i && t.layer < i2)  // its own copy, next to its embedding too (as dpart run keeps it)
+                p = sat_add(p, t.split && blk.tp > 1 ? (t.params + blk.tp - 1) / blk.tp : t.params);
         return p;
     }
 
@@ -305,8 +303,7 @@ public:
                             const std::uint64_t mem = memory(blk, i, i2, flight);
                             if (mem > blk.capacity) {
                                 ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
-                                if (ctx_.memory_monotone) break;
-                                continue;
+                                break;  // more layers never need less memory
                             }
                             const double t = stage_seconds(blk, i, i2, compute);
                             if (t > bound) continue;

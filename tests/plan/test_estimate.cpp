@@ -53,6 +53,15 @@ TEST_CASE("stage memory: training state plus activations of the microbatches in 
     // A tied head on its own stage keeps a copy of the embedding's weights.
     StageMemoryInput head{14, 15, 1, 1, 1, 1};
     CHECK(stage_memory(m, head, {}).params == 50257ull * 768);
+    // ...on its embedding's stage too (dpart run's kernels hold one each), and whole on every
+    // tensor-parallel rank (the kernels do not split a tied head).
+    StageMemoryInput whole{0, 15, 1, 1, 1, 1};
+    std::uint64_t owned = 0;
+    for (const Layer& l : m.layers) owned += l.cost.params;
+    CHECK(stage_memory(m, whole, {}).params == owned + 50257ull * 768);
+    StageMemoryInput head_tp{14, 15, 2, 1, 1, 1};
+    CHECK(stage_memory(m, head_tp, {}).params == 50257ull * 768);
+    CHECK_FALSE(tp_splits(m.layers[14].op));
     CHECK(in_flight(ScheduleKind::one_f_one_b, 0, 4, 8) == 4);
     CHECK(in_flight(ScheduleKind::one_f_one_b, 3, 4, 8) == 1);
     CHECK(in_flight(ScheduleKind::one_f_one_b, 0, 4, 2) == 2);

@@ -49,7 +49,8 @@ public:
 };
 
 /// Whether tensor parallelism splits this op (Megatron's column/row split of transformer
-/// layers, vocabulary-parallel embedding, head and loss); other ops run whole on every rank.
+/// layers, vocabulary-parallel embedding, head and loss; not a head tied to an embedding, which
+/// every rank holds whole); other ops run whole on every rank.
 [[nodiscard]] bool tp_splits(const OpParams& op) noexcept;
 /// Whether the runtime's kernels run the op over a tensor-parallel group of `tp`: an op that
 /// splits must divide evenly (a linear layer its out_features unless tied to an embedding,
