@@ -659,14 +659,16 @@ private:
     /// The replicas' gradients summed by the device communicator: all the stage's gradients,
     /// summed in place where the stage keeps them as one array (else in a copy, written back).
     void allreduce_through_comm() {
-        const Tag tag{Tag::Kind::allreduce, iteration_, 4, 0};
-        if (const DeviceSpan g = compute_->gradients_in_place(); g.ptr != nullptr && g.count >= gradient_count_) {
-            device_comm_->allreduce_sum(dp_group_, tag, g.sub(0, gradient_count_));
-            return;
-        }
-        DeviceBuffer g = DeviceBuffer::adopt(device_ops(), compute_->export_gradients(0, gradient_count_));
-        device_comm_->allreduce_sum(dp_group_, {Tag::Kind::allreduce, iteration_, 4, 0}, g.span());
-        compute_->import_gradients(g.release_ownership(), 0, false);
+        device_comm_->allreduce_sum(dp_group_, {Tag::Kind::allreduce, iteration_, 4, 0},
+                                    in_place(compute_->gradients_in_place(), gradient_count_, "gradients").sub(0, gradient_count_));
+    }
+    /// A stage's array a collective works on in place (a device stage's: one communicators are
+    /// made for), checked to hold at least `n` values.
+    static DeviceSpan in_place(DeviceSpan s, std::size_t n, const char* what) {
+        if (s.ptr == nullptr || s.count < n)
+            throw RuntimeError(fmt::format("a device communicator needs the stage's {} as one device array of {} values",
+                                           what, n));
+        return s;
     }
 
     /// The replicas' gradients summed on the device (every replica shares this worker's memory):
@@ -727,27 +729,12 @@ private:
     /// size, so part k of the gradients goes at k x c of a buffer padded to n parts of c; this
     /// replica's summed part is written back.
     void reduce_scatter_through_comm() {
-        DeviceOps& ops = device_ops();
+        // The stage keeps its gradients padded (with zeros) to n parts of c: ncclReduceScatter's
+        // output is then the input's own part.
         const std::size_t n = dp_group_.size(), c = (gradient_count_ + n - 1) / n;
-        const Tag tag{Tag::Kind::allreduce, iteration_, 8, 0};
-        // In place where the stage keeps its gradients in that layout (padded with zeros):
-        // ncclReduceScatter's output is then the input's own part k.
-        if (const DeviceSpan g = compute_->gradients_in_place(); g.ptr != nullptr && g.count == c * n) {
-            device_comm_->reduce_scatter_sum(dp_group_, tag, g, g.sub(place_.replica * c, c));
-            return;
-        }
-        DeviceBuffer padded(ops, c * n, Elem::f32), summed(ops, c, Elem::f32, DeviceBuffer::uninitialized);
-        for (std::size_t k = 0; k < n; ++k) {
-            const ValueRange p = part(k);
-            const DeviceBuffer values = DeviceBuffer::adopt(ops, compute_->export_gradients(p.first, p.count));
-            ops.copy(values.span(), padded.span().sub(k * c, p.count));
-        }
-        device_comm_->reduce_scatter_sum(dp_group_, tag, padded.span(), summed.span());
-        const ValueRange mine = part(place_.replica);
-        DeviceBuffer exact(ops, mine.count, Elem::f32, DeviceBuffer::uninitialized);
-        ops.copy(summed.span().sub(0, mine.count), exact.span());
-        compute_->import_gradients(exact.release_ownership(), mine.first, false);
-        ops.synchronize();
+        const DeviceSpan g = in_place(compute_->gradients_in_place(), c * n, "gradients");
+        device_comm_->reduce_scatter_sum(dp_group_, {Tag::Kind::allreduce, iteration_, 8, 0}, g.sub(0, c * n),
+                                         g.sub(place_.replica * c, c));
     }
 
     /// The replicas' gradients summed through the host, all of the stage's in one message, in
@@ -786,25 +773,13 @@ private:
                 compute_->import_parameters(b.span(), theirs.first);
             }
         } else if (device_comm_) {
-            // ncclAllGather takes parts of one size: in place where the stage keeps its master
-            // weights padded to them, else through copies padded to the largest part.
-            DeviceOps& ops = device_ops();
+            // ncclAllGather takes parts of one size: in place, the stage keeping its master
+            // weights padded to them.
             const std::size_t c = (gradient_count_ + n - 1) / n;
-            if (const DeviceSpan p = compute_->parameters_in_place(); p.ptr != nullptr && p.count == c * n) {
-                device_comm_->allgather(dp_group_, {Tag::Kind::allreduce, iteration_, 6, 0}, p.sub(me * c, c), p);
-                compute_->refresh_compute_copy();
-                ops.synchronize();
-                return;
-            }
-            DeviceBuffer own(ops, c, Elem::f32), all(ops, c * n, Elem::f32, DeviceBuffer::uninitialized);
-            {
-                const DeviceBuffer stepped = DeviceBuffer::adopt(ops, compute_->export_parameters(mine.first, mine.count));
-                ops.copy(stepped.span(), own.span().sub(0, mine.count));
-            }
-            device_comm_->allgather(dp_group_, {Tag::Kind::allreduce, iteration_, 6, 0}, own.span(), all.span());
-            for (std::size_t k = 0; k < n; ++k)
-                if (k != me) compute_->import_parameters(all.span().sub(k * c, part(k).count), part(k).first);
-            ops.synchronize();
+            const DeviceSpan p = in_place(compute_->parameters_in_place(), c * n, "master weights").sub(0, c * n);
+            device_comm_->allgather(dp_group_, {Tag::Kind::allreduce, iteration_, 6, 0}, p.sub(me * c, c), p);
+            compute_->refresh_compute_copy();
+            device_ops().synchronize();
         } else {
             std::vector<float> flat(gradient_count_);
             const std::vector<float> stepped = compute_->parameters(mine.first, mine.count);
