@@ -25,6 +25,12 @@ bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept {
     return true;
 }
 
+std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp) noexcept {
+    const LayerCost& c = layer.cost;
+    if (tp <= 1 || !tp_splits(layer.op)) return c.saved_bytes;
+    return c.saved_bytes - c.tp_saved_bytes + (c.tp_saved_bytes + tp - 1) / tp;
+}
+
 TpCollectives tp_collectives(const OpParams& op) noexcept {
     // Megatron-LM: a block all-reduces its activation after attention and after the MLP, in
     // forward and again in backward; a standalone attention or MLP (a column- then row-parallel

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "dpart/core/checked.hpp"
 
 namespace dpart {
@@ -45,6 +47,7 @@ OpResult eval(const LinearOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.fwd_mem_bytes = mul({sum({in_elems, out_elems}), e});
     r.cost.bwd_mem_bytes = mul({2, sum({in_elems, out_elems}), e});  // dY twice, X, dX
     r.cost.weight_bytes = mul({weights, e});
+    r.cost.workspace_bytes = mul({sum({in_elems, out_elems}), e});  // dY and dX
     return r;
 }
 
@@ -67,6 +70,7 @@ OpResult eval(const EmbeddingOp& o, const std::vector<Shape>& in, u64 e) {
     // Gather: read the ids and one row per token from each table, write the sum.
     r.cost.fwd_mem_bytes = sum({mul({id_arrays, tokens, 4}), mul({tables + 1, out_elems, e})});
     r.cost.bwd_mem_bytes = sum({mul({id_arrays, tokens, 4}), mul({tables + 1, out_elems, e})});
+    r.cost.workspace_bytes = r.cost.out_bytes;  // dY (no gradient for the ids)
     return r;
 }
 
@@ -86,6 +90,7 @@ OpResult eval(const NormOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.fwd_mem_bytes = mul({2, n, e});
     r.cost.bwd_mem_bytes = mul({3, n, e});
     r.cost.weight_bytes = mul({r.cost.params, e});
+    r.cost.workspace_bytes = mul({2, n, e});  // dY and dX
     return r;
 }
 
@@ -104,6 +109,7 @@ OpResult eval(const BatchNormOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.fwd_mem_bytes = mul({3, n, e});  // read for statistics, read to normalise, write
     r.cost.bwd_mem_bytes = mul({4, n, e});  // read dY and X for the reductions, again for dX, write dX
     r.cost.weight_bytes = mul({r.cost.params, e});
+    r.cost.workspace_bytes = mul({2, n, e});  // dY and dX
     return r;
 }
 
@@ -122,6 +128,7 @@ OpResult eval(const ElementwiseOp& o, const std::vector<Shape>& in, u64 e) {
         r.cost.fwd_mem_bytes = mul({2, n, e});
         r.cost.bwd_mem_bytes = mul({3, n, e});
     }
+    r.cost.workspace_bytes = mul({2, n, e});  // dY and dX
     return r;
 }
 
@@ -142,6 +149,25 @@ Shape sequence_input(const std::vector<Shape>& in, std::string_view op, u64 hidd
     return x;
 }
 
+/// What attention's backward holds beyond its output's gradient: dO, the probabilities'
+/// gradient, dQ, dK, dV and dX (dpart run's kernels).
+u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e) {
+    return sum({mul({s, sum({mul({2, q}), mul({2, kv}), h}), e}), mul({heads, s, s, e})});
+}
+
+/// What an MLP's backward holds beyond its output's gradient, for t tokens: the inner
+/// gradient(s) and dX; a mixture of experts also the slots' gradients (k per token) by token and
+/// by slot, the router's logit gradients, the routing (int32 slot indices both ways, fp32
+/// weights and weight gradients: 16 bytes per slot), and one expert's inner gradients for at
+/// most every token.
+u64 mlp_backward_inner(const MlpOp& o, u64 t, u64 e) {
+    const u64 h = o.hidden, f = o.ffn_hidden;
+    const u64 inner = sum({o.kind == MlpKind::gated ? mul({3, f}) : f, h});  // dH (dGate, dUp), dX
+    if (o.experts <= 1) return mul({t, inner, e});
+    const u64 k = o.experts_per_token;
+    return sum({mul({t, sum({mul({2, k, h}), o.experts, h, inner}), e}), mul({16, t, k})});
+}
+
 OpResult eval(const AttentionOp& o, const std::vector<Shape>& in, u64 e) {
     check_attention(o);
     const Shape x = sequence_input(in, "attention", o.hidden, o.seq_len);
@@ -158,11 +184,14 @@ OpResult eval(const AttentionOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.fwd_flops = sum({mul({2, s, h, qkv}), mul({4, s, s, q}), mul({2, s, q, h})});
     r.cost.bwd_flops = mul({2, r.cost.fwd_flops});
     r.cost.out_bytes = mul({s, h, e});
-    // Flash-style: X, Q, K, V and the attention output, plus an fp32 log-sum-exp per row and head.
-    r.cost.saved_bytes = sum({mul({s, sum({h, qkv, q}), e}), mul({s, o.heads, 4})});
+    // Materialised, as dpart run computes attention (and Megatron-LM without flash attention):
+    // X, Q, K, V, the attention output and the s x s probabilities of each head.
+    r.cost.saved_bytes = sum({mul({s, sum({h, qkv, q}), e}), mul({o.heads, s, s, e})});
+    r.cost.tp_saved_bytes = r.cost.saved_bytes - mul({s, h, e});  // each rank its heads' (X whole)
     r.cost.fwd_mem_bytes = mul({s, sum({h, mul({2, qkv}), mul({2, q}), h}), e});
     r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
     r.cost.weight_bytes = mul({r.cost.params, e});
+    r.cost.workspace_bytes = sum({r.cost.out_bytes, attention_backward_inner(s, h, q, kv, o.heads, e)});
     return r;
 }
 
@@ -195,6 +224,7 @@ OpResult eval(const MlpOp& o, const std::vector<Shape>& in, u64 e) {
     // per active expert. A router adds its logits and keeps each token's k dispatched copies and
     // the k expert outputs (what the combine's and the router's gradients read).
     r.cost.saved_bytes = mul({t, sum({h, mul({k, matrices, f}), moe ? sum({o.experts, mul({2, k, h})}) : 0}), e});
+    r.cost.tp_saved_bytes = mul({t, k, matrices, f, e});  // each rank its inner units' (X, routing whole)
     // Each active expert reads its tokens and writes its output; a router writes its logits,
     // dispatches k copies of every token and combines k outputs.
     const u64 routing = moe ? sum({o.experts, mul({2, k, h})}) : 0;
@@ -202,6 +232,7 @@ OpResult eval(const MlpOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
     // With more than a handful of tokens per microbatch every expert is hit: all weights are read.
     r.cost.weight_bytes = mul({r.cost.params, e});
+    r.cost.workspace_bytes = sum({r.cost.out_bytes, mlp_backward_inner(o, t, e)});
     return r;
 }
 
@@ -221,6 +252,14 @@ OpResult eval(const TransformerBlockOp& o, const std::vector<Shape>& in, u64 e) 
     // Two residual additions: each reads two tensors and writes one, forward and backward.
     r.cost.fwd_mem_bytes = sum({r.cost.fwd_mem_bytes, mul({6, n, e})});
     r.cost.bwd_mem_bytes = sum({r.cost.bwd_mem_bytes, mul({6, n, e})});
+    // Backward holds dY and, at its fullest, either the MLP's inner gradients or, while
+    // attention's run, the MLP's dX and the second norm's next to attention's own.
+    const u64 s = x[0], q = mul({o.attention.heads, o.attention.head_dim}),
+              kv = mul({o.attention.kv_heads, o.attention.head_dim});
+    const u64 attention = sum({mul({2, n, e}),
+                               attention_backward_inner(s, o.attention.hidden, q, kv, o.attention.heads, e)});
+    r.cost.workspace_bytes =
+        sum({mul({n, e}), std::max({mlp_backward_inner(o.mlp, s, e), attention, mul({4, n, e})})});
     return r;
 }
 
@@ -262,6 +301,9 @@ OpResult eval(const Conv2dOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.fwd_mem_bytes = mul({sum({in_elems, out_elems}), e});
     r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
     r.cost.weight_bytes = mul({r.cost.params, e});
+    // dY, dX and, on the host ops, the lowered input and its gradient (im2col's columns: one
+    // row per weight of a group, one column per output position); cuDNN sizes its own.
+    r.cost.workspace_bytes = mul({sum({in_elems, out_elems, mul({2, macs_per_output, oh, ow})}), e});
     return r;
 }
 
@@ -282,6 +324,7 @@ OpResult eval(const PoolOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.saved_bytes = max ? mul({in_elems, e}) : 0;  // max pooling keeps its input to route gradients
     r.cost.fwd_mem_bytes = mul({sum({in_elems, out_elems}), e});
     r.cost.bwd_mem_bytes = mul({sum({max ? mul({2, in_elems}) : in_elems, out_elems}), e});
+    r.cost.workspace_bytes = mul({sum({in_elems, out_elems}), e});  // dY and dX
     return r;
 }
 
@@ -290,6 +333,7 @@ OpResult eval(const FlattenOp&, const std::vector<Shape>& in, u64 e) {
     OpResult r;
     r.out_shape = {element_count(x)};
     r.cost.out_bytes = mul({r.out_shape[0], e});  // a view: no traffic
+    r.cost.workspace_bytes = mul({2, r.out_shape[0], e});  // dY and dX
     return r;
 }
 
@@ -308,6 +352,7 @@ OpResult eval(const AddOp&, const std::vector<Shape>& in, u64 e) {
     r.cost.out_bytes = mul({n, e});
     r.cost.fwd_mem_bytes = mul({k + 1, n, e});
     r.cost.bwd_mem_bytes = mul({k + 1, n, e});
+    r.cost.workspace_bytes = mul({k + 1, n, e});  // dY and each input's gradient
     return r;
 }
 
@@ -334,6 +379,7 @@ OpResult eval(const ConcatOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.out_bytes = mul({n, e});
     r.cost.fwd_mem_bytes = mul({2, n, e});
     r.cost.bwd_mem_bytes = mul({2, n, e});
+    r.cost.workspace_bytes = mul({2, n, e});  // dY and the inputs' gradients
     return r;
 }
 
@@ -349,6 +395,7 @@ OpResult eval(const SoftmaxXentOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.saved_bytes = sum({mul({logits, e}), mul({rows, 4})});  // logits and int32 labels
     r.cost.fwd_mem_bytes = sum({mul({logits, e}), mul({rows, 4})});
     r.cost.bwd_mem_bytes = sum({mul({2, logits, e}), mul({rows, 4})});
+    r.cost.workspace_bytes = sum({4, mul({logits, e})});  // dLoss and the logits' gradient
     return r;
 }
 
@@ -363,6 +410,7 @@ OpResult eval(const CustomOp& o, const std::vector<Shape>&, u64 e) {
     r.cost.fwd_mem_bytes = o.fwd_mem_bytes;
     r.cost.bwd_mem_bytes = o.bwd_mem_bytes;
     r.cost.weight_bytes = mul({o.params, e});
+    r.cost.workspace_bytes = o.workspace_bytes;
     if (!o.out_shape.empty() && mul({element_count(o.out_shape), e}) != o.out_bytes)
         fail(fmt::format("out_bytes {} does not match out_shape {} at {} bytes per element", o.out_bytes,
                          to_string(o.out_shape), e));

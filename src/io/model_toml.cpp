@@ -165,7 +165,7 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
     if (op == "softmax_xent") return SoftmaxXentOp{r.optional_count("classes", 0, true)};
     // custom
     r.expect({"fwd_flops", "bwd_flops", "params", "out_bytes", "out_shape", "saved_bytes", "fwd_mem_bytes",
-              "bwd_mem_bytes", "fwd_ms", "bwd_ms"});
+              "bwd_mem_bytes", "workspace_bytes", "fwd_ms", "bwd_ms"});
     CustomOp o;
     // A measured layer gives its times; its FLOPs are then optional (a profile rarely has them).
     o.measured = r.has("fwd_ms") || r.has("bwd_ms");
@@ -197,6 +197,7 @@ OpParams parse_op(TableReader& r, const std::string& op, DType dtype, LayerSpec&
     o.saved_bytes = r.optional_count("saved_bytes", o.out_bytes, true);
     o.fwd_mem_bytes = r.optional_count("fwd_mem_bytes", 0, true);
     o.bwd_mem_bytes = r.optional_count("bwd_mem_bytes", 0, true);
+    o.workspace_bytes = r.optional_count("workspace_bytes", 0, true);
     return o;
 }
 

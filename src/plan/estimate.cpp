@@ -69,7 +69,7 @@ std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t st
 StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options,
                          const std::vector<std::uint64_t>* cuts) {
     StageMemory m;
-    std::uint64_t saved = 0;
+    std::uint64_t saved = 0, workspace = 0;
     const std::uint64_t e = dtype_bytes(model.dtype);
     for (std::size_t l = in.first_layer; l <= in.last_layer; ++l) {
         const Layer& layer = model.layers[l];
@@ -80,8 +80,12 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
         if (const auto* linear = std::get_if<LinearOp>(&layer.op); linear && linear->tied_to)
             params = layer.cost.weight_bytes / e;
         m.params = checked_add(m.params, split ? (params + in.tp - 1) / in.tp : params);
-        saved = checked_add(saved, split ? (layer.cost.saved_bytes + in.tp - 1) / in.tp : layer.cost.saved_bytes);
+        saved = checked_add(saved, saved_per_rank(layer, in.tp));
+        // Not divided over tensor-parallel ranks: each holds whole gradients of the layer's
+        // input and output (and at most that much less of its inner ones).
+        workspace = std::max(workspace, layer.cost.workspace_bytes);
     }
+    m.workspace_bytes = checked_mul(in.share, workspace);
     const std::uint64_t weights_and_grads = std::min<std::uint64_t>(2 * e, options.bytes_per_param);
     std::uint64_t optimizer = options.bytes_per_param - weights_and_grads;
     if (options.shard_optimizer && in.replicas > 1) optimizer = (optimizer + in.replicas - 1) / in.replicas;

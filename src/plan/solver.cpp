@@ -124,6 +124,7 @@ struct Context {
     const CostOptions& copt;
     const SolverOptions& sopt;
     std::vector<std::uint64_t> cuts;
+    std::vector<std::uint64_t> workspace;  ///< each layer's workspace_bytes (the stage needs its largest)
     std::map<std::uint32_t, MemoryTables> memory;  ///< by tp
     std::vector<TiedCopy> tied;
     TimeTables times;
@@ -135,6 +136,7 @@ struct Context {
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
         : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), times(m, cm, c.devices.size(), co.recompute) {
         const std::uint64_t e = dtype_bytes(m.dtype);
+        for (const Layer& l : m.layers) workspace.push_back(l.cost.workspace_bytes);
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
                 tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, tp_splits(m.layers[l].op)});
@@ -154,7 +156,7 @@ struct Context {
             t.indivisible[l + 1] = t.indivisible[l] + (tp_divides(model.layers[l].op, tp) ? 0 : 1);
             const bool split = tp > 1 && tp_splits(model.layers[l].op);
             t.params[l + 1] = sat_add(t.params[l], split ? (c.params + tp - 1) / tp : c.params);
-            t.saved[l + 1] = sat_add(t.saved[l], split ? (c.saved_bytes + tp - 1) / tp : c.saved_bytes);
+            t.saved[l + 1] = sat_add(t.saved[l], saved_per_rank(model.layers[l], tp));
         }
         return memory.emplace(tp, std::move(t)).first->second;
     }
@@ -203,7 +205,9 @@ public:
         return p;
     }
 
-    std::uint64_t memory(const Block& blk, std::size_t i, std::size_t i2, std::uint64_t in_flight) const {
+    /// `workspace`: the largest workspace_bytes of layers [i, i2) (the DP's scan keeps it).
+    std::uint64_t memory(const Block& blk, std::size_t i, std::size_t i2, std::uint64_t in_flight,
+                         std::uint64_t workspace) const {
         const MemoryTables& mt = *blk.memory;
         const CostOptions& o = ctx_.copt;
         const std::uint64_t e = dtype_bytes(ctx_.model.dtype);
@@ -219,7 +223,7 @@ public:
         } else {
             act = sat_mul(sat_mul(in_flight, blk.max_share), saved);
         }
-        return sat_add(state, act);
+        return sat_add(sat_add(state, act), sat_mul(blk.max_share, workspace));
     }
 
     /// The stage's full time (memory checked separately).
@@ -282,7 +286,10 @@ public:
                         const std::size_t next_j = j + blk.size;
                         std::size_t first_i2 = i + 1;
                         if (next_j >= D_) first_i2 = L_;  // no devices left for later stages
+                        std::uint64_t workspace = 0;
+                        for (std::size_t l = i; l + 1 < first_i2; ++l) workspace = std::max(workspace, ctx_.workspace[l]);
                         for (std::size_t i2 = first_i2; i2 <= L_; ++i2) {
+                            workspace = std::max(workspace, ctx_.workspace[i2 - 1]);
                             // Stage compute grows with i2: past the bound or the best, stop.
                             const double compute = compute_seconds(blk, i, i2);
                             if (compute > bound || compute >= best) break;
@@ -300,7 +307,7 @@ public:
                             }
                             if (rest >= best) continue;  // also when rest is inf
                             if (!minmax && compute + rest >= best) continue;
-                            const std::uint64_t mem = memory(blk, i, i2, flight);
+                            const std::uint64_t mem = memory(blk, i, i2, flight, workspace);
                             if (mem > blk.capacity) {
                                 ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
                                 break;  // more layers never need less memory

@@ -157,6 +157,22 @@ if check "host-device: tiny-mixtral, 2 stages" 0 "$dpart" run "$tmp/moe2.toml" -
     contains "host-device: device memory in the summary" "$tmp/moe2-dev/summary.toml" "[device_memory]"
 fi
 
+# The planner's memory against the device memory a run measures: the transformers' planned
+# stages within 3% (training state, saved activations for the microbatches in flight, and the
+# largest layer's workspace).
+for name in tiny-gpt tiny-llama tiny-mixtral; do
+    if check "plan $name for its memory" 0 "$dpart" plan "$src/plans/models/$name.toml" -c "$cpu4" \
+        --out "$tmp/$name-mem.toml" &&
+        check "run $name on the host device" 0 "$dpart" run "$tmp/$name-mem.toml" -m "$src/plans/models/$name.toml" \
+            -c "$cpu4" -n 2 --backend host-device --precision fp32 -o "$tmp/$name-mem"; then
+        peak=$(summary_value "$tmp/$name-mem/summary.toml" peak_bytes | tr -d '[] ' | cut -d, -f1)
+        predicted=$(summary_value "$tmp/$name-mem/summary.toml" predicted_bytes | tr -d '[] ' | cut -d, -f1)
+        checks=$((checks + 1))
+        awk -v a="$peak" -v b="$predicted" 'BEGIN { r = a / b - 1; if (r < 0) r = -r; exit !(b > 0 && r <= 0.03) }' ||
+            { echo "FAIL $name: device memory peak $peak bytes vs planned $predicted (more than 3% apart)"; failures=$((failures + 1)); }
+    fi
+done
+
 # --- Under mpirun: one rank per device, the same results -------------------------------------
 if command -v mpirun >/dev/null; then
     mpi=(timeout 120 mpirun --oversubscribe -np)

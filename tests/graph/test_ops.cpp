@@ -133,13 +133,18 @@ TEST_CASE("a transformer block's forward FLOPs equal Megatron-LM's 24bsh^2 + 4bs
     CHECK(r.cost.params == 855654400);  // published: (70,553,706,496 - 2 x 1,050,673,152 - 8192) / 80
 }
 
-TEST_CASE("a transformer block keeps 32sh bytes of bf16 activations (Korthikanti et al., no dropout, flash attention)") {
+TEST_CASE("a transformer block keeps 32sh + 2as^2 bytes of bf16 activations (Korthikanti et al., no dropout)") {
     const std::uint64_t s = 1024, h = 768, a = 12;
     const OpResult r = eval1(gpt2_block(s), {s, h}, DType::bf16);
-    // 34sbh of Korthikanti's count minus the 2sbh of dropout masks, plus the fp32 statistics
-    // of two layernorms (8 B per row each) and the attention log-sum-exp (4 B per row and head).
-    CHECK(r.cost.saved_bytes == 32 * s * h + 2 * 8 * s + 4 * s * a);
+    // sh(34 + 5as/h) of Korthikanti's count less what dropout keeps (2sh of masks, the as^2
+    // mask and the 2as^2 output of attention's dropout): 32sh + 2as^2 (the softmax's output,
+    // which dpart run's materialised attention keeps), plus the fp32 statistics of two
+    // layernorms (8 B per row each).
+    CHECK(r.cost.saved_bytes == 32 * s * h + 2 * a * s * s + 2 * 8 * s);
     CHECK(r.cost.out_bytes == s * h * 2);
+    // Backward at its fullest, while attention's runs: dY, the MLP's dX, the second norm's dX,
+    // then attention's dO, dP, dQ, dK, dV and dX (2 bytes each).
+    CHECK(r.cost.workspace_bytes == 2 * (s * h * 3 + s * h * 5 + a * s * s));
 }
 
 TEST_CASE("conv2d and pooling follow the output-size formula") {

@@ -32,7 +32,7 @@ Instance random_instance(std::mt19937_64& rng) {
     const std::uint64_t batches[] = {1, 2, 4, 6, 8};
     spec.global_batch = batches[pick(0, 4)];
     const std::size_t L = pick(1, 8);
-    std::uint64_t total_params = 0, total_saved = 0;
+    std::uint64_t total_params = 0, total_saved = 0, largest_workspace = 0;
     for (std::size_t l = 0; l < L; ++l) {
         CustomOp c;
         c.fwd_flops = static_cast<std::uint64_t>(uniform(1e9, 1e11));
@@ -42,8 +42,10 @@ Instance random_instance(std::mt19937_64& rng) {
         c.saved_bytes = static_cast<std::uint64_t>(uniform(1e5, 2e8));
         c.fwd_mem_bytes = static_cast<std::uint64_t>(uniform(0, 1e8));
         c.bwd_mem_bytes = 2 * c.fwd_mem_bytes;
+        c.workspace_bytes = static_cast<std::uint64_t>(uniform(0, 4e8));  // the stage holds its largest
         total_params += c.params;
         total_saved += c.saved_bytes;
+        largest_workspace = std::max(largest_workspace, c.workspace_bytes);
         LayerSpec ls;
         ls.name = "l" + std::to_string(l);
         ls.op = c;
@@ -55,7 +57,8 @@ Instance random_instance(std::mt19937_64& rng) {
     const std::size_t nodes = pick(1, 2);
     // A third of the instances get memory small enough to bind.
     const bool tight = pick(0, 2) == 0;
-    const double need = static_cast<double>(total_params) * 16 + static_cast<double>(total_saved * spec.global_batch);
+    const double need = static_cast<double>(total_params) * 16 +
+                        static_cast<double>((total_saved + largest_workspace) * spec.global_batch);
     const double kinds[2][2] = {{100, 1500}, {300, 3000}};  // TFLOP/s, GB/s
     for (std::size_t n = 0; n < nodes; ++n) {
         Node node;

@@ -1203,3 +1203,100 @@ TEST_CASE("memory meters: a worker's device bytes, buffers handed over counted w
         CHECK(in_place.workers[w].peak_device_bytes < copies.workers[w].peak_device_bytes);
     }
 }
+
+TEST_CASE("a layer's workspace_bytes is what the device layers hold while they run, beyond output and saved") {
+    // Measured with the host ops' meter: forward's temporaries (its peak less what it keeps:
+    // output and saved buffers), and backward's incoming gradient plus its peak above what was
+    // held before it. Exact for every layer but a mixture of experts, whose inner gradients
+    // depend on how many tokens its fullest expert got (the op library counts every token).
+    for (const char* file : {"seed-mlp.toml", "tiny-gpt.toml", "tiny-llama.toml", "tiny-mixtral.toml", "cpu-mlp.toml", "resnet-block.toml"}) {
+        const Model model = load_model(models_dir + file);
+        const std::size_t n = 4;
+        const auto ops = make_host_ops();
+        MemoryMeter& meter = *ops->meter();
+        StepContext ctx;
+        ctx.seed = 7;
+        ctx.first_sample = 5;
+        std::vector<Tensor> outputs;
+        std::vector<std::unique_ptr<LayerKernel>> kernels;
+        std::vector<std::vector<float>> params;
+        std::vector<Saved> saved(model.layers.size());
+        const Tensor input = synthetic_input(model, 7, 5, n);
+        const auto inputs_of = [&](std::size_t l) {
+            std::vector<const Tensor*> in;
+            if (model.layers[l].inputs.empty()) in.push_back(&input);
+            for (std::size_t i : model.layers[l].inputs) in.push_back(&outputs[i]);
+            return in;
+        };
+        for (std::size_t l = 0; l < model.layers.size(); ++l) {
+            kernels.push_back(make_cpu_kernel(model, l));
+            params.emplace_back(kernels[l]->full_params());
+            kernels[l]->init(7, params[l]);
+            outputs.push_back(kernels[l]->forward(ctx, inputs_of(l), params[l], saved[l]));
+        }
+        for (std::size_t l = 0; l < model.layers.size(); ++l) {
+            const Layer& layer = model.layers[l];
+            const Elem compute = Elem::f32;
+            const auto dev = make_device_layer(model, l, compute);
+            const DeviceBuffer master = upload(*ops, params[l], Elem::f32);
+            const DeviceBuffer copy = upload(*ops, params[l], compute);
+            const DeviceParams p{master.span(), copy.span()};
+            const auto in = inputs_of(l);
+            const bool ids = std::holds_alternative<EmbeddingOp>(layer.op);
+            std::vector<DeviceBuffer> in_buffers;
+            std::vector<DeviceSpan> in_spans;
+            for (const Tensor* t : in) {
+                in_buffers.push_back(upload(*ops, t->data, ids ? Elem::i32 : compute));
+                in_spans.push_back(in_buffers.back().span());
+            }
+            DeviceStep step;
+            step.seed = 7;
+            step.first_sample = 5;
+            DeviceBuffer labels;
+            const bool loss = std::holds_alternative<SoftmaxXentOp>(layer.op);
+            if (loss) {
+                const auto& op = std::get<SoftmaxXentOp>(layer.op);
+                const std::size_t classes = op.classes != 0 ? op.classes : in[0]->shape.back();
+                const std::size_t positions = in[0]->row_size() / classes;
+                labels = upload(*ops, loss_labels(7, 5, n, positions, classes), Elem::i32);
+                step.labels = labels.span();
+                step.loss_scale = 0.25f;
+            }
+            DeviceBuffer dgrads(*ops, params[l].size(), Elem::f32);
+            std::vector<DeviceBuffer> dsaved;
+            const std::int64_t b0 = meter.now();
+            meter.reset_peak();
+            DeviceBuffer y = dev->forward(*ops, step, in_spans, n, p, dsaved);
+            const std::int64_t fwd_peak = meter.peak() - b0, kept = meter.now() - b0;
+            Tensor dout(outputs[l].shape);
+            for (std::size_t i = 0; i < dout.size(); ++i) dout.data[i] = 0.01f;
+            const DeviceBuffer ddout = upload(*ops, dout.data, loss ? Elem::f32 : compute);
+            const std::int64_t b1 = meter.now();
+            meter.reset_peak();
+            {
+                const auto ddx = dev->backward(*ops, step, ddout.span(), in_spans, n, p, dsaved, dgrads.span());
+            }
+            const std::int64_t bwd_peak = meter.peak() - b1;
+            const auto measured = static_cast<std::uint64_t>(
+                std::max(fwd_peak - kept, allocation_bytes(ddout.span()) + bwd_peak));
+            const std::uint64_t predicted = n * layer.cost.workspace_bytes;
+            CAPTURE(file);
+            CAPTURE(layer.name);
+            CAPTURE(measured);
+            CAPTURE(predicted);
+            const auto* mlp = std::get_if<MlpOp>(&layer.op);
+            const auto* block = std::get_if<TransformerBlockOp>(&layer.op);
+            const bool moe = (mlp != nullptr && mlp->experts > 1) || (block != nullptr && block->mlp.experts > 1);
+            if (moe) {
+                CHECK(measured <= predicted);
+                CHECK(static_cast<double>(measured) >= 0.75 * static_cast<double>(predicted));
+            } else if (std::holds_alternative<Conv2dOp>(layer.op)) {
+                // The bias's row of ones (one output plane, not per sample) comes on top.
+                CHECK(measured >= predicted);
+                CHECK(measured <= predicted + 4 * layer.out_shape[1] * layer.out_shape[2]);
+            } else {
+                CHECK(measured == predicted);
+            }
+        }
+    }
+}

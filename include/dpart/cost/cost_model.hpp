@@ -57,6 +57,9 @@ public:
 /// attention its heads and kv_heads, an MLP its ffn_hidden, a block all three); the others run
 /// whole on every rank. The planner gives no stage a tp that one of its layers cannot take.
 [[nodiscard]] bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept;
+/// Saved bytes per sample on each rank of a tensor-parallel group of `tp`: what the op divides
+/// (LayerCost::tp_saved_bytes, rounded up) and the rest whole, as dpart run's kernels keep them.
+[[nodiscard]] std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp) noexcept;
 /// Tensor-parallel all-reduces of the op's output activation per pass: {forward, backward}.
 struct TpCollectives {
     std::uint32_t forward = 0;

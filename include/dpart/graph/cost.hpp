@@ -21,6 +21,14 @@ struct LayerCost {
     /// Weight bytes read once per microbatch in forward (backward reads them and writes the
     /// gradient: twice this). Includes tied weights.
     std::uint64_t weight_bytes = 0;
+    /// Bytes a layer's forward or backward holds at once while it runs, beyond its output and
+    /// its saved bytes: the output's gradient it is given, the input gradients it makes and its
+    /// temporaries (dpart run's kernels). A stage needs the largest of its layers' on top of
+    /// what it keeps; a composite layer's is the most any of its parts holds.
+    std::uint64_t workspace_bytes = 0;
+    /// The part of saved_bytes a tensor-parallel group divides among its ranks (attention's and
+    /// an MLP's inner tensors); every rank keeps the rest whole (inputs, norms, the loss's logits).
+    std::uint64_t tp_saved_bytes = 0;
 
     friend bool operator==(const LayerCost&, const LayerCost&) = default;
 };

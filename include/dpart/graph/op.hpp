@@ -123,6 +123,7 @@ struct CustomOp {
     std::uint64_t saved_bytes = 0;
     std::uint64_t fwd_mem_bytes = 0;
     std::uint64_t bwd_mem_bytes = 0;
+    std::uint64_t workspace_bytes = 0;  ///< transient bytes while it runs (LayerCost::workspace_bytes)
     Shape out_shape;  ///< empty = opaque
     bool measured = false;
     double fwd_ms = 0;  ///< measured forward time of Model::measured->batch samples, milliseconds

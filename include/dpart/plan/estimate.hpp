@@ -31,8 +31,9 @@ struct StageMemoryInput {
 struct StageMemory {
     std::uint64_t params = 0;       ///< parameters held per device (tensor-parallel shard, tied copies)
     std::uint64_t state_bytes = 0;  ///< weights, gradients and optimizer state
-    std::uint64_t activation_bytes = 0;
-    [[nodiscard]] std::uint64_t total() const noexcept { return state_bytes + activation_bytes; }
+    std::uint64_t activation_bytes = 0;  ///< saved for the microbatches in flight
+    std::uint64_t workspace_bytes = 0;   ///< the largest layer workspace, for one replica's share
+    [[nodiscard]] std::uint64_t total() const noexcept { return state_bytes + activation_bytes + workspace_bytes; }
 };
 /// `cuts`: the model's cut_bytes when the caller has them (recompute needs the stage's input).
 [[nodiscard]] StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options,

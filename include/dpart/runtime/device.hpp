@@ -64,6 +64,8 @@ public:
     }
     [[nodiscard]] std::int64_t now() const noexcept { return now_.load(); }
     [[nodiscard]] std::int64_t peak() const noexcept { return peak_.load(); }
+    /// Starts a new peak from the bytes held now (to measure one call's high-water mark).
+    void reset_peak() noexcept { peak_.store(now_.load()); }
 
 private:
     std::atomic<std::int64_t> now_{0}, peak_{0};
