@@ -32,6 +32,7 @@ struct PlanOptions {
     std::uint64_t bytes_per_param = 16;
     bool shard_optimizer = false;
     bool recompute = false;
+    bool fused_attention = false;
     bool overlap_allreduce = false;
     bool compare = false;
     bool quiet = false;
@@ -86,10 +87,11 @@ std::string msf(double seconds) {
 
 void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, const Cluster& cluster,
                 const std::string& strategy) {
-    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}{}\n\n",
+    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}{}{}\n\n",
                model.name, cluster.name, strategy, to_string(plan.objective), to_string(plan.schedule),
                plan.microbatches, plan.microbatch_size, plan.recompute ? ", activations recomputed" : "",
-               plan.shard_optimizer ? ", optimizer state sharded" : "");
+               plan.shard_optimizer ? ", optimizer state sharded" : "",
+               plan.fused_attention ? ", fused attention's memory" : "");
     TextTable t({{"stage", Align::right},
                  {"layers", Align::left},
                  {"devices", Align::left},
@@ -236,6 +238,7 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     copt.bytes_per_param = o.bytes_per_param;
     copt.shard_optimizer = o.shard_optimizer;
     copt.recompute = o.recompute;
+    copt.fused_attention = o.fused_attention;
     copt.overlap_allreduce = o.overlap_allreduce;
     SolverOptions sopt;
     sopt.objective = o.objective == "throughput" ? Objective::throughput : Objective::iteration;
@@ -303,6 +306,9 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
         ->capture_default_str();
     cmd->add_flag("--shard-optimizer", o->shard_optimizer, "split optimizer state across a stage's replicas (ZeRO-1)");
     cmd->add_flag("--recompute", o->recompute, "activation checkpointing: keep stage inputs, recompute the rest");
+    cmd->add_flag("--fused-attention", o->fused_attention,
+                  "plan the memory of fused (flash) attention kernels, which keep no s x s probabilities (dpart run "
+                  "materialises them: a plan for dpart run leaves this out)");
     cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "overlap the gradient all-reduce with the last backward");
     cmd->add_flag("--compare", o->compare, "also solve every baseline strategy and print a comparison");
     cmd->add_flag("--quiet,-q", o->quiet, "print nothing (write --out / --csv only)");

@@ -36,6 +36,7 @@ struct ReplayOptions {
     std::uint64_t bytes_per_param = 16;
     bool shard_optimizer = false;
     bool recompute = false;
+    bool fused_attention = false;
     bool overlap_allreduce = false;
 };
 
@@ -47,6 +48,7 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     copt.bytes_per_param = o.bytes_per_param;
     copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;
     copt.recompute = o.recompute || plan.recompute;
+    copt.fused_attention = o.fused_attention || plan.fused_attention;
     copt.overlap_allreduce = o.overlap_allreduce;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
@@ -174,6 +176,7 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--bytes-per-param", o->bytes_per_param, "as for dpart plan")->capture_default_str();
     cmd->add_flag("--shard-optimizer", o->shard_optimizer, "as for dpart plan");
     cmd->add_flag("--recompute", o->recompute, "as for dpart plan");
+    cmd->add_flag("--fused-attention", o->fused_attention, "as for dpart plan");
     cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "as for dpart plan");
     cmd->footer(
         "Examples:\n"

@@ -314,6 +314,11 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     // The plan as it runs, in the files it writes too (replay then predicts what ran).
     plan.recompute = copt.recompute;
     plan.shard_optimizer = copt.shard_optimizer;
+    if (plan.fused_attention && (!mpi || mpi->transport().rank() == 0))
+        fmt::print(stderr, "note: {} was planned for fused attention kernels (fused_attention = true); dpart run "
+                           "materialises attention, so its prediction here counts the probabilities it keeps\n",
+                   o.plan);
+    plan.fused_attention = false;  // what runs, and what the plan it writes says
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);

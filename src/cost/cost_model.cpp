@@ -25,10 +25,12 @@ bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept {
     return true;
 }
 
-std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp) noexcept {
+std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_attention) noexcept {
     const LayerCost& c = layer.cost;
-    if (tp <= 1 || !tp_splits(layer.op)) return c.saved_bytes;
-    return c.saved_bytes - c.tp_saved_bytes + (c.tp_saved_bytes + tp - 1) / tp;
+    const std::uint64_t less = fused_attention ? c.fused_saved_less : 0;  // within tp_saved_bytes
+    if (tp <= 1 || !tp_splits(layer.op)) return c.saved_bytes - less;
+    const std::uint64_t split = c.tp_saved_bytes - less;
+    return c.saved_bytes - c.tp_saved_bytes + (split + tp - 1) / tp;
 }
 
 TpCollectives tp_collectives(const OpParams& op) noexcept {

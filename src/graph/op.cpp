@@ -62,7 +62,10 @@ LayerCost operator+(const LayerCost& a, const LayerCost& b) {
                      checked_add(a.bwd_flops, b.bwd_flops),     checked_add(a.out_bytes, b.out_bytes),
                      checked_add(a.saved_bytes, b.saved_bytes), checked_add(a.fwd_mem_bytes, b.fwd_mem_bytes),
                      checked_add(a.bwd_mem_bytes, b.bwd_mem_bytes), checked_add(a.weight_bytes, b.weight_bytes),
-                     std::max(a.workspace_bytes, b.workspace_bytes), checked_add(a.tp_saved_bytes, b.tp_saved_bytes)};
+                     std::max(a.workspace_bytes, b.workspace_bytes), checked_add(a.tp_saved_bytes, b.tp_saved_bytes),
+                     checked_add(a.fused_saved_less, b.fused_saved_less),
+                     std::max(a.workspace_bytes, b.workspace_bytes) -
+                         std::max(a.workspace_bytes - a.fused_workspace_less, b.workspace_bytes - b.fused_workspace_less)};
 }
 
 }  // namespace dpart

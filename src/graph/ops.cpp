@@ -150,9 +150,9 @@ Shape sequence_input(const std::vector<Shape>& in, std::string_view op, u64 hidd
 }
 
 /// What attention's backward holds beyond its output's gradient: dO, the probabilities'
-/// gradient, dQ, dK, dV and dX (dpart run's kernels).
-u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e) {
-    return sum({mul({s, sum({mul({2, q}), mul({2, kv}), h}), e}), mul({heads, s, s, e})});
+/// gradient, dQ, dK, dV and dX (dpart run's kernels); fused, no probabilities' gradient.
+u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e, bool fused = false) {
+    return sum({mul({s, sum({mul({2, q}), mul({2, kv}), h}), e}), fused ? 0 : mul({heads, s, s, e})});
 }
 
 /// What an MLP's backward holds beyond its output's gradient, for t tokens: the inner
@@ -192,6 +192,8 @@ OpResult eval(const AttentionOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
     r.cost.weight_bytes = mul({r.cost.params, e});
     r.cost.workspace_bytes = sum({r.cost.out_bytes, attention_backward_inner(s, h, q, kv, o.heads, e)});
+    r.cost.fused_saved_less = mul({o.heads, s, s, e}) - std::min(mul({o.heads, s, s, e}), mul({s, o.heads, 4}));
+    r.cost.fused_workspace_less = mul({o.heads, s, s, e});
     return r;
 }
 
@@ -256,10 +258,13 @@ OpResult eval(const TransformerBlockOp& o, const std::vector<Shape>& in, u64 e) 
     // attention's run, the MLP's dX and the second norm's next to attention's own.
     const u64 s = x[0], q = mul({o.attention.heads, o.attention.head_dim}),
               kv = mul({o.attention.kv_heads, o.attention.head_dim});
-    const u64 attention = sum({mul({2, n, e}),
-                               attention_backward_inner(s, o.attention.hidden, q, kv, o.attention.heads, e)});
-    r.cost.workspace_bytes =
-        sum({mul({n, e}), std::max({mlp_backward_inner(o.mlp, s, e), attention, mul({4, n, e})})});
+    const auto workspace = [&](bool fused) {
+        const u64 attention = sum({mul({2, n, e}), attention_backward_inner(s, o.attention.hidden, q, kv,
+                                                                            o.attention.heads, e, fused)});
+        return sum({mul({n, e}), std::max({mlp_backward_inner(o.mlp, s, e), attention, mul({4, n, e})})});
+    };
+    r.cost.workspace_bytes = workspace(false);
+    r.cost.fused_workspace_less = workspace(false) - workspace(true);
     return r;
 }
 

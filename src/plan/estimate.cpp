@@ -80,10 +80,10 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
         if (const auto* linear = std::get_if<LinearOp>(&layer.op); linear && linear->tied_to)
             params = layer.cost.weight_bytes / e;
         m.params = checked_add(m.params, split ? (params + in.tp - 1) / in.tp : params);
-        saved = checked_add(saved, saved_per_rank(layer, in.tp));
+        saved = checked_add(saved, saved_per_rank(layer, in.tp, options.fused_attention));
         // Not divided over tensor-parallel ranks: each holds whole gradients of the layer's
         // input and output (and at most that much less of its inner ones).
-        workspace = std::max(workspace, layer.cost.workspace_bytes);
+        workspace = std::max(workspace, workspace_of(layer, options.fused_attention));
     }
     m.workspace_bytes = checked_mul(in.share, workspace);
     const std::uint64_t weights_and_grads = std::min<std::uint64_t>(2 * e, options.bytes_per_param);
@@ -231,6 +231,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
     CostOptions options = given;
     options.recompute = options.recompute || plan.recompute;
     options.shard_optimizer = options.shard_optimizer || plan.shard_optimizer;
+    options.fused_attention = options.fused_attention || plan.fused_attention;
     validate_plan(plan, model, cluster);
     const std::size_t S = plan.stages.size();
     const std::uint64_t M = plan.microbatches;

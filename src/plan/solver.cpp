@@ -136,7 +136,7 @@ struct Context {
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
         : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), times(m, cm, c.devices.size(), co.recompute) {
         const std::uint64_t e = dtype_bytes(m.dtype);
-        for (const Layer& l : m.layers) workspace.push_back(l.cost.workspace_bytes);
+        for (const Layer& l : m.layers) workspace.push_back(workspace_of(l, co.fused_attention));
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
                 tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, tp_splits(m.layers[l].op)});
@@ -156,7 +156,7 @@ struct Context {
             t.indivisible[l + 1] = t.indivisible[l] + (tp_divides(model.layers[l].op, tp) ? 0 : 1);
             const bool split = tp > 1 && tp_splits(model.layers[l].op);
             t.params[l + 1] = sat_add(t.params[l], split ? (c.params + tp - 1) / tp : c.params);
-            t.saved[l + 1] = sat_add(t.saved[l], saved_per_rank(model.layers[l], tp));
+            t.saved[l + 1] = sat_add(t.saved[l], saved_per_rank(model.layers[l], tp, copt.fused_attention));
         }
         return memory.emplace(tp, std::move(t)).first->second;
     }
@@ -990,6 +990,7 @@ SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& c
                                                        : solve_baseline(model, cluster, cost, copt, sopt);
     r.plan.recompute = copt.recompute;  // the plan says how it is to be run
     r.plan.shard_optimizer = copt.shard_optimizer;
+    r.plan.fused_attention = copt.fused_attention;
     return r;
 }
 

@@ -173,6 +173,25 @@ for name in tiny-gpt tiny-llama tiny-mixtral; do
     fi
 done
 
+# A plan for fused attention kernels says so; dpart run, which materialises attention, says it
+# predicts the probabilities it keeps, and the plan it writes is the plan as run.
+if check "plan tiny-gpt for fused attention" 0 "$dpart" plan "$src/plans/models/tiny-gpt.toml" -c "$cpu4" \
+    --fused-attention --out "$tmp/gpt-fused.toml"; then
+    contains "fused attention: in the plan" "$tmp/gpt-fused.toml" "fused_attention = true"
+    contains "fused attention: in the report" "$tmp/out" "fused attention's memory"
+    if check "run a plan for fused attention" 0 "$dpart" run "$tmp/gpt-fused.toml" -m "$src/plans/models/tiny-gpt.toml" \
+        -c "$cpu4" -n 2 --backend host-device --precision fp32 -o "$tmp/gpt-fused"; then
+        contains "fused attention: run says it materialises" "$tmp/err" "dpart run materialises attention"
+        checks=$((checks + 1))
+        if grep -q "fused_attention" "$tmp/gpt-fused/plan.toml"; then
+            echo "FAIL fused attention: the plan as run still says fused_attention"; failures=$((failures + 1))
+        fi
+        same "fused attention: run predicts the materialised memory" \
+            "$(summary_value "$tmp/gpt-fused/summary.toml" predicted_bytes)" \
+            "$(summary_value "$tmp/tiny-gpt-mem/summary.toml" predicted_bytes)"
+    fi
+fi
+
 # --- Under mpirun: one rank per device, the same results -------------------------------------
 if command -v mpirun >/dev/null; then
     mpi=(timeout 120 mpirun --oversubscribe -np)

@@ -145,6 +145,10 @@ TEST_CASE("a transformer block keeps 32sh + 2as^2 bytes of bf16 activations (Kor
     // Backward at its fullest, while attention's runs: dY, the MLP's dX, the second norm's dX,
     // then attention's dO, dP, dQ, dK, dV and dX (2 bytes each).
     CHECK(r.cost.workspace_bytes == 2 * (s * h * 3 + s * h * 5 + a * s * s));
+    // A fused (flash) kernel keeps an fp32 log-sum-exp per row and head instead of the
+    // probabilities (Korthikanti's 32sh without dropout), and holds no gradient of them.
+    CHECK(r.cost.saved_bytes - r.cost.fused_saved_less == 32 * s * h + 2 * 8 * s + 4 * s * a);
+    CHECK(r.cost.workspace_bytes - r.cost.fused_workspace_less == 2 * 8 * s * h);
 }
 
 TEST_CASE("conv2d and pooling follow the output-size formula") {

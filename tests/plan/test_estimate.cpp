@@ -68,6 +68,45 @@ TEST_CASE("stage memory: training state plus activations of the microbatches in 
     CHECK(in_flight(ScheduleKind::gpipe, 3, 4, 8) == 8);
 }
 
+TEST_CASE("stage memory: the largest layer's workspace, tensor parallelism on inner tensors only, fused attention") {
+    const Model m = load_model(plans_dir + "models/gpt2-small.toml");
+    const Layer& block = m.layers[1];
+    const std::uint64_t s = 1024, h = 768, a = 12, e = 2;
+    StageMemoryInput in{1, 2, 1, 1, 2, 3};  // two blocks, 2 samples, 3 microbatches in flight
+    const StageMemory mem = stage_memory(m, in, {});
+    CHECK(mem.workspace_bytes == 2 * block.cost.workspace_bytes);  // one layer's at a time, for the share
+    CHECK(mem.total() == mem.state_bytes + mem.activation_bytes + mem.workspace_bytes);
+    // Tensor parallelism divides the heads' and the MLP's inner tensors; each rank keeps the
+    // block's input, both norms' tensors and the inputs of attention and the MLP whole.
+    const std::uint64_t whole = 2 * (s * h * e + 8 * s) + 2 * s * h * e;
+    CHECK(block.cost.saved_bytes - block.cost.tp_saved_bytes == whole);
+    StageMemoryInput tp2 = in;
+    tp2.tp = 2;
+    CHECK(stage_memory(m, tp2, {}).activation_bytes == 3 * 2 * 2 * (whole + block.cost.tp_saved_bytes / 2));
+    CHECK(stage_memory(m, tp2, {}).workspace_bytes == mem.workspace_bytes);  // whole dY and dX on each rank
+    // Fused attention keeps an fp32 log-sum-exp per row and head instead of the probabilities,
+    // and holds no gradient of them: Korthikanti's 32sh (no dropout, flash) and 2 x 8sh.
+    CostOptions fused;
+    fused.fused_attention = true;
+    const StageMemory f = stage_memory(m, in, fused);
+    CHECK(f.activation_bytes == 3 * 2 * 2 * (32 * s * h + 16 * s + 4 * s * a));
+    CHECK(f.workspace_bytes == 2 * 2 * (8 * s * h));
+    CHECK(stage_memory(m, tp2, fused).activation_bytes ==
+          3 * 2 * 2 * (whole + (block.cost.tp_saved_bytes - block.cost.fused_saved_less) / 2));
+    // A plan solved for fused attention says so, and is estimated so.
+    const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
+    const AnalyticalCostModel cost(m, c, {});
+    const SolveResult r = solve(m, c, cost, fused, {});
+    CHECK(r.plan.fused_attention);
+    const std::string text = plan_toml(r.plan, r.estimate, m, c, Meta{"dpart plan test", {}}, "optimal");
+    CHECK(text.find("fused_attention = true") != std::string::npos);
+    CHECK(parse_plan(text, "plan.toml", m, c) == r.plan);
+    CHECK(estimate_plan(r.plan, m, c, cost, {}).stages[0].memory.total() == r.estimate.stages[0].memory.total());
+    Plan materialised = r.plan;
+    materialised.fused_attention = false;
+    CHECK(estimate_plan(materialised, m, c, cost, {}).stages[0].memory.total() > r.estimate.stages[0].memory.total());
+}
+
 TEST_CASE("with recompute, a stage's backward runs its forward again; the planner counts it too") {
     const Model m = load_model(plans_dir + "models/gpt2-small.toml");
     const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");

@@ -58,8 +58,13 @@ public:
 /// whole on every rank. The planner gives no stage a tp that one of its layers cannot take.
 [[nodiscard]] bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept;
 /// Saved bytes per sample on each rank of a tensor-parallel group of `tp`: what the op divides
-/// (LayerCost::tp_saved_bytes, rounded up) and the rest whole, as dpart run's kernels keep them.
-[[nodiscard]] std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp) noexcept;
+/// (LayerCost::tp_saved_bytes, rounded up) and the rest whole, as dpart run's kernels keep them;
+/// `fused_attention`: less the probabilities a fused attention kernel does not keep.
+[[nodiscard]] std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_attention = false) noexcept;
+/// The layer's workspace_bytes (`fused_attention`: less the probabilities' gradient).
+[[nodiscard]] inline std::uint64_t workspace_of(const Layer& layer, bool fused_attention = false) noexcept {
+    return layer.cost.workspace_bytes - (fused_attention ? layer.cost.fused_workspace_less : 0);
+}
 /// Tensor-parallel all-reduces of the op's output activation per pass: {forward, backward}.
 struct TpCollectives {
     std::uint32_t forward = 0;
@@ -85,6 +90,9 @@ struct CostOptions {
     std::uint64_t bytes_per_param = 16;
     bool shard_optimizer = false;    ///< optimizer state (beyond weights and gradients) split across replicas
     bool recompute = false;          ///< activation checkpointing: keep stage inputs, recompute the rest
+    /// Memory of fused (flash) attention kernels: no s x s probabilities kept (dpart run
+    /// materialises them; a plan for a framework with fused attention sets this).
+    bool fused_attention = false;
     bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
 };
 

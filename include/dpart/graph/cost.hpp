@@ -29,6 +29,11 @@ struct LayerCost {
     /// The part of saved_bytes a tensor-parallel group divides among its ranks (attention's and
     /// an MLP's inner tensors); every rank keeps the rest whole (inputs, norms, the loss's logits).
     std::uint64_t tp_saved_bytes = 0;
+    /// What fused (flash) attention would not keep, of saved_bytes (and tp_saved_bytes): the s x s
+    /// probabilities of each head, less the fp32 log-sum-exp per row and head it keeps instead;
+    /// and would not hold, of workspace_bytes (their gradient). dpart run materialises attention.
+    std::uint64_t fused_saved_less = 0;
+    std::uint64_t fused_workspace_less = 0;
 
     friend bool operator==(const LayerCost&, const LayerCost&) = default;
 };

@@ -40,12 +40,15 @@ struct Plan {
     /// ZeRO-1 (dpart plan --shard-optimizer): each replica of a stage keeps and steps the
     /// optimizer state of its 1/replicas part of the stage's parameters; dpart run executes it so.
     bool shard_optimizer = false;
+    /// Planned for fused attention kernels (dpart plan --fused-attention): no s x s probabilities
+    /// kept. dpart run materialises them, and predicts its memory without this.
+    bool fused_attention = false;
     SourceLocation where;
 
     friend bool operator==(const Plan& a, const Plan& b) {
         return a.objective == b.objective && a.schedule == b.schedule && a.microbatch_size == b.microbatch_size &&
                a.microbatches == b.microbatches && a.stages == b.stages && a.recompute == b.recompute &&
-               a.shard_optimizer == b.shard_optimizer;
+               a.shard_optimizer == b.shard_optimizer && a.fused_attention == b.fused_attention;
     }
 };
 
