@@ -80,28 +80,38 @@ void write_outputs(const RunCliOptions& o, const std::string& command, const Mod
 
 /// A device backend's memory, stage by stage: the peak its workers' allocations reached (each
 /// worker's MemoryMeter; `peak` by worker of `plan`), next to the plan's prediction for its
-/// fullest device. Printed (after `what`), and returned as summary.toml's [device_memory] table;
+/// fullest device; and the run's cache of synthetic inputs and labels beside (`cached`, by
+/// worker: a data loader's stand-in the plan does not hold, off the meter but for the entries
+/// in flight). Printed (after `what`), and returned as summary.toml's [device_memory] table;
 /// nothing for the CPU backend.
 std::string device_memory_report(const Plan& plan, const PlanEstimate& predicted, const std::vector<std::uint64_t>& peak,
-                                 const std::string& what) {
+                                 const std::vector<std::uint64_t>& cached, const std::string& what) {
     const std::size_t S = plan.stages.size();
     const std::vector<rt::WorkerPlace> places = rt::worker_places(plan);
-    std::vector<std::uint64_t> stage_peak(S, 0), expected(S, 0);
-    for (std::size_t w = 0; w < peak.size() && w < places.size(); ++w)
+    std::vector<std::uint64_t> stage_peak(S, 0), expected(S, 0), stage_cached(S, 0);
+    for (std::size_t w = 0; w < peak.size() && w < places.size(); ++w) {
         stage_peak[places[w].stage] = std::max(stage_peak[places[w].stage], peak[w]);
+        if (w < cached.size()) stage_cached[places[w].stage] = std::max(stage_cached[places[w].stage], cached[w]);
+    }
     if (std::all_of(stage_peak.begin(), stage_peak.end(), [](std::uint64_t b) { return b == 0; })) return {};
     std::vector<std::string> parts;
     for (std::size_t s = 0; s < S; ++s) {
         expected[s] = predicted.stages.at(s).memory.total();
         const double error =
             expected[s] == 0 ? 0.0 : (static_cast<double>(stage_peak[s]) / static_cast<double>(expected[s]) - 1) * 100;
-        parts.push_back(fmt::format("stage {} {:.4g} MB vs {:.4g} MB ({:+.3g}%)", s, static_cast<double>(stage_peak[s]) / 1e6,
-                                    static_cast<double>(expected[s]) / 1e6, error));
+        parts.push_back(fmt::format("stage {} {:.4g} MB vs {:.4g} MB ({:+.3g}%{})", s,
+                                    static_cast<double>(stage_peak[s]) / 1e6, static_cast<double>(expected[s]) / 1e6,
+                                    error,
+                                    stage_cached[s] == 0
+                                        ? std::string()
+                                        : fmt::format("; {:.4g} MB of cached data beside",
+                                                      static_cast<double>(stage_cached[s]) / 1e6)));
     }
     fmt::print("device memory{}, peak per stage, measured vs predicted: {}\n", what, fmt::join(parts, ", "));
-    return fmt::format("\n[device_memory]  # per stage{}: the peak its workers' device allocations reached, and the "
-                       "plan's prediction for its fullest device\npeak_bytes = [{}]\npredicted_bytes = [{}]\n",
-                       what, fmt::join(stage_peak, ", "), fmt::join(expected, ", "));
+    return fmt::format("\n[device_memory]  # per stage{}: the peak its workers' device allocations reached, the "
+                       "plan's prediction for its fullest device, and the run's cache of synthetic inputs and labels "
+                       "beside them (not in the plan; in the peak only for the microbatches in flight)\npeak_bytes = [{}]\npredicted_bytes = [{}]\ncached_bytes = [{}]\n",
+                       what, fmt::join(stage_peak, ", "), fmt::join(expected, ", "), fmt::join(stage_cached, ", "));
 }
 
 /// Refuses a run that would not fit in this host's memory (rather than be killed by the
@@ -286,12 +296,14 @@ int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const M
     {
         // The last plan's segments: each worker's peak against that plan's prediction.
         const Plan& last = r.plans.back();
-        std::vector<std::uint64_t> peak(rt::worker_places(last).size(), 0);
+        std::vector<std::uint64_t> peak(rt::worker_places(last).size(), 0), cached(peak.size(), 0);
         for (const rt::Segment& seg : r.segments)
             if (seg.plan_version == r.plans.size())
-                for (std::size_t w = 0; w < seg.workers.size() && w < peak.size(); ++w)
+                for (std::size_t w = 0; w < seg.workers.size() && w < peak.size(); ++w) {
                     peak[w] = std::max(peak[w], seg.workers[w].peak_device_bytes);
-        summary.extra_toml += device_memory_report(last, estimate_plan(last, model, cluster, cost, copt), peak,
+                    cached[w] = std::max(cached[w], seg.workers[w].cached_device_bytes);
+                }
+        summary.extra_toml += device_memory_report(last, estimate_plan(last, model, cluster, cost, copt), peak, cached,
                                                    fmt::format(" (plan version {})", r.plans.size()));
     }
     if (!r.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", r.loss.front(), r.loss.back());
@@ -314,11 +326,15 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     // The plan as it runs, in the files it writes too (replay then predicts what ran).
     plan.recompute = copt.recompute;
     plan.shard_optimizer = copt.shard_optimizer;
-    if (plan.fused_attention && (!mpi || mpi->transport().rank() == 0))
-        fmt::print(stderr, "note: {} was planned for fused attention kernels (fused_attention = true); dpart run "
-                           "materialises attention, so its prediction here counts the probabilities it keeps\n",
-                   o.plan);
-    plan.fused_attention = false;  // what runs, and what the plan it writes says
+    // The CPU kernels keep an fp32 log-sum-exp per row and head, as fused attention does; the
+    // device backends materialise the probabilities. Predict, and write, what runs.
+    const bool materialises = o.backend != "cpu";
+    if (plan.fused_attention && materialises && (!mpi || mpi->transport().rank() == 0))
+        fmt::print(stderr, "note: {} was planned for fused attention kernels (fused_attention = true); the {} "
+                           "backend materialises attention, so its prediction here counts the probabilities it keeps\n",
+                   o.plan, o.backend);
+    copt.fused_attention = !materialises && model.total().fused_saved_less > 0;
+    plan.fused_attention = copt.fused_attention;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);
@@ -378,9 +394,12 @@ int run_run(const RunCliOptions& o, const std::string& command) {
                summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
                summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
     if (run.first_iteration > 0) fmt::print("resumed from the checkpoint at iteration {}\n", run.first_iteration);
-    std::vector<std::uint64_t> peak(ex.workers(), 0);
-    for (const rt::WorkerReport& w : run.workers) peak.at(w.rank) = w.peak_device_bytes;
-    summary.extra_toml += device_memory_report(ex.plan(), predicted, peak, "");
+    std::vector<std::uint64_t> peak(ex.workers(), 0), cached(ex.workers(), 0);
+    for (const rt::WorkerReport& w : run.workers) {
+        peak.at(w.rank) = w.peak_device_bytes;
+        cached.at(w.rank) = w.cached_device_bytes;
+    }
+    summary.extra_toml += device_memory_report(ex.plan(), predicted, peak, cached, "");
     if (!run.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", run.loss.front(), run.loss.back());
     fmt::print("weights_digest: {}\n", summary.weights_digest);
     if (!o.out_dir.empty()) write_outputs(o, command, model, cluster, ex, predicted, run, summary);

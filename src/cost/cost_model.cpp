@@ -1,5 +1,7 @@
 #include "dpart/cost/cost_model.hpp"
 
+#include "dpart/graph/ops.hpp"
+
 #include <algorithm>
 #include <limits>
 #include <map>
@@ -31,6 +33,12 @@ std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_at
     if (tp <= 1 || !tp_splits(layer.op)) return c.saved_bytes - less;
     const std::uint64_t split = c.tp_saved_bytes - less;
     return c.saved_bytes - c.tp_saved_bytes + (split + tp - 1) / tp;
+}
+
+std::uint64_t workspace_per_rank(const Layer& layer, DType dtype, std::uint32_t tp, bool fused_attention) {
+    const std::uint64_t whole = layer.cost.workspace_bytes - (fused_attention ? layer.cost.fused_workspace_less : 0);
+    if (tp <= 1 || !tp_splits(layer.op)) return whole;
+    return split_workspace_bytes(layer.op, layer.out_shape, dtype, tp, fused_attention).value_or(whole);
 }
 
 TpCollectives tp_collectives(const OpParams& op) noexcept {

@@ -149,10 +149,14 @@ Shape sequence_input(const std::vector<Shape>& in, std::string_view op, u64 hidd
     return x;
 }
 
-/// What attention's backward holds beyond its output's gradient: dO, the probabilities'
-/// gradient, dQ, dK, dV and dX (dpart run's kernels); fused, no probabilities' gradient.
-u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e, bool fused = false) {
-    return sum({mul({s, sum({mul({2, q}), mul({2, kv}), h}), e}), fused ? 0 : mul({heads, s, s, e})});
+u64 per_rank(u64 n, u64 tp) { return (n + tp - 1) / tp; }
+
+/// What attention's backward holds beyond its output's gradient, on each of `tp` ranks: dO,
+/// the probabilities' gradient, dQ, dK, dV (its heads') and dX (whole); fused, no
+/// probabilities' gradient (dpart run's kernels).
+u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e, bool fused = false, u64 tp = 1) {
+    return sum({mul({s, sum({mul({2, per_rank(q, tp)}), mul({2, per_rank(kv, tp)}), h}), e}),
+                fused ? 0 : mul({per_rank(heads, tp), s, s, e})});
 }
 
 /// What an MLP's backward holds beyond its output's gradient, for t tokens: the inner
@@ -160,8 +164,8 @@ u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e, bool
 /// by slot, the router's logit gradients, the routing (int32 slot indices both ways, fp32
 /// weights and weight gradients: 16 bytes per slot), and one expert's inner gradients for at
 /// most every token.
-u64 mlp_backward_inner(const MlpOp& o, u64 t, u64 e) {
-    const u64 h = o.hidden, f = o.ffn_hidden;
+u64 mlp_backward_inner(const MlpOp& o, u64 t, u64 e, u64 tp = 1) {
+    const u64 h = o.hidden, f = per_rank(o.ffn_hidden, tp);
     const u64 inner = sum({o.kind == MlpKind::gated ? mul({3, f}) : f, h});  // dH (dGate, dUp), dX
     if (o.experts <= 1) return mul({t, inner, e});
     const u64 k = o.experts_per_token;
@@ -439,6 +443,34 @@ Shape implied_input_shape(const OpParams& op) {
         return block->attention.seq_len != 0 ? Shape{block->attention.seq_len, block->attention.hidden} : Shape{};
     if (const auto* norm = std::get_if<NormOp>(&op)) return norm->features != 0 ? Shape{norm->features} : Shape{};
     return {};
+}
+
+std::optional<std::uint64_t> split_workspace_bytes(const OpParams& op, const Shape& out_shape, DType dtype,
+                                                   std::uint32_t tp, bool fused) {
+    const u64 e = dtype_bytes(dtype);
+    const u64 t = tp == 0 ? 1 : tp;
+    if (out_shape.empty()) return std::nullopt;
+    const u64 n = element_count(out_shape);
+    if (const auto* l = std::get_if<LinearOp>(&op)) {
+        const u64 tokens = n / l->out_features;
+        const u64 own = t > 1 && !l->tied_to ? per_rank(l->out_features, t) : 0;  // its columns of dY
+        return mul({tokens, sum({l->in_features, l->out_features, own}), e});
+    }
+    if (const auto* a = std::get_if<AttentionOp>(&op)) {
+        const u64 s = out_shape.front();
+        return sum({mul({n, e}), attention_backward_inner(s, a->hidden, mul({a->heads, a->head_dim}),
+                                                          mul({a->kv_heads, a->head_dim}), a->heads, e, fused, t)});
+    }
+    if (const auto* m = std::get_if<MlpOp>(&op)) return sum({mul({n, e}), mlp_backward_inner(*m, n / m->hidden, e, t)});
+    if (const auto* b = std::get_if<TransformerBlockOp>(&op)) {
+        const AttentionOp& a = b->attention;
+        const u64 s = out_shape.front();
+        const u64 attention = sum({mul({2, n, e}), attention_backward_inner(s, a.hidden, mul({a.heads, a.head_dim}),
+                                                                            mul({a.kv_heads, a.head_dim}), a.heads, e,
+                                                                            fused, t)});
+        return sum({mul({n, e}), std::max({mlp_backward_inner(b->mlp, s, e, t), attention, mul({4, n, e})})});
+    }
+    return std::nullopt;
 }
 
 }  // namespace dpart

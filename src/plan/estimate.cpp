@@ -33,6 +33,19 @@ std::vector<std::uint64_t> cut_bytes(const Model& model) {
     return cuts;
 }
 
+std::vector<std::uint64_t> pending_gradient_bytes(const Model& model, const std::vector<std::uint64_t>& cuts) {
+    const std::size_t L = model.layers.size();
+    std::vector<bool> read_later(L, false);
+    for (std::size_t i = 0; i < L; ++i)
+        for (std::size_t j : model.layers[i].inputs) read_later[j] = read_later[j] || j < i;
+    std::vector<std::uint64_t> pending(L, 0);
+    for (std::size_t k = 0; k < L; ++k) {
+        const std::uint64_t own = read_later[k] ? model.layers[k].cost.out_bytes : 0;
+        pending[k] = cuts[k + 1] > own ? cuts[k + 1] - own : 0;
+    }
+    return pending;
+}
+
 std::vector<std::uint64_t> replica_shares(std::uint64_t samples, const std::vector<double>& speeds) {
     const std::size_t r = speeds.size();
     if (r == 0 || samples < r) return {};
@@ -68,6 +81,12 @@ std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t st
 
 StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options,
                          const std::vector<std::uint64_t>* cuts) {
+    std::vector<std::uint64_t> own_cuts;
+    if (cuts == nullptr) {
+        own_cuts = cut_bytes(model);
+        cuts = &own_cuts;
+    }
+    const std::vector<std::uint64_t> pending = pending_gradient_bytes(model, *cuts);
     StageMemory m;
     std::uint64_t saved = 0, workspace = 0;
     const std::uint64_t e = dtype_bytes(model.dtype);
@@ -81,9 +100,8 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
             params = layer.cost.weight_bytes / e;
         m.params = checked_add(m.params, split ? (params + in.tp - 1) / in.tp : params);
         saved = checked_add(saved, saved_per_rank(layer, in.tp, options.fused_attention));
-        // Not divided over tensor-parallel ranks: each holds whole gradients of the layer's
-        // input and output (and at most that much less of its inner ones).
-        workspace = std::max(workspace, workspace_of(layer, options.fused_attention));
+        workspace = std::max(workspace, checked_add(workspace_per_rank(layer, model.dtype, in.tp, options.fused_attention),
+                                                    pending[l]));
     }
     m.workspace_bytes = checked_mul(in.share, workspace);
     const std::uint64_t weights_and_grads = std::min<std::uint64_t>(2 * e, options.bytes_per_param);
@@ -92,8 +110,7 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
     m.state_bytes = checked_mul(m.params, weights_and_grads + optimizer);
     if (options.recompute) {
         // Keep each in-flight microbatch's stage input; recompute one microbatch at a time.
-        const std::uint64_t input =
-            in.first_layer == 0 ? 0 : (cuts != nullptr ? (*cuts)[in.first_layer] : cut_bytes(model)[in.first_layer]);
+        const std::uint64_t input = in.first_layer == 0 ? 0 : (*cuts)[in.first_layer];
         m.activation_bytes = checked_add(checked_product({in.in_flight, in.share, input}), checked_mul(in.share, saved));
     } else {
         m.activation_bytes = checked_product({in.in_flight, in.share, saved});
@@ -185,7 +202,7 @@ bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, con
                const CostOptions& options) {
     std::vector<double> speeds;
     std::vector<std::size_t> leaders;
-    const std::vector<std::uint64_t> cuts = options.recompute ? cut_bytes(model) : std::vector<std::uint64_t>{};
+    const std::vector<std::uint64_t> cuts = cut_bytes(model);
     for (std::size_t s = 0; s < plan.stages.size(); ++s) {
         const Stage& st = plan.stages[s];
         replicas_of(st, cost, speeds, leaders);
@@ -193,7 +210,7 @@ bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, con
         const StageMemoryInput in{st.first_layer, st.last_layer, st.tp, st.replicas(),
                                   *std::max_element(shares.begin(), shares.end()),
                                   in_flight(plan.schedule, s, plan.stages.size(), plan.microbatches)};
-        if (stage_memory(model, in, options, options.recompute ? &cuts : nullptr).total() > capacity_of(st, cluster))
+        if (stage_memory(model, in, options, &cuts).total() > capacity_of(st, cluster))
             return false;
     }
     return true;

@@ -90,6 +90,7 @@ private:
 /// (split ops rounded up per layer, exactly as stage_memory counts them).
 struct MemoryTables {
     std::vector<std::uint64_t> params, saved;
+    std::vector<std::uint64_t> workspace;  ///< each layer's per rank (the stage needs its largest)
     /// Prefix counts of the layers that cannot be split over this tp (tp_divides): a stage
     /// holding one cannot take it.
     std::vector<std::uint32_t> indivisible;
@@ -124,7 +125,7 @@ struct Context {
     const CostOptions& copt;
     const SolverOptions& sopt;
     std::vector<std::uint64_t> cuts;
-    std::vector<std::uint64_t> workspace;  ///< each layer's workspace_bytes (the stage needs its largest)
+    std::vector<std::uint64_t> pending;  ///< pending_gradient_bytes, per layer
     std::map<std::uint32_t, MemoryTables> memory;  ///< by tp
     std::vector<TiedCopy> tied;
     TimeTables times;
@@ -134,9 +135,8 @@ struct Context {
     std::size_t evaluations = 0;
 
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
-        : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), times(m, cm, c.devices.size(), co.recompute) {
+        : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), pending(pending_gradient_bytes(m, cuts)), times(m, cm, c.devices.size(), co.recompute) {
         const std::uint64_t e = dtype_bytes(m.dtype);
-        for (const Layer& l : m.layers) workspace.push_back(workspace_of(l, co.fused_attention));
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
                 tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, tp_splits(m.layers[l].op)});
@@ -157,6 +157,8 @@ struct Context {
             const bool split = tp > 1 && tp_splits(model.layers[l].op);
             t.params[l + 1] = sat_add(t.params[l], split ? (c.params + tp - 1) / tp : c.params);
             t.saved[l + 1] = sat_add(t.saved[l], saved_per_rank(model.layers[l], tp, copt.fused_attention));
+            t.workspace.push_back(
+                sat_add(workspace_per_rank(model.layers[l], model.dtype, tp, copt.fused_attention), pending[l]));
         }
         return memory.emplace(tp, std::move(t)).first->second;
     }
@@ -287,9 +289,10 @@ public:
                         std::size_t first_i2 = i + 1;
                         if (next_j >= D_) first_i2 = L_;  // no devices left for later stages
                         std::uint64_t workspace = 0;
-                        for (std::size_t l = i; l + 1 < first_i2; ++l) workspace = std::max(workspace, ctx_.workspace[l]);
+                        const std::vector<std::uint64_t>& ws = blk.memory->workspace;
+                        for (std::size_t l = i; l + 1 < first_i2; ++l) workspace = std::max(workspace, ws[l]);
                         for (std::size_t i2 = first_i2; i2 <= L_; ++i2) {
-                            workspace = std::max(workspace, ctx_.workspace[i2 - 1]);
+                            workspace = std::max(workspace, ws[i2 - 1]);
                             // Stage compute grows with i2: past the bound or the best, stop.
                             const double compute = compute_seconds(blk, i, i2);
                             if (compute > bound || compute >= best) break;

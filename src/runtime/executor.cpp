@@ -341,8 +341,10 @@ public:
             const std::uint64_t every = ex_.options().checkpoint_every;
             if (every > 0 && (it + 1) % every == 0 && it + 1 < ex_.options().iterations) checkpoint(it + 1, all);
         }
-        if (DeviceOps* ops = compute_->device_memory().ops; ops != nullptr && ops->meter() != nullptr)
-            report.peak_device_bytes = static_cast<std::uint64_t>(std::max<std::int64_t>(0, ops->meter()->peak()));
+        if (const auto memory = compute_->device_memory(); memory.ops != nullptr && memory.ops->meter() != nullptr) {
+            report.peak_device_bytes = static_cast<std::uint64_t>(std::max<std::int64_t>(0, memory.ops->meter()->peak()));
+            report.cached_device_bytes = memory.cached_bytes;
+        }
         report.state = std::move(compute_->pull_state());
         if (zero_ && whole_state_) unshard_moments(report.state, report.left);
         return report;
@@ -1135,6 +1137,7 @@ Bytes serialise_report(const WorkerReport& w) {
     append_value(b, static_cast<std::uint64_t>(w.left.size()));
     append(b, std::span<const std::size_t>(w.left));
     append_value(b, w.peak_device_bytes);
+    append_value(b, w.cached_device_bytes);
     append_value(b, static_cast<std::uint64_t>(w.state.size()));
     for (const auto& p : w.state) {
         append_value(b, static_cast<std::uint64_t>(p.params.size()));
@@ -1158,6 +1161,7 @@ WorkerReport deserialise_report(const Bytes& b, std::size_t rank) {
     w.left.resize(in.value<std::uint64_t>());
     in.read_into(std::span<std::size_t>(w.left));
     w.peak_device_bytes = in.value<std::uint64_t>();
+    w.cached_device_bytes = in.value<std::uint64_t>();
     w.state.resize(in.value<std::uint64_t>());
     for (auto& p : w.state) {
         p.params.resize(in.value<std::uint64_t>());

@@ -157,31 +157,46 @@ if check "host-device: tiny-mixtral, 2 stages" 0 "$dpart" run "$tmp/moe2.toml" -
     contains "host-device: device memory in the summary" "$tmp/moe2-dev/summary.toml" "[device_memory]"
 fi
 
-# The planner's memory against the device memory a run measures: the transformers' planned
-# stages within 3% (training state, saved activations for the microbatches in flight, and the
-# largest layer's workspace).
+# The planner's memory against the device memory a run measures (training state, saved
+# activations of the microbatches in flight, the largest layer's workspace; the run's cache of
+# synthetic inputs and labels is reported beside): within 0.5% on a
+# 1F1B pipeline of two stages, 4 microbatches in flight; within 5% for the transformers' own
+# plans, tp 2 (the planner divides the embedding's tables over tensor-parallel ranks, as
+# Megatron-LM's vocabulary-parallel embedding does; dpart run keeps them whole: +4% for tiny-gpt).
+memory_within() {  # memory_within NAME SUMMARY LIMIT: every stage's peak within LIMIT of its plan's
+    local peaks predicted
+    peaks=$(summary_value "$2" peak_bytes | tr -d '[] ')
+    predicted=$(summary_value "$2" predicted_bytes | tr -d '[] ')
+    checks=$((checks + 1))
+    awk -v a="$peaks" -v b="$predicted" -v limit="$3" 'BEGIN {
+        n = split(a, pa, ","); m = split(b, pb, ",")
+        if (n == 0 || n != m) exit 1
+        for (i = 1; i <= n; ++i) { r = pa[i] / pb[i] - 1; if (r < 0) r = -r; if (!(pb[i] > 0 && r <= limit)) exit 1 }
+    }' || { echo "FAIL $1: device memory peaks [$peaks] vs planned [$predicted] (more than $3 apart)"; failures=$((failures + 1)); }
+}
+plan_file mem-pipeline 1f1b 4 2 '0 3 "cpu0" 1' '4 7 "cpu1" 1'
 for name in tiny-gpt tiny-llama tiny-mixtral; do
+    if check "run $name's pipeline on the host device" 0 "$dpart" run "$tmp/mem-pipeline.toml" \
+        -m "$src/plans/models/$name.toml" -c "$cpu2" -n 2 --backend host-device --precision fp32 -o "$tmp/$name-pipe"; then
+        memory_within "$name: a pipeline's memory as planned" "$tmp/$name-pipe/summary.toml" 0.005
+    fi
     if check "plan $name for its memory" 0 "$dpart" plan "$src/plans/models/$name.toml" -c "$cpu4" \
         --out "$tmp/$name-mem.toml" &&
         check "run $name on the host device" 0 "$dpart" run "$tmp/$name-mem.toml" -m "$src/plans/models/$name.toml" \
             -c "$cpu4" -n 2 --backend host-device --precision fp32 -o "$tmp/$name-mem"; then
-        peak=$(summary_value "$tmp/$name-mem/summary.toml" peak_bytes | tr -d '[] ' | cut -d, -f1)
-        predicted=$(summary_value "$tmp/$name-mem/summary.toml" predicted_bytes | tr -d '[] ' | cut -d, -f1)
-        checks=$((checks + 1))
-        awk -v a="$peak" -v b="$predicted" 'BEGIN { r = a / b - 1; if (r < 0) r = -r; exit !(b > 0 && r <= 0.03) }' ||
-            { echo "FAIL $name: device memory peak $peak bytes vs planned $predicted (more than 3% apart)"; failures=$((failures + 1)); }
+        memory_within "$name: its plan's memory" "$tmp/$name-mem/summary.toml" 0.05
     fi
 done
 
-# A plan for fused attention kernels says so; dpart run, which materialises attention, says it
-# predicts the probabilities it keeps, and the plan it writes is the plan as run.
+# A plan for fused attention kernels says so; a device backend, which materialises attention,
+# says it predicts the probabilities it keeps, and the plan it writes is the plan as run.
 if check "plan tiny-gpt for fused attention" 0 "$dpart" plan "$src/plans/models/tiny-gpt.toml" -c "$cpu4" \
     --fused-attention --out "$tmp/gpt-fused.toml"; then
     contains "fused attention: in the plan" "$tmp/gpt-fused.toml" "fused_attention = true"
     contains "fused attention: in the report" "$tmp/out" "fused attention's memory"
     if check "run a plan for fused attention" 0 "$dpart" run "$tmp/gpt-fused.toml" -m "$src/plans/models/tiny-gpt.toml" \
         -c "$cpu4" -n 2 --backend host-device --precision fp32 -o "$tmp/gpt-fused"; then
-        contains "fused attention: run says it materialises" "$tmp/err" "dpart run materialises attention"
+        contains "fused attention: run says it materialises" "$tmp/err" "backend materialises attention"
         checks=$((checks + 1))
         if grep -q "fused_attention" "$tmp/gpt-fused/plan.toml"; then
             echo "FAIL fused attention: the plan as run still says fused_attention"; failures=$((failures + 1))

@@ -4,6 +4,7 @@
 #include "dpart/io/model_toml.hpp"
 #include <fmt/format.h>
 
+#include "dpart/graph/ops.hpp"
 #include "dpart/io/plan_toml.hpp"
 #include "dpart/plan/estimate.hpp"
 #include "dpart/plan/solver.hpp"
@@ -83,7 +84,10 @@ TEST_CASE("stage memory: the largest layer's workspace, tensor parallelism on in
     StageMemoryInput tp2 = in;
     tp2.tp = 2;
     CHECK(stage_memory(m, tp2, {}).activation_bytes == 3 * 2 * 2 * (whole + block.cost.tp_saved_bytes / 2));
-    CHECK(stage_memory(m, tp2, {}).workspace_bytes == mem.workspace_bytes);  // whole dY and dX on each rank
+    // Each rank holds whole dY and dX, and its heads' and inner units' gradients: while
+    // attention's backward runs, 3 x dY-sized (dY, the MLP's and the norm's dX), attention's dX
+    // and half of dO, dQ, dK, dV and the probabilities' gradient.
+    CHECK(stage_memory(m, tp2, {}).workspace_bytes == 2 * 2 * (6 * s * h + a / 2 * s * s));
     // Fused attention keeps an fp32 log-sum-exp per row and head instead of the probabilities,
     // and holds no gradient of them: Korthikanti's 32sh (no dropout, flash) and 2 x 8sh.
     CostOptions fused;
@@ -93,6 +97,22 @@ TEST_CASE("stage memory: the largest layer's workspace, tensor parallelism on in
     CHECK(f.workspace_bytes == 2 * 2 * (8 * s * h));
     CHECK(stage_memory(m, tp2, fused).activation_bytes ==
           3 * 2 * 2 * (whole + (block.cost.tp_saved_bytes - block.cost.fused_saved_less) / 2));
+    CHECK(stage_memory(m, tp2, fused).workspace_bytes == 2 * 2 * (6 * s * h));
+    // A split linear layer (untied head) also holds its own columns of dY.
+    CHECK(split_workspace_bytes(LinearOp{768, 1000, true, std::nullopt}, {1024, 1000}, DType::bf16, 4, false) ==
+          1024 * (768 + 1000 + 250) * 2);
+    // On one rank, the op library's own figures, for every layer of the bundled models.
+    for (const char* name : {"gpt2-small", "llama3-8b", "tiny-mixtral", "tiny-gpt", "cpu-mlp"}) {
+        const Model model = load_model(plans_dir + "models/" + name + ".toml");
+        for (const Layer& l : model.layers) {
+            CAPTURE(l.name);
+            const auto one = split_workspace_bytes(l.op, l.out_shape, model.dtype, 1, false);
+            if (!one) continue;
+            CHECK(*one == l.cost.workspace_bytes);
+            CHECK(*split_workspace_bytes(l.op, l.out_shape, model.dtype, 1, true) ==
+                  l.cost.workspace_bytes - l.cost.fused_workspace_less);
+        }
+    }
     // A plan solved for fused attention says so, and is estimated so.
     const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
     const AnalyticalCostModel cost(m, c, {});

@@ -61,10 +61,11 @@ public:
 /// (LayerCost::tp_saved_bytes, rounded up) and the rest whole, as dpart run's kernels keep them;
 /// `fused_attention`: less the probabilities a fused attention kernel does not keep.
 [[nodiscard]] std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_attention = false) noexcept;
-/// The layer's workspace_bytes (`fused_attention`: less the probabilities' gradient).
-[[nodiscard]] inline std::uint64_t workspace_of(const Layer& layer, bool fused_attention = false) noexcept {
-    return layer.cost.workspace_bytes - (fused_attention ? layer.cost.fused_workspace_less : 0);
-}
+/// The layer's workspace_bytes per sample on each rank of a tensor-parallel group of `tp`
+/// (split_workspace_bytes for the ops tp splits; `fused_attention`: less the probabilities'
+/// gradient), as dpart run's kernels hold it.
+[[nodiscard]] std::uint64_t workspace_per_rank(const Layer& layer, DType dtype, std::uint32_t tp,
+                                               bool fused_attention = false);
 /// Tensor-parallel all-reduces of the op's output activation per pass: {forward, backward}.
 struct TpCollectives {
     std::uint32_t forward = 0;

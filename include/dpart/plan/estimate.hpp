@@ -15,6 +15,12 @@ namespace dpart {
 /// layers before k and read by layer k or later (k = 0 and k = L carry nothing).
 [[nodiscard]] std::vector<std::uint64_t> cut_bytes(const Model& model);
 
+/// Per layer k, the per-sample bytes of gradients waiting while k runs backward: those of the
+/// tensors made before k that a later layer reads (cut_bytes[k + 1], less k's own output, which
+/// is k's dY): a residual branch's gradient, held until its producer's backward.
+[[nodiscard]] std::vector<std::uint64_t> pending_gradient_bytes(const Model& model,
+                                                                const std::vector<std::uint64_t>& cuts);
+
 /// A microbatch of `samples` shared among replicas in proportion to their speeds (largest
 /// remainder, ties to the earlier replica). Every share is at least 1; empty when samples <
 /// replicas.

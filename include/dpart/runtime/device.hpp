@@ -357,6 +357,9 @@ public:
                                                              const DeviceParams& params,
                                                              const std::vector<DeviceBuffer>& saved,
                                                              DeviceSpan grads) const = 0;
+    /// False when backward reads only its inputs' sizes (their count and element type), never
+    /// their values: a stage then need not keep them from forward to backward for this layer.
+    [[nodiscard]] virtual bool backward_reads_inputs() const noexcept { return true; }
 };
 
 /// The labels of the loss for samples [first_sample, first_sample + n), `positions` per sample,

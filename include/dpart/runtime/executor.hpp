@@ -122,6 +122,8 @@ struct WorkerReport {
     /// A device stage's peak of device memory held (MemoryMeter), in bytes; 0 when not measured
     /// (the CPU stage).
     std::uint64_t peak_device_bytes = 0;
+    /// Of those, the stage's cache of synthetic inputs and labels (StageCompute::DeviceMemory).
+    std::uint64_t cached_device_bytes = 0;
 };
 
 /// Which transport rank runs each worker of a plan, and which ranks vote at the start of every

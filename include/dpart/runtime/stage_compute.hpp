@@ -122,6 +122,9 @@ public:
     struct DeviceMemory {
         DeviceOps* ops = nullptr;
         Elem compute = Elem::f32;
+        /// Bytes of its cache of the synthetic inputs and labels of the batches a run cycles
+        /// through (a data loader's stand-in, not part of a plan's memory).
+        std::uint64_t cached_bytes = 0;
     };
     [[nodiscard]] virtual DeviceMemory device_memory() { return {}; }
     virtual void import_gradients(DeviceSpan from, std::size_t first, bool add);

@@ -1,8 +1,8 @@
 // The device backend's layers, written once over DeviceOps: the CPU kernels' math and parameter
 // layout (the same ParamLayout calls in the same order), with activations in the compute
 // precision, matrix products reading the compute copy of the weights, and biases, norms and
-// embeddings reading the fp32 master copy. Tensor parallelism is the CPU backend's for now:
-// device layers are built for whole layers (tp = 1).
+// embeddings reading the fp32 master copy. A split layer is one rank's shard, as the CPU
+// kernel splits it (make_device_layer's `shard`).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -634,6 +634,7 @@ public:
         }
         return dx;
     }
+    [[nodiscard]] bool backward_reads_inputs() const noexcept override { return false; }
 };
 
 /// Token (+ learned position, + token type 0) embeddings. Input: token ids (i32), [n, tokens].
@@ -941,6 +942,8 @@ public:
         ops.pool_backward(max_, x, dout, dx[0].span(), x.count / (g_.h * g_.w), g_);
         return dx;
     }
+    /// Average pooling spreads dY over each window without reading x.
+    [[nodiscard]] bool backward_reads_inputs() const noexcept override { return max_; }
 
 private:
     bool max_ = true;
@@ -1024,6 +1027,7 @@ public:
         });
         return dx;
     }
+    [[nodiscard]] bool backward_reads_inputs() const noexcept override { return false; }
 
 private:
     /// f(input, offset in the input, offset in the output) for every block.

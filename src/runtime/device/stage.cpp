@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -76,6 +77,18 @@ public:
         push_state();
         if (std::holds_alternative<SoftmaxXentOp>(model_.layers[stage_.last_layer].op))
             loss_ = loss_shape(model_, stage_.last_layer);
+        // What a microbatch keeps from forward to backward: the tensors a layer here reads in
+        // backward. The rest (a residual add's output, the stage's last output once handed on)
+        // is released when forward ends.
+        for (std::size_t k = 0; k < layers_.size(); ++k)
+            if (layers_[k]->backward_reads_inputs())
+                for (std::size_t i : inputs_of(model_, stage_.first_layer + k)) read_in_backward_.insert(i);
+    }
+    DeviceStage(const DeviceStage&) = delete;
+    DeviceStage& operator=(const DeviceStage&) = delete;
+    ~DeviceStage() override {
+        // The cache's buffers are released after this body: put them back on the meter first.
+        if (MemoryMeter* meter = ops_->meter()) meter->add(cache_metered_);
     }
 
     [[nodiscard]] bool makes_model_input() const override { return true; }
@@ -95,14 +108,14 @@ public:
         if (stage_.first_layer == 0) {
             const auto* embedding = std::get_if<EmbeddingOp>(&model_.layers.front().op);
             std::vector<float> ids;  // the tokens, when this microbatch's input is made now
-            f.input = cached(Cached::input, ctx.first_sample, rows, embedding ? Elem::i32 : compute_, f.owned_input, [&] {
+            f.input = cached(Cached::input, ctx.first_sample, rows, embedding ? Elem::i32 : compute_, f, f.owned_input, [&] {
                 std::vector<float> x = synthetic_input(model_, seed_, ctx.first_sample, rows).data;
                 if (embedding) ids = x;
                 return x;
             });
             if (embedding) {
                 // The tokens grouped by id once per batch, for the embedding's backward.
-                f.step.token_groups = cached(Cached::token_groups, ctx.first_sample, rows, Elem::i32, f.owned_groups, [&] {
+                f.step.token_groups = cached(Cached::token_groups, ctx.first_sample, rows, Elem::i32, f, f.owned_groups, [&] {
                     if (ids.empty()) ids = synthetic_input(model_, seed_, ctx.first_sample, rows).data;
                     for (float id : ids)
                         if (id < 0.0f || id >= static_cast<float>(embedding->vocab))
@@ -114,7 +127,7 @@ public:
             }
         }
         if (loss_.classes != 0)
-            f.step.labels = cached(Cached::labels, ctx.first_sample, rows, Elem::i32, f.owned_labels, [&] {
+            f.step.labels = cached(Cached::labels, ctx.first_sample, rows, Elem::i32, f, f.owned_labels, [&] {
                 return loss_labels(seed_, ctx.first_sample, rows, loss_.positions, loss_.classes);
             });
         run_forward(f);
@@ -131,6 +144,16 @@ public:
             f.out.emplace(l, std::move(t));
         }
         if (device != nullptr) hand_out(*device, f.acts, rows);
+        if (!recompute_)
+            for (auto it = f.acts.begin(); it != f.acts.end();) {
+                if (read_in_backward_.contains(it->first)) {
+                    ++it;
+                    continue;
+                }
+                const DeviceSpan s = it->second.span();
+                f.released.emplace(it->first, DeviceSpan{nullptr, s.count, s.elem});
+                it = f.acts.erase(it);
+            }
         if (recompute_) {
             // Checkpointing: only the stage's inputs stay on the device (what leaves it has gone,
             // to the host or in parcels); backward runs the forward again.
@@ -147,8 +170,9 @@ public:
         f.step.tp = group(ctx);
         if (recompute_) run_forward(f);  // the same values: deterministic layers, the same step
         std::map<std::size_t, DeviceBuffer> dgrads = bring_in(grads, device, f.rows, [&](std::size_t l) {
-            const auto a = f.acts.find(l);
-            return a != f.acts.end() ? a->second.span().elem : compute_;
+            if (const auto a = f.acts.find(l); a != f.acts.end()) return a->second.span().elem;
+            if (const auto r = f.released.find(l); r != f.released.end()) return r->second.elem;
+            return compute_;
         });
         for (std::size_t k = layers_.size(); k-- > 0;) {
             const std::size_t l = stage_.first_layer + k;
@@ -209,7 +233,7 @@ public:
         ops_->synchronize();
         return b.release_ownership();
     }
-    DeviceMemory device_memory() override { return {ops_.get(), compute_}; }
+    DeviceMemory device_memory() override { return {ops_.get(), compute_, cached_bytes_}; }
     DeviceSpan gradients_in_place() override { return grads_.span(); }
     DeviceSpan parameters_in_place() override { return master_.span(); }
     void refresh_compute_copy() override {
@@ -316,6 +340,36 @@ private:
         DeviceBuffer compute, m, v;
         DeviceSpan master, grads;  // its parts of master_ and grads_
     };
+    /// Bytes put on the meter while a microbatch uses cache entries, taken off when it ends.
+    class CacheUse {
+    public:
+        CacheUse() = default;
+        CacheUse(CacheUse&& o) noexcept : meter_(std::exchange(o.meter_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+        CacheUse& operator=(CacheUse&& o) noexcept {
+            if (this != &o) {
+                drop();
+                meter_ = std::exchange(o.meter_, nullptr);
+                bytes_ = std::exchange(o.bytes_, 0);
+            }
+            return *this;
+        }
+        ~CacheUse() { drop(); }
+        void add(MemoryMeter* meter, std::int64_t bytes) noexcept {
+            if (meter == nullptr) return;
+            meter_ = meter;
+            bytes_ += bytes;
+            meter->add(bytes);
+        }
+
+    private:
+        void drop() noexcept {
+            if (meter_ != nullptr) meter_->add(-bytes_);
+            meter_ = nullptr;
+            bytes_ = 0;
+        }
+        MemoryMeter* meter_ = nullptr;
+        std::int64_t bytes_ = 0;
+    };
     struct InFlight;
     /// Every layer's forward on the microbatch's inputs, keeping what backward needs.
     void run_forward(InFlight& f) {
@@ -335,7 +389,10 @@ private:
         DeviceBuffer owned_input;
         DeviceBuffer owned_labels;  // the loss's labels when not in cache_
         DeviceBuffer owned_groups;  // the input's tokens grouped by id when not in cache_
+        CacheUse cache_use;         // what of cache_ it uses, on the meter while it is in flight
         std::map<std::size_t, DeviceBuffer> acts;
+        /// Outputs no backward here reads, released after forward: their sizes alone (null data).
+        std::map<std::size_t, DeviceSpan> released;
         std::vector<std::vector<DeviceBuffer>> saved;
         DeviceStep step;
         TensorMap out;
@@ -448,7 +505,9 @@ private:
     [[nodiscard]] std::size_t row_size(std::size_t layer) const { return Tensor::count(shape_of(layer, 1)); }
 
     [[nodiscard]] DeviceSpan span_of(const InFlight& f, std::size_t layer) const {
-        return layer == model_input ? f.input : f.acts.at(layer).span();
+        if (layer == model_input) return f.input;
+        if (const auto r = f.released.find(layer); r != f.released.end()) return r->second;
+        return f.acts.at(layer).span();
     }
 
     /// What depends only on the samples [first, first + rows): the model input (first stage) and
@@ -456,11 +515,18 @@ private:
     /// run sees few distinct batches (a run trains on dataset_batches x microbatches of them), so
     /// that neither is regenerated nor copied again; beyond the cache's bounds, `owned` holds it
     /// for this microbatch alone.
+    /// The cache is not on the memory meter (a data loader's stand-in, which the plan does not
+    /// hold; cached_bytes_ reports it): only the entries a microbatch in flight uses are, as the
+    /// plan counts its input and labels (InFlight::cache_use).
     enum class Cached : std::uint8_t { input, labels, token_groups };
     template <class Make>
-    DeviceSpan cached(Cached what, std::uint64_t first, std::size_t rows, Elem elem, DeviceBuffer& owned, Make&& make) {
+    DeviceSpan cached(Cached what, std::uint64_t first, std::size_t rows, Elem elem, InFlight& f, DeviceBuffer& owned,
+                      Make&& make) {
         const auto key = std::make_tuple(what, first, rows);
-        if (auto it = cache_.find(key); it != cache_.end()) return it->second.span();
+        if (auto it = cache_.find(key); it != cache_.end()) {
+            f.cache_use.add(ops_->meter(), allocation_bytes(it->second.span()));
+            return it->second.span();
+        }
         const std::vector<float> values = make();
         DeviceBuffer b(*ops_, values.size(), elem, DeviceBuffer::uninitialized);
         ops_->upload(values, b.span());
@@ -471,6 +537,9 @@ private:
             return owned.span();
         }
         cached_bytes_ += b.span().bytes();
+        cache_metered_ += allocation_bytes(b.span());
+        if (MemoryMeter* meter = ops_->meter()) meter->add(-allocation_bytes(b.span()));
+        f.cache_use.add(ops_->meter(), allocation_bytes(b.span()));
         return cache_.emplace(key, std::move(b)).first->second.span();
     }
 
@@ -503,7 +572,9 @@ private:
     double realised_ = 1.0;        // what the device made of it
     std::map<std::tuple<Cached, std::uint64_t, std::size_t>, DeviceBuffer> cache_;
     std::size_t cached_bytes_ = 0;
+    std::int64_t cache_metered_ = 0;  // the cache's allocations, taken off the meter
     std::map<std::uint32_t, InFlight> in_flight_;
+    std::set<std::size_t> read_in_backward_;  // layers (or model_input) whose output a backward here reads
     std::optional<HostStagedGroup> tp_;
 };
 
