@@ -7,4 +7,4 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/build.sh"
 build=${BUILD_DIR:-$root/build}
 "$build/dpart" plan "$root/plans/models/llama3-8b.toml" --cluster "$root/plans/clusters/hetero-3kinds.toml" --compare \
-    --fused-attention
+    --fused-attention --vocab-parallel

@@ -33,6 +33,7 @@ struct PlanOptions {
     bool shard_optimizer = false;
     bool recompute = false;
     bool fused_attention = false;
+    bool vocab_parallel = false;
     bool overlap_allreduce = false;
     bool compare = false;
     bool quiet = false;
@@ -87,11 +88,12 @@ std::string msf(double seconds) {
 
 void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, const Cluster& cluster,
                 const std::string& strategy) {
-    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}{}{}\n\n",
+    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}{}{}{}\n\n",
                model.name, cluster.name, strategy, to_string(plan.objective), to_string(plan.schedule),
                plan.microbatches, plan.microbatch_size, plan.recompute ? ", activations recomputed" : "",
                plan.shard_optimizer ? ", optimizer state sharded" : "",
-               plan.fused_attention ? ", fused attention's memory" : "");
+               plan.fused_attention ? ", fused attention's memory" : "",
+               plan.vocab_parallel ? ", vocabulary-parallel embedding" : "");
     TextTable t({{"stage", Align::right},
                  {"layers", Align::left},
                  {"devices", Align::left},
@@ -239,6 +241,7 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     copt.shard_optimizer = o.shard_optimizer;
     copt.recompute = o.recompute;
     copt.fused_attention = o.fused_attention;
+    copt.vocab_parallel = o.vocab_parallel;
     copt.overlap_allreduce = o.overlap_allreduce;
     SolverOptions sopt;
     sopt.objective = o.objective == "throughput" ? Objective::throughput : Objective::iteration;
@@ -309,6 +312,9 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--fused-attention", o->fused_attention,
                   "plan the memory of fused (flash) attention kernels, which keep no s x s probabilities (dpart run "
                   "materialises them: a plan for dpart run leaves this out)");
+    cmd->add_flag("--vocab-parallel", o->vocab_parallel,
+                  "under tensor parallelism, split the embedding and the loss over the ranks as Megatron-LM's "
+                  "vocabulary-parallel ones do (dpart run holds them whole: a plan for dpart run leaves this out)");
     cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "overlap the gradient all-reduce with the last backward");
     cmd->add_flag("--compare", o->compare, "also solve every baseline strategy and print a comparison");
     cmd->add_flag("--quiet,-q", o->quiet, "print nothing (write --out / --csv only)");

@@ -37,6 +37,7 @@ struct ReplayOptions {
     bool shard_optimizer = false;
     bool recompute = false;
     bool fused_attention = false;
+    bool vocab_parallel = false;
     bool overlap_allreduce = false;
 };
 
@@ -49,6 +50,7 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;
     copt.recompute = o.recompute || plan.recompute;
     copt.fused_attention = o.fused_attention || plan.fused_attention;
+    copt.vocab_parallel = o.vocab_parallel || plan.vocab_parallel;
     copt.overlap_allreduce = o.overlap_allreduce;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
@@ -177,6 +179,7 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--shard-optimizer", o->shard_optimizer, "as for dpart plan");
     cmd->add_flag("--recompute", o->recompute, "as for dpart plan");
     cmd->add_flag("--fused-attention", o->fused_attention, "as for dpart plan");
+    cmd->add_flag("--vocab-parallel", o->vocab_parallel, "as for dpart plan");
     cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "as for dpart plan");
     cmd->footer(
         "Examples:\n"

@@ -335,6 +335,12 @@ int run_run(const RunCliOptions& o, const std::string& command) {
                    o.plan, o.backend);
     copt.fused_attention = !materialises && model.total().fused_saved_less > 0;
     plan.fused_attention = copt.fused_attention;
+    // Both backends hold the embedding and the loss whole on every tensor-parallel rank.
+    if (plan.vocab_parallel && (!mpi || mpi->transport().rank() == 0))
+        fmt::print(stderr, "note: {} was planned for a vocabulary-parallel embedding and loss (vocab_parallel = "
+                           "true); dpart run holds them whole on every tensor-parallel rank, and predicts so\n",
+                   o.plan);
+    plan.vocab_parallel = false;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);

@@ -9,12 +9,12 @@
 
 namespace dpart {
 
-bool tp_splits(const OpParams& op) noexcept {
+bool tp_splits(const OpParams& op, bool vocab_parallel) noexcept {
     // A linear layer tied to an embedding is not split: each rank holds the whole head (the kernels').
     if (const auto* l = std::get_if<LinearOp>(&op)) return !l->tied_to;
     return std::holds_alternative<TransformerBlockOp>(op) || std::holds_alternative<AttentionOp>(op) ||
-           std::holds_alternative<MlpOp>(op) || std::holds_alternative<EmbeddingOp>(op) ||
-           std::holds_alternative<SoftmaxXentOp>(op);
+           std::holds_alternative<MlpOp>(op) ||
+           (vocab_parallel && (std::holds_alternative<EmbeddingOp>(op) || std::holds_alternative<SoftmaxXentOp>(op)));
 }
 
 bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept {
@@ -27,17 +27,18 @@ bool tp_divides(const OpParams& op, std::uint32_t tp) noexcept {
     return true;
 }
 
-std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_attention) noexcept {
+std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_attention, bool vocab_parallel) noexcept {
     const LayerCost& c = layer.cost;
     const std::uint64_t less = fused_attention ? c.fused_saved_less : 0;  // within tp_saved_bytes
-    if (tp <= 1 || !tp_splits(layer.op)) return c.saved_bytes - less;
+    if (tp <= 1 || !tp_splits(layer.op, vocab_parallel)) return c.saved_bytes - less;
     const std::uint64_t split = c.tp_saved_bytes - less;
     return c.saved_bytes - c.tp_saved_bytes + (split + tp - 1) / tp;
 }
 
-std::uint64_t workspace_per_rank(const Layer& layer, DType dtype, std::uint32_t tp, bool fused_attention) {
+std::uint64_t workspace_per_rank(const Layer& layer, DType dtype, std::uint32_t tp, bool fused_attention,
+                                 bool vocab_parallel) {
     const std::uint64_t whole = layer.cost.workspace_bytes - (fused_attention ? layer.cost.fused_workspace_less : 0);
-    if (tp <= 1 || !tp_splits(layer.op)) return whole;
+    if (tp <= 1 || !tp_splits(layer.op, vocab_parallel)) return whole;
     return split_workspace_bytes(layer.op, layer.out_shape, dtype, tp, fused_attention).value_or(whole);
 }
 
@@ -105,7 +106,7 @@ double AnalyticalCostModel::layer_seconds(std::size_t layer, Pass pass, std::siz
         if (at.tflops > 0) seconds *= at.tflops / dev.tflops_for(model_.dtype);
         return seconds;
     }
-    const bool split = tp > 1 && tp_splits(l.op);
+    const bool split = tp > 1 && tp_splits(l.op, options_.vocab_parallel);
     const double share = split ? 1.0 / tp : 1.0;
     const double b = static_cast<double>(samples);
     const bool fwd = pass == Pass::forward;

@@ -88,11 +88,13 @@ double MeasuredCostModel::layer_seconds(std::size_t layer, Pass pass, std::size_
     if (!measured_.at(device)) return base_.layer_seconds(layer, pass, device, samples, tp);
     const std::optional<double> s = times_.seconds(layer, pass, samples);
     if (!s) return base_.layer_seconds(layer, pass, device, samples, tp);
-    if (tp <= 1 || !tp_splits(model_.layers.at(layer).op)) return *s;
-    // Split: the measured work shared tp ways, plus the all-reduces the base model prices
-    // (its split time less its compute share).
+    if (tp <= 1) return *s;
+    // Split where the base model splits it (tp_splits under its options: its time then differs
+    // from the whole layer's): the measured work shared tp ways, plus the all-reduces the base
+    // model prices (its split time less its compute share).
     const double whole = base_.layer_seconds(layer, pass, device, samples, 1);
     const double split = base_.layer_seconds(layer, pass, device, samples, tp);
+    if (split == whole) return *s;
     const double collectives = std::max(0.0, split - whole / tp);
     return *s / tp + collectives;
 }

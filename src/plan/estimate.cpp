@@ -92,15 +92,16 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
     const std::uint64_t e = dtype_bytes(model.dtype);
     for (std::size_t l = in.first_layer; l <= in.last_layer; ++l) {
         const Layer& layer = model.layers[l];
-        const bool split = in.tp > 1 && tp_splits(layer.op);
+        const bool split = in.tp > 1 && tp_splits(layer.op, options.vocab_parallel);
         std::uint64_t params = layer.cost.params;
         // A tied layer keeps its own copy of the weights, on its embedding's stage too: dpart run's
         // kernels hold one each and sum their gradients.
         if (const auto* linear = std::get_if<LinearOp>(&layer.op); linear && linear->tied_to)
             params = layer.cost.weight_bytes / e;
         m.params = checked_add(m.params, split ? (params + in.tp - 1) / in.tp : params);
-        saved = checked_add(saved, saved_per_rank(layer, in.tp, options.fused_attention));
-        workspace = std::max(workspace, checked_add(workspace_per_rank(layer, model.dtype, in.tp, options.fused_attention),
+        saved = checked_add(saved, saved_per_rank(layer, in.tp, options.fused_attention, options.vocab_parallel));
+        workspace = std::max(workspace, checked_add(workspace_per_rank(layer, model.dtype, in.tp, options.fused_attention,
+                                                                       options.vocab_parallel),
                                                     pending[l]));
     }
     m.workspace_bytes = checked_mul(in.share, workspace);
@@ -249,6 +250,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
     options.recompute = options.recompute || plan.recompute;
     options.shard_optimizer = options.shard_optimizer || plan.shard_optimizer;
     options.fused_attention = options.fused_attention || plan.fused_attention;
+    options.vocab_parallel = options.vocab_parallel || plan.vocab_parallel;
     validate_plan(plan, model, cluster);
     const std::size_t S = plan.stages.size();
     const std::uint64_t M = plan.microbatches;

@@ -154,11 +154,13 @@ struct Context {
         for (std::size_t l = 0; l < L; ++l) {
             const LayerCost& c = model.layers[l].cost;
             t.indivisible[l + 1] = t.indivisible[l] + (tp_divides(model.layers[l].op, tp) ? 0 : 1);
-            const bool split = tp > 1 && tp_splits(model.layers[l].op);
+            const bool split = tp > 1 && tp_splits(model.layers[l].op, copt.vocab_parallel);
             t.params[l + 1] = sat_add(t.params[l], split ? (c.params + tp - 1) / tp : c.params);
-            t.saved[l + 1] = sat_add(t.saved[l], saved_per_rank(model.layers[l], tp, copt.fused_attention));
-            t.workspace.push_back(
-                sat_add(workspace_per_rank(model.layers[l], model.dtype, tp, copt.fused_attention), pending[l]));
+            t.saved[l + 1] = sat_add(t.saved[l], saved_per_rank(model.layers[l], tp, copt.fused_attention,
+                                                                copt.vocab_parallel));
+            t.workspace.push_back(sat_add(
+                workspace_per_rank(model.layers[l], model.dtype, tp, copt.fused_attention, copt.vocab_parallel),
+                pending[l]));
         }
         return memory.emplace(tp, std::move(t)).first->second;
     }
@@ -994,6 +996,7 @@ SolveResult solve(const Model& model, const Cluster& cluster, const CostModel& c
     r.plan.recompute = copt.recompute;  // the plan says how it is to be run
     r.plan.shard_optimizer = copt.shard_optimizer;
     r.plan.fused_attention = copt.fused_attention;
+    r.plan.vocab_parallel = copt.vocab_parallel;
     return r;
 }
 

@@ -142,6 +142,7 @@ std::optional<Plan> replan(const Model& model, const Cluster& cluster, const Cos
     copt.recompute = copt.recompute || current.recompute;
     copt.shard_optimizer = copt.shard_optimizer || current.shard_optimizer;
     copt.fused_attention = copt.fused_attention || current.fused_attention;
+    copt.vocab_parallel = copt.vocab_parallel || current.vocab_parallel;
     const Survivors alive = survivors(cluster, conditions.failed);
     if (alive.cluster.devices.empty()) return std::nullopt;
     const RemappedCostModel remapped(cost, alive.original);

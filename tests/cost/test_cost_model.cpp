@@ -110,6 +110,11 @@ TEST_CASE("which ops tensor parallelism splits, and its collectives") {
     CHECK(tp_splits(LinearOp{}));
     CHECK_FALSE(tp_splits(NormOp{}));
     CHECK_FALSE(tp_splits(Conv2dOp{}));
+    // The embedding and the loss only when planned vocabulary-parallel (dpart run's are whole).
+    CHECK_FALSE(tp_splits(EmbeddingOp{}));
+    CHECK_FALSE(tp_splits(SoftmaxXentOp{}));
+    CHECK(tp_splits(EmbeddingOp{}, true));
+    CHECK(tp_splits(SoftmaxXentOp{}, true));
     CHECK(tp_collectives(TransformerBlockOp{}).forward == 2);
     CHECK(tp_collectives(TransformerBlockOp{}).backward == 2);
     CHECK(tp_collectives(EmbeddingOp{}).backward == 0);

@@ -113,6 +113,13 @@ TEST_CASE("stage memory: the largest layer's workspace, tensor parallelism on in
                   l.cost.workspace_bytes - l.cost.fused_workspace_less);
         }
     }
+    // Vocabulary-parallel (Megatron-LM's): the embedding's tables divided over the ranks; dpart
+    // run's, and the default plan's, whole on every rank.
+    StageMemoryInput embed{0, 0, 2, 1, 1, 1};
+    CostOptions vocab;
+    vocab.vocab_parallel = true;
+    CHECK(stage_memory(m, embed, {}).params == m.layers[0].cost.params);
+    CHECK(stage_memory(m, embed, vocab).params == m.layers[0].cost.params / 2);
     // A plan solved for fused attention says so, and is estimated so.
     const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
     const AnalyticalCostModel cost(m, c, {});
@@ -121,6 +128,13 @@ TEST_CASE("stage memory: the largest layer's workspace, tensor parallelism on in
     const std::string text = plan_toml(r.plan, r.estimate, m, c, Meta{"dpart plan test", {}}, "optimal");
     CHECK(text.find("fused_attention = true") != std::string::npos);
     CHECK(parse_plan(text, "plan.toml", m, c) == r.plan);
+    CostOptions both = fused;
+    both.vocab_parallel = true;
+    const SolveResult rv = solve(m, c, cost, both, {});
+    CHECK(rv.plan.vocab_parallel);
+    const std::string vtext = plan_toml(rv.plan, rv.estimate, m, c, Meta{"dpart plan test", {}}, "optimal");
+    CHECK(vtext.find("vocab_parallel = true") != std::string::npos);
+    CHECK(parse_plan(vtext, "plan.toml", m, c) == rv.plan);
     CHECK(estimate_plan(r.plan, m, c, cost, {}).stages[0].memory.total() == r.estimate.stages[0].memory.total());
     Plan materialised = r.plan;
     materialised.fused_attention = false;

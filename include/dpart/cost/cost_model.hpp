@@ -48,10 +48,12 @@ public:
     [[nodiscard]] virtual double optimizer_seconds(std::size_t device, std::uint64_t params) const = 0;
 };
 
-/// Whether tensor parallelism splits this op (Megatron's column/row split of transformer
-/// layers, vocabulary-parallel embedding, head and loss; not a head tied to an embedding, which
-/// every rank holds whole); other ops run whole on every rank.
-[[nodiscard]] bool tp_splits(const OpParams& op) noexcept;
+/// Whether tensor parallelism splits this op (Megatron's column/row split of transformer layers
+/// and of an untied head; not a head tied to an embedding, which every rank holds whole); with
+/// `vocab_parallel` also the embedding and the loss (Megatron-LM's vocabulary-parallel ones,
+/// which dpart run's kernels do not do: they hold them whole on every rank). Other ops run
+/// whole on every rank.
+[[nodiscard]] bool tp_splits(const OpParams& op, bool vocab_parallel = false) noexcept;
 /// Whether the runtime's kernels run the op over a tensor-parallel group of `tp`: an op that
 /// splits must divide evenly (a linear layer its out_features unless tied to an embedding,
 /// attention its heads and kv_heads, an MLP its ffn_hidden, a block all three); the others run
@@ -60,12 +62,13 @@ public:
 /// Saved bytes per sample on each rank of a tensor-parallel group of `tp`: what the op divides
 /// (LayerCost::tp_saved_bytes, rounded up) and the rest whole, as dpart run's kernels keep them;
 /// `fused_attention`: less the probabilities a fused attention kernel does not keep.
-[[nodiscard]] std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_attention = false) noexcept;
+[[nodiscard]] std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_attention = false,
+                                           bool vocab_parallel = false) noexcept;
 /// The layer's workspace_bytes per sample on each rank of a tensor-parallel group of `tp`
 /// (split_workspace_bytes for the ops tp splits; `fused_attention`: less the probabilities'
 /// gradient), as dpart run's kernels hold it.
 [[nodiscard]] std::uint64_t workspace_per_rank(const Layer& layer, DType dtype, std::uint32_t tp,
-                                               bool fused_attention = false);
+                                               bool fused_attention = false, bool vocab_parallel = false);
 /// Tensor-parallel all-reduces of the op's output activation per pass: {forward, backward}.
 struct TpCollectives {
     std::uint32_t forward = 0;
@@ -94,6 +97,10 @@ struct CostOptions {
     /// Memory of fused (flash) attention kernels: no s x s probabilities kept (dpart run
     /// materialises them; a plan for a framework with fused attention sets this).
     bool fused_attention = false;
+    /// Megatron-LM's vocabulary-parallel embedding and loss under tensor parallelism (their
+    /// tables and work divided over the ranks, an all-reduce of the embedding's output); dpart
+    /// run holds them whole on every rank.
+    bool vocab_parallel = false;
     bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
 };
 

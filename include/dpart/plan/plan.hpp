@@ -43,12 +43,16 @@ struct Plan {
     /// Planned for fused attention kernels (dpart plan --fused-attention): no s x s probabilities
     /// kept. dpart run materialises them, and predicts its memory without this.
     bool fused_attention = false;
+    /// Planned for Megatron-LM's vocabulary-parallel embedding and loss (dpart plan
+    /// --vocab-parallel); dpart run holds them whole on every rank, and predicts so.
+    bool vocab_parallel = false;
     SourceLocation where;
 
     friend bool operator==(const Plan& a, const Plan& b) {
         return a.objective == b.objective && a.schedule == b.schedule && a.microbatch_size == b.microbatch_size &&
                a.microbatches == b.microbatches && a.stages == b.stages && a.recompute == b.recompute &&
-               a.shard_optimizer == b.shard_optimizer && a.fused_attention == b.fused_attention;
+               a.shard_optimizer == b.shard_optimizer && a.fused_attention == b.fused_attention &&
+               a.vocab_parallel == b.vocab_parallel;
     }
 };
 
