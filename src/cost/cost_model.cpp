@@ -11,7 +11,8 @@ namespace dpart {
 
 bool tp_splits(const OpParams& op, bool vocab_parallel) noexcept {
     // A linear layer tied to an embedding is not split: each rank holds the whole head (the kernels').
-    if (const auto* l = std::get_if<LinearOp>(&op)) return !l->tied_to;
+    // With vocab_parallel a tied head is split by vocabulary rows, as its embedding is (Megatron-LM).
+    if (const auto* l = std::get_if<LinearOp>(&op)) return !l->tied_to || vocab_parallel;
     return std::holds_alternative<TransformerBlockOp>(op) || std::holds_alternative<AttentionOp>(op) ||
            std::holds_alternative<MlpOp>(op) ||
            (vocab_parallel && (std::holds_alternative<EmbeddingOp>(op) || std::holds_alternative<SoftmaxXentOp>(op)));
@@ -39,6 +40,8 @@ std::uint64_t workspace_per_rank(const Layer& layer, DType dtype, std::uint32_t 
                                  bool vocab_parallel) {
     const std::uint64_t whole = layer.cost.workspace_bytes - (fused_attention ? layer.cost.fused_workspace_less : 0);
     if (tp <= 1 || !tp_splits(layer.op, vocab_parallel)) return whole;
+    // A vocabulary-parallel loss: each rank its columns of the logits' gradient (dLoss whole).
+    if (std::holds_alternative<SoftmaxXentOp>(layer.op)) return 4 + ((whole > 4 ? whole - 4 : 0) + tp - 1) / tp;
     return split_workspace_bytes(layer.op, layer.out_shape, dtype, tp, fused_attention).value_or(whole);
 }
 

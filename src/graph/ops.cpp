@@ -402,6 +402,7 @@ OpResult eval(const SoftmaxXentOp& o, const std::vector<Shape>& in, u64 e) {
     r.out_shape = {1};
     r.cost.out_bytes = 4;                                          // the fp32 loss
     r.cost.saved_bytes = sum({mul({logits, e}), mul({rows, 4})});  // logits and int32 labels
+    r.cost.tp_saved_bytes = mul({logits, e});  // vocabulary-parallel: each rank its classes' logits
     r.cost.fwd_mem_bytes = sum({mul({logits, e}), mul({rows, 4})});
     r.cost.bwd_mem_bytes = sum({mul({2, logits, e}), mul({rows, 4})});
     r.cost.workspace_bytes = sum({4, mul({logits, e})});  // dLoss and the logits' gradient

@@ -139,7 +139,7 @@ struct Context {
         const std::uint64_t e = dtype_bytes(m.dtype);
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
-                tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, tp_splits(m.layers[l].op)});
+                tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, tp_splits(m.layers[l].op, co.vocab_parallel)});
             }
     }
 

@@ -120,6 +120,13 @@ TEST_CASE("stage memory: the largest layer's workspace, tensor parallelism on in
     vocab.vocab_parallel = true;
     CHECK(stage_memory(m, embed, {}).params == m.layers[0].cost.params);
     CHECK(stage_memory(m, embed, vocab).params == m.layers[0].cost.params / 2);
+    // ...and the tied head with it, and the loss's logits (each rank its classes').
+    CHECK(tp_splits(m.layers[14].op, true));
+    StageMemoryInput head2{14, 15, 2, 1, 1, 1};
+    CHECK(stage_memory(m, head2, vocab).params == 50257ull * 768 / 2);
+    const Layer& loss = m.layers[15];
+    CHECK(saved_per_rank(loss, 2, false, true) == loss.cost.saved_bytes - loss.cost.tp_saved_bytes / 2);
+    CHECK(saved_per_rank(loss, 2) == loss.cost.saved_bytes);
     // A plan solved for fused attention says so, and is estimated so.
     const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
     const AnalyticalCostModel cost(m, c, {});

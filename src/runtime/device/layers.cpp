@@ -1136,6 +1136,8 @@ public:
         ops.mul(dout, saved.at(0).span(), dx[0].span());
         return dx;
     }
+    /// Backward multiplies dY by the saved mask: x is not read.
+    [[nodiscard]] bool backward_reads_inputs() const noexcept override { return false; }
 
 private:
     std::size_t index_;

@@ -536,11 +536,13 @@ private:
             owned = std::move(b);
             return owned.span();
         }
-        cached_bytes_ += b.span().bytes();
-        cache_metered_ += allocation_bytes(b.span());
-        if (MemoryMeter* meter = ops_->meter()) meter->add(-allocation_bytes(b.span()));
-        f.cache_use.add(ops_->meter(), allocation_bytes(b.span()));
-        return cache_.emplace(key, std::move(b)).first->second.span();
+        const std::int64_t bytes = allocation_bytes(b.span());
+        const DeviceSpan span = cache_.emplace(key, std::move(b)).first->second.span();
+        cached_bytes_ += span.bytes();
+        cache_metered_ += bytes;
+        if (MemoryMeter* meter = ops_->meter()) meter->add(-bytes);
+        f.cache_use.add(ops_->meter(), bytes);
+        return span;
     }
 
     [[nodiscard]] DeviceParams params(std::size_t k) const {
