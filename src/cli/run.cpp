@@ -329,17 +329,18 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     // The CPU kernels keep an fp32 log-sum-exp per row and head, as fused attention does; the
     // device backends materialise the probabilities. Predict, and write, what runs.
     const bool materialises = o.backend != "cpu";
-    if (plan.fused_attention && materialises && (!mpi || mpi->transport().rank() == 0))
-        fmt::print(stderr, "note: {} was planned for fused attention kernels (fused_attention = true); the {} "
-                           "backend materialises attention, so its prediction here counts the probabilities it keeps\n",
-                   o.plan, o.backend);
+    const auto note = [&](bool planned, const std::string& what) {
+        if (planned && (!mpi || mpi->transport().rank() == 0))
+            fmt::print(stderr, "note: {} was planned for {}; its prediction here counts what runs\n", o.plan, what);
+    };
+    note(plan.fused_attention && materialises,
+         fmt::format("fused attention kernels (fused_attention = true), and the {} backend materialises attention",
+                     o.backend));
     copt.fused_attention = !materialises && model.total().fused_saved_less > 0;
     plan.fused_attention = copt.fused_attention;
     // Both backends hold the embedding and the loss whole on every tensor-parallel rank.
-    if (plan.vocab_parallel && (!mpi || mpi->transport().rank() == 0))
-        fmt::print(stderr, "note: {} was planned for a vocabulary-parallel embedding and loss (vocab_parallel = "
-                           "true); dpart run holds them whole on every tensor-parallel rank, and predicts so\n",
-                   o.plan);
+    note(plan.vocab_parallel, "a vocabulary-parallel embedding and loss (vocab_parallel = true), and dpart run holds "
+                              "them whole on every tensor-parallel rank");
     plan.vocab_parallel = false;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();

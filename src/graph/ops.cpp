@@ -29,6 +29,18 @@ void require_last_dim(const Shape& x, u64 expected, std::string_view key) {
                          x.back(), to_string(x)));
 }
 
+u64 per_rank(u64 n, u64 tp) { return (n + tp - 1) / tp; }
+
+// --- Workspace: what a layer's backward holds beyond its output and saved bytes, per sample on
+// each of `tp` ranks (dpart run's kernels). One function per op, for eval (tp 1) and
+// split_workspace_bytes alike.
+
+/// dY and dX; a split (untied) layer also its own columns of dY.
+u64 linear_workspace(const LinearOp& o, u64 tokens, u64 e, u64 tp) {
+    const u64 own = tp > 1 && !o.tied_to ? per_rank(o.out_features, tp) : 0;
+    return mul({tokens, sum({o.in_features, o.out_features, own}), e});
+}
+
 OpResult eval(const LinearOp& o, const std::vector<Shape>& in, u64 e) {
     const Shape& x = shaped_input(in, "linear");
     require_last_dim(x, o.in_features, "in_features");
@@ -47,7 +59,7 @@ OpResult eval(const LinearOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.fwd_mem_bytes = mul({sum({in_elems, out_elems}), e});
     r.cost.bwd_mem_bytes = mul({2, sum({in_elems, out_elems}), e});  // dY twice, X, dX
     r.cost.weight_bytes = mul({weights, e});
-    r.cost.workspace_bytes = mul({sum({in_elems, out_elems}), e});  // dY and dX
+    r.cost.workspace_bytes = linear_workspace(o, tokens, e, 1);
     return r;
 }
 
@@ -149,14 +161,16 @@ Shape sequence_input(const std::vector<Shape>& in, std::string_view op, u64 hidd
     return x;
 }
 
-u64 per_rank(u64 n, u64 tp) { return (n + tp - 1) / tp; }
-
-/// What attention's backward holds beyond its output's gradient, on each of `tp` ranks: dO,
-/// the probabilities' gradient, dQ, dK, dV (its heads') and dX (whole); fused, no
-/// probabilities' gradient (dpart run's kernels).
-u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e, bool fused = false, u64 tp = 1) {
-    return sum({mul({s, sum({mul({2, per_rank(q, tp)}), mul({2, per_rank(kv, tp)}), h}), e}),
-                fused ? 0 : mul({per_rank(heads, tp), s, s, e})});
+/// What attention's backward holds beyond its output's gradient: dO, the probabilities'
+/// gradient, dQ, dK, dV (its heads') and dX (whole); fused, no probabilities' gradient.
+u64 attention_backward_inner(const AttentionOp& o, u64 s, u64 e, u64 tp, bool fused) {
+    const u64 q = mul({o.heads, o.head_dim}), kv = mul({o.kv_heads, o.head_dim});
+    return sum({mul({s, sum({mul({2, per_rank(q, tp)}), mul({2, per_rank(kv, tp)}), o.hidden}), e}),
+                fused ? 0 : mul({per_rank(o.heads, tp), s, s, e})});
+}
+/// dY and the above.
+u64 attention_workspace(const AttentionOp& o, u64 s, u64 e, u64 tp, bool fused) {
+    return sum({mul({s, o.hidden, e}), attention_backward_inner(o, s, e, tp, fused)});
 }
 
 /// What an MLP's backward holds beyond its output's gradient, for t tokens: the inner
@@ -164,12 +178,22 @@ u64 attention_backward_inner(u64 s, u64 h, u64 q, u64 kv, u64 heads, u64 e, bool
 /// by slot, the router's logit gradients, the routing (int32 slot indices both ways, fp32
 /// weights and weight gradients: 16 bytes per slot), and one expert's inner gradients for at
 /// most every token.
-u64 mlp_backward_inner(const MlpOp& o, u64 t, u64 e, u64 tp = 1) {
+u64 mlp_backward_inner(const MlpOp& o, u64 t, u64 e, u64 tp) {
     const u64 h = o.hidden, f = per_rank(o.ffn_hidden, tp);
     const u64 inner = sum({o.kind == MlpKind::gated ? mul({3, f}) : f, h});  // dH (dGate, dUp), dX
     if (o.experts <= 1) return mul({t, inner, e});
     const u64 k = o.experts_per_token;
     return sum({mul({t, sum({mul({2, k, h}), o.experts, h, inner}), e}), mul({16, t, k})});
+}
+/// dY and the above.
+u64 mlp_workspace(const MlpOp& o, u64 t, u64 e, u64 tp) { return sum({mul({t, o.hidden, e}), mlp_backward_inner(o, t, e, tp)}); }
+
+/// dY and, at its fullest, the MLP's inner gradients; or, while attention's backward runs, the
+/// MLP's dX and the second norm's next to attention's own; or the first norm's (4 x dY-sized).
+u64 block_workspace(const TransformerBlockOp& o, u64 s, u64 e, u64 tp, bool fused) {
+    const u64 n = mul({s, o.attention.hidden});
+    const u64 attention = sum({mul({2, n, e}), attention_backward_inner(o.attention, s, e, tp, fused)});
+    return sum({mul({n, e}), std::max({mlp_backward_inner(o.mlp, s, e, tp), attention, mul({4, n, e})})});
 }
 
 OpResult eval(const AttentionOp& o, const std::vector<Shape>& in, u64 e) {
@@ -195,9 +219,9 @@ OpResult eval(const AttentionOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.fwd_mem_bytes = mul({s, sum({h, mul({2, qkv}), mul({2, q}), h}), e});
     r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
     r.cost.weight_bytes = mul({r.cost.params, e});
-    r.cost.workspace_bytes = sum({r.cost.out_bytes, attention_backward_inner(s, h, q, kv, o.heads, e)});
+    r.cost.workspace_bytes = attention_workspace(o, s, e, 1, false);
     r.cost.fused_saved_less = mul({o.heads, s, s, e}) - std::min(mul({o.heads, s, s, e}), mul({s, o.heads, 4}));
-    r.cost.fused_workspace_less = mul({o.heads, s, s, e});
+    r.cost.fused_workspace_less = r.cost.workspace_bytes - attention_workspace(o, s, e, 1, true);
     return r;
 }
 
@@ -238,7 +262,7 @@ OpResult eval(const MlpOp& o, const std::vector<Shape>& in, u64 e) {
     r.cost.bwd_mem_bytes = mul({2, r.cost.fwd_mem_bytes});
     // With more than a handful of tokens per microbatch every expert is hit: all weights are read.
     r.cost.weight_bytes = mul({r.cost.params, e});
-    r.cost.workspace_bytes = sum({r.cost.out_bytes, mlp_backward_inner(o, t, e)});
+    r.cost.workspace_bytes = mlp_workspace(o, t, e, 1);
     return r;
 }
 
@@ -258,17 +282,8 @@ OpResult eval(const TransformerBlockOp& o, const std::vector<Shape>& in, u64 e) 
     // Two residual additions: each reads two tensors and writes one, forward and backward.
     r.cost.fwd_mem_bytes = sum({r.cost.fwd_mem_bytes, mul({6, n, e})});
     r.cost.bwd_mem_bytes = sum({r.cost.bwd_mem_bytes, mul({6, n, e})});
-    // Backward holds dY and, at its fullest, either the MLP's inner gradients or, while
-    // attention's run, the MLP's dX and the second norm's next to attention's own.
-    const u64 s = x[0], q = mul({o.attention.heads, o.attention.head_dim}),
-              kv = mul({o.attention.kv_heads, o.attention.head_dim});
-    const auto workspace = [&](bool fused) {
-        const u64 attention = sum({mul({2, n, e}), attention_backward_inner(s, o.attention.hidden, q, kv,
-                                                                            o.attention.heads, e, fused)});
-        return sum({mul({n, e}), std::max({mlp_backward_inner(o.mlp, s, e), attention, mul({4, n, e})})});
-    };
-    r.cost.workspace_bytes = workspace(false);
-    r.cost.fused_workspace_less = workspace(false) - workspace(true);
+    r.cost.workspace_bytes = block_workspace(o, x[0], e, 1, false);
+    r.cost.fused_workspace_less = r.cost.workspace_bytes - block_workspace(o, x[0], e, 1, true);
     return r;
 }
 
@@ -452,25 +467,10 @@ std::optional<std::uint64_t> split_workspace_bytes(const OpParams& op, const Sha
     const u64 t = tp == 0 ? 1 : tp;
     if (out_shape.empty()) return std::nullopt;
     const u64 n = element_count(out_shape);
-    if (const auto* l = std::get_if<LinearOp>(&op)) {
-        const u64 tokens = n / l->out_features;
-        const u64 own = t > 1 && !l->tied_to ? per_rank(l->out_features, t) : 0;  // its columns of dY
-        return mul({tokens, sum({l->in_features, l->out_features, own}), e});
-    }
-    if (const auto* a = std::get_if<AttentionOp>(&op)) {
-        const u64 s = out_shape.front();
-        return sum({mul({n, e}), attention_backward_inner(s, a->hidden, mul({a->heads, a->head_dim}),
-                                                          mul({a->kv_heads, a->head_dim}), a->heads, e, fused, t)});
-    }
-    if (const auto* m = std::get_if<MlpOp>(&op)) return sum({mul({n, e}), mlp_backward_inner(*m, n / m->hidden, e, t)});
-    if (const auto* b = std::get_if<TransformerBlockOp>(&op)) {
-        const AttentionOp& a = b->attention;
-        const u64 s = out_shape.front();
-        const u64 attention = sum({mul({2, n, e}), attention_backward_inner(s, a.hidden, mul({a.heads, a.head_dim}),
-                                                                            mul({a.kv_heads, a.head_dim}), a.heads, e,
-                                                                            fused, t)});
-        return sum({mul({n, e}), std::max({mlp_backward_inner(b->mlp, s, e, t), attention, mul({4, n, e})})});
-    }
+    if (const auto* l = std::get_if<LinearOp>(&op)) return linear_workspace(*l, n / l->out_features, e, t);
+    if (const auto* a = std::get_if<AttentionOp>(&op)) return attention_workspace(*a, out_shape.front(), e, t, fused);
+    if (const auto* m = std::get_if<MlpOp>(&op)) return mlp_workspace(*m, n / m->hidden, e, t);
+    if (const auto* b = std::get_if<TransformerBlockOp>(&op)) return block_workspace(*b, out_shape.front(), e, t, fused);
     return std::nullopt;
 }
 

@@ -16,34 +16,41 @@ namespace dpart {
 
 std::string_view to_string(Objective o) noexcept { return o == Objective::throughput ? "throughput" : "iteration"; }
 
-std::vector<std::uint64_t> cut_bytes(const Model& model) {
+namespace {
+
+/// Each layer's last consumer (itself when no later layer reads it).
+std::vector<std::size_t> last_uses(const Model& model) {
     const std::size_t L = model.layers.size();
-    // Layer i's output crosses every cut k with i < k <= (its last consumer).
     std::vector<std::size_t> last_use(L, 0);
     for (std::size_t i = 0; i < L; ++i) {
+        last_use[i] = std::max(last_use[i], i);
         const Layer& l = model.layers[i];
         if (l.inputs.empty() && i > 0) continue;
         for (std::size_t j : l.inputs) last_use[j] = std::max(last_use[j], i);
     }
-    std::vector<std::uint64_t> cuts(L + 1, 0);
-    for (std::size_t i = 0; i < L; ++i) {
-        if (last_use[i] <= i) continue;
+    return last_use;
+}
+
+std::vector<std::uint64_t> cut_bytes(const Model& model, const std::vector<std::size_t>& last_use) {
+    // Layer i's output crosses every cut k with i < k <= (its last consumer).
+    std::vector<std::uint64_t> cuts(model.layers.size() + 1, 0);
+    for (std::size_t i = 0; i < model.layers.size(); ++i)
         for (std::size_t k = i + 1; k <= last_use[i]; ++k) cuts[k] = checked_add(cuts[k], model.layers[i].cost.out_bytes);
-    }
     return cuts;
 }
 
-std::vector<std::uint64_t> pending_gradient_bytes(const Model& model, const std::vector<std::uint64_t>& cuts) {
-    const std::size_t L = model.layers.size();
-    std::vector<bool> read_later(L, false);
-    for (std::size_t i = 0; i < L; ++i)
-        for (std::size_t j : model.layers[i].inputs) read_later[j] = read_later[j] || j < i;
-    std::vector<std::uint64_t> pending(L, 0);
-    for (std::size_t k = 0; k < L; ++k) {
-        const std::uint64_t own = read_later[k] ? model.layers[k].cost.out_bytes : 0;
-        pending[k] = cuts[k + 1] > own ? cuts[k + 1] - own : 0;
+}  // namespace
+
+std::vector<std::uint64_t> cut_bytes(const Model& model) { return cut_bytes(model, last_uses(model)); }
+
+ModelCuts model_cuts(const Model& model) {
+    const std::vector<std::size_t> last_use = last_uses(model);
+    ModelCuts m{cut_bytes(model, last_use), std::vector<std::uint64_t>(model.layers.size(), 0)};
+    for (std::size_t k = 0; k < model.layers.size(); ++k) {
+        const std::uint64_t own = last_use[k] > k ? model.layers[k].cost.out_bytes : 0;
+        m.pending[k] = m.cuts[k + 1] - own;  // own is one of the tensors crossing cut k + 1
     }
-    return pending;
+    return m;
 }
 
 std::vector<std::uint64_t> replica_shares(std::uint64_t samples, const std::vector<double>& speeds) {
@@ -80,13 +87,12 @@ std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t st
 }
 
 StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options,
-                         const std::vector<std::uint64_t>* cuts) {
-    std::vector<std::uint64_t> own_cuts;
+                         const ModelCuts* cuts) {
+    ModelCuts own;
     if (cuts == nullptr) {
-        own_cuts = cut_bytes(model);
-        cuts = &own_cuts;
+        own = model_cuts(model);
+        cuts = &own;
     }
-    const std::vector<std::uint64_t> pending = pending_gradient_bytes(model, *cuts);
     StageMemory m;
     std::uint64_t saved = 0, workspace = 0;
     const std::uint64_t e = dtype_bytes(model.dtype);
@@ -102,7 +108,7 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
         saved = checked_add(saved, saved_per_rank(layer, in.tp, options.fused_attention, options.vocab_parallel));
         workspace = std::max(workspace, checked_add(workspace_per_rank(layer, model.dtype, in.tp, options.fused_attention,
                                                                        options.vocab_parallel),
-                                                    pending[l]));
+                                                    cuts->pending[l]));
     }
     m.workspace_bytes = checked_mul(in.share, workspace);
     const std::uint64_t weights_and_grads = std::min<std::uint64_t>(2 * e, options.bytes_per_param);
@@ -111,7 +117,7 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
     m.state_bytes = checked_mul(m.params, weights_and_grads + optimizer);
     if (options.recompute) {
         // Keep each in-flight microbatch's stage input; recompute one microbatch at a time.
-        const std::uint64_t input = in.first_layer == 0 ? 0 : (*cuts)[in.first_layer];
+        const std::uint64_t input = in.first_layer == 0 ? 0 : cuts->cuts[in.first_layer];
         m.activation_bytes = checked_add(checked_product({in.in_flight, in.share, input}), checked_mul(in.share, saved));
     } else {
         m.activation_bytes = checked_product({in.in_flight, in.share, saved});
@@ -203,7 +209,7 @@ bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, con
                const CostOptions& options) {
     std::vector<double> speeds;
     std::vector<std::size_t> leaders;
-    const std::vector<std::uint64_t> cuts = cut_bytes(model);
+    const ModelCuts cuts = model_cuts(model);
     for (std::size_t s = 0; s < plan.stages.size(); ++s) {
         const Stage& st = plan.stages[s];
         replicas_of(st, cost, speeds, leaders);
@@ -254,7 +260,8 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
     validate_plan(plan, model, cluster);
     const std::size_t S = plan.stages.size();
     const std::uint64_t M = plan.microbatches;
-    const std::vector<std::uint64_t> cuts = cut_bytes(model);
+    const ModelCuts model_cut = model_cuts(model);
+    const std::vector<std::uint64_t>& cuts = model_cut.cuts;
     PlanEstimate est;
     est.stages.resize(S);
     std::vector<StageDurations> durations(S);
@@ -293,7 +300,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
                 cost.transfer_seconds(st.devices.front(), plan.stages[s - 1].devices.back(), cuts[st.first_layer] * max_share);
 
         StageMemoryInput in{st.first_layer, st.last_layer, st.tp, r, max_share, in_flight(plan.schedule, s, S, M)};
-        e.memory = stage_memory(model, in, options, &cuts);
+        e.memory = stage_memory(model, in, options, &model_cut);
         e.allreduce_s = cost.allreduce_seconds(leaders, e.memory.params * dtype_bytes(model.dtype));
         const std::uint64_t stepped = optimizer_params(e.memory.params, r, options.shard_optimizer);
         for (std::size_t d : st.devices) e.optimizer_s = std::max(e.optimizer_s, cost.optimizer_seconds(d, stepped));

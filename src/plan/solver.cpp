@@ -124,8 +124,7 @@ struct Context {
     const CostModel& cost;
     const CostOptions& copt;
     const SolverOptions& sopt;
-    std::vector<std::uint64_t> cuts;
-    std::vector<std::uint64_t> pending;  ///< pending_gradient_bytes, per layer
+    ModelCuts cuts;  ///< cut_bytes and the gradients pending at each layer
     std::map<std::uint32_t, MemoryTables> memory;  ///< by tp
     std::vector<TiedCopy> tied;
     TimeTables times;
@@ -135,7 +134,7 @@ struct Context {
     std::size_t evaluations = 0;
 
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
-        : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(cut_bytes(m)), pending(pending_gradient_bytes(m, cuts)), times(m, cm, c.devices.size(), co.recompute) {
+        : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(model_cuts(m)), times(m, cm, c.devices.size(), co.recompute) {
         const std::uint64_t e = dtype_bytes(m.dtype);
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
@@ -160,7 +159,7 @@ struct Context {
                                                                 copt.vocab_parallel));
             t.workspace.push_back(sat_add(
                 workspace_per_rank(model.layers[l], model.dtype, tp, copt.fused_attention, copt.vocab_parallel),
-                pending[l]));
+                cuts.pending[l]));
         }
         return memory.emplace(tp, std::move(t)).first->second;
     }
@@ -222,7 +221,7 @@ public:
         const std::uint64_t saved = mt.saved[i2] - mt.saved[i];
         std::uint64_t act = 0;
         if (o.recompute) {
-            const std::uint64_t input = i == 0 ? 0 : ctx_.cuts[i];
+            const std::uint64_t input = i == 0 ? 0 : ctx_.cuts.cuts[i];
             act = sat_add(sat_mul(sat_mul(in_flight, blk.max_share), input), sat_mul(blk.max_share, saved));
         } else {
             act = sat_mul(sat_mul(in_flight, blk.max_share), saved);
@@ -236,9 +235,9 @@ public:
         double t = compute;
         if (i2 < L_)
             t += ctx_.cost.transfer_seconds(order_[blk.start + blk.size - 1], order_[blk.start + blk.size],
-                                            ctx_.cuts[i2] * blk.max_share);
+                                            ctx_.cuts.cuts[i2] * blk.max_share);
         if (i > 0)
-            t += ctx_.cost.transfer_seconds(order_[blk.start], order_[blk.start - 1], ctx_.cuts[i] * blk.max_share);
+            t += ctx_.cost.transfer_seconds(order_[blk.start], order_[blk.start - 1], ctx_.cuts.cuts[i] * blk.max_share);
         const std::uint64_t p = params(blk, i, i2);
         double allreduce = blk.allreduce(sat_mul(p, dtype_bytes(ctx_.model.dtype)));
         if (ctx_.copt.overlap_allreduce) {

@@ -49,84 +49,100 @@ struct Errors {
     double forward = 0, input_grad = 0, param_grad = 0;
 };
 
+/// Every layer of a model run forward on the CPU kernels, on n samples (seed 7, from sample 5):
+/// the inputs the device layers are fed, and the reference they are checked against.
+struct CpuReference {
+    const Model& model;
+    std::size_t n;
+    StepContext ctx;
+    Tensor input;
+    std::vector<std::unique_ptr<LayerKernel>> kernels;
+    std::vector<std::vector<float>> params;
+    std::vector<Saved> saved;
+    std::vector<Tensor> outputs;
+
+    CpuReference(const Model& m, std::size_t samples) : model(m), n(samples), saved(m.layers.size()) {
+        ctx.seed = 7;
+        ctx.first_sample = 5;
+        input = synthetic_input(model, ctx.seed, ctx.first_sample, n);
+        for (std::size_t l = 0; l < model.layers.size(); ++l) {
+            kernels.push_back(make_cpu_kernel(model, l));
+            params.emplace_back(kernels[l]->full_params());
+            kernels[l]->init(ctx.seed, params[l]);
+            outputs.push_back(kernels[l]->forward(ctx, inputs_of(l), params[l], saved[l]));
+        }
+    }
+    [[nodiscard]] std::vector<const Tensor*> inputs_of(std::size_t l) const {
+        std::vector<const Tensor*> in;
+        if (model.layers[l].inputs.empty()) in.push_back(&input);
+        for (std::size_t i : model.layers[l].inputs) in.push_back(&outputs[i]);
+        return in;
+    }
+    [[nodiscard]] bool is_loss(std::size_t l) const { return std::holds_alternative<SoftmaxXentOp>(model.layers[l].op); }
+};
+
+/// Layer l's device call set up from the reference: its parameters and the reference's inputs
+/// uploaded (token ids as i32), the step with the loss's labels and scale (1 / n).
+struct DeviceCall {
+    DeviceBuffer master, copy, labels;
+    std::vector<DeviceBuffer> in_buffers;
+    std::vector<DeviceSpan> in_spans;
+    DeviceStep step;
+
+    DeviceCall(DeviceOps& ops, const CpuReference& ref, std::size_t l, Elem compute)
+        : master(upload(ops, ref.params[l], Elem::f32)), copy(upload(ops, ref.params[l], compute)) {
+        const Layer& layer = ref.model.layers[l];
+        const auto in = ref.inputs_of(l);
+        const bool ids = std::holds_alternative<EmbeddingOp>(layer.op);
+        for (const Tensor* t : in) {
+            in_buffers.push_back(upload(ops, t->data, ids ? Elem::i32 : compute));
+            in_spans.push_back(in_buffers.back().span());
+        }
+        step.seed = ref.ctx.seed;
+        step.first_sample = ref.ctx.first_sample;
+        if (ref.is_loss(l)) {
+            const auto& op = std::get<SoftmaxXentOp>(layer.op);
+            const std::size_t classes = op.classes != 0 ? op.classes : in[0]->shape.back();
+            const std::size_t positions = in[0]->row_size() / classes;
+            labels = upload(ops, loss_labels(step.seed, step.first_sample, ref.n, positions, classes), Elem::i32);
+            step.labels = labels.span();
+            step.loss_scale = 1.0f / static_cast<float>(ref.n);
+        }
+    }
+    [[nodiscard]] DeviceParams params() const { return {master.span(), copy.span()}; }
+};
+
 /// Runs every layer of a sequential model forward and backward on the CPU kernels and on the
 /// device layers (host ops computing in `compute`), each layer fed the CPU's inputs, and returns
 /// the largest relative error of each kind over the layers.
 std::map<std::string, Errors> compare_model(const Model& model, Elem compute, std::size_t n = 3) {
     const auto ops = make_host_ops();
-    const std::uint64_t seed = 7;
-    const std::uint64_t first_sample = 5;
-    StepContext ctx;
-    ctx.seed = seed;
-    ctx.first_sample = first_sample;
-    const float loss_scale = 1.0f / static_cast<float>(n);
-
-    std::vector<Tensor> outputs;  // CPU outputs, per layer
-    std::vector<std::unique_ptr<LayerKernel>> kernels;
-    std::vector<std::vector<float>> params;
-    std::vector<Saved> saved(model.layers.size());
-    const Tensor input = synthetic_input(model, seed, first_sample, n);
+    CpuReference ref(model, n);
     std::map<std::string, Errors> errors;
-
-    const auto inputs_of = [&](std::size_t l) {
-        std::vector<const Tensor*> in;
-        if (model.layers[l].inputs.empty()) in.push_back(&input);
-        for (std::size_t i : model.layers[l].inputs) in.push_back(&outputs[i]);
-        return in;
-    };
-    for (std::size_t l = 0; l < model.layers.size(); ++l) {
-        kernels.push_back(make_cpu_kernel(model, l));
-        params.emplace_back(kernels[l]->full_params());
-        kernels[l]->init(seed, params[l]);
-        const auto in = inputs_of(l);
-        outputs.push_back(kernels[l]->forward(ctx, in, params[l], saved[l]));
-    }
-
     for (std::size_t l = 0; l < model.layers.size(); ++l) {
         const Layer& layer = model.layers[l];
         CAPTURE(layer.name);
         const auto dev = make_device_layer(model, l, compute);
-        REQUIRE(dev->params() == params[l].size());
-        const DeviceBuffer master = upload(*ops, params[l], Elem::f32);
-        const DeviceBuffer copy = upload(*ops, params[l], compute);
-        const DeviceParams p{master.span(), copy.span()};
-        const auto in = inputs_of(l);
-        const bool ids = std::holds_alternative<EmbeddingOp>(layer.op);
-        std::vector<DeviceBuffer> in_buffers;
-        std::vector<DeviceSpan> in_spans;
-        for (const Tensor* t : in) {
-            in_buffers.push_back(upload(*ops, t->data, ids ? Elem::i32 : compute));
-            in_spans.push_back(in_buffers.back().span());
-        }
-        DeviceStep step;
-        step.seed = seed;
-        step.first_sample = first_sample;
-        DeviceBuffer labels;
-        const bool loss = std::holds_alternative<SoftmaxXentOp>(layer.op);
-        if (loss) {
-            const auto& op = std::get<SoftmaxXentOp>(layer.op);
-            const std::size_t classes = op.classes != 0 ? op.classes : in[0]->shape.back();
-            const std::size_t positions = in[0]->row_size() / classes;
-            labels = upload(*ops, loss_labels(seed, first_sample, n, positions, classes), Elem::i32);
-            step.labels = labels.span();
-            step.loss_scale = loss_scale;
-        }
+        REQUIRE(dev->params() == ref.params[l].size());
+        DeviceCall call(*ops, ref, l, compute);
         std::vector<DeviceBuffer> dsaved;
-        const DeviceBuffer y = dev->forward(*ops, step, in_spans, n, p, dsaved);
-        errors[layer.name].forward = relative_error(download(*ops, y.span()), outputs[l].data);
+        const DeviceBuffer y = dev->forward(*ops, call.step, call.in_spans, n, call.params(), dsaved);
+        errors[layer.name].forward = relative_error(download(*ops, y.span()), ref.outputs[l].data);
 
         // Backward with a fixed output gradient (the loss: every sample's loss_scale).
-        Tensor dout(outputs[l].shape);
+        const bool loss = ref.is_loss(l);
+        const float loss_scale = 1.0f / static_cast<float>(n);
+        Tensor dout(ref.outputs[l].shape);
         for (std::size_t i = 0; i < dout.size(); ++i)
             dout.data[i] = loss ? loss_scale : random_symmetric(11, 1, l * 100000 + i);
-        std::vector<float> grads(params[l].size(), 0.0f);
-        const auto dx = kernels[l]->backward(ctx, dout, in, params[l], saved[l], grads);
+        std::vector<float> grads(ref.params[l].size(), 0.0f);
+        const auto dx = ref.kernels[l]->backward(ref.ctx, dout, ref.inputs_of(l), ref.params[l], ref.saved[l], grads);
         const DeviceBuffer ddout = upload(*ops, dout.data, loss ? Elem::f32 : compute);
         DeviceBuffer dgrads(*ops, grads.size(), Elem::f32);
-        const auto ddx = dev->backward(*ops, step, ddout.span(), in_spans, n, p, dsaved, dgrads.span());
+        const auto ddx = dev->backward(*ops, call.step, ddout.span(), call.in_spans, n, call.params(), dsaved, dgrads.span());
         REQUIRE(ddx.size() == dx.size());
         if (!grads.empty()) errors[layer.name].param_grad = relative_error(download(*ops, dgrads.span()), grads);
-        if (!ids)
+        if (!std::holds_alternative<EmbeddingOp>(layer.op))
             for (std::size_t i = 0; i < dx.size(); ++i)
                 errors[layer.name].input_grad =
                     std::max(errors[layer.name].input_grad, relative_error(download(*ops, ddx[i].span()), dx[i].data));
@@ -1214,67 +1230,24 @@ TEST_CASE("a layer's workspace_bytes is what the device layers hold while they r
         const std::size_t n = 4;
         const auto ops = make_host_ops();
         MemoryMeter& meter = *ops->meter();
-        StepContext ctx;
-        ctx.seed = 7;
-        ctx.first_sample = 5;
-        std::vector<Tensor> outputs;
-        std::vector<std::unique_ptr<LayerKernel>> kernels;
-        std::vector<std::vector<float>> params;
-        std::vector<Saved> saved(model.layers.size());
-        const Tensor input = synthetic_input(model, 7, 5, n);
-        const auto inputs_of = [&](std::size_t l) {
-            std::vector<const Tensor*> in;
-            if (model.layers[l].inputs.empty()) in.push_back(&input);
-            for (std::size_t i : model.layers[l].inputs) in.push_back(&outputs[i]);
-            return in;
-        };
-        for (std::size_t l = 0; l < model.layers.size(); ++l) {
-            kernels.push_back(make_cpu_kernel(model, l));
-            params.emplace_back(kernels[l]->full_params());
-            kernels[l]->init(7, params[l]);
-            outputs.push_back(kernels[l]->forward(ctx, inputs_of(l), params[l], saved[l]));
-        }
+        const CpuReference ref(model, n);
         for (std::size_t l = 0; l < model.layers.size(); ++l) {
             const Layer& layer = model.layers[l];
-            const Elem compute = Elem::f32;
-            const auto dev = make_device_layer(model, l, compute);
-            const DeviceBuffer master = upload(*ops, params[l], Elem::f32);
-            const DeviceBuffer copy = upload(*ops, params[l], compute);
-            const DeviceParams p{master.span(), copy.span()};
-            const auto in = inputs_of(l);
-            const bool ids = std::holds_alternative<EmbeddingOp>(layer.op);
-            std::vector<DeviceBuffer> in_buffers;
-            std::vector<DeviceSpan> in_spans;
-            for (const Tensor* t : in) {
-                in_buffers.push_back(upload(*ops, t->data, ids ? Elem::i32 : compute));
-                in_spans.push_back(in_buffers.back().span());
-            }
-            DeviceStep step;
-            step.seed = 7;
-            step.first_sample = 5;
-            DeviceBuffer labels;
-            const bool loss = std::holds_alternative<SoftmaxXentOp>(layer.op);
-            if (loss) {
-                const auto& op = std::get<SoftmaxXentOp>(layer.op);
-                const std::size_t classes = op.classes != 0 ? op.classes : in[0]->shape.back();
-                const std::size_t positions = in[0]->row_size() / classes;
-                labels = upload(*ops, loss_labels(7, 5, n, positions, classes), Elem::i32);
-                step.labels = labels.span();
-                step.loss_scale = 0.25f;
-            }
-            DeviceBuffer dgrads(*ops, params[l].size(), Elem::f32);
+            const auto dev = make_device_layer(model, l, Elem::f32);
+            const DeviceCall call(*ops, ref, l, Elem::f32);
+            DeviceBuffer dgrads(*ops, ref.params[l].size(), Elem::f32);
             std::vector<DeviceBuffer> dsaved;
             const std::int64_t b0 = meter.now();
             meter.reset_peak();
-            DeviceBuffer y = dev->forward(*ops, step, in_spans, n, p, dsaved);
+            DeviceBuffer y = dev->forward(*ops, call.step, call.in_spans, n, call.params(), dsaved);
             const std::int64_t fwd_peak = meter.peak() - b0, kept = meter.now() - b0;
-            Tensor dout(outputs[l].shape);
-            for (std::size_t i = 0; i < dout.size(); ++i) dout.data[i] = 0.01f;
-            const DeviceBuffer ddout = upload(*ops, dout.data, loss ? Elem::f32 : compute);
+            const std::vector<float> dout(ref.outputs[l].size(), 0.01f);
+            const DeviceBuffer ddout = upload(*ops, dout, Elem::f32);  // the compute precision here (and the loss's)
             const std::int64_t b1 = meter.now();
             meter.reset_peak();
             {
-                const auto ddx = dev->backward(*ops, step, ddout.span(), in_spans, n, p, dsaved, dgrads.span());
+                const auto ddx =
+                    dev->backward(*ops, call.step, ddout.span(), call.in_spans, n, call.params(), dsaved, dgrads.span());
             }
             const std::int64_t bwd_peak = meter.peak() - b1;
             const auto measured = static_cast<std::uint64_t>(

@@ -15,11 +15,15 @@ namespace dpart {
 /// layers before k and read by layer k or later (k = 0 and k = L carry nothing).
 [[nodiscard]] std::vector<std::uint64_t> cut_bytes(const Model& model);
 
-/// Per layer k, the per-sample bytes of gradients waiting while k runs backward: those of the
-/// tensors made before k that a later layer reads (cut_bytes[k + 1], less k's own output, which
-/// is k's dY): a residual branch's gradient, held until its producer's backward.
-[[nodiscard]] std::vector<std::uint64_t> pending_gradient_bytes(const Model& model,
-                                                                const std::vector<std::uint64_t>& cuts);
+/// What stage memory needs of the whole model, computed once per model.
+struct ModelCuts {
+    std::vector<std::uint64_t> cuts;  ///< cut_bytes
+    /// Per layer k, the per-sample bytes of gradients waiting while k runs backward: those of the
+    /// tensors made before k that a later layer reads (cuts[k + 1], less k's own output, which
+    /// is k's dY): a residual branch's gradient, held until its producer's backward.
+    std::vector<std::uint64_t> pending;
+};
+[[nodiscard]] ModelCuts model_cuts(const Model& model);
 
 /// A microbatch of `samples` shared among replicas in proportion to their speeds (largest
 /// remainder, ties to the earlier replica). Every share is at least 1; empty when samples <
@@ -41,9 +45,9 @@ struct StageMemory {
     std::uint64_t workspace_bytes = 0;   ///< the largest layer workspace, for one replica's share
     [[nodiscard]] std::uint64_t total() const noexcept { return state_bytes + activation_bytes + workspace_bytes; }
 };
-/// `cuts`: the model's cut_bytes when the caller has them (recompute needs the stage's input).
+/// `cuts`: the model's model_cuts when the caller has them (else computed here).
 [[nodiscard]] StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const CostOptions& options,
-                                       const std::vector<std::uint64_t>* cuts = nullptr);
+                                       const ModelCuts* cuts = nullptr);
 
 /// Microbatches a stage keeps in flight: 1F1B stage s of S keeps min(S - s, M); GPipe all M.
 [[nodiscard]] std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t stages,
