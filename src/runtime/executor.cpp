@@ -673,39 +673,75 @@ private:
         return s;
     }
 
-    /// The replicas' gradients summed on the device (every replica shares this worker's memory):
-    /// member k sums chunk k of the stage's gradients in replica order, from copies the others
-    /// hand it, then hands the sum to every other member; each ends with the same values as
-    /// group_allreduce_sum gives through the host.
+    /// The replicas' gradients summed on the device (every replica shares this worker's memory),
+    /// in place: member k sums chunk k of the stage's gradients (seen as one array) reading the
+    /// others' arrays where they are, then copies every other member's summed chunk from its
+    /// array. Each ends with the same values as group_allreduce_sum gives through the host, and
+    /// no member holds a copy of another's gradients.
     void allreduce_on_device() {
-        reduce_scatter_on_device();
+        const std::vector<DeviceSpan> g = reduce_scatter_on_device();
         const std::size_t n = dp_group_.size(), me = place_.replica;
-        const Tag gather{Tag::Kind::allreduce, iteration_, 3, 0};
-        const ValueRange mine = part(me);
-        for (std::size_t k = 0; k < n; ++k)
-            if (k != me) send_span(dp_group_[k], gather, compute_->export_gradients(mine.first, mine.count));
         for (std::size_t k = 0; k < n; ++k) {
             if (k == me) continue;
             const ValueRange theirs = part(k);
-            compute_->import_gradients(recv_span(dp_group_[k], gather, theirs.count), theirs.first, false);
+            device_ops().copy(g[k].sub(theirs.first, theirs.count), g[me].sub(theirs.first, theirs.count));
         }
+        // The step zeroes this member's gradients: not before every other has read its chunk.
+        device_barrier({Tag::Kind::allreduce, iteration_, 4, 0});
     }
-    /// Its first half: replica k's part of the stage's gradients (part(k)) becomes the sum of
-    /// every replica's, summed by k in replica order.
-    void reduce_scatter_on_device() {
+    /// Its first half: replica me's part of its gradients (part(me)) becomes the sum of every
+    /// replica's, in replica order: ((g0 + g1) + g2) + ..., bitwise group_allreduce_sum's. Until
+    /// the barrier that ends it, chunk `me` of every member's array is this member's alone (each
+    /// member reads and writes only its own chunk's values), so the sum of the members before it
+    /// is taken in member 0's chunk and then added to its own values (addition commutes: g + s
+    /// is s + g to the bit). Returns every member's gradient array, in replica order.
+    std::vector<DeviceSpan> reduce_scatter_on_device() {
         const std::size_t n = dp_group_.size(), me = place_.replica;
-        const Tag scatter{Tag::Kind::allreduce, iteration_, 2, 0};
+        const std::vector<DeviceSpan> g =
+            share_arrays(in_place(compute_->gradients_in_place(), gradient_count_, "gradients"),
+                         {Tag::Kind::allreduce, iteration_, 2, 0});
+        const ValueRange mine = part(me);
+        const auto chunk = [&](std::size_t j) { return g[j].sub(mine.first, mine.count); };
+        DeviceOps& ops = device_ops();
+        for (std::size_t j = 1; j < me; ++j) ops.add(chunk(j), chunk(0));
+        if (me > 0) ops.add(chunk(0), chunk(me));
+        for (std::size_t j = me + 1; j < n; ++j) ops.add(chunk(j), chunk(me));
+        // Every part summed before any member reads another's, or changes its own array again.
+        device_barrier({Tag::Kind::allreduce, iteration_, 3, 0});
+        return g;
+    }
+    /// Every member of the replicas' group tells the others where its array `mine` is, once its
+    /// device has finished the work queued on it (its values are complete): each member's array
+    /// in replica order. A barrier too: no member returns before every member called it.
+    std::vector<DeviceSpan> share_arrays(DeviceSpan mine, const Tag& tag) {
+        device_ops().synchronize();
+        const std::size_t n = dp_group_.size(), me = place_.replica;
+        Bytes msg;
+        append_value(msg, reinterpret_cast<std::uintptr_t>(mine.ptr));
+        append_value(msg, static_cast<std::uint64_t>(mine.count));
+        append_value(msg, static_cast<std::uint8_t>(mine.elem));
+        for (std::size_t k = 0; k < n; ++k)
+            if (k != me) net_.send(dp_group_[k], tag, msg);
+        std::vector<DeviceSpan> out(n);
+        out[me] = mine;
         for (std::size_t k = 0; k < n; ++k) {
             if (k == me) continue;
-            const ValueRange theirs = part(k);
-            send_span(dp_group_[k], scatter, compute_->export_gradients(theirs.first, theirs.count));
+            const Bytes got = net_.recv(dp_group_[k], tag);
+            Reader in(got);
+            DeviceSpan& s = out[k];
+            s.ptr = reinterpret_cast<void*>(in.value<std::uintptr_t>());
+            s.count = in.value<std::uint64_t>();
+            s.elem = static_cast<Elem>(in.value<std::uint8_t>());
+            if (!in.done() || s.count != mine.count || s.elem != mine.elem)
+                throw RuntimeError(fmt::format("{} from worker {}: an array of {} values, {} expected", describe(tag),
+                                               dp_group_[k], s.count, mine.count));
         }
-        // Replica order: member 0's values first, then each member's added in turn (this
-        // member's own from a copy, as the part is overwritten first).
-        const ValueRange mine = part(me);
-        const DeviceSpan own = me == 0 ? DeviceSpan{} : compute_->export_gradients(mine.first, mine.count);
-        for (std::size_t j = me == 0 ? 1 : 0; j < n; ++j)
-            compute_->import_gradients(j == me ? own : recv_span(dp_group_[j], scatter, mine.count), mine.first, j != 0);
+        return out;
+    }
+    /// Returns when every replica's device has finished the work queued on it so far.
+    void device_barrier(const Tag& tag) {
+        device_ops().synchronize();
+        group_barrier(net_, dp_group_, tag);
     }
     /// Replica k's part of the stage's values: the chunk it sums, and under ZeRO-1 steps.
     ValueRange part(std::size_t k) const { return optimizer_part(gradient_count_, k, dp_group_.size()); }
@@ -765,14 +801,15 @@ private:
         const std::size_t n = dp_group_.size(), me = place_.replica;
         const ValueRange mine = part(me);
         if (dp_on_device_) {
-            const Tag tag{Tag::Kind::allreduce, iteration_, 5, 0};
-            for (std::size_t k = 0; k < n; ++k)
-                if (k != me) send_span(dp_group_[k], tag, compute_->export_parameters(mine.first, mine.count));
+            // In place: each member copies every other's stepped part from that member's master
+            // weights (no member changes them again before the next iteration's first barrier).
+            const std::vector<DeviceSpan> p = share_arrays(
+                in_place(compute_->parameters_in_place(), gradient_count_, "master weights"),
+                {Tag::Kind::allreduce, iteration_, 5, 0});
             for (std::size_t k = 0; k < n; ++k) {
                 if (k == me) continue;
                 const ValueRange theirs = part(k);
-                const DeviceBuffer b = DeviceBuffer::adopt(device_ops(), recv_span(dp_group_[k], tag, theirs.count));
-                compute_->import_parameters(b.span(), theirs.first);
+                compute_->import_parameters(p[k].sub(theirs.first, theirs.count), theirs.first);
             }
         } else if (device_comm_) {
             // ncclAllGather takes parts of one size: in place, the stage keeping its master

@@ -187,6 +187,19 @@ for name in tiny-gpt tiny-llama tiny-mixtral; do
     fi
 done
 
+# Replicas sharing memory (the host device's workers, as partitions of one GPU) sum their
+# gradients in place, reading each other's arrays: exactly the plan's memory, whole or ZeRO-1.
+plan_file mem-dp 1f1b 4 128 '0 9 "cpu0","cpu1" 1'
+cp "$tmp/mem-dp.toml" "$tmp/mem-dp-zero.toml"
+sed -i 's/^microbatches = 4$/microbatches = 4\nshard_optimizer = true/' "$tmp/mem-dp-zero.toml"
+contains "the ZeRO-1 plan says so" "$tmp/mem-dp-zero.toml" "shard_optimizer = true"
+for name in mem-dp mem-dp-zero; do
+    if check "run $name: replicas sharing memory" 0 "$dpart" run "$tmp/$name.toml" -m "$src/plans/models/cpu-mlp.toml" \
+        -c "$cpu2" -n 2 --backend host-device --precision fp32 -o "$tmp/$name"; then
+        memory_within "$name: replicas summing in place hold the plan's memory" "$tmp/$name/summary.toml" 0.001
+    fi
+done
+
 # A plan for a vocabulary-parallel embedding says so; dpart run, which holds it whole, says so.
 if check "plan tiny-gpt vocabulary-parallel" 0 "$dpart" plan "$src/plans/models/tiny-gpt.toml" -c "$cpu4" \
     --vocab-parallel --out "$tmp/gpt-vocab.toml"; then

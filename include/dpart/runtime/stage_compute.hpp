@@ -110,8 +110,9 @@ public:
     /// across stages exchanges, without copying the other layers' gradients.
     [[nodiscard]] virtual std::vector<float> gradient(std::size_t layer, std::size_t n) = 0;
     virtual void set_gradient(std::size_t layer, std::span<const float> values) = 0;
-    /// Device stages sharing memory (RunOptions::memory_domain) sum gradients on the device, seeing
-    /// the stage's gradients as one array (its layers' in stage order). export_gradients: a copy of
+    /// Device stages sharing memory (RunOptions::memory_domain) sum an embedding's and its tied
+    /// head's gradients on the device (each holder adds a copy of the other's rows), seeing the
+    /// stage's gradients as one array (its layers' in stage order). export_gradients: a copy of
     /// values [first, first + n) in a new buffer of the stage's memory, complete when it returns,
     /// owned by whoever receives it. import_gradients: values [first, first + from.count) become
     /// `from`'s (add: += `from`'s, element by element), then `from` is released. The CPU stage has
@@ -154,10 +155,10 @@ public:
     /// (the compute copy follows): what replicas exchange after a ZeRO-1 step.
     [[nodiscard]] virtual std::vector<float> parameters(std::size_t first, std::size_t n) = 0;
     virtual void set_parameters(std::size_t first, std::span<const float> values) = 0;
-    /// The same on the device: a copy of values [first, first + n) in a new f32 buffer of the
-    /// stage's memory, owned by whoever receives it; and values [first, first + from.count)
-    /// become `from`'s (the caller keeps `from`). The CPU stage has no device memory: both throw.
-    [[nodiscard]] virtual DeviceSpan export_parameters(std::size_t first, std::size_t n);
+    /// The same on the device: values [first, first + from.count) become `from`'s, an f32 array
+    /// of the same memory (another replica's master weights; the caller keeps `from`, which must
+    /// stay unchanged until this stage's device has finished the work queued on it). The CPU
+    /// stage has no device memory: it throws.
     virtual void import_parameters(DeviceSpan from, std::size_t first);
     /// Every layer's state in host memory, from pull_state() until push_state().
     [[nodiscard]] virtual std::vector<ShardState>& pull_state() = 0;

@@ -192,9 +192,6 @@ void StageCompute::import_gradients(DeviceSpan, std::size_t, bool) {
     throw RuntimeError("this stage keeps its gradients in host memory: it cannot import a device buffer");
 }
 
-DeviceSpan StageCompute::export_parameters(std::size_t, std::size_t) {
-    throw RuntimeError("this stage keeps its parameters in host memory: there is nothing to export on a device");
-}
 void StageCompute::import_parameters(DeviceSpan, std::size_t) {
     throw RuntimeError("this stage keeps its parameters in host memory: it cannot import a device buffer");
 }

@@ -295,13 +295,6 @@ public:
         });
         ops_->synchronize();
     }
-    DeviceSpan export_parameters(std::size_t first, std::size_t n) override {
-        DeviceBuffer b(*ops_, n, Elem::f32, DeviceBuffer::uninitialized);
-        over_values(master_of, first, n,
-                    [&](std::size_t, DeviceSpan part, std::size_t at) { ops_->copy(part, b.span().sub(at, part.count)); });
-        ops_->synchronize();
-        return b.release_ownership();
-    }
     void import_parameters(DeviceSpan from, std::size_t first) override {
         if (from.elem != Elem::f32) throw RuntimeError("parameters to import must be f32");
         over_values(master_of, first, from.count, [&](std::size_t k, DeviceSpan part, std::size_t at) {
