@@ -14,8 +14,9 @@
 #      2e-2 (bf16).
 #   2b. Tensor parallelism: tiny-gpt as one stage of tp 2 on partitions p0 and p1 (split layers,
 #      their sums through the host) against the CPU backend: final loss within 1e-4.
-#   2c. ZeRO-1: tiny-gpt in two replicas on partitions p0 and p1 with and without
-#      --shard-optimizer (reduce-scatter and all-gather on the device): the same weights digest.
+#   2c. ZeRO-1: tiny-gpt (its tie summed through the host) and cpu-mlp (summed in place on the
+#      device, each partition reading the other's arrays) in two replicas on partitions p0 and p1
+#      with and without --shard-optimizer: the same weights digest; device memory vs the plan.
 #   3. One training step of GPT-2 small (batch 8, sequence 1024, bf16) and of the wide MLP
 #      (4 x 8192, batch 8192, bf16): dpart's p50 step against PyTorch eager's on the same shapes
 #      (bench/torch_step.py; fp32 master weights, Adam, bf16 products). Target: dpart <= 1.1x.
@@ -51,8 +52,8 @@ run() {  # run SECONDS NAME COMMAND...: logs the command, its output and its exi
     say "[$name: exit $rc in $((SECONDS - start)) s]"
     return $rc
 }
-summary_value() {  # summary_value FILE KEY
-    sed -n "s/^$2 = \([-0-9.e+]*\).*/\1/p" "$1" | head -1
+summary_value() {  # summary_value FILE KEY: a number, or a string without its quotes
+    sed -n "s/^$2 = \"\{0,1\}\([^\" ]*\).*/\1/p" "$1" | head -1
 }
 
 step "1. CUDA kernels and cuBLAS products (dpart_gpu_tests)"
@@ -110,24 +111,32 @@ else
     status=1
 fi
 
-step "2c. ZeRO-1 on two partitions (replicas sharing the GPU's memory: the sums and gathers on the device)"
-printf '[plan]\nobjective = "iteration"\nschedule = "1f1b"\nmicrobatches = 2\nmicrobatch_size = 4\n\n[[stage]]\nfirst_layer = 0\nlast_layer = %s\ndevices = ["p0", "p1"]\ntp = 1\n' \
-    "$last" >"$OUT/dp2.toml"
-for z in whole sharded; do
-    flag=""
-    [ "$z" = sharded ] && flag=--shard-optimizer
-    # shellcheck disable=SC2086
-    run 180 "dp2-$z" "$DPART" run "$OUT/dp2.toml" -m plans/models/tiny-gpt.toml -c plans/clusters/h100-4partitions.toml \
-        -n 6 --backend $BACKEND --precision fp32 $flag --out-dir "$OUT/dp2-$z" || status=1
+step "2c. two replicas on two partitions, whole and ZeRO-1 (sharing the GPU's memory: sums and gathers on the device)"
+# tiny-gpt's tie sends its sums through the host; cpu-mlp (no tie) sums in place on the device,
+# each partition reading the other's gradients and master weights. Whole and sharded give the
+# same weights (the same sums, in replica order); its device memory is reported against the plan.
+for model in tiny-gpt cpu-mlp; do
+    if [ "$model" = tiny-gpt ]; then last_m=$last mb='microbatches = 2\nmicrobatch_size = 4'; else last_m=9 mb='microbatches = 4\nmicrobatch_size = 128'; fi
+    printf "[plan]\nobjective = \"iteration\"\nschedule = \"1f1b\"\n$mb\n\n[[stage]]\nfirst_layer = 0\nlast_layer = %s\ndevices = [\"p0\", \"p1\"]\ntp = 1\n" \
+        "$last_m" >"$OUT/dp2-$model.toml"
+    for z in whole sharded; do
+        flag=""
+        [ "$z" = sharded ] && flag=--shard-optimizer
+        # shellcheck disable=SC2086
+        run 180 "dp2-$model-$z" "$DPART" run "$OUT/dp2-$model.toml" -m "plans/models/$model.toml" \
+            -c plans/clusters/h100-4partitions.toml -n 6 --backend $BACKEND --precision fp32 $flag \
+            --out-dir "$OUT/dp2-$model-$z" || status=1
+        say "$model $z: device memory peak $(summary_value "$OUT/dp2-$model-$z/summary.toml" peak_bytes | tr -d '[]') B, planned $(summary_value "$OUT/dp2-$model-$z/summary.toml" predicted_bytes | tr -d '[]') B"
+    done
+    a=$(summary_value "$OUT/dp2-$model-whole/summary.toml" weights_digest)
+    b=$(summary_value "$OUT/dp2-$model-sharded/summary.toml" weights_digest)
+    if [ -n "$a" ] && [ "$a" = "$b" ]; then
+        say "$model, ZeRO-1 on two partitions: weights digest $b, as without it: ok"
+    else
+        say "$model, ZeRO-1 on two partitions: weights digest '$b' vs '$a' without it: FAIL"
+        status=1
+    fi
 done
-a=$(summary_value "$OUT/dp2-whole/summary.toml" weights_digest)
-b=$(summary_value "$OUT/dp2-sharded/summary.toml" weights_digest)
-if [ -n "$a" ] && [ "$a" = "$b" ]; then
-    say "ZeRO-1 on two partitions: weights digest $b, as without it: ok"
-else
-    say "ZeRO-1 on two partitions: weights digest '$b' vs '$a' without it: FAIL"
-    status=1
-fi
 
 step "3. one training step: dpart --backend cuda vs PyTorch eager, same shapes"
 sed 's/^global_batch = 512/global_batch = 8/' plans/models/gpt2-small.toml >"$OUT/gpt2-small-b8.toml"

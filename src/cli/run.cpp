@@ -177,6 +177,12 @@ rt::Elem device_precision(const RunCliOptions& o, const Model& model) {
     return rt::compute_precision(o.precision, model.dtype);
 }
 
+/// The dtype the run computes in: the device backends' precision; fp32 on the CPU backend.
+DType run_dtype(const RunCliOptions& o, const Model& model) {
+    if (o.backend == "cpu") return DType::fp32;
+    return device_precision(o, model) == rt::Elem::bf16 ? DType::bf16 : DType::fp32;
+}
+
 /// What moves device buffers between workers that do not share memory: "nccl", "host" (the
 /// stand-in) or "off" (host tensors). NCCL is asked for, not the default, until it has run on
 /// a machine with several GPUs.
@@ -244,10 +250,12 @@ std::string configure_backend(const RunCliOptions& o, const Model& model, const 
     return backend_label(o, model, cluster);
 }
 
-int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const Model& model, const Cluster& cluster,
-                     const Plan& plan, const CostModel& cost, const CostOptions& copt, const PlanEstimate& predicted,
-                     const rt::RunOptions& ro, rt::MpiSession* mpi, const std::string& backend) {
+int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const Model& model, const Model& priced,
+                     const Cluster& cluster, const Plan& plan, const CostModel& cost, const CostOptions& copt,
+                     const PlanEstimate& predicted, const rt::RunOptions& ro, rt::MpiSession* mpi,
+                     const std::string& backend) {
     rt::AdaptiveJob job{model, cluster, cost, copt, plan, ro, {}};
+    job.priced = &priced;
     job.adaptive.window = o.window;
     job.adaptive.copy_every = o.copy_every;
     job.adaptive.policy.policy = Policy::adaptive;
@@ -303,12 +311,12 @@ int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const M
                     peak[w] = std::max(peak[w], seg.workers[w].peak_device_bytes);
                     cached[w] = std::max(cached[w], seg.workers[w].cached_device_bytes);
                 }
-        summary.extra_toml += device_memory_report(last, estimate_plan(last, model, cluster, cost, copt), peak, cached,
+        summary.extra_toml += device_memory_report(last, estimate_plan(last, priced, cluster, cost, copt), peak, cached,
                                                    fmt::format(" (plan version {})", r.plans.size()));
     }
     if (!r.loss.empty()) fmt::print("loss: first {:.6g}, last {:.6g}\n", r.loss.front(), r.loss.back());
     fmt::print("weights_digest: {}\n", summary.weights_digest);
-    if (!o.out_dir.empty()) write_adaptive_outputs(o, command, model, cluster, cost, copt, ro, r, summary);
+    if (!o.out_dir.empty()) write_adaptive_outputs(o, command, priced, cluster, cost, copt, ro, r, summary);
     return 0;
 }
 
@@ -342,9 +350,17 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     note(plan.vocab_parallel, "a vocabulary-parallel embedding and loss (vocab_parallel = true), and dpart run holds "
                               "them whole on every tensor-parallel rank");
     plan.vocab_parallel = false;
-    const CliCostModel cost_model(model, cluster, copt, o.layer_times);
+    // Priced as it runs: activations in the compute precision, the training state the stages
+    // keep (fp32 master weights, gradients and moments, and in bf16 a compute copy; ZeRO-1
+    // divides the moments only), fp32 gradients summed across replicas.
+    const Model priced = with_dtype(model, run_dtype(o, model));
+    const bool bf16 = priced.dtype == DType::bf16;
+    copt.bytes_per_param = bf16 ? 18 : 16;
+    copt.replicated_bytes_per_param = bf16 ? 10 : 8;
+    copt.gradient_bytes = 4;
+    const CliCostModel cost_model(priced, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
-    const PlanEstimate predicted = estimate_plan(plan, model, cluster, cost, copt);
+    const PlanEstimate predicted = estimate_plan(plan, priced, cluster, cost, copt);
 
     rt::RunOptions ro;
     ro.iterations = o.iterations;
@@ -375,8 +391,9 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     if (ro.recompute) backend += " (recompute)";
     if (ro.shard_optimizer) backend += " (ZeRO-1)";
     const rt::Execution ex(plan, model, predicted, ro);
-    check_host_memory(ex, predicted, model);
-    if (o.adaptive) return run_adaptive_cli(o, command, model, cluster, plan, cost, copt, predicted, ro, mpi.get(), backend);
+    check_host_memory(ex, predicted, priced);
+    if (o.adaptive)
+        return run_adaptive_cli(o, command, model, priced, cluster, plan, cost, copt, predicted, ro, mpi.get(), backend);
 
     rt::RunResult run;
     if (mpi) {

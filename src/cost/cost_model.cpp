@@ -36,6 +36,18 @@ std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_at
     return c.saved_bytes - c.tp_saved_bytes + (split + tp - 1) / tp;
 }
 
+std::uint64_t state_bytes_per_param(const CostOptions& o, DType dtype, std::size_t replicas) {
+    const std::uint64_t replicated = std::min<std::uint64_t>(
+        o.replicated_bytes_per_param != 0 ? o.replicated_bytes_per_param : 2 * dtype_bytes(dtype), o.bytes_per_param);
+    std::uint64_t optimizer = o.bytes_per_param - replicated;
+    if (o.shard_optimizer && replicas > 1) optimizer = (optimizer + replicas - 1) / replicas;
+    return replicated + optimizer;
+}
+
+std::uint64_t gradient_value_bytes(const CostOptions& o, DType dtype) {
+    return o.gradient_bytes != 0 ? o.gradient_bytes : dtype_bytes(dtype);
+}
+
 std::uint64_t workspace_per_rank(const Layer& layer, DType dtype, std::uint32_t tp, bool fused_attention,
                                  bool vocab_parallel) {
     const std::uint64_t whole = layer.cost.workspace_bytes - (fused_attention ? layer.cost.fused_workspace_less : 0);

@@ -5,6 +5,7 @@
 #include <functional>
 #include <unordered_map>
 
+#include "dpart/core/checked.hpp"
 #include "dpart/core/strings.hpp"
 #include "dpart/graph/ops.hpp"
 
@@ -207,6 +208,29 @@ Model build_model(const ModelSpec& spec) {
         (void)m.total();
     } catch (const OverflowError&) {
         throw InputError(spec.where, "the model's total parameters, FLOPs or bytes per sample overflow 64 bits");
+    }
+    return m;
+}
+
+Model with_dtype(const Model& model, DType dtype) {
+    if (dtype == model.dtype) return model;
+    Model m = model;
+    m.dtype = dtype;
+    const std::uint64_t from = dtype_bytes(model.dtype), to = dtype_bytes(dtype);
+    const auto scale = [&](std::uint64_t bytes) { return checked_mul(bytes, to) / from; };
+    for (Layer& layer : m.layers) {
+        if (std::holds_alternative<CustomOp>(layer.op)) {
+            LayerCost& c = layer.cost;
+            for (std::uint64_t* b : {&c.out_bytes, &c.saved_bytes, &c.fwd_mem_bytes, &c.bwd_mem_bytes,
+                                     &c.workspace_bytes, &c.tp_saved_bytes, &c.fused_saved_less, &c.fused_workspace_less})
+                *b = scale(*b);
+            c.weight_bytes = checked_mul(c.params, to);
+            continue;
+        }
+        std::vector<Shape> in_shapes;
+        if (layer.inputs.empty()) in_shapes.push_back(m.input_shape);
+        for (std::size_t j : layer.inputs) in_shapes.push_back(m.layers[j].out_shape);
+        layer.cost = evaluate(layer.op, in_shapes, dtype).cost;
     }
     return m;
 }

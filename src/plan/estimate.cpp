@@ -111,10 +111,7 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
                                                     cuts->pending[l]));
     }
     m.workspace_bytes = checked_mul(in.share, workspace);
-    const std::uint64_t weights_and_grads = std::min<std::uint64_t>(2 * e, options.bytes_per_param);
-    std::uint64_t optimizer = options.bytes_per_param - weights_and_grads;
-    if (options.shard_optimizer && in.replicas > 1) optimizer = (optimizer + in.replicas - 1) / in.replicas;
-    m.state_bytes = checked_mul(m.params, weights_and_grads + optimizer);
+    m.state_bytes = checked_mul(m.params, state_bytes_per_param(options, model.dtype, in.replicas));
     if (options.recompute) {
         // Keep each in-flight microbatch's stage input; recompute one microbatch at a time.
         const std::uint64_t input = in.first_layer == 0 ? 0 : cuts->cuts[in.first_layer];
@@ -301,7 +298,7 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
 
         StageMemoryInput in{st.first_layer, st.last_layer, st.tp, r, max_share, in_flight(plan.schedule, s, S, M)};
         e.memory = stage_memory(model, in, options, &model_cut);
-        e.allreduce_s = cost.allreduce_seconds(leaders, e.memory.params * dtype_bytes(model.dtype));
+        e.allreduce_s = cost.allreduce_seconds(leaders, e.memory.params * gradient_value_bytes(options, model.dtype));
         const std::uint64_t stepped = optimizer_params(e.memory.params, r, options.shard_optimizer);
         for (std::size_t d : st.devices) e.optimizer_s = std::max(e.optimizer_s, cost.optimizer_seconds(d, stepped));
         e.sharded_optimizer = options.shard_optimizer && r > 1;

@@ -213,11 +213,7 @@ public:
                          std::uint64_t workspace) const {
         const MemoryTables& mt = *blk.memory;
         const CostOptions& o = ctx_.copt;
-        const std::uint64_t e = dtype_bytes(ctx_.model.dtype);
-        const std::uint64_t wg = std::min<std::uint64_t>(2 * e, o.bytes_per_param);
-        std::uint64_t opt = o.bytes_per_param - wg;
-        if (o.shard_optimizer && blk.replicas > 1) opt = (opt + blk.replicas - 1) / blk.replicas;
-        const std::uint64_t state = sat_mul(params(blk, i, i2), wg + opt);
+        const std::uint64_t state = sat_mul(params(blk, i, i2), state_bytes_per_param(o, ctx_.model.dtype, blk.replicas));
         const std::uint64_t saved = mt.saved[i2] - mt.saved[i];
         std::uint64_t act = 0;
         if (o.recompute) {
@@ -239,7 +235,7 @@ public:
         if (i > 0)
             t += ctx_.cost.transfer_seconds(order_[blk.start], order_[blk.start - 1], ctx_.cuts.cuts[i] * blk.max_share);
         const std::uint64_t p = params(blk, i, i2);
-        double allreduce = blk.allreduce(sat_mul(p, dtype_bytes(ctx_.model.dtype)));
+        double allreduce = blk.allreduce(sat_mul(p, gradient_value_bytes(ctx_.copt, ctx_.model.dtype)));
         if (ctx_.copt.overlap_allreduce) {
             double bwd = 0;
             for (const auto& [F, B] : blk.prefix) bwd = std::max(bwd, B[i2] - B[i]);

@@ -341,7 +341,7 @@ private:
         RankMap ranks;
         for (const WorkerPlace& p : worker_places(plan_)) ranks.of_worker.push_back(agent_of_.at(p.device));
         ranks.members = alive_agents();
-        const PlanEstimate est = estimate_plan(plan_, model_, job_.cluster, job_.cost, job_.copt);
+        const PlanEstimate est = estimate_plan(plan_, priced(), job_.cluster, job_.cost, job_.copt);
         const Execution ex(plan_, model_, est, ro, ranks);
         Entry e;
         e.seq = seq;
@@ -448,7 +448,7 @@ private:
             }
             d.rollback = snapshot_it_;
             if (d.stop.empty()) {
-                const ReplanDecision r = consider_replan(model_, job_.cluster, job_.cost, job_.copt, view, plan_,
+                const ReplanDecision r = consider_replan(priced(), job_.cluster, job_.cost, job_.copt, view, plan_,
                                                          job_.adaptive.policy, N - snapshot_it_, true, stop);
                 d.solve_s = r.solve_s;
                 if (r.infeasible)
@@ -467,7 +467,7 @@ private:
                     d.restored_from.push_back({device_of_[a], device_of_[h->second]});
                 }
         } else if (window && stop < N) {
-            const ReplanDecision r = consider_replan(model_, job_.cluster, job_.cost, job_.copt, view, plan_,
+            const ReplanDecision r = consider_replan(priced(), job_.cluster, job_.cost, job_.copt, view, plan_,
                                                      job_.adaptive.policy, N - stop, false, stop);
             d.solve_s = r.solve_s;
             if (r.plan) {
@@ -726,6 +726,9 @@ private:
         r.weights_digest = digest(r.weights);
         return r;
     }
+
+    /// The model as the job's cost model prices it.
+    const Model& priced() const { return job_.priced != nullptr ? *job_.priced : model_; }
 
     const AdaptiveJob& job_;
     const Model& model_;

@@ -187,6 +187,15 @@ for name in tiny-gpt tiny-llama tiny-mixtral; do
     fi
 done
 
+# A run in bf16 of an fp32 model is predicted in bf16: activations of 2 B, fp32 master weights,
+# gradients and moments and a bf16 compute copy (18 B per parameter).
+for name in tiny-gpt tiny-mixtral; do
+    if check "run $name's plan in bf16" 0 "$dpart" run "$tmp/$name-mem.toml" -m "$src/plans/models/$name.toml" \
+        -c "$cpu4" -n 2 --backend host-device --precision bf16 -o "$tmp/$name-bf16"; then
+        memory_within "$name in bf16: its prediction's memory" "$tmp/$name-bf16/summary.toml" 0.01
+    fi
+done
+
 # Replicas sharing memory (the host device's workers, as partitions of one GPU) sum their
 # gradients in place, reading each other's arrays: exactly the plan's memory, whole or ZeRO-1.
 plan_file mem-dp 1f1b 4 128 '0 9 "cpu0","cpu1" 1'

@@ -213,6 +213,88 @@ TEST_CASE("with a sharded optimizer, each replica steps its part; the plan says 
     CHECK(estimate_plan(dp, m, c, cost, {}).stages[0].optimizer_s == parts.stages[0].optimizer_s);
 }
 
+TEST_CASE("the training state as dpart run keeps it: what ZeRO-1 divides, the gradients' bytes, another dtype") {
+    // The planner's default (mixed-precision Adam, bf16 model): bf16 weights and gradients kept
+    // whole, 12 B of fp32 master weights and moments divided.
+    const CostOptions planner;
+    CHECK(state_bytes_per_param(planner, DType::bf16, 1) == 16);
+    CHECK(state_bytes_per_param(planner, DType::fp32, 1) == 16);
+    CostOptions zero = planner;
+    zero.shard_optimizer = true;
+    CHECK(state_bytes_per_param(zero, DType::bf16, 4) == 4 + 3);
+    CHECK(state_bytes_per_param(zero, DType::fp32, 4) == 8 + 2);
+    CHECK(state_bytes_per_param(zero, DType::bf16, 1) == 16);
+    CHECK(gradient_value_bytes(planner, DType::bf16) == 2);
+    // dpart run in bf16: fp32 master weights, a bf16 compute copy and fp32 gradients whole (10 B),
+    // the two moments divided; fp32 gradients summed.
+    CostOptions run = zero;
+    run.bytes_per_param = 18;
+    run.replicated_bytes_per_param = 10;
+    run.gradient_bytes = 4;
+    CHECK(state_bytes_per_param(run, DType::bf16, 2) == 10 + 4);
+    CHECK(gradient_value_bytes(run, DType::bf16) == 4);
+
+    // A bf16 model priced in fp32 (dpart run --precision fp32): every activation twice the bytes,
+    // the same FLOPs; the estimate's all-reduce moves the given gradient bytes.
+    const Model bf16 = load_model(plans_dir + "models/gpt2-small.toml");
+    const Model fp32 = with_dtype(bf16, DType::fp32);
+    REQUIRE(fp32.layers.size() == bf16.layers.size());
+    CHECK(fp32.dtype == DType::fp32);
+    CHECK(with_dtype(fp32, DType::bf16).total() == bf16.total());  // and back, to the byte
+    for (std::size_t l = 0; l < bf16.layers.size(); ++l) {
+        CAPTURE(bf16.layers[l].name);
+        CHECK(fp32.layers[l].cost.fwd_flops == bf16.layers[l].cost.fwd_flops);
+        CHECK(fp32.layers[l].cost.params == bf16.layers[l].cost.params);
+        if (l + 1 < bf16.layers.size())
+            CHECK(fp32.layers[l].cost.out_bytes == 2 * bf16.layers[l].cost.out_bytes);
+        else  // the loss: one fp32 value per sample in any dtype
+            CHECK(fp32.layers[l].cost.out_bytes == bf16.layers[l].cost.out_bytes);
+        CHECK(fp32.layers[l].cost.weight_bytes == 2 * bf16.layers[l].cost.weight_bytes);
+        CHECK(fp32.layers[l].out_shape == bf16.layers[l].out_shape);
+    }
+    const Cluster c = load_cluster(plans_dir + "clusters/dgx-h100.toml");
+    const AnalyticalCostModel cost(bf16, c, {});
+    Plan dp;
+    dp.microbatch_size = bf16.global_batch / 8;
+    dp.microbatches = 8;
+    Stage st;
+    st.first_layer = 0;
+    st.last_layer = bf16.layers.size() - 1;
+    st.devices = {0, 1};
+    dp.stages.push_back(st);
+    CostOptions fp32_grads;
+    fp32_grads.gradient_bytes = 4;
+    const PlanEstimate two = estimate_plan(dp, bf16, c, cost, {});
+    const PlanEstimate four = estimate_plan(dp, bf16, c, cost, fp32_grads);
+    CHECK(four.stages[0].allreduce_s > 1.9 * two.stages[0].allreduce_s);
+    CHECK(four.stages[0].memory.state_bytes == two.stages[0].memory.state_bytes);
+    // A custom layer's given bytes scale with the element size.
+    const Model custom = parse_model(R"(
+[model]
+name = "custom"
+dtype = "bf16"
+global_batch = 4
+input_shape = [8]
+
+[[layer]]
+name = "x"
+op = "custom"
+params = 10
+fwd_flops = 100
+bwd_flops = 200
+out_bytes = 16
+saved_bytes = 6
+workspace_bytes = 30
+)",
+                                     "custom.toml");
+    const Model wide = with_dtype(custom, DType::fp32);
+    CHECK(wide.layers[0].cost.out_bytes == 32);
+    CHECK(wide.layers[0].cost.saved_bytes == 12);
+    CHECK(wide.layers[0].cost.workspace_bytes == 60);
+    CHECK(wide.layers[0].cost.weight_bytes == 40);
+    CHECK(wide.layers[0].cost.fwd_flops == 100);
+}
+
 TEST_CASE("a plan survives plan.toml: written, read back, the same predictions") {
     const Model m = load_model(plans_dir + "models/llama3-8b.toml");
     const Cluster c = load_cluster(plans_dir + "clusters/hetero-3kinds.toml");

@@ -92,6 +92,14 @@ struct CostOptions {
     /// Bytes of training state per parameter: weights, gradients and optimizer state (16 for
     /// mixed-precision Adam: bf16 weights and gradients, fp32 master weights and two moments).
     std::uint64_t bytes_per_param = 16;
+    /// Of bytes_per_param, those every replica keeps whole under ZeRO-1 (0: the weights and
+    /// gradients in the model's dtype, twice its bytes); the rest, the optimizer's state, is
+    /// divided. dpart run's device stages keep fp32 master weights and gradients (and in bf16 a
+    /// compute copy) whole, and divide only the moments.
+    std::uint64_t replicated_bytes_per_param = 0;
+    /// Bytes per gradient value the data-parallel all-reduce moves (0: the model dtype's; dpart
+    /// run sums fp32 gradients).
+    std::uint64_t gradient_bytes = 0;
     bool shard_optimizer = false;    ///< optimizer state (beyond weights and gradients) split across replicas
     bool recompute = false;          ///< activation checkpointing: keep stage inputs, recompute the rest
     /// Memory of fused (flash) attention kernels: no s x s probabilities kept (dpart run
@@ -103,6 +111,12 @@ struct CostOptions {
     bool vocab_parallel = false;
     bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
 };
+
+/// Bytes of training state per parameter on a replica of a stage with `replicas` replicas: the
+/// replicated part whole, the optimizer's part divided under ZeRO-1 (rounded up).
+[[nodiscard]] std::uint64_t state_bytes_per_param(const CostOptions& o, DType dtype, std::size_t replicas);
+/// Bytes per gradient value the data-parallel all-reduce moves.
+[[nodiscard]] std::uint64_t gradient_value_bytes(const CostOptions& o, DType dtype);
 
 /// Parameters each replica's optimizer steps: all `params` of its stage, or with
 /// `shard_optimizer` (ZeRO-1) its part of them, ceil(params / replicas).

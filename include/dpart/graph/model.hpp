@@ -75,4 +75,9 @@ struct ModelSpec {
 /// Throws InputError naming the offending layer's location.
 [[nodiscard]] Model build_model(const ModelSpec& spec);
 
+/// The same model trained in another dtype (what `dpart run` computes in: --precision): every
+/// layer's cost evaluated again at that element size, its shapes unchanged; a custom layer's
+/// bytes (given in the model's dtype) scaled by the ratio of the element sizes.
+[[nodiscard]] Model with_dtype(const Model& model, DType dtype);
+
 }  // namespace dpart

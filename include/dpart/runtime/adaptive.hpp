@@ -38,6 +38,9 @@ struct AdaptiveJob {
     Plan plan;        ///< the initial plan; its devices are the job's agents, in worker order
     RunOptions run;   ///< iterations, seed, data, optimizer, scenario, timeout, emulate
     AdaptiveOptions adaptive;
+    /// The model as `cost` prices it, for estimates and re-plans (dpart run: in its compute
+    /// precision); null: `model`.
+    const Model* priced = nullptr;
 };
 
 /// One row of iterations.csv, in the order things happened (iterations re-run after a rollback
