@@ -134,6 +134,34 @@ void check_host_memory(const rt::Execution& ex, const PlanEstimate& predicted, c
             activations / (1ull << 30), host / (1ull << 30)));
 }
 
+/// A plan that, priced as it runs, needs more memory than a device (or a GPU's partitions
+/// together) has: on GPUs it would run out part-way (the prediction is a lower bound there:
+/// cuBLAS's workspace and the pool's rounding come on top), so `--backend cuda` refuses it; the
+/// CPU and host-device backends, which run in host memory, note it.
+void check_device_memory(const RunCliOptions& o, const Plan& plan, const PlanEstimate& predicted,
+                         const Cluster& cluster, DType dtype, bool print) {
+    std::vector<std::string> over;
+    for (const MemoryShortfall& m : memory_shortfalls(plan, predicted, cluster)) {
+        std::vector<std::string> names;
+        for (std::size_t d : m.devices) names.push_back(cluster.devices[d].name);
+        over.push_back(fmt::format("{} {:.4g} GB of {:.4g} GB", fmt::join(names, "+"), static_cast<double>(m.needed) / 1e9,
+                                   static_cast<double>(m.capacity) / 1e9));
+    }
+    if (over.empty()) return;
+    const std::string what =
+        fmt::format("{}: as it runs (the {} backend's precision and training state), the plan needs more device memory "
+                    "than {} has: {}",
+                    o.plan, o.backend, cluster.name, fmt::join(over, ", "));
+    if (o.backend == "cuda")
+        throw InfeasibleError(what + (dtype == DType::fp32
+                                          ? "; try --precision bf16, --shard-optimizer, --recompute, or a plan made for "
+                                            "this memory"
+                                          : "; try --shard-optimizer, --recompute, or a plan made for this memory "
+                                            "(dpart plan --bytes-per-param 18: a bf16 run keeps fp32 gradients and "
+                                            "a bf16 copy of the weights)"));
+    if (print) fmt::print(stderr, "note: {} (this backend runs in host memory)\n", what);
+}
+
 /// The trace files and summary of an adaptive run: iterations.csv in the order things happened,
 /// stages.csv and timeline.csv segment by segment (each with its plan), plan.toml (the initial
 /// plan) and final-plan.toml.
@@ -361,6 +389,7 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     const CliCostModel cost_model(priced, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, priced, cluster, cost, copt);
+    check_device_memory(o, plan, predicted, cluster, priced.dtype, !mpi || mpi->transport().rank() == 0);
 
     rt::RunOptions ro;
     ro.iterations = o.iterations;

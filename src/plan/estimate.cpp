@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <map>
+#include <tuple>
 #include <optional>
 #include <cmath>
 #include <numeric>
@@ -201,6 +202,30 @@ std::uint64_t capacity_of(const Stage& st, const Cluster& cluster) {
 }
 
 }  // namespace
+
+std::vector<MemoryShortfall> memory_shortfalls(const Plan& plan, const PlanEstimate& estimate, const Cluster& cluster) {
+    // One memory per whole device, one per GPU of a node for its partitions.
+    std::map<std::tuple<bool, std::size_t, std::size_t>, MemoryShortfall> memories;
+    const auto key = [&](std::size_t d) {
+        const Device& dev = cluster.devices.at(d);
+        return dev.partition ? std::make_tuple(true, dev.node, static_cast<std::size_t>(dev.partition->gpu))
+                             : std::make_tuple(false, d, std::size_t{0});
+    };
+    for (std::size_t d = 0; d < cluster.devices.size(); ++d) {
+        MemoryShortfall& m = memories[key(d)];
+        m.devices.push_back(d);
+        m.capacity = checked_add(m.capacity, cluster.devices[d].mem_bytes());
+    }
+    for (std::size_t s = 0; s < plan.stages.size() && s < estimate.stages.size(); ++s)
+        for (std::size_t d : plan.stages[s].devices) {
+            MemoryShortfall& m = memories[key(d)];
+            m.needed = checked_add(m.needed, estimate.stages[s].memory.total());
+        }
+    std::vector<MemoryShortfall> out;
+    for (auto& [k, m] : memories)
+        if (m.needed > m.capacity) out.push_back(std::move(m));
+    return out;
+}
 
 bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
                const CostOptions& options) {

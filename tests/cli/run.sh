@@ -196,6 +196,15 @@ for name in tiny-gpt tiny-mixtral; do
     fi
 done
 
+# A plan that, as it runs, does not fit a GPU's memory is refused before the GPU is touched:
+# GPT-2 small's plan for one H100 fits in bf16, not in fp32 (106.9 GB).
+if check "plan gpt2-small for one H100" 0 "$dpart" plan "$src/plans/models/gpt2-small.toml" \
+    -c "$src/plans/clusters/h100x1.toml" -q --out "$tmp/gpt2-h100.toml"; then
+    check "an fp32 run that over-fills the GPU is refused" 3 "$dpart" run "$tmp/gpt2-h100.toml" \
+        -m "$src/plans/models/gpt2-small.toml" -c "$src/plans/clusters/h100x1.toml" --backend cuda --precision fp32
+    contains "the refusal names the memory" "$tmp/err" "needs more device memory than h100x1 has: gpu0"
+fi
+
 # Replicas sharing memory (the host device's workers, as partitions of one GPU) sum their
 # gradients in place, reading each other's arrays: exactly the plan's memory, whole or ZeRO-1.
 plan_file mem-dp 1f1b 4 128 '0 9 "cpu0","cpu1" 1'

@@ -295,6 +295,45 @@ workspace_bytes = 30
     CHECK(wide.layers[0].cost.fwd_flops == 100);
 }
 
+TEST_CASE("memory_shortfalls: a whole device, or a GPU's partitions pooled, that a plan over-fills") {
+    const auto estimate = [](std::vector<std::uint64_t> bytes) {
+        PlanEstimate e;
+        for (std::uint64_t b : bytes) {
+            StageEstimate st;
+            st.memory.state_bytes = b;
+            e.stages.push_back(st);
+        }
+        return e;
+    };
+    const auto plan = [](std::vector<std::vector<std::size_t>> devices) {
+        Plan p;
+        for (auto& d : devices) {
+            Stage st;
+            st.devices = d;
+            p.stages.push_back(st);
+        }
+        return p;
+    };
+    // Four partitions of one GPU, 19.8 GiB each: one stage may use more than its partition's
+    // share while the GPU's memory holds the plan's stages together.
+    const Cluster parts = load_cluster(plans_dir + "clusters/h100-4partitions.toml");
+    const std::uint64_t gpu = 4 * parts.devices[0].mem_bytes();
+    CHECK(memory_shortfalls(plan({{0}, {1}}), estimate({30'000'000'000, 30'000'000'000}), parts).empty());
+    const auto over = memory_shortfalls(plan({{0}, {1}}), estimate({50'000'000'000, 40'000'000'000}), parts);
+    REQUIRE(over.size() == 1);
+    CHECK(over[0].devices == std::vector<std::size_t>{0, 1, 2, 3});
+    CHECK(over[0].needed == 90'000'000'000);
+    CHECK(over[0].capacity == gpu);
+    // Whole GPUs: each its own memory; a stage's replicas each need the stage's memory.
+    const Cluster dgx = load_cluster(plans_dir + "clusters/dgx-h100.toml");
+    const std::uint64_t one = dgx.devices[0].mem_bytes();
+    CHECK(memory_shortfalls(plan({{0, 1}, {2}}), estimate({one, one}), dgx).empty());
+    const auto whole = memory_shortfalls(plan({{0, 1}, {2}}), estimate({one, one + 1}), dgx);
+    REQUIRE(whole.size() == 1);
+    CHECK(whole[0].devices == std::vector<std::size_t>{2});
+    CHECK(whole[0].needed == one + 1);
+}
+
 TEST_CASE("a plan survives plan.toml: written, read back, the same predictions") {
     const Model m = load_model(plans_dir + "models/llama3-8b.toml");
     const Cluster c = load_cluster(plans_dir + "clusters/hetero-3kinds.toml");

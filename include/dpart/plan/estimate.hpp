@@ -101,6 +101,16 @@ void validate_plan(const Plan& plan, const Model& model, const Cluster& cluster)
 /// are numbered from 0. Sets the stages' activation_link and gradient_link.
 void assign_shared_links(const Plan& plan, const Cluster& cluster, std::vector<StageEstimate>& stages);
 
+/// A memory of the cluster the estimated plan over-fills: a whole device, or one GPU whose
+/// green-context partitions share its memory (their capacities pooled, whichever the plan uses).
+struct MemoryShortfall {
+    std::vector<std::size_t> devices;  ///< the cluster's devices of that memory
+    std::uint64_t needed = 0;          ///< the plan's stages' memory on them (each device its stage's fullest)
+    std::uint64_t capacity = 0;
+};
+[[nodiscard]] std::vector<MemoryShortfall> memory_shortfalls(const Plan& plan, const PlanEstimate& estimate,
+                                                             const Cluster& cluster);
+
 /// Whether every device of a valid plan holds its stage (memory only: no task graph).
 [[nodiscard]] bool plan_fits(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
                              const CostOptions& options);
