@@ -29,7 +29,8 @@ struct PlanOptions {
     std::string strategy = "optimal";
     std::string out;
     std::string csv;
-    std::uint64_t bytes_per_param = 16;
+    std::optional<std::uint64_t> bytes_per_param;  ///< default 16
+    std::string precision;  ///< --precision: plan for dpart run computing in it
     bool shard_optimizer = false;
     bool recompute = false;
     bool fused_attention = false;
@@ -88,12 +89,13 @@ std::string msf(double seconds) {
 
 void print_plan(const Plan& plan, const PlanEstimate& est, const Model& model, const Cluster& cluster,
                 const std::string& strategy) {
-    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}{}{}{}\n\n",
+    fmt::print("plan for {} on {}: strategy {}, objective {}, schedule {}, {} microbatches of {} samples{}{}{}{}{}\n\n",
                model.name, cluster.name, strategy, to_string(plan.objective), to_string(plan.schedule),
                plan.microbatches, plan.microbatch_size, plan.recompute ? ", activations recomputed" : "",
                plan.shard_optimizer ? ", optimizer state sharded" : "",
                plan.fused_attention ? ", fused attention's memory" : "",
-               plan.vocab_parallel ? ", vocabulary-parallel embedding" : "");
+               plan.vocab_parallel ? ", vocabulary-parallel embedding" : "",
+               plan.precision ? fmt::format(", for dpart run in {}", to_string(*plan.precision)) : std::string());
     TextTable t({{"stage", Align::right},
                  {"layers", Align::left},
                  {"devices", Align::left},
@@ -168,9 +170,9 @@ void print_comparison(const Model& model, const Cluster& cluster, const CostMode
 int run_pipedream_plan(const PlanOptions& o, const std::string& command) {
     if (!o.cluster.empty())
         throw InputError("--cost-model pipedream plans for --workers identical workers: give no --cluster");
-    if (o.compare || !o.csv.empty() || o.strategy != "optimal")
-        throw InputError(
-            "--cost-model pipedream takes none of --compare, --csv, --strategy: it is PipeDream's optimizer");
+    if (o.compare || !o.csv.empty() || o.strategy != "optimal" || !o.precision.empty())
+        throw InputError("--cost-model pipedream takes none of --compare, --csv, --strategy, --precision: it is "
+                         "PipeDream's optimizer");
     if (o.workers == 0) throw InputError("--cost-model pipedream needs --workers N");
     if (!(o.bandwidth_bytes > 0)) throw InputError("--cost-model pipedream needs --bandwidth-bytes B (bytes/s)");
     const Model model = load_model(o.model);
@@ -234,15 +236,23 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     if (o.workers != 0 || o.bandwidth_bytes != 0 || o.straight_pipeline || o.memory_bytes != 0)
         throw InputError("--workers, --bandwidth-bytes, --straight-pipeline and --memory-bytes go with "
                          "--cost-model pipedream");
-    const Model model = load_model(o.model);
+    if (!o.precision.empty() && o.bytes_per_param)
+        throw InputError("--precision plans the training state dpart run keeps (16 B per parameter in fp32, 18 in "
+                         "bf16): leave out --bytes-per-param");
+    const Model loaded = load_model(o.model);
     const Cluster cluster = load_cluster(o.cluster);
+    // Planned for dpart run in a precision: the model priced in it, the state dpart run keeps.
+    const std::optional<DType> precision =
+        o.precision.empty() ? std::nullopt : std::optional<DType>(parse_dtype(o.precision));
+    const Model model = precision ? with_dtype(loaded, *precision) : loaded;
     CostOptions copt;
-    copt.bytes_per_param = o.bytes_per_param;
+    copt.bytes_per_param = o.bytes_per_param.value_or(copt.bytes_per_param);
     copt.shard_optimizer = o.shard_optimizer;
     copt.recompute = o.recompute;
     copt.fused_attention = o.fused_attention;
     copt.vocab_parallel = o.vocab_parallel;
     copt.overlap_allreduce = o.overlap_allreduce;
+    if (precision) copt = run_state_options(copt, *precision);
     SolverOptions sopt;
     sopt.objective = o.objective == "throughput" ? Objective::throughput : Objective::iteration;
     sopt.schedule = o.schedule == "gpipe" ? ScheduleKind::gpipe : ScheduleKind::one_f_one_b;
@@ -253,7 +263,8 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     sopt.strategy = parse_strategy(o.strategy);
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
-    const SolveResult r = solve(model, cluster, cost, copt, sopt);
+    SolveResult r = solve(model, cluster, cost, copt, sopt);
+    r.plan.precision = precision;
     if (!o.quiet) {
         print_plan(r.plan, r.estimate, model, cluster, o.strategy);
         if (!r.exact)
@@ -304,9 +315,14 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_option("--out,-o", o->out, "write the plan to this TOML file (atomically)");
     cmd->add_option("--csv", o->csv, "write one row per stage to this CSV file (atomically)");
     cmd->add_option("--bytes-per-param", o->bytes_per_param,
-                    "training-state bytes per parameter: weights, gradients, optimizer (16 = mixed-precision Adam)")
-        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1024}))
-        ->capture_default_str();
+                    "training-state bytes per parameter: weights, gradients, optimizer (default 16: mixed-precision "
+                    "Adam)")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1024}));
+    cmd->add_option("--precision", o->precision,
+                    "plan for dpart run computing in fp32 or bf16: the model priced in that precision, with the "
+                    "training state dpart run keeps (16 or 18 B per parameter, fp32 gradient sums); recorded in the "
+                    "plan, which dpart run then computes in")
+        ->check(CLI::IsMember({"fp32", "bf16"}));
     cmd->add_flag("--shard-optimizer", o->shard_optimizer, "split optimizer state across a stage's replicas (ZeRO-1)");
     cmd->add_flag("--recompute", o->recompute, "activation checkpointing: keep stage inputs, recompute the rest");
     cmd->add_flag("--fused-attention", o->fused_attention,

@@ -42,9 +42,12 @@ struct ReplayOptions {
 };
 
 int run_replay(const ReplayOptions& o, const std::string& command) {
-    const Model model = load_model(o.model);
+    const Model loaded = load_model(o.model);
     const Cluster cluster = load_cluster(o.cluster);
-    const Plan plan = load_plan(o.plan, model, cluster);
+    const Plan plan = load_plan(o.plan, loaded, cluster);
+    // A plan for dpart run in a precision (dpart plan --precision, or the plan a run wrote) is
+    // priced as dpart run runs it.
+    const Model model = plan.precision ? with_dtype(loaded, *plan.precision) : loaded;
     CostOptions copt;
     copt.bytes_per_param = o.bytes_per_param;
     copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;
@@ -52,6 +55,7 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     copt.fused_attention = o.fused_attention || plan.fused_attention;
     copt.vocab_parallel = o.vocab_parallel || plan.vocab_parallel;
     copt.overlap_allreduce = o.overlap_allreduce;
+    if (plan.precision) copt = run_state_options(copt, *plan.precision);
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const Scenario scenario = !o.trace.empty()    ? scenario_from_run(o.trace, model, cluster, cost, copt)

@@ -155,10 +155,10 @@ void check_device_memory(const RunCliOptions& o, const Plan& plan, const PlanEst
     if (o.backend == "cuda")
         throw InfeasibleError(what + (dtype == DType::fp32
                                           ? "; try --precision bf16, --shard-optimizer, --recompute, or a plan made for "
-                                            "this memory"
+                                            "this memory (dpart plan --precision fp32)"
                                           : "; try --shard-optimizer, --recompute, or a plan made for this memory "
-                                            "(dpart plan --bytes-per-param 18: a bf16 run keeps fp32 gradients and "
-                                            "a bf16 copy of the weights)"));
+                                            "(dpart plan --precision bf16 plans the state a bf16 run keeps: fp32 "
+                                            "gradients and a bf16 copy of the weights)"));
     if (print) fmt::print(stderr, "note: {} (this backend runs in host memory)\n", what);
 }
 
@@ -348,14 +348,17 @@ int run_adaptive_cli(const RunCliOptions& o, const std::string& command, const M
     return 0;
 }
 
-int run_run(const RunCliOptions& o, const std::string& command) {
-    const auto timeout = std::chrono::milliseconds(static_cast<std::int64_t>(o.timeout_s * 1e3));
+int run_run(const RunCliOptions& given, const std::string& command) {
+    const auto timeout = std::chrono::milliseconds(static_cast<std::int64_t>(given.timeout_s * 1e3));
     // Under mpirun every rank reads the inputs and checks them; rank 0 reports and writes.
     std::unique_ptr<rt::MpiSession> mpi;
     if (rt::launched_by_mpi()) mpi = std::make_unique<rt::MpiSession>(timeout);
-    const Model model = load_model(o.model);
-    const Cluster cluster = load_cluster(o.cluster);
-    Plan plan = load_plan(o.plan, model, cluster);
+    const Model model = load_model(given.model);
+    const Cluster cluster = load_cluster(given.cluster);
+    Plan plan = load_plan(given.plan, model, cluster);
+    // A plan made for a precision (dpart plan --precision) runs in it unless --precision says otherwise.
+    RunCliOptions o = given;
+    if (o.precision.empty() && plan.precision && o.backend != "cpu") o.precision = to_string(*plan.precision);
     CostOptions copt;
     copt.recompute = o.recompute || plan.recompute;  // a plan made with --recompute runs with it
     copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;  // as a plan made with --shard-optimizer
@@ -382,10 +385,11 @@ int run_run(const RunCliOptions& o, const std::string& command) {
     // keep (fp32 master weights, gradients and moments, and in bf16 a compute copy; ZeRO-1
     // divides the moments only), fp32 gradients summed across replicas.
     const Model priced = with_dtype(model, run_dtype(o, model));
-    const bool bf16 = priced.dtype == DType::bf16;
-    copt.bytes_per_param = bf16 ? 18 : 16;
-    copt.replicated_bytes_per_param = bf16 ? 10 : 8;
-    copt.gradient_bytes = 4;
+    if (plan.precision && *plan.precision != priced.dtype)
+        note(true, fmt::format("dpart run computing in {} (precision = \"{}\"), and this run computes in {}",
+                               to_string(*plan.precision), to_string(*plan.precision), to_string(priced.dtype)));
+    plan.precision = priced.dtype;
+    copt = run_state_options(copt, priced.dtype);
     const CliCostModel cost_model(priced, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     const PlanEstimate predicted = estimate_plan(plan, priced, cluster, cost, copt);

@@ -36,12 +36,21 @@ std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_at
     return c.saved_bytes - c.tp_saved_bytes + (split + tp - 1) / tp;
 }
 
-std::uint64_t state_bytes_per_param(const CostOptions& o, DType dtype, std::size_t replicas) {
+std::uint64_t state_bytes(std::uint64_t params, const CostOptions& o, DType dtype, std::size_t replicas) noexcept {
     const std::uint64_t replicated = std::min<std::uint64_t>(
         o.replicated_bytes_per_param != 0 ? o.replicated_bytes_per_param : 2 * dtype_bytes(dtype), o.bytes_per_param);
-    std::uint64_t optimizer = o.bytes_per_param - replicated;
-    if (o.shard_optimizer && replicas > 1) optimizer = (optimizer + replicas - 1) / replicas;
-    return replicated + optimizer;
+    const unsigned __int128 bytes =
+        static_cast<unsigned __int128>(params) * replicated +
+        static_cast<unsigned __int128>(optimizer_params(params, replicas, o.shard_optimizer)) * (o.bytes_per_param - replicated);
+    return bytes > UINT64_MAX ? UINT64_MAX : static_cast<std::uint64_t>(bytes);
+}
+
+CostOptions run_state_options(CostOptions base, DType compute) noexcept {
+    const bool bf16 = compute != DType::fp32;
+    base.bytes_per_param = bf16 ? 18 : 16;
+    base.replicated_bytes_per_param = bf16 ? 10 : 8;
+    base.gradient_bytes = 4;
+    return base;
 }
 
 std::uint64_t gradient_value_bytes(const CostOptions& o, DType dtype) {

@@ -31,6 +31,9 @@ std::string plan_toml(const Plan& plan, const PlanEstimate& est, const Model& mo
     if (plan.shard_optimizer) out += "shard_optimizer = true  # ZeRO-1: each replica keeps its part of the optimizer state\n";
     if (plan.fused_attention) out += "fused_attention = true  # memory of fused attention kernels (dpart run materialises)\n";
     if (plan.vocab_parallel) out += "vocab_parallel = true  # a vocabulary-parallel embedding and loss (dpart run's are whole)\n";
+    if (plan.precision)
+        out += fmt::format("precision = {}  # planned for dpart run computing in it, with the training state it keeps\n",
+                           toml_string(std::string(to_string(*plan.precision))));
     out += fmt::format("predicted_iteration_ms = {}\n", ms_text(est.iteration_s));
     out += fmt::format("predicted_bottleneck_ms = {}\n", ms_text(est.bottleneck_s));
     out += fmt::format("predicted_samples_per_s = {:.6g}\n", est.samples_per_s);
@@ -135,6 +138,7 @@ Plan read_plan(const toml::table& root, const std::string& path, const Model& mo
     plan.shard_optimizer = p.optional_bool("shard_optimizer", false);
     plan.fused_attention = p.optional_bool("fused_attention", false);
     plan.vocab_parallel = p.optional_bool("vocab_parallel", false);
+    if (p.optional_string("precision")) plan.precision = parse_dtype(p.choice("precision", {"fp32", "bf16"}, ""));
     p.finish();
 
     std::unordered_map<std::string, std::size_t> device_index;

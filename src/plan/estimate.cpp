@@ -112,7 +112,8 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
                                                     cuts->pending[l]));
     }
     m.workspace_bytes = checked_mul(in.share, workspace);
-    m.state_bytes = checked_mul(m.params, state_bytes_per_param(options, model.dtype, in.replicas));
+    m.state_bytes = state_bytes(m.params, options, model.dtype, in.replicas);
+    if (m.state_bytes == UINT64_MAX) throw OverflowError("value overflows 64 bits");
     if (options.recompute) {
         // Keep each in-flight microbatch's stage input; recompute one microbatch at a time.
         const std::uint64_t input = in.first_layer == 0 ? 0 : cuts->cuts[in.first_layer];

@@ -213,7 +213,7 @@ public:
                          std::uint64_t workspace) const {
         const MemoryTables& mt = *blk.memory;
         const CostOptions& o = ctx_.copt;
-        const std::uint64_t state = sat_mul(params(blk, i, i2), state_bytes_per_param(o, ctx_.model.dtype, blk.replicas));
+        const std::uint64_t state = state_bytes(params(blk, i, i2), o, ctx_.model.dtype, blk.replicas);
         const std::uint64_t saved = mt.saved[i2] - mt.saved[i];
         std::uint64_t act = 0;
         if (o.recompute) {

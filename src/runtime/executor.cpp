@@ -802,7 +802,7 @@ private:
         const ValueRange mine = part(me);
         if (dp_on_device_) {
             // In place: each member copies every other's stepped part from that member's master
-            // weights (no member changes them again before the next iteration's first barrier).
+            // weights.
             const std::vector<DeviceSpan> p = share_arrays(
                 in_place(compute_->parameters_in_place(), gradient_count_, "master weights"),
                 {Tag::Kind::allreduce, iteration_, 5, 0});
@@ -811,6 +811,9 @@ private:
                 const ValueRange theirs = part(k);
                 compute_->import_parameters(p[k].sub(theirs.first, theirs.count), theirs.first);
             }
+            // Every member done reading the others' weights before any goes on (after the last
+            // iteration, a member's stage, and its arrays, may go).
+            device_barrier({Tag::Kind::allreduce, iteration_, 9, 0});
         } else if (device_comm_) {
             // ncclAllGather takes parts of one size: in place, the stage keeping its master
             // weights padded to them.

@@ -163,6 +163,7 @@ std::optional<Plan> replan(const Model& model, const Cluster& cluster, const Cos
         for (Stage& st : r.plan.stages)
             for (std::size_t& d : st.devices) d = alive.original[d];
         r.plan.objective = current.objective;
+        r.plan.precision = current.precision;
         return r.plan;
     } catch (const InfeasibleError&) {
         return std::nullopt;

@@ -196,6 +196,29 @@ for name in tiny-gpt tiny-mixtral; do
     fi
 done
 
+# A plan for dpart run in bf16 (dpart plan --precision bf16): recorded, run in bf16 without the
+# flag, its memory as planned; a replay of the run's trace prices it alike.
+if check "plan tiny-gpt for dpart run in bf16" 0 "$dpart" plan "$gpt" -c "$cpu4" --precision bf16 \
+    --out "$tmp/gpt-bf16.toml"; then
+    contains "the plan says it is for bf16" "$tmp/out" "for dpart run in bf16"
+    contains "the plan records its precision" "$tmp/gpt-bf16.toml" 'precision = "bf16"'
+    if check "run the bf16 plan without --precision" 0 "$dpart" run "$tmp/gpt-bf16.toml" -m "$gpt" -c "$cpu4" -n 2 \
+        --backend host-device -o "$tmp/gpt-bf16-run"; then
+        contains "the run computes in the plan's precision" "$tmp/gpt-bf16-run/summary.toml" "host-device (bf16"
+        memory_within "a plan for bf16: its memory as run" "$tmp/gpt-bf16-run/summary.toml" 0.01
+        planned=$(sed -n 's/^predicted_iteration_ms = //p' "$tmp/gpt-bf16.toml")
+        ran=$(sed -n 's/^predicted_iteration_ms = //p' "$tmp/gpt-bf16-run/plan.toml")
+        checks=$((checks + 1))
+        [ -n "$planned" ] && [ "$planned" = "$ran" ] ||
+            { echo "FAIL the run predicts the bf16 plan as planned: $planned vs $ran"; failures=$((failures + 1)); }
+        if check "replay the bf16 run's plan" 0 "$dpart" replay "$tmp/gpt-bf16-run/plan.toml" -m "$gpt" -c "$cpu4" -n 2; then
+            contains "the replay prices it as the run did" "$tmp/out" "predicted $(printf '%.6g' "$ran")"
+        fi
+    fi
+fi
+check "--precision with --bytes-per-param" 2 "$dpart" plan "$gpt" -c "$cpu4" --precision bf16 --bytes-per-param 18
+contains "--precision and --bytes-per-param: the message" "$tmp/err" "leave out --bytes-per-param"
+
 # A plan that, as it runs, does not fit a GPU's memory is refused before the GPU is touched:
 # GPT-2 small's plan for one H100 fits in bf16, not in fp32 (106.9 GB).
 if check "plan gpt2-small for one H100" 0 "$dpart" plan "$src/plans/models/gpt2-small.toml" \
@@ -559,9 +582,17 @@ if check "plan tiny-gpt on emulated devices" 0 "$dpart" plan "$gpt" -c "$emu" --
     err=$(summary_value "$tmp/emu/summary.toml" prediction_error_pct)
     # Under AddressSanitizer the kernels are too slow to fit in the emulated time: no timing check.
     ldd "$dpart" 2>/dev/null | grep -q libasan || checks=$((checks + 1))
-    if ! ldd "$dpart" 2>/dev/null | grep -q libasan && ! awk -v e="$err" 'BEGIN { exit !(e > -5 && e < 40) }'; then
-        echo "FAIL emulated devices: the run is ${err}% off the prediction (expected a few %)"
-        failures=$((failures + 1))
+    within() { awk -v e="$1" 'BEGIN { exit !(e > -5 && e < 40) }'; }
+    if ! ldd "$dpart" 2>/dev/null | grep -q libasan && ! within "$err"; then
+        # Wall-clock emulation on a shared machine: a busy neighbour can stretch one run; a
+        # second run decides.
+        first=$err
+        "$dpart" run "$tmp/emu-plan.toml" -m "$gpt" -c "$emu" -n 4 --emulate -o "$tmp/emu2" >/dev/null 2>&1
+        err=$(summary_value "$tmp/emu2/summary.toml" prediction_error_pct)
+        if ! within "$err"; then
+            echo "FAIL emulated devices: the run is ${first}% then ${err}% off the prediction (expected a few %)"
+            failures=$((failures + 1))
+        fi
     fi
 fi
 

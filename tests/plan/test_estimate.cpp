@@ -217,13 +217,17 @@ TEST_CASE("the training state as dpart run keeps it: what ZeRO-1 divides, the gr
     // The planner's default (mixed-precision Adam, bf16 model): bf16 weights and gradients kept
     // whole, 12 B of fp32 master weights and moments divided.
     const CostOptions planner;
-    CHECK(state_bytes_per_param(planner, DType::bf16, 1) == 16);
-    CHECK(state_bytes_per_param(planner, DType::fp32, 1) == 16);
+    CHECK(state_bytes(1, planner, DType::bf16, 1) == 16);
+    CHECK(state_bytes(1, planner, DType::fp32, 1) == 16);
     CostOptions zero = planner;
     zero.shard_optimizer = true;
-    CHECK(state_bytes_per_param(zero, DType::bf16, 4) == 4 + 3);
-    CHECK(state_bytes_per_param(zero, DType::fp32, 4) == 8 + 2);
-    CHECK(state_bytes_per_param(zero, DType::bf16, 1) == 16);
+    // Each replica the optimizer state of its part, ceil(params / replicas), as dpart run's parts.
+    CHECK(state_bytes(1000, zero, DType::bf16, 4) == 1000 * 4 + 250 * 12);
+    CHECK(state_bytes(1000, zero, DType::fp32, 4) == 1000 * 8 + 250 * 8);
+    CHECK(state_bytes(1001, zero, DType::fp32, 4) == 1001 * 8 + 251 * 8);
+    CHECK(state_bytes(10, zero, DType::fp32, 16) == 10 * 8 + 1 * 8);
+    CHECK(state_bytes(1000, zero, DType::bf16, 1) == 16000);
+    CHECK(state_bytes(UINT64_MAX / 4, planner, DType::bf16, 1) == UINT64_MAX);  // saturates
     CHECK(gradient_value_bytes(planner, DType::bf16) == 2);
     // dpart run in bf16: fp32 master weights, a bf16 compute copy and fp32 gradients whole (10 B),
     // the two moments divided; fp32 gradients summed.
@@ -231,7 +235,7 @@ TEST_CASE("the training state as dpart run keeps it: what ZeRO-1 divides, the gr
     run.bytes_per_param = 18;
     run.replicated_bytes_per_param = 10;
     run.gradient_bytes = 4;
-    CHECK(state_bytes_per_param(run, DType::bf16, 2) == 10 + 4);
+    CHECK(state_bytes(1000, run, DType::bf16, 2) == 1000 * 10 + 500 * 8);
     CHECK(gradient_value_bytes(run, DType::bf16) == 4);
 
     // A bf16 model priced in fp32 (dpart run --precision fp32): every activation twice the bytes,
@@ -356,6 +360,16 @@ TEST_CASE("a plan survives plan.toml: written, read back, the same predictions")
     const CsvTable csv = stage_csv(back, again, m, c);
     CHECK(csv.rows() == back.stages.size());
     CHECK(csv.columns().front() == "stage");
+    // A plan for dpart run in a precision keeps it.
+    for (const DType p : {DType::fp32, DType::bf16}) {
+        Plan precise = r.plan;
+        precise.precision = p;
+        const Plan read = parse_plan(plan_toml(precise, r.estimate, m, c, Meta{"dpart plan test", {}}, "optimal"),
+                                     "plan.toml", m, c);
+        CHECK(read == precise);
+        CHECK(read.precision == p);
+        CHECK(read != r.plan);
+    }
 }
 
 TEST_CASE("a hand-written plan with only the required fields is valid; mistakes are located") {

@@ -112,11 +112,19 @@ struct CostOptions {
     bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
 };
 
-/// Bytes of training state per parameter on a replica of a stage with `replicas` replicas: the
-/// replicated part whole, the optimizer's part divided under ZeRO-1 (rounded up).
-[[nodiscard]] std::uint64_t state_bytes_per_param(const CostOptions& o, DType dtype, std::size_t replicas);
+/// Bytes of training state of `params` parameters on one replica of `replicas`: the replicated
+/// bytes of each, and the optimizer's bytes of its ZeRO-1 part (optimizer_params: ceil(params /
+/// replicas), dpart run's part) or of all. Saturates at UINT64_MAX.
+[[nodiscard]] std::uint64_t state_bytes(std::uint64_t params, const CostOptions& o, DType dtype,
+                                        std::size_t replicas) noexcept;
 /// Bytes per gradient value the data-parallel all-reduce moves.
 [[nodiscard]] std::uint64_t gradient_value_bytes(const CostOptions& o, DType dtype);
+
+/// The training state dpart run keeps computing in `compute` (fp32 or bf16), `base`'s other
+/// options kept: fp32 master weights and gradients whole (in bf16 also a bf16 compute copy: 18 B
+/// per parameter, 10 of them whole; 16 and 8 in fp32), two fp32 moments (divided by ZeRO-1), and
+/// fp32 gradients summed across replicas.
+[[nodiscard]] CostOptions run_state_options(CostOptions base, DType compute) noexcept;
 
 /// Parameters each replica's optimizer steps: all `params` of its stage, or with
 /// `shard_optimizer` (ZeRO-1) its part of them, ceil(params / replicas).

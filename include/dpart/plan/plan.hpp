@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "dpart/core/error.hpp"
+#include "dpart/graph/dtype.hpp"
 #include "dpart/sim/schedule.hpp"
 
 namespace dpart {
@@ -46,13 +47,17 @@ struct Plan {
     /// Planned for Megatron-LM's vocabulary-parallel embedding and loss (dpart plan
     /// --vocab-parallel); dpart run holds them whole on every rank, and predicts so.
     bool vocab_parallel = false;
+    /// Planned for dpart run computing in this precision (dpart plan --precision): the model
+    /// priced in it, with the training state dpart run keeps (cost: run_state_options); dpart run
+    /// computes in it unless told otherwise. Unset: the model's dtype and the planner's state.
+    std::optional<DType> precision;
     SourceLocation where;
 
     friend bool operator==(const Plan& a, const Plan& b) {
         return a.objective == b.objective && a.schedule == b.schedule && a.microbatch_size == b.microbatch_size &&
                a.microbatches == b.microbatches && a.stages == b.stages && a.recompute == b.recompute &&
                a.shard_optimizer == b.shard_optimizer && a.fused_attention == b.fused_attention &&
-               a.vocab_parallel == b.vocab_parallel;
+               a.vocab_parallel == b.vocab_parallel && a.precision == b.precision;
     }
 };
 
