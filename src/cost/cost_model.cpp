@@ -36,15 +36,6 @@ std::uint64_t saved_per_rank(const Layer& layer, std::uint32_t tp, bool fused_at
     return c.saved_bytes - c.tp_saved_bytes + (split + tp - 1) / tp;
 }
 
-std::uint64_t state_bytes(std::uint64_t params, const CostOptions& o, DType dtype, std::size_t replicas) noexcept {
-    const std::uint64_t replicated = std::min<std::uint64_t>(
-        o.replicated_bytes_per_param != 0 ? o.replicated_bytes_per_param : 2 * dtype_bytes(dtype), o.bytes_per_param);
-    const unsigned __int128 bytes =
-        static_cast<unsigned __int128>(params) * replicated +
-        static_cast<unsigned __int128>(optimizer_params(params, replicas, o.shard_optimizer)) * (o.bytes_per_param - replicated);
-    return bytes > UINT64_MAX ? UINT64_MAX : static_cast<std::uint64_t>(bytes);
-}
-
 CostOptions run_state_options(CostOptions base, DType compute) noexcept {
     const bool bf16 = compute != DType::fp32;
     base.bytes_per_param = bf16 ? 18 : 16;

@@ -3,6 +3,7 @@
 // two devices, a collective over a group. The planner, the simulator and the runtime's
 // predictions all ask this interface; AnalyticalCostModel answers from the cluster's figures
 // (roofline), a measured model (dpart profile) or a test's table can stand in.
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -112,11 +113,6 @@ struct CostOptions {
     bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
 };
 
-/// Bytes of training state of `params` parameters on one replica of `replicas`: the replicated
-/// bytes of each, and the optimizer's bytes of its ZeRO-1 part (optimizer_params: ceil(params /
-/// replicas), dpart run's part) or of all. Saturates at UINT64_MAX.
-[[nodiscard]] std::uint64_t state_bytes(std::uint64_t params, const CostOptions& o, DType dtype,
-                                        std::size_t replicas) noexcept;
 /// Bytes per gradient value the data-parallel all-reduce moves.
 [[nodiscard]] std::uint64_t gradient_value_bytes(const CostOptions& o, DType dtype);
 
@@ -131,6 +127,20 @@ struct CostOptions {
 [[nodiscard]] constexpr std::uint64_t optimizer_params(std::uint64_t params, std::size_t replicas,
                                                        bool shard_optimizer) noexcept {
     return shard_optimizer && replicas > 1 ? (params + replicas - 1) / replicas : params;
+}
+
+/// Bytes of training state of `params` parameters on one replica of `replicas`: the replicated
+/// bytes of each, and the optimizer's bytes of its ZeRO-1 part (optimizer_params: ceil(params /
+/// replicas), dpart run's part) or of all. Saturates at UINT64_MAX. Inline: the solver's DP
+/// calls it for every stage it weighs.
+[[nodiscard]] inline std::uint64_t state_bytes(std::uint64_t params, const CostOptions& o, DType dtype,
+                                               std::size_t replicas) noexcept {
+    const std::uint64_t replicated = std::min<std::uint64_t>(
+        o.replicated_bytes_per_param != 0 ? o.replicated_bytes_per_param : 2 * dtype_bytes(dtype), o.bytes_per_param);
+    const unsigned __int128 bytes =
+        static_cast<unsigned __int128>(params) * replicated +
+        static_cast<unsigned __int128>(optimizer_params(params, replicas, o.shard_optimizer)) * (o.bytes_per_param - replicated);
+    return bytes > UINT64_MAX ? UINT64_MAX : static_cast<std::uint64_t>(bytes);
 }
 
 /// The roofline on the cluster's figures (docs/METHOD.md):
