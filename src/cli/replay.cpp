@@ -33,7 +33,7 @@ struct ReplayOptions {
     std::uint64_t seed = 1;
     std::string out_dir;
     std::string timeline = "events";
-    std::uint64_t bytes_per_param = 16;
+    std::optional<std::uint64_t> bytes_per_param;  ///< default 16
     bool shard_optimizer = false;
     bool recompute = false;
     bool fused_attention = false;
@@ -49,7 +49,11 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     // priced as dpart run runs it.
     const Model model = plan.precision ? with_dtype(loaded, *plan.precision) : loaded;
     CostOptions copt;
-    copt.bytes_per_param = o.bytes_per_param;
+    if (plan.precision && o.bytes_per_param)
+        throw InputError(fmt::format("{} is planned for dpart run in {} (precision = \"{}\"), whose training state "
+                                     "it is priced with: leave out --bytes-per-param",
+                                     o.plan, to_string(*plan.precision), to_string(*plan.precision)));
+    copt.bytes_per_param = o.bytes_per_param.value_or(copt.bytes_per_param);
     copt.shard_optimizer = o.shard_optimizer || plan.shard_optimizer;
     copt.recompute = o.recompute || plan.recompute;
     copt.fused_attention = o.fused_attention || plan.fused_attention;
@@ -179,7 +183,7 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
                     "effect) or all")
         ->check(CLI::IsMember({"events", "all"}))
         ->capture_default_str();
-    cmd->add_option("--bytes-per-param", o->bytes_per_param, "as for dpart plan")->capture_default_str();
+    cmd->add_option("--bytes-per-param", o->bytes_per_param, "as for dpart plan (default 16)");
     cmd->add_flag("--shard-optimizer", o->shard_optimizer, "as for dpart plan");
     cmd->add_flag("--recompute", o->recompute, "as for dpart plan");
     cmd->add_flag("--fused-attention", o->fused_attention, "as for dpart plan");

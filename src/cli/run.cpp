@@ -388,7 +388,10 @@ int run_run(const RunCliOptions& given, const std::string& command) {
     if (plan.precision && *plan.precision != priced.dtype)
         note(true, fmt::format("dpart run computing in {} (precision = \"{}\"), and this run computes in {}",
                                to_string(*plan.precision), to_string(*plan.precision), to_string(priced.dtype)));
-    plan.precision = priced.dtype;
+    // The plan as it ran records the device backends' precision; the CPU backend computes in
+    // fp32 whatever a plan says, and leaves the plan's as it was (a bf16 model's plan run here
+    // then still runs in bf16 on a device backend).
+    if (o.backend != "cpu") plan.precision = priced.dtype;
     copt = run_state_options(copt, priced.dtype);
     const CliCostModel cost_model(priced, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();

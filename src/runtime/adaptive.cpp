@@ -47,6 +47,10 @@ void put_plan(Bytes& b, const Plan& p) {
     put_u64(b, static_cast<std::uint64_t>(p.schedule));
     put_u64(b, p.microbatch_size);
     put_u64(b, p.microbatches);
+    // How it runs: recompute, ZeRO-1, the memory options it was planned with, its precision.
+    put_u64(b, (p.recompute ? 1u : 0u) | (p.shard_optimizer ? 2u : 0u) | (p.fused_attention ? 4u : 0u) |
+                   (p.vocab_parallel ? 8u : 0u));
+    put_u64(b, p.precision ? static_cast<std::uint64_t>(*p.precision) + 1 : 0);
     put_u64(b, p.stages.size());
     for (const Stage& st : p.stages) {
         put_u64(b, st.first_layer);
@@ -62,6 +66,12 @@ Plan get_plan(Reader& r) {
     p.schedule = static_cast<ScheduleKind>(get_u64(r));
     p.microbatch_size = get_u64(r);
     p.microbatches = get_u64(r);
+    const std::uint64_t flags = get_u64(r);
+    p.recompute = (flags & 1u) != 0;
+    p.shard_optimizer = (flags & 2u) != 0;
+    p.fused_attention = (flags & 4u) != 0;
+    p.vocab_parallel = (flags & 8u) != 0;
+    if (const std::uint64_t precision = get_u64(r); precision != 0) p.precision = static_cast<DType>(precision - 1);
     p.stages.resize(get_u64(r));
     for (Stage& st : p.stages) {
         st.first_layer = get_u64(r);

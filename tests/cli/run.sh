@@ -216,6 +216,8 @@ if check "plan tiny-gpt for dpart run in bf16" 0 "$dpart" plan "$gpt" -c "$cpu4"
         fi
     fi
 fi
+check "replay a bf16 plan with --bytes-per-param" 2 "$dpart" replay "$tmp/gpt-bf16.toml" -m "$gpt" -c "$cpu4" \
+    --bytes-per-param 16 && contains "replay: the plan's precision prices its state" "$tmp/err" "leave out --bytes-per-param"
 check "--precision with --bytes-per-param" 2 "$dpart" plan "$gpt" -c "$cpu4" --precision bf16 --bytes-per-param 18
 contains "--precision and --bytes-per-param: the message" "$tmp/err" "leave out --bytes-per-param"
 

@@ -225,7 +225,11 @@ TEST_CASE("the training state as dpart run keeps it: what ZeRO-1 divides, the gr
     CHECK(state_bytes(1000, zero, DType::bf16, 4) == 1000 * 4 + 250 * 12);
     CHECK(state_bytes(1000, zero, DType::fp32, 4) == 1000 * 8 + 250 * 8);
     CHECK(state_bytes(1001, zero, DType::fp32, 4) == 1001 * 8 + 251 * 8);
-    CHECK(state_bytes(10, zero, DType::fp32, 16) == 10 * 8 + 1 * 8);
+    // Where the last replica's part would be empty, dpart run keeps the state whole.
+    CHECK(state_bytes(10, zero, DType::fp32, 16) == 10 * 16);
+    CHECK(optimizer_params(10, 16, true) == 10);
+    CHECK(optimizer_params(10, 4, true) == 3);  // parts of 3: 3, 3, 3, 1
+    CHECK(optimizer_params(9, 4, true) == 9);    // parts of 3: the fourth empty
     CHECK(state_bytes(1000, zero, DType::bf16, 1) == 16000);
     CHECK(state_bytes(UINT64_MAX / 4, planner, DType::bf16, 1) == UINT64_MAX);  // saturates
     CHECK(gradient_value_bytes(planner, DType::bf16) == 2);

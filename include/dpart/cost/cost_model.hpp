@@ -123,10 +123,14 @@ struct CostOptions {
 [[nodiscard]] CostOptions run_state_options(CostOptions base, DType compute) noexcept;
 
 /// Parameters each replica's optimizer steps: all `params` of its stage, or with
-/// `shard_optimizer` (ZeRO-1) its part of them, ceil(params / replicas).
+/// `shard_optimizer` (ZeRO-1) its part of them, ceil(params / replicas); all again where the
+/// last replica's part would be empty (fewer values than parts), as dpart run then keeps every
+/// replica's state whole.
 [[nodiscard]] constexpr std::uint64_t optimizer_params(std::uint64_t params, std::size_t replicas,
                                                        bool shard_optimizer) noexcept {
-    return shard_optimizer && replicas > 1 ? (params + replicas - 1) / replicas : params;
+    if (!shard_optimizer || replicas <= 1) return params;
+    const std::uint64_t part = (params + replicas - 1) / replicas;
+    return part * (replicas - 1) >= params ? params : part;
 }
 
 /// Bytes of training state of `params` parameters on one replica of `replicas`: the replicated
@@ -137,10 +141,13 @@ struct CostOptions {
                                                std::size_t replicas) noexcept {
     const std::uint64_t replicated = std::min<std::uint64_t>(
         o.replicated_bytes_per_param != 0 ? o.replicated_bytes_per_param : 2 * dtype_bytes(dtype), o.bytes_per_param);
-    const unsigned __int128 bytes =
-        static_cast<unsigned __int128>(params) * replicated +
-        static_cast<unsigned __int128>(optimizer_params(params, replicas, o.shard_optimizer)) * (o.bytes_per_param - replicated);
-    return bytes > UINT64_MAX ? UINT64_MAX : static_cast<std::uint64_t>(bytes);
+    std::uint64_t whole = 0, part = 0, bytes = 0;
+    if (__builtin_mul_overflow(params, replicated, &whole) ||
+        __builtin_mul_overflow(optimizer_params(params, replicas, o.shard_optimizer), o.bytes_per_param - replicated,
+                               &part) ||
+        __builtin_add_overflow(whole, part, &bytes))
+        return UINT64_MAX;
+    return bytes;
 }
 
 /// The roofline on the cluster's figures (docs/METHOD.md):
