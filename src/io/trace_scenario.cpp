@@ -16,6 +16,13 @@ Scenario scenario_from_run(const std::string& run_dir, const Model& model, const
                            const CostModel& cost, const CostOptions& options, double tolerance) {
     const std::filesystem::path dir(run_dir);
     const Plan plan = load_plan((dir / "plan.toml").string(), model, cluster);
+    // The run's times are compared with its plan priced as it ran: in the precision it
+    // recorded, which must be the model's as priced here.
+    if (plan.precision && *plan.precision != model.dtype)
+        throw InputError(plan.where, fmt::format("the run computed in {}, but its conditions are read here with the "
+                                                 "model priced in {}: replay {} itself, or a plan for {}",
+                                                 to_string(*plan.precision), to_string(model.dtype),
+                                                 (dir / "plan.toml").string(), to_string(*plan.precision)));
     const PlanEstimate est = estimate_plan(plan, model, cluster, cost, options);
     const CsvFile rows = read_csv((dir / "stages.csv").string(), stage_trace_columns());
     const auto M = static_cast<double>(plan.microbatches);

@@ -214,6 +214,12 @@ if check "plan tiny-gpt for dpart run in bf16" 0 "$dpart" plan "$gpt" -c "$cpu4"
         if check "replay the bf16 run's plan" 0 "$dpart" replay "$tmp/gpt-bf16-run/plan.toml" -m "$gpt" -c "$cpu4" -n 2; then
             contains "the replay prices it as the run did" "$tmp/out" "predicted $(printf '%.6g' "$ran")"
         fi
+        # Its times read as conditions for a plan priced in another precision: refused, named.
+        check "replay an fp32 plan under a bf16 run's conditions" 2 "$dpart" replay "$tmp/tiny-gpt-mem.toml" -m "$gpt" \
+            -c "$cpu4" -n 2 --trace "$tmp/gpt-bf16-run" &&
+            contains "the precision mismatch is named" "$tmp/err" "the run computed in bf16, but its conditions are read"
+        check "replay the bf16 run's own plan under its conditions" 0 "$dpart" replay "$tmp/gpt-bf16-run/plan.toml" \
+            -m "$gpt" -c "$cpu4" -n 2 --trace "$tmp/gpt-bf16-run"
     fi
 fi
 check "replay a bf16 plan with --bytes-per-param" 2 "$dpart" replay "$tmp/gpt-bf16.toml" -m "$gpt" -c "$cpu4" \
