@@ -72,6 +72,22 @@ void print_model(const Model& m) {
                "per sample\n",
                bytes_iec(weights), to_string(m.dtype), bytes_iec(state), adam_bytes_per_param,
                bytes_iec(static_cast<double>(t.saved_bytes)));
+    // What dpart run keeps on one device (dpart plan --precision plans for it): a tied head
+    // holds its own copy of the embedding's weights, as the planner counts it.
+    std::uint64_t held = 0;
+    for (const Layer& l : m.layers) {
+        const auto* linear = std::get_if<LinearOp>(&l.op);
+        held += linear != nullptr && linear->tied_to ? l.cost.weight_bytes / dtype_bytes(m.dtype) : l.cost.params;
+    }
+    const auto run_state = [&](DType d) {
+        return bytes_iec(static_cast<double>(state_bytes(held, run_state_options({}, d), d, 1)));
+    };
+    fmt::print("dpart run keeps {} in fp32 (16 B per parameter), {} in bf16 (18 B: a bf16 copy of the weights beside "
+               "fp32 master weights, gradients and moments){}\n",
+               run_state(DType::fp32), run_state(DType::bf16),
+               held != t.params ? fmt::format(", counting the tied head's own copy of {} parameters",
+                                              with_commas(held - t.params))
+                                : std::string());
 }
 
 void print_cluster(const Cluster& c) {

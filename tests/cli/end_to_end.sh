@@ -51,6 +51,9 @@ check "unknown flag" 2 "$dpart" inspect --bogus "$src/plans/models/seed-mlp.toml
 check "inspect with nothing" 2 "$dpart" inspect && contains "inspect with nothing says why" "$tmp/err" "give a MODEL file"
 check "inspect a mixture of experts" 0 "$dpart" inspect "$src/plans/models/tiny-mixtral.toml" &&
     contains "inspect names the experts" "$tmp/out" "block0 (4 experts, top-2)"
+check "inspect GPT-2 small" 0 "$dpart" inspect "$src/plans/models/gpt2-small.toml" &&
+    contains "inspect: what dpart run keeps, its tied head's copy counted" "$tmp/out" \
+        "dpart run keeps 2.4 GiB in fp32 (16 B per parameter), 2.7 GiB in bf16 (18 B"
 check "missing file" 2 "$dpart" inspect "$tmp/none.toml" &&
     contains "missing file is named" "$tmp/err" "$tmp/none.toml: error: cannot open the file for reading"
 
