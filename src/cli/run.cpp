@@ -524,8 +524,8 @@ void setup_run(CLI::App& app, Action& action, const std::string& command) {
         ->check(CLI::IsMember({"cpu", "cuda", "host-device"}))
         ->capture_default_str();
     cmd->add_option("--precision", o->precision,
-                    "device backends' compute precision: fp32 or bf16 (default: the model's dtype; the cpu backend "
-                    "is fp32)")
+                    "device backends' compute precision: fp32 or bf16 (default: the plan's precision, else the model's "
+                    "dtype; the cpu backend is fp32)")
         ->check(CLI::IsMember({"fp32", "bf16"}));
     cmd->add_flag("--tf32", o->tf32, "cuda backend, fp32: matrix products on TF32 tensor cores");
     cmd->add_option("--device-comm", o->device_comm,
