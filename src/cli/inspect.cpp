@@ -72,13 +72,10 @@ void print_model(const Model& m) {
                "per sample\n",
                bytes_iec(weights), to_string(m.dtype), bytes_iec(state), adam_bytes_per_param,
                bytes_iec(static_cast<double>(t.saved_bytes)));
-    // What dpart run keeps on one device (dpart plan --precision plans for it): a tied head
-    // holds its own copy of the embedding's weights, as the planner counts it.
+    // What dpart run keeps on one device (dpart plan --precision plans for it), as the planner
+    // counts it: a tied head with its own copy of the embedding's weights.
     std::uint64_t held = 0;
-    for (const Layer& l : m.layers) {
-        const auto* linear = std::get_if<LinearOp>(&l.op);
-        held += linear != nullptr && linear->tied_to ? l.cost.weight_bytes / dtype_bytes(m.dtype) : l.cost.params;
-    }
+    for (const Layer& l : m.layers) held += held_params(l, m.dtype);
     const auto run_state = [&](DType d) {
         return bytes_iec(static_cast<double>(state_bytes(held, run_state_options({}, d), d, 1)));
     };

@@ -244,7 +244,8 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     // Planned for dpart run in a precision: the model priced in it, the state dpart run keeps.
     const std::optional<DType> precision =
         o.precision.empty() ? std::nullopt : std::optional<DType>(parse_dtype(o.precision));
-    const Model model = precision ? with_dtype(loaded, *precision) : loaded;
+    std::optional<Model> retyped;
+    const Model& model = precision ? in_dtype(loaded, *precision, retyped) : loaded;
     CostOptions copt;
     copt.bytes_per_param = o.bytes_per_param.value_or(copt.bytes_per_param);
     copt.shard_optimizer = o.shard_optimizer;

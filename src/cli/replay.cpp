@@ -47,7 +47,8 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     const Plan plan = load_plan(o.plan, loaded, cluster);
     // A plan for dpart run in a precision (dpart plan --precision, or the plan a run wrote) is
     // priced as dpart run runs it.
-    const Model model = plan.precision ? with_dtype(loaded, *plan.precision) : loaded;
+    std::optional<Model> retyped;
+    const Model& model = plan.precision ? in_dtype(loaded, *plan.precision, retyped) : loaded;
     CostOptions copt;
     if (plan.precision && o.bytes_per_param)
         throw InputError(fmt::format("{} is planned for dpart run in {} (precision = \"{}\"), whose training state "

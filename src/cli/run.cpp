@@ -384,7 +384,8 @@ int run_run(const RunCliOptions& given, const std::string& command) {
     // Priced as it runs: activations in the compute precision, the training state the stages
     // keep (fp32 master weights, gradients and moments, and in bf16 a compute copy; ZeRO-1
     // divides the moments only), fp32 gradients summed across replicas.
-    const Model priced = with_dtype(model, run_dtype(o, model));
+    std::optional<Model> retyped;
+    const Model& priced = in_dtype(model, run_dtype(o, model), retyped);
     if (plan.precision && *plan.precision != priced.dtype)
         note(true, fmt::format("dpart run computing in {} (precision = \"{}\"), and this run computes in {}",
                                to_string(*plan.precision), to_string(*plan.precision), to_string(priced.dtype)));

@@ -235,4 +235,10 @@ Model with_dtype(const Model& model, DType dtype) {
     return m;
 }
 
+const Model& in_dtype(const Model& model, DType dtype, std::optional<Model>& storage) {
+    if (dtype == model.dtype) return model;
+    storage = with_dtype(model, dtype);
+    return *storage;
+}
+
 }  // namespace dpart

@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <array>
-#include <map>
-#include <tuple>
-#include <optional>
 #include <cmath>
+#include <map>
 #include <numeric>
+#include <optional>
+#include <tuple>
 #include <unordered_set>
 
 #include "dpart/core/checked.hpp"
@@ -96,15 +96,10 @@ StageMemory stage_memory(const Model& model, const StageMemoryInput& in, const C
     }
     StageMemory m;
     std::uint64_t saved = 0, workspace = 0;
-    const std::uint64_t e = dtype_bytes(model.dtype);
     for (std::size_t l = in.first_layer; l <= in.last_layer; ++l) {
         const Layer& layer = model.layers[l];
         const bool split = in.tp > 1 && tp_splits(layer.op, options.vocab_parallel);
-        std::uint64_t params = layer.cost.params;
-        // A tied layer keeps its own copy of the weights, on its embedding's stage too: dpart run's
-        // kernels hold one each and sum their gradients.
-        if (const auto* linear = std::get_if<LinearOp>(&layer.op); linear && linear->tied_to)
-            params = layer.cost.weight_bytes / e;
+        const std::uint64_t params = held_params(layer, model.dtype);
         m.params = checked_add(m.params, split ? (params + in.tp - 1) / in.tp : params);
         saved = checked_add(saved, saved_per_rank(layer, in.tp, options.fused_attention, options.vocab_parallel));
         workspace = std::max(workspace, checked_add(workspace_per_rank(layer, model.dtype, in.tp, options.fused_attention,

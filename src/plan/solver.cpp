@@ -135,10 +135,9 @@ struct Context {
 
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
         : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(model_cuts(m)), times(m, cm, c.devices.size(), co.recompute) {
-        const std::uint64_t e = dtype_bytes(m.dtype);
         for (std::size_t l = 0; l < m.layers.size(); ++l)
             if (const auto* linear = std::get_if<LinearOp>(&m.layers[l].op); linear && linear->tied_to) {
-                tied.push_back({l, *linear->tied_to, m.layers[l].cost.weight_bytes / e, tp_splits(m.layers[l].op, co.vocab_parallel)});
+                tied.push_back({l, *linear->tied_to, held_params(m.layers[l], m.dtype), tp_splits(m.layers[l].op, co.vocab_parallel)});
             }
     }
 

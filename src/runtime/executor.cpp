@@ -638,14 +638,23 @@ private:
     /// Its bytes count from then on with the receiver's memory.
     void send_span(std::size_t dst, const Tag& tag, const DeviceSpan& span) {
         if (MemoryMeter* m = device_ops().meter()) m->add(-allocation_bytes(span));
+        net_.send(dst, tag, span_message(span));
+    }
+    DeviceSpan recv_span(std::size_t src, const Tag& tag, std::size_t expected) {
+        const DeviceSpan span = span_from(net_.recv(src, tag), tag, src, expected);
+        if (MemoryMeter* m = device_ops().meter()) m->add(allocation_bytes(span));
+        return span;
+    }
+    /// A device span as a message between threads of one process (24 bytes), and back: the
+    /// span `src` sent with `tag`, checked to hold `expected` values.
+    static Bytes span_message(const DeviceSpan& span) {
         Bytes msg;
         append_value(msg, reinterpret_cast<std::uintptr_t>(span.ptr));
         append_value(msg, static_cast<std::uint64_t>(span.count));
         append_value(msg, static_cast<std::uint8_t>(span.elem));
-        net_.send(dst, tag, std::move(msg));
+        return msg;
     }
-    DeviceSpan recv_span(std::size_t src, const Tag& tag, std::size_t expected) {
-        const Bytes msg = net_.recv(src, tag);
+    static DeviceSpan span_from(const Bytes& msg, const Tag& tag, std::size_t src, std::size_t expected) {
         Reader in(msg);
         DeviceSpan span;
         span.ptr = reinterpret_cast<void*>(in.value<std::uintptr_t>());
@@ -654,7 +663,6 @@ private:
         if (!in.done() || span.count != expected)
             throw RuntimeError(fmt::format("{} from worker {}: a device buffer of {} values, {} expected",
                                            describe(tag), src, span.count, expected));
-        if (MemoryMeter* m = device_ops().meter()) m->add(allocation_bytes(span));
         return span;
     }
 
@@ -716,26 +724,13 @@ private:
     std::vector<DeviceSpan> share_arrays(DeviceSpan mine, const Tag& tag) {
         device_ops().synchronize();
         const std::size_t n = dp_group_.size(), me = place_.replica;
-        Bytes msg;
-        append_value(msg, reinterpret_cast<std::uintptr_t>(mine.ptr));
-        append_value(msg, static_cast<std::uint64_t>(mine.count));
-        append_value(msg, static_cast<std::uint8_t>(mine.elem));
+        const Bytes msg = span_message(mine);
         for (std::size_t k = 0; k < n; ++k)
             if (k != me) net_.send(dp_group_[k], tag, msg);
         std::vector<DeviceSpan> out(n);
         out[me] = mine;
-        for (std::size_t k = 0; k < n; ++k) {
-            if (k == me) continue;
-            const Bytes got = net_.recv(dp_group_[k], tag);
-            Reader in(got);
-            DeviceSpan& s = out[k];
-            s.ptr = reinterpret_cast<void*>(in.value<std::uintptr_t>());
-            s.count = in.value<std::uint64_t>();
-            s.elem = static_cast<Elem>(in.value<std::uint8_t>());
-            if (!in.done() || s.count != mine.count || s.elem != mine.elem)
-                throw RuntimeError(fmt::format("{} from worker {}: an array of {} values, {} expected", describe(tag),
-                                               dp_group_[k], s.count, mine.count));
-        }
+        for (std::size_t k = 0; k < n; ++k)
+            if (k != me) out[k] = span_from(net_.recv(dp_group_[k], tag), tag, dp_group_[k], mine.count);
         return out;
     }
     /// Returns when every replica's device has finished the work queued on it so far.

@@ -113,6 +113,14 @@ struct CostOptions {
     bool overlap_allreduce = false;  ///< the data-parallel all-reduce overlaps the last backward
 };
 
+/// Parameters a device holding `layer` keeps (whole, before tensor parallelism): its own, and
+/// for a head tied to an embedding its own copy of the embedding's weights (dpart run's kernels
+/// hold one each and sum their gradients), on its embedding's stage too.
+[[nodiscard]] inline std::uint64_t held_params(const Layer& layer, DType dtype) noexcept {
+    const auto* linear = std::get_if<LinearOp>(&layer.op);
+    return linear != nullptr && linear->tied_to ? layer.cost.weight_bytes / dtype_bytes(dtype) : layer.cost.params;
+}
+
 /// Bytes per gradient value the data-parallel all-reduce moves.
 [[nodiscard]] std::uint64_t gradient_value_bytes(const CostOptions& o, DType dtype);
 

@@ -79,5 +79,8 @@ struct ModelSpec {
 /// layer's cost evaluated again at that element size, its shapes unchanged; a custom layer's
 /// bytes (given in the model's dtype) scaled by the ratio of the element sizes.
 [[nodiscard]] Model with_dtype(const Model& model, DType dtype);
+/// `model` in `dtype` without copying it when it is already in it: with_dtype's copy, kept in
+/// `storage`, or `model` itself.
+[[nodiscard]] const Model& in_dtype(const Model& model, DType dtype, std::optional<Model>& storage);
 
 }  // namespace dpart
