@@ -263,8 +263,6 @@ public:
         const std::size_t W = (L_ + 1) * (D_ + 1);
         value_.assign((K + 1) * W, inf);
         choice_.resize((K + 1) * W);  // read only where value_ is finite, i.e. written this run
-        // j-major, so that scanning the layer end i2 for one device position reads contiguously.
-        auto at = [&](std::size_t k, std::size_t i, std::size_t j) { return k * W + j * (L_ + 1) + i; };
         if (exact_in_flight) {
             for (std::size_t j = 0; j <= D_; ++j) value_[at(0, L_, j)] = 0;
         }
@@ -272,59 +270,8 @@ public:
         if (!exact_in_flight)
             for (std::size_t j = 0; j <= D_; ++j) value_[at(1, L_, j)] = 0;
 
-        for (std::size_t i = L_; i-- > 0;) {
-            for (std::size_t k = 1; k <= K; ++k) {
-                const std::uint64_t flight = exact_in_flight ? std::min<std::uint64_t>(k, M_) : fixed_in_flight;
-                for (std::size_t j = D_; j-- > 0;) {
-                    if (i > 0 && j == 0) continue;  // unreachable: earlier layers need earlier devices
-                    double best = inf;
-                    Choice pick;
-                    for (std::uint32_t bi = 0; bi < blocks_at_[j].size(); ++bi) {
-                        const Block& blk = blocks_[blocks_at_[j][bi]];
-                        const std::size_t next_j = j + blk.size;
-                        std::size_t first_i2 = i + 1;
-                        if (next_j >= D_) first_i2 = L_;  // no devices left for later stages
-                        std::uint64_t workspace = 0;
-                        const std::vector<std::uint64_t>& ws = blk.memory->workspace;
-                        for (std::size_t l = i; l + 1 < first_i2; ++l) workspace = std::max(workspace, ws[l]);
-                        for (std::size_t i2 = first_i2; i2 <= L_; ++i2) {
-                            workspace = std::max(workspace, ws[i2 - 1]);
-                            // Stage compute grows with i2: past the bound or the best, stop.
-                            const double compute = compute_seconds(blk, i, i2);
-                            if (compute > bound || compute >= best) break;
-                            // Successor levels: exactly k-1 stages follow, or ">= K" again when capped.
-                            double rest = inf;
-                            std::uint8_t rest_level = 0;
-                            if (exact_in_flight) {
-                                rest = value_[at(k - 1, i2, next_j)];
-                                if (capped && k == K && value_[at(K, i2, next_j)] < rest) {
-                                    rest = value_[at(K, i2, next_j)];
-                                    rest_level = 1;
-                                }
-                            } else {
-                                rest = value_[at(1, i2, next_j)];
-                            }
-                            if (rest >= best) continue;  // also when rest is inf
-                            if (!minmax && compute + rest >= best) continue;
-                            const std::uint64_t mem = memory(blk, i, i2, flight, workspace);
-                            if (mem > blk.capacity) {
-                                ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
-                                break;  // more layers never need less memory
-                            }
-                            const double t = stage_seconds(blk, i, i2, compute);
-                            if (t > bound) continue;
-                            const double v = minmax ? std::max(t, rest) : t + rest;
-                            if (v < best) {
-                                best = v;
-                                pick = Choice{static_cast<std::uint32_t>(i2), blocks_at_[j][bi], rest_level};
-                            }
-                        }
-                    }
-                    value_[at(k, i, j)] = best;
-                    choice_[at(k, i, j)] = pick;
-                }
-            }
-        }
+        if (exact_in_flight) fill<true>(minmax, bound, K, capped, 0);
+        else fill<false>(minmax, bound, 1, false, fixed_in_flight);
         Result r;
         std::size_t best_k = 1;
         for (std::size_t k = 1; k <= K; ++k)
@@ -359,6 +306,77 @@ public:
         }
         release();
         return r;
+    }
+
+    /// j-major, so that scanning the layer end i2 for one device position reads contiguously.
+    std::size_t at(std::size_t k, std::size_t i, std::size_t j) const {
+        return k * (L_ + 1) * (D_ + 1) + j * (L_ + 1) + i;
+    }
+
+    /// The DP's tables from the last layer back (run's loop; a template so that the common
+    /// search without levels pays nothing for them).
+    template <bool Levels>
+    void fill(bool minmax, double bound, std::size_t K, bool capped, std::uint64_t fixed_in_flight) {
+        for (std::size_t i = L_; i-- > 0;) {
+            for (std::size_t k = 1; k <= K; ++k) {
+                const std::uint64_t flight = Levels ? std::min<std::uint64_t>(k, M_) : fixed_in_flight;
+                for (std::size_t j = D_; j-- > 0;) {
+                    if (i > 0 && j == 0) continue;  // unreachable: earlier layers need earlier devices
+                    // With levels, k stages (at least k at the cap) each need a layer and a
+                    // device: the state is infeasible below that, and its first stage must leave
+                    // k - 1 layers and devices to the others (level 0 is finite only at L).
+                    if (Levels && (k > L_ - i || k > D_ - j)) continue;
+                    const std::size_t last_i2 = Levels ? L_ - (k - 1) : L_;
+                    double best = inf;
+                    Choice pick;
+                    for (std::uint32_t bi = 0; bi < blocks_at_[j].size(); ++bi) {
+                        const Block& blk = blocks_[blocks_at_[j][bi]];
+                        const std::size_t next_j = j + blk.size;
+                        if (Levels && k - 1 > D_ - next_j) continue;
+                        std::size_t first_i2 = i + 1;
+                        // No later stage: no devices left, or exactly one stage (level 1 below the cap).
+                        if (next_j >= D_ || (Levels && k == 1 && !(capped && K == 1))) first_i2 = L_;
+                        std::uint64_t workspace = 0;
+                        const std::vector<std::uint64_t>& ws = blk.memory->workspace;
+                        for (std::size_t l = i; l + 1 < first_i2; ++l) workspace = std::max(workspace, ws[l]);
+                        for (std::size_t i2 = first_i2; i2 <= last_i2; ++i2) {
+                            workspace = std::max(workspace, ws[i2 - 1]);
+                            // Stage compute grows with i2: past the bound or the best, stop.
+                            const double compute = compute_seconds(blk, i, i2);
+                            if (compute > bound || compute >= best) break;
+                            // Successor levels: exactly k-1 stages follow, or ">= K" again when capped.
+                            double rest = inf;
+                            std::uint8_t rest_level = 0;
+                            if (Levels) {
+                                rest = value_[at(k - 1, i2, next_j)];
+                                if (capped && k == K && value_[at(K, i2, next_j)] < rest) {
+                                    rest = value_[at(K, i2, next_j)];
+                                    rest_level = 1;
+                                }
+                            } else {
+                                rest = value_[at(1, i2, next_j)];
+                            }
+                            if (rest >= best) continue;  // also when rest is inf
+                            if (!minmax && compute + rest >= best) continue;
+                            const std::uint64_t mem = memory(blk, i, i2, flight, workspace);
+                            if (mem > blk.capacity) {
+                                ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
+                                break;  // more layers never need less memory
+                            }
+                            const double t = stage_seconds(blk, i, i2, compute);
+                            if (t > bound) continue;
+                            const double v = minmax ? std::max(t, rest) : t + rest;
+                            if (v < best) {
+                                best = v;
+                                pick = Choice{static_cast<std::uint32_t>(i2), blocks_at_[j][bi], rest_level};
+                            }
+                        }
+                    }
+                    value_[at(k, i, j)] = best;
+                    choice_[at(k, i, j)] = pick;
+                }
+            }
+        }
     }
 
     /// Frees large DP tables between runs (many searches stay alive between the two passes);
@@ -557,7 +575,10 @@ Search::Result exact_1f1b(Context& ctx, Search& search, bool minmax, double boun
         ctx.conservative = true;
         return conservative;
     }
-    return search.run(minmax, bound, true, 1);
+    // The conservative plan fits as well when each stage keeps only its own count: the least
+    // bottleneck is at most its value, and no stage of the optimum is slower (a sum gives no
+    // such bound).
+    return search.run(minmax, minmax ? std::min(bound, conservative.value) : bound, true, 1);
 }
 
 /// A memory-feasible DP result for one search, handling 1F1B's per-stage in-flight counts:

@@ -23,21 +23,25 @@ struct Instance {
     Cluster cluster;
 };
 
-Instance random_instance(std::mt19937_64& rng) {
+/// `in_flight`: instances where 1F1B's in-flight microbatches decide what fits (memory always
+/// tight, activations outweighing parameters, up to 16 microbatches on up to 4 devices), so that
+/// the solver needs its DP over stage levels.
+Instance random_instance(std::mt19937_64& rng, bool in_flight = false) {
     auto uniform = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); };
     auto pick = [&](std::uint64_t lo, std::uint64_t hi) { return std::uniform_int_distribution<std::uint64_t>(lo, hi)(rng); };
     ModelSpec spec;
     spec.name = "random";
     spec.dtype = pick(0, 1) ? DType::bf16 : DType::fp32;
     const std::uint64_t batches[] = {1, 2, 4, 6, 8};
-    spec.global_batch = batches[pick(0, 4)];
+    const std::uint64_t deep[] = {4, 8, 16};
+    spec.global_batch = in_flight ? deep[pick(0, 2)] : batches[pick(0, 4)];
     const std::size_t L = pick(1, 8);
     std::uint64_t total_params = 0, total_saved = 0, largest_workspace = 0;
     for (std::size_t l = 0; l < L; ++l) {
         CustomOp c;
         c.fwd_flops = static_cast<std::uint64_t>(uniform(1e9, 1e11));
         c.bwd_flops = static_cast<std::uint64_t>(static_cast<double>(c.fwd_flops) * uniform(1.5, 2.5));
-        c.params = static_cast<std::uint64_t>(uniform(1e5, 5e7));
+        c.params = static_cast<std::uint64_t>(in_flight ? uniform(1e5, 5e6) : uniform(1e5, 5e7));
         c.out_bytes = static_cast<std::uint64_t>(uniform(1e4, 5e7));
         c.saved_bytes = static_cast<std::uint64_t>(uniform(1e5, 2e8));
         c.fwd_mem_bytes = static_cast<std::uint64_t>(uniform(0, 1e8));
@@ -54,16 +58,16 @@ Instance random_instance(std::mt19937_64& rng) {
     Instance in{build_model(spec), {}};
     Cluster& c = in.cluster;
     c.name = "random";
-    const std::size_t nodes = pick(1, 2);
+    const std::size_t nodes = in_flight ? 1 : pick(1, 2);
     // A third of the instances get memory small enough to bind.
-    const bool tight = pick(0, 2) == 0;
+    const bool tight = in_flight || pick(0, 2) == 0;
     const double need = static_cast<double>(total_params) * 16 +
                         static_cast<double>((total_saved + largest_workspace) * spec.global_batch);
     const double kinds[2][2] = {{100, 1500}, {300, 3000}};  // TFLOP/s, GB/s
     for (std::size_t n = 0; n < nodes; ++n) {
         Node node;
         node.name = "n" + std::to_string(n);
-        const std::size_t devices = pick(1, nodes == 1 ? 4 : 2);
+        const std::size_t devices = pick(in_flight ? 2 : 1, nodes == 1 ? 4 : 2);
         for (std::size_t d = 0; d < devices; ++d) {
             Device dev;
             dev.name = node.name + ".d" + std::to_string(d);
@@ -71,7 +75,7 @@ Instance random_instance(std::mt19937_64& rng) {
             const auto k = pick(0, 1);
             dev.tflops = kinds[k][0];
             dev.mem_bw_gbs = kinds[k][1];
-            dev.mem_gib = tight ? need * uniform(0.2, 1.2) / 1073741824.0 : 1000;
+            dev.mem_gib = tight ? need * uniform(in_flight ? 0.05 : 0.2, in_flight ? 0.6 : 1.2) / 1073741824.0 : 1000;
             node.devices.push_back(c.devices.size());
             c.devices.push_back(dev);
         }
@@ -337,4 +341,38 @@ TEST_CASE("microbatch candidates") {
     o.microbatch_size = 0;
     o.microbatches = 3;
     CHECK(microbatch_candidates(12, o) == std::vector<std::uint64_t>{4});
+}
+
+TEST_CASE("under 1F1B's in-flight memory the DP finds the exhaustive optimum on 160 random instances") {
+    std::mt19937_64 rng(20261207);
+    std::size_t checked = 0, infeasible = 0;
+    for (int n = 0; n < 160; ++n) {
+        const Instance in = random_instance(rng, true);
+        CostOptions copt;
+        copt.recompute = n % 4 == 3;
+        copt.shard_optimizer = n % 5 == 1;
+        SolverOptions sopt;
+        sopt.objective = n % 2 == 0 ? Objective::throughput : Objective::iteration;
+        sopt.max_tp = n % 3 == 0 ? 2 : 1;
+        const AnalyticalCostModel cost(in.model, in.cluster, copt);
+        const Exhaustive ex = exhaustive(in.model, in.cluster, cost, copt, sopt);
+        CAPTURE(n);
+        if (ex.best_objective == inf) {
+            CHECK_THROWS_AS((void)solve(in.model, in.cluster, cost, copt, sopt), InfeasibleError);
+            ++infeasible;
+            continue;
+        }
+        const SolveResult r = solve(in.model, in.cluster, cost, copt, sopt);
+        CHECK(r.exact);
+        CHECK(r.estimate.fits);
+        CHECK(close(r.search_optimum_s, ex.best_objective));
+        if (sopt.objective == Objective::throughput)
+            CHECK(close(objective_value(sopt.objective, r.plan, r.estimate), ex.best_objective));
+        else
+            CHECK(r.estimate.iteration_s >= ex.best_makespan * (1 - 1e-12));
+        ++checked;
+    }
+    CHECK(checked >= 100);
+    std::printf("[brute force, 1F1B memory] %zu instances solved and checked, %zu infeasible (both agree)\n", checked,
+                infeasible);
 }
