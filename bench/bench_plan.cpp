@@ -97,17 +97,19 @@ BENCHMARK(BM_PlanGrid)
 /// Llama-3-70B on 1024 GPUs (64 nodes of H100, 64 of A100), default options (every microbatch
 /// size); arguments: objective (0 iteration, 1 throughput), attention (0 materialised, as dpart
 /// run's kernels keep it: 8.6 GB of probabilities per sample and layer at sequence 8192; 1 fused,
-/// as Megatron-LM trains it).
+/// as Megatron-LM trains it), the DP's threads (SolverOptions::threads; wall time).
 void BM_Llama70B_1024Hetero(benchmark::State& state) {
     const dpart::Model model = dpart::load_model(plans + "models/llama3-70b.toml");
     const dpart::Cluster c = cluster(1024, true);
     dpart::SolverOptions o;
     o.objective = state.range(0) == 0 ? dpart::Objective::iteration : dpart::Objective::throughput;
+    o.threads = static_cast<std::size_t>(state.range(2));
     run(state, model, c, o, state.range(1) == 1);
 }
 BENCHMARK(BM_Llama70B_1024Hetero)
-    ->ArgsProduct({{0, 1}, {0, 1}})
+    ->ArgsProduct({{0, 1}, {0, 1}, {1, 2}})
     ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
     ->Iterations(1);
 
 /// A re-plan of Llama-3-70B on 64 H100s with the running job's microbatch size.

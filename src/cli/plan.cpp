@@ -38,6 +38,7 @@ struct PlanOptions {
     bool overlap_allreduce = false;
     bool compare = false;
     bool quiet = false;
+    std::size_t threads = 0;  ///< --threads: the DP's threads (0 = one per hardware thread)
     std::string layer_times;  ///< --layer-times: measured layer costs (dpart profile --model)
     // --cost-model pipedream: PipeDream's planner on N identical workers, no cluster file.
     std::string cost_model = "analytical";
@@ -262,6 +263,7 @@ int run_plan(const PlanOptions& o, const std::string& command) {
     sopt.max_replicas = o.max_replicas;
     sopt.max_tp = o.max_tp;
     sopt.strategy = parse_strategy(o.strategy);
+    sopt.threads = o.threads;
     const CliCostModel cost_model(model, cluster, copt, o.layer_times);
     const CostModel& cost = cost_model.get();
     SolveResult r = solve(model, cluster, cost, copt, sopt);
@@ -335,6 +337,11 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--overlap-allreduce", o->overlap_allreduce, "overlap the gradient all-reduce with the last backward");
     cmd->add_flag("--compare", o->compare, "also solve every baseline strategy and print a comparison");
     cmd->add_flag("--quiet,-q", o->quiet, "print nothing (write --out / --csv only)");
+    cmd->add_option("--threads", o->threads,
+                    "threads for the dynamic program on large searches (0 = one per hardware thread); the plan is "
+                    "the same for any count")
+        ->check(CLI::Range(std::size_t{0}, std::size_t{1024}))
+        ->capture_default_str();
     cmd->add_option("--layer-times", o->layer_times,
                     "measured layer times (dpart profile --model ... --layer-times FILE): used for the cluster's devices "
                     "of the kind they were measured on, instead of the roofline");

@@ -3,12 +3,17 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
+#include <barrier>
 #include <cmath>
 #include <limits>
+#include <exception>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <set>
+#include <thread>
 #include <tuple>
 
 #include "dpart/core/format.hpp"
@@ -226,7 +231,6 @@ public:
 
     /// The stage's full time (memory checked separately).
     double stage_seconds(const Block& blk, std::size_t i, std::size_t i2, double compute) const {
-        ++ctx_.evaluations;
         double t = compute;
         if (i2 < L_)
             t += ctx_.cost.transfer_seconds(order_[blk.start + blk.size - 1], order_[blk.start + blk.size],
@@ -295,6 +299,7 @@ public:
             st.devices.assign(order_.begin() + static_cast<std::ptrdiff_t>(blk.start),
                               order_.begin() + static_cast<std::ptrdiff_t>(blk.start + blk.size));
             const double compute = compute_seconds(blk, i, c.i2);
+            ++ctx_.evaluations;
             const double t = stage_seconds(blk, i, c.i2, compute);
             r.max_compute = std::max(r.max_compute, compute);
             r.max_stage = std::max(r.max_stage, t);
@@ -313,69 +318,128 @@ public:
         return k * (L_ + 1) * (D_ + 1) + j * (L_ + 1) + i;
     }
 
-    /// The DP's tables from the last layer back (run's loop; a template so that the common
-    /// search without levels pays nothing for them).
+    /// What a DP run tallies besides its tables: per thread, merged after the run.
+    struct Tally {
+        std::size_t evaluations = 0;
+        std::uint64_t deficit = UINT64_MAX;  ///< smallest memory excess seen
+    };
+
+    /// One state of the DP: the best first stage for layers i.. on the devices from position j,
+    /// with k stages to go (with levels). It reads only states of later layers.
     template <bool Levels>
-    void fill(bool minmax, double bound, std::size_t K, bool capped, std::uint64_t fixed_in_flight) {
-        for (std::size_t i = L_; i-- > 0;) {
-            for (std::size_t k = 1; k <= K; ++k) {
-                const std::uint64_t flight = Levels ? std::min<std::uint64_t>(k, M_) : fixed_in_flight;
-                for (std::size_t j = D_; j-- > 0;) {
-                    if (i > 0 && j == 0) continue;  // unreachable: earlier layers need earlier devices
-                    // With levels, k stages (at least k at the cap) each need a layer and a
-                    // device: the state is infeasible below that, and its first stage must leave
-                    // k - 1 layers and devices to the others (level 0 is finite only at L).
-                    if (Levels && (k > L_ - i || k > D_ - j)) continue;
-                    const std::size_t last_i2 = Levels ? L_ - (k - 1) : L_;
-                    double best = inf;
-                    Choice pick;
-                    for (std::uint32_t bi = 0; bi < blocks_at_[j].size(); ++bi) {
-                        const Block& blk = blocks_[blocks_at_[j][bi]];
-                        const std::size_t next_j = j + blk.size;
-                        if (Levels && k - 1 > D_ - next_j) continue;
-                        std::size_t first_i2 = i + 1;
-                        // No later stage: no devices left, or exactly one stage (level 1 below the cap).
-                        if (next_j >= D_ || (Levels && k == 1 && !(capped && K == 1))) first_i2 = L_;
-                        std::uint64_t workspace = 0;
-                        const std::vector<std::uint64_t>& ws = blk.memory->workspace;
-                        for (std::size_t l = i; l + 1 < first_i2; ++l) workspace = std::max(workspace, ws[l]);
-                        for (std::size_t i2 = first_i2; i2 <= last_i2; ++i2) {
-                            workspace = std::max(workspace, ws[i2 - 1]);
-                            // Stage compute grows with i2: past the bound or the best, stop.
-                            const double compute = compute_seconds(blk, i, i2);
-                            if (compute > bound || compute >= best) break;
-                            // Successor levels: exactly k-1 stages follow, or ">= K" again when capped.
-                            double rest = inf;
-                            std::uint8_t rest_level = 0;
-                            if (Levels) {
-                                rest = value_[at(k - 1, i2, next_j)];
-                                if (capped && k == K && value_[at(K, i2, next_j)] < rest) {
-                                    rest = value_[at(K, i2, next_j)];
-                                    rest_level = 1;
-                                }
-                            } else {
-                                rest = value_[at(1, i2, next_j)];
-                            }
-                            if (rest >= best) continue;  // also when rest is inf
-                            if (!minmax && compute + rest >= best) continue;
-                            const std::uint64_t mem = memory(blk, i, i2, flight, workspace);
-                            if (mem > blk.capacity) {
-                                ctx_.deficit = std::min(ctx_.deficit, mem - blk.capacity);
-                                break;  // more layers never need less memory
-                            }
-                            const double t = stage_seconds(blk, i, i2, compute);
-                            if (t > bound) continue;
-                            const double v = minmax ? std::max(t, rest) : t + rest;
-                            if (v < best) {
-                                best = v;
-                                pick = Choice{static_cast<std::uint32_t>(i2), blocks_at_[j][bi], rest_level};
-                            }
-                        }
+    void solve_state(std::size_t k, std::size_t i, std::size_t j, bool minmax, double bound, std::size_t K,
+                     bool capped, std::uint64_t flight, Tally& tally) {
+        if (i > 0 && j == 0) return;  // unreachable: earlier layers need earlier devices
+        // With levels, k stages (at least k at the cap) each need a layer and a device: the state
+        // is infeasible below that, and its first stage must leave k - 1 layers and devices to
+        // the others (level 0 is finite only at L).
+        if (Levels && (k > L_ - i || k > D_ - j)) return;
+        const std::size_t last_i2 = Levels ? L_ - (k - 1) : L_;
+        double best = inf;
+        Choice pick;
+        for (std::uint32_t bi = 0; bi < blocks_at_[j].size(); ++bi) {
+            const Block& blk = blocks_[blocks_at_[j][bi]];
+            const std::size_t next_j = j + blk.size;
+            if (Levels && k - 1 > D_ - next_j) continue;
+            std::size_t first_i2 = i + 1;
+            // No later stage: no devices left, or exactly one stage (level 1 below the cap).
+            if (next_j >= D_ || (Levels && k == 1 && !(capped && K == 1))) first_i2 = L_;
+            std::uint64_t workspace = 0;
+            const std::vector<std::uint64_t>& ws = blk.memory->workspace;
+            for (std::size_t l = i; l + 1 < first_i2; ++l) workspace = std::max(workspace, ws[l]);
+            for (std::size_t i2 = first_i2; i2 <= last_i2; ++i2) {
+                workspace = std::max(workspace, ws[i2 - 1]);
+                // Stage compute grows with i2: past the bound or the best, stop.
+                const double compute = compute_seconds(blk, i, i2);
+                if (compute > bound || compute >= best) break;
+                // Successor levels: exactly k-1 stages follow, or ">= K" again when capped.
+                double rest = inf;
+                std::uint8_t rest_level = 0;
+                if (Levels) {
+                    rest = value_[at(k - 1, i2, next_j)];
+                    if (capped && k == K && value_[at(K, i2, next_j)] < rest) {
+                        rest = value_[at(K, i2, next_j)];
+                        rest_level = 1;
                     }
-                    value_[at(k, i, j)] = best;
-                    choice_[at(k, i, j)] = pick;
+                } else {
+                    rest = value_[at(1, i2, next_j)];
+                }
+                if (rest >= best) continue;  // also when rest is inf
+                if (!minmax && compute + rest >= best) continue;
+                const std::uint64_t mem = memory(blk, i, i2, flight, workspace);
+                if (mem > blk.capacity) {
+                    tally.deficit = std::min(tally.deficit, mem - blk.capacity);
+                    break;  // more layers never need less memory
+                }
+                ++tally.evaluations;
+                const double t = stage_seconds(blk, i, i2, compute);
+                if (t > bound) continue;
+                const double v = minmax ? std::max(t, rest) : t + rest;
+                if (v < best) {
+                    best = v;
+                    pick = Choice{static_cast<std::uint32_t>(i2), blocks_at_[j][bi], rest_level};
                 }
             }
+        }
+        value_[at(k, i, j)] = best;
+        choice_[at(k, i, j)] = pick;
+    }
+
+    /// The DP's tables from the last layer back (a template so that the common search without
+    /// levels pays nothing for them). The states of one layer are independent of each other:
+    /// with several threads, each layer's device positions are shared out in chunks and the
+    /// threads meet before the next layer. Every state is computed as by one thread, so the
+    /// result does not depend on the thread count.
+    template <bool Levels>
+    void fill(bool minmax, double bound, std::size_t K, bool capped, std::uint64_t fixed_in_flight) {
+        auto positions = [&](std::size_t i, std::size_t j_begin, std::size_t j_end, Tally& tally) {
+            for (std::size_t k = 1; k <= K; ++k) {
+                const std::uint64_t flight = Levels ? std::min<std::uint64_t>(k, M_) : fixed_in_flight;
+                for (std::size_t j = j_end; j-- > j_begin;)
+                    solve_state<Levels>(k, i, j, minmax, bound, K, capped, flight, tally);
+            }
+        };
+        // Below this many block scans per layer a thread's share would not pay for the meeting.
+        constexpr std::size_t min_parallel_scans = 2048;
+        const std::size_t wanted = ctx_.sopt.threads != 0 ? ctx_.sopt.threads : std::thread::hardware_concurrency();
+        const std::size_t threads = blocks_.size() * K < min_parallel_scans ? 1 : std::min(wanted, D_ / 64 + 1);
+        std::vector<Tally> tallies(std::max<std::size_t>(threads, 1));
+        if (threads <= 1) {
+            for (std::size_t i = L_; i-- > 0;) positions(i, 0, D_, tallies[0]);
+        } else {
+            constexpr std::size_t chunk = 16;  // device positions per share
+            const std::size_t chunks = (D_ + chunk - 1) / chunk;
+            std::size_t layer = L_ - 1;        // written only by the barrier's completion
+            std::atomic<std::size_t> next{0};  // the next chunk of this layer
+            std::barrier meet(static_cast<std::ptrdiff_t>(threads), [&]() noexcept {
+                --layer;
+                next.store(0, std::memory_order_relaxed);
+            });
+            std::exception_ptr error;
+            std::mutex error_mutex;
+            auto work = [&](std::size_t t) {
+                for (std::size_t steps = L_; steps-- > 0;) {
+                    const std::size_t i = layer;
+                    for (std::size_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+                        try {
+                            positions(i, c * chunk, std::min(D_, (c + 1) * chunk), tallies[t]);
+                        } catch (...) {  // kept for the caller; the thread still meets the others
+                            const std::lock_guard<std::mutex> lock(error_mutex);
+                            if (!error) error = std::current_exception();
+                        }
+                    }
+                    meet.arrive_and_wait();
+                }
+            };
+            std::vector<std::thread> pool;
+            for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+            work(0);
+            for (std::thread& th : pool) th.join();
+            if (error) std::rethrow_exception(error);
+        }
+        for (const Tally& t : tallies) {
+            ctx_.evaluations += t.evaluations;
+            ctx_.deficit = std::min(ctx_.deficit, t.deficit);
         }
     }
 
@@ -397,6 +461,7 @@ public:
                         if (i2 < L_ && blocks_[bi].start + blocks_[bi].size >= D_) continue;
                         const double compute = compute_seconds(blocks_[bi], i, i2);
                         if (compute == inf) continue;
+                        ++ctx_.evaluations;
                         out.push_back(stage_seconds(blocks_[bi], i, i2, compute));
                     }
         std::sort(out.begin(), out.end());

@@ -132,6 +132,17 @@ check "plan without --cluster" 2 "$dpart" plan "$models/seed-mlp.toml"
 check "plan bad objective" 2 "$dpart" plan "$models/seed-mlp.toml" -c "$clusters/cpu-local.toml" --objective fastest
 check "plan bad microbatch" 2 "$dpart" plan "$models/seed-mlp.toml" -c "$clusters/cpu-local.toml" --microbatch-size 7 &&
     contains "bad microbatch explained" "$tmp/err" "does not divide the global batch 64"
+if check "plan --threads 1" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$clusters/h100-4x8.toml" -q --threads 1 \
+    --out "$tmp/threads1.toml" &&
+    check "plan --threads 3" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$clusters/h100-4x8.toml" -q --threads 3 \
+        --out "$tmp/threads3.toml"; then
+    checks=$((checks + 1))
+    if ! diff <(grep -v '^command' "$tmp/threads1.toml") <(grep -v '^command' "$tmp/threads3.toml") >/dev/null; then
+        echo "FAIL plan --threads: the plan depends on the thread count"
+        failures=$((failures + 1))
+    fi
+fi
+check "plan --threads negative" 2 "$dpart" plan "$models/seed-mlp.toml" -c "$clusters/cpu-local.toml" --threads -1
 check "plan microbatch not a number" 2 "$dpart" plan "$models/seed-mlp.toml" -c "$clusters/cpu-local.toml" --microbatch-size two
 check "plan bad model" 2 "$dpart" plan "$src/tests/bad_input/model/unknown_op.toml" -c "$clusters/cpu-local.toml" --out "$tmp/bad-plan.toml"
 checks=$((checks + 1))

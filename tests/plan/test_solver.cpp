@@ -1,5 +1,6 @@
 // The DP against exhaustive search on random small instances, and the planner's contracts.
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -375,4 +376,54 @@ TEST_CASE("under 1F1B's in-flight memory the DP finds the exhaustive optimum on 
     CHECK(checked >= 100);
     std::printf("[brute force, 1F1B memory] %zu instances solved and checked, %zu infeasible (both agree)\n", checked,
                 infeasible);
+}
+
+TEST_CASE("the plan does not depend on the DP's thread count") {
+    // Llama-3-8B on 1024 GPUs of 24 GiB in nodes of 8 (half H100-, half A100-fast), microbatches
+    // of 64: 7,056 device blocks, so every DP run shares each layer's states among the threads,
+    // and the memory is tight enough for the DP over 1F1B stage levels (16 levels) to run too.
+    std::string text = "[cluster]\nname = \"half-and-half\"\n[network]\nintra_node_gbs = 370.0\n"
+                       "intra_node_latency_us = 3.0\ninter_node_gbs = 50.0\ninter_node_latency_us = 8.0\n";
+    for (const char* kind : {"H100", "A100"})
+        text += fmt::format("[[device_group]]\nnodes = 64\nnode_prefix = \"{}\"\ndevices_per_node = 8\nkind = \"{}\"\n"
+                            "tflops = {}\nmem_gib = 24\nmem_bw_gbs = 2000.0\n",
+                            kind[0] == 'H' ? "h" : "a", kind, kind[0] == 'H' ? 801.0 : 250.0);
+    const Cluster cluster = parse_cluster(text, "half-and-half.toml");
+    const Model model = load_model(plans_dir + "models/llama3-8b.toml");
+    for (const bool fused : {false, true})
+        for (const Objective objective : {Objective::iteration, Objective::throughput}) {
+            CAPTURE(fused);
+            CAPTURE(to_string(objective));
+            CostOptions copt;
+            copt.recompute = true;
+            copt.fused_attention = fused;
+            const AnalyticalCostModel cost(model, cluster, copt);
+            SolverOptions sopt;
+            sopt.objective = objective;
+            sopt.microbatch_size = 64;
+            const SolveResult one = solve(model, cluster, cost, copt, sopt);
+            sopt.threads = 3;
+            const SolveResult three = solve(model, cluster, cost, copt, sopt);
+            CHECK(three.plan == one.plan);
+            CHECK(three.search_optimum_s == one.search_optimum_s);
+            CHECK(three.estimate.iteration_s == one.estimate.iteration_s);
+            CHECK(three.plans_evaluated == one.plans_evaluated);
+            CHECK(three.exact == one.exact);
+        }
+    // Infeasible: the closest stage's excess is the least over every thread's share.
+    const Model big = load_model(plans_dir + "models/llama3-70b.toml");
+    const AnalyticalCostModel cost(big, cluster, {});
+    SolverOptions sopt;
+    sopt.microbatch_size = 64;
+    std::string messages[2];
+    for (int t = 0; t < 2; ++t) {
+        sopt.threads = t == 0 ? 1 : 3;
+        try {
+            (void)solve(big, cluster, cost, {}, sopt);
+        } catch (const InfeasibleError& e) {
+            messages[t] = e.what();
+        }
+    }
+    CHECK(messages[0].find("the closest stage needs") != std::string::npos);
+    CHECK(messages[1] == messages[0]);
 }

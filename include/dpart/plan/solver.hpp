@@ -32,6 +32,9 @@ struct SolverOptions {
     Strategy strategy = Strategy::optimal;
     /// Candidates kept by bottleneck bound for the iteration objective, re-ranked by exact makespan.
     std::size_t rerank = 8;
+    /// Threads for the DP on large searches (the plan does not depend on it); 0 = one per
+    /// hardware thread.
+    std::size_t threads = 1;
 };
 
 struct SolveResult {
