@@ -407,17 +407,6 @@ Emitted bert(const Config& c, const HfImportOptions& o) {
     return out;
 }
 
-/// The generated text, loaded; a value dpart cannot model (checks the importer does not repeat)
-/// is reported against the config file.
-Model load_imported(const std::string& toml, const std::string& path) {
-    try {
-        return parse_model(toml, "<imported model.toml>");
-    } catch (const InputError& e) {
-        throw InputError(SourceLocation{path}, fmt::format("the model it describes is not valid: {}",
-                                                           e.detail().empty() ? std::string(e.what()) : e.detail()));
-    }
-}
-
 }  // namespace
 
 const std::vector<std::string>& hf_model_types() {
@@ -444,7 +433,7 @@ HfImport import_hf_config_text(std::string_view text, const std::string& path, c
                          to_string(options.dtype), options.global_batch);
     // Parse once to count the parameters for the header, then assemble the file and load it
     // as dpart inspect and dpart plan will: what is returned is what they accept.
-    const Model counted = load_imported(model + e.body, path);
+    const Model counted = parse_imported_model(model + e.body, path);
     std::string header = meta_toml(meta);
     header += fmt::format("# Imported from a Hugging Face config.json (model_type \"{}\"{}).\n", r.model_type,
                           r.architecture.empty() ? "" : ", " + r.architecture);
@@ -459,7 +448,7 @@ HfImport import_hf_config_text(std::string_view text, const std::string& path, c
     header += fmt::format("# parameters: {}\n", with_commas(counted.total().params));
     header += "# dtype and global_batch are planning choices (dpart import hf --dtype, --global-batch).\n\n";
     r.toml = header + model + e.body;
-    r.model = load_imported(r.toml, path);
+    r.model = parse_imported_model(r.toml, path);
     return r;
 }
 

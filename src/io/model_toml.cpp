@@ -331,4 +331,13 @@ Model parse_model(std::string_view text, const std::string& path) {
     return read_model(parse_toml_text(text, path), path);
 }
 
+Model parse_imported_model(std::string_view text, const std::string& source) {
+    try {
+        return parse_model(text, "<imported model.toml>");
+    } catch (const InputError& e) {
+        throw InputError(SourceLocation{source}, fmt::format("the model it describes is not valid: {}",
+                                                             e.detail().empty() ? std::string(e.what()) : e.detail()));
+    }
+}
+
 }  // namespace dpart

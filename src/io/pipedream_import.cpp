@@ -213,15 +213,6 @@ std::string comment_text(std::string s) {
     return s;
 }
 
-Model load_imported(const std::string& toml, const std::string& path) {
-    try {
-        return parse_model(toml, "<imported model.toml>");
-    } catch (const InputError& e) {
-        throw InputError(SourceLocation{path}, fmt::format("the model it describes is not valid: {}",
-                                                           e.detail().empty() ? std::string(e.what()) : e.detail()));
-    }
-}
-
 }  // namespace
 
 PipeDreamImport import_pipedream_text(std::string_view text, const std::string& path,
@@ -327,7 +318,7 @@ PipeDreamImport import_pipedream_text(std::string_view text, const std::string& 
     for (const std::string& d : dropped)
         header += fmt::format("# Left out as PipeDream's optimizer does: {}.\n", comment_text(d));
     r.toml = header + "\n" + body;
-    r.model = load_imported(r.toml, path);
+    r.model = parse_imported_model(r.toml, path);
     return r;
 }
 

@@ -7,10 +7,7 @@
 set -u
 dpart=$1
 src=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-checks=0
+. "$src/tests/cli/lib.sh"
 RANDOM=${DPART_KILL_SEED:-20261127}
 python=/usr/bin/python3
 # Under AddressSanitizer (scripts/test.sh --sanitize) runs are several times slower: shorter ones
@@ -141,5 +138,4 @@ else
     fail "plan for run"; sed 's/^/  /' "$tmp/err"
 fi
 
-echo "$((checks - failures)) passed, $failures failed"
-[ "$failures" -eq 0 ] && [ "$checks" -gt 0 ]
+finish

@@ -8,10 +8,7 @@
 set -u
 dpart=$1
 src=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-checks=0
+. "$src/tests/cli/lib.sh"
 models="$src/plans/models"
 clusters="$src/plans/clusters"
 # Under AddressSanitizer (scripts/test.sh --sanitize) everything is slower and takes more memory.
@@ -198,5 +195,4 @@ for policy in static adaptive oracle; do
         { echo "FAIL every device fails ($policy): no summary saying it stopped"; failures=$((failures + 1)); }
 done
 
-echo "$((checks - failures)) passed, $failures failed"
-[ "$failures" -eq 0 ] && [ "$checks" -gt 0 ]
+finish

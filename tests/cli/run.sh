@@ -5,38 +5,10 @@
 set -u
 dpart=$1
 src=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-checks=0
+. "$src/tests/cli/lib.sh"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 # No network interfaces to probe on a CI container: shared memory and loopback are enough.
 export OMPI_MCA_btl=self,vader,tcp OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
-
-check() {  # check NAME EXPECTED_EXIT COMMAND...
-    local name=$1 expected=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    local rc=$?
-    checks=$((checks + 1))
-    if { [ "$expected" = nonzero ] && [ "$rc" -eq 0 ]; } || { [ "$expected" != nonzero ] && [ "$rc" -ne "$expected" ]; }; then
-        echo "FAIL $name: exit $rc, expected $expected"
-        sed 's/^/  stdout: /' "$tmp/out" | tail -5
-        sed 's/^/  stderr: /' "$tmp/err" | tail -8
-        failures=$((failures + 1))
-        return 1
-    fi
-    return 0
-}
-
-contains() {  # contains NAME FILE TEXT
-    checks=$((checks + 1))
-    if ! grep -qF -- "$3" "$2"; then
-        echo "FAIL $1: '$3' not found in:"
-        tail -8 "$2" | sed 's/^/  /'
-        failures=$((failures + 1))
-    fi
-}
 
 same() {  # same NAME A B
     checks=$((checks + 1))
@@ -667,5 +639,4 @@ check "a plan for another model" 2 "$dpart" run "$tmp/gpt2.toml" -m "$mlp" -c "$
 check "a plan naming a missing device" 2 "$dpart" run "$tmp/four.toml" -m "$mlp" -c "$cpu2" "${run_flags[@]}"
 check "a bad fault spec" 2 env DPART_INJECT_FAULT=x "$dpart" run "$tmp/two.toml" -m "$mlp" -c "$cpu2"
 
-echo "$checks checks, $((checks - failures)) passed, $failures failed"
-[ "$failures" -eq 0 ] && [ "$checks" -gt 0 ]
+finish

@@ -18,5 +18,8 @@ inline constexpr double max_measured_ms = 1e9;
 [[nodiscard]] Model load_model(const std::string& path);
 /// The same, from text (`path` is used in messages).
 [[nodiscard]] Model parse_model(std::string_view text, const std::string& path);
+/// A model text an importer generated from the file `source`, loaded: a value dpart cannot model
+/// (a check the importer does not repeat) is reported against `source`.
+[[nodiscard]] Model parse_imported_model(std::string_view text, const std::string& source);
 
 }  // namespace dpart
