@@ -110,9 +110,12 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
                o.policy, !o.trace.empty()      ? ", conditions of the run in " + o.trace
                          : o.scenario.empty() ? ", no scenario"
                                               : ", scenario " + o.scenario);
-    fmt::print("iteration ms: mean {:.6g}, p50 {:.6g}, p99 {:.6g}; predicted {:.6g} ({:+.3g}%); {:.6g} samples/s\n",
-               summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
-               summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
+    if (r.iterations.empty())
+        fmt::print("no iteration ran (predicted {:.6g} ms)\n", summary.predicted_iteration_ms);
+    else
+        fmt::print("iteration ms: mean {:.6g}, p50 {:.6g}, p99 {:.6g}; predicted {:.6g} ({:+.3g}%); {:.6g} samples/s\n",
+                   summary.mean_iteration_ms, summary.p50_iteration_ms, summary.p99_iteration_ms,
+                   summary.predicted_iteration_ms, summary.prediction_error_pct, summary.samples_per_s);
     for (const IterationRecord& it : r.iterations)
         if (!it.event.empty()) fmt::print("iteration {}: {} -> {:.6g} ms\n", it.iteration, it.event, it.iteration_s * 1e3);
     for (const std::string& note : pr.notes) fmt::print("{}\n", note);
@@ -184,7 +187,8 @@ void setup_replay(CLI::App& app, Action& action, const std::string& command) {
                     "effect) or all")
         ->check(CLI::IsMember({"events", "all"}))
         ->capture_default_str();
-    cmd->add_option("--bytes-per-param", o->bytes_per_param, "as for dpart plan (default 16)");
+    cmd->add_option("--bytes-per-param", o->bytes_per_param, "as for dpart plan (default 16)")
+        ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1024}));
     cmd->add_flag("--shard-optimizer", o->shard_optimizer, "as for dpart plan");
     cmd->add_flag("--recompute", o->recompute, "as for dpart plan");
     cmd->add_flag("--fused-attention", o->fused_attention, "as for dpart plan");

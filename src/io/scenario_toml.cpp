@@ -10,11 +10,6 @@
 namespace dpart {
 namespace {
 
-/// The range of an event's factor (docs/LIMITS.md): a device a million times slower has in effect
-/// failed (kind = "fail" says so), and within the range every time stays finite.
-constexpr double min_factor = 1e-6;
-constexpr double max_factor = 1e6;
-
 Scenario read_scenario(const toml::table& root, const std::string& path, const Cluster& cluster) {
     TableReader top(root, path, "");
     const toml::array* events = top.optional_table_array("event");
@@ -52,7 +47,7 @@ Scenario read_scenario(const toml::table& root, const std::string& path, const C
             e.b = device(r, "b");
             if (e.a == e.b) r.fail("b", "a link joins two different devices");
             e.factor = r.required_positive("factor");
-            r.check_within("factor", e.factor, min_factor, max_factor, "");
+            r.check_within("factor", e.factor, min_event_factor, max_event_factor, "");
         } else {
             r.expect({"device"});
             if (kind == "slowdown") r.expect({"factor"});
@@ -60,7 +55,7 @@ Scenario read_scenario(const toml::table& root, const std::string& path, const C
             e.device = device(r, "device");
             if (e.kind == EventKind::slowdown) {
                 e.factor = r.required_positive("factor");
-                r.check_within("factor", e.factor, min_factor, max_factor, "");
+                r.check_within("factor", e.factor, min_event_factor, max_event_factor, "");
             }
         }
         r.finish();

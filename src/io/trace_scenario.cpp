@@ -31,7 +31,8 @@ Scenario scenario_from_run(const std::string& run_dir, const Model& model, const
     for (std::size_t r = 0; r < rows.rows.size(); ++r) {
         const SourceLocation where{rows.path, rows.lines[r], 0};
         const double iteration = csv_number(rows, r, 0), stage = csv_number(rows, r, 1);
-        if (iteration < 0 || stage < 0 || iteration != std::floor(iteration) || stage >= static_cast<double>(plan.stages.size()))
+        if (iteration < 0 || stage < 0 || iteration != std::floor(iteration) || stage != std::floor(stage) ||
+            iteration > 9007199254740992.0 || stage >= static_cast<double>(plan.stages.size()))
             throw InputError(where, fmt::format("iteration {} stage {} is not a stage of {}", rows.rows[r][0],
                                                 rows.rows[r][1], (dir / "plan.toml").string()));
         const auto s = static_cast<std::size_t>(stage);
@@ -41,8 +42,15 @@ Scenario scenario_from_run(const std::string& run_dir, const Model& model, const
         const StageEstimate& e = est.stages[s];
         const double predicted_ms = (M * (e.forward_s + e.backward_s) + e.optimizer_s) * 1e3;
         const double measured_ms = csv_number(rows, r, 3);
-        if (predicted_ms <= 0 || measured_ms <= 0) continue;
+        if (measured_ms < 0)
+            throw InputError(where, fmt::format("column \"{}\": {} ms is negative", rows.header[3], rows.rows[r][3]));
+        if (predicted_ms <= 0 || measured_ms == 0) continue;
         const double factor = measured_ms / predicted_ms;
+        if (factor < min_event_factor || factor > max_event_factor)
+            throw InputError(where, fmt::format("column \"{}\": {} ms against the {:.6g} ms predicted is a slowdown "
+                                                "outside the {:g} to {:g} a scenario's factor may be",
+                                                rows.header[3], rows.rows[r][3], predicted_ms, min_event_factor,
+                                                max_event_factor));
         for (std::size_t d : plan.stages[s].devices) {
             if (std::abs(factor / in_force[d] - 1.0) <= tolerance) continue;
             in_force[d] = factor;

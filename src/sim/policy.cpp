@@ -134,16 +134,12 @@ double migration_seconds(const Plan& from, const Plan& to, const Model& model, c
 
 namespace {
 
-/// The best plan for the devices alive under `conditions`, in the original device indices.
-std::optional<Plan> replan(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& given,
-                           const Conditions& conditions, const Plan& current, const PolicyOptions& options) {
-    // A re-plan runs as the current plan does: recomputed, sharded, if it says so.
-    CostOptions copt = given;
-    copt.recompute = copt.recompute || current.recompute;
-    copt.shard_optimizer = copt.shard_optimizer || current.shard_optimizer;
-    copt.fused_attention = copt.fused_attention || current.fused_attention;
-    copt.vocab_parallel = copt.vocab_parallel || current.vocab_parallel;
-    const Survivors alive = survivors(cluster, conditions.failed);
+/// The best plan on the devices not `excluded`, priced under `conditions`, in the original device
+/// indices (nothing when no plan fits).
+std::optional<SolveResult> solve_without(const Model& model, const Cluster& cluster, const CostModel& cost,
+                                         const CostOptions& copt, const Conditions& conditions,
+                                         const std::vector<bool>& excluded, const SolverOptions& so) {
+    const Survivors alive = survivors(cluster, excluded);
     if (alive.cluster.devices.empty()) return std::nullopt;
     const RemappedCostModel remapped(cost, alive.original);
     Conditions local(alive.original.size());
@@ -154,20 +150,48 @@ std::optional<Plan> replan(const Model& model, const Cluster& cluster, const Cos
         if (index[pair.first] != SIZE_MAX && index[pair.second] != SIZE_MAX)
             local.link_factor[{std::min(index[pair.first], index[pair.second]), std::max(index[pair.first], index[pair.second])}] = f;
     const ScaledCostModel scaled(remapped, local);
-    SolverOptions so = options.solver;
-    so.microbatch_size = current.microbatch_size;
-    so.microbatches = 0;
-    so.schedule = current.schedule;
     try {
         SolveResult r = solve(model, alive.cluster, scaled, copt, so);
         for (Stage& st : r.plan.stages)
             for (std::size_t& d : st.devices) d = alive.original[d];
-        r.plan.objective = current.objective;
-        r.plan.precision = current.precision;
-        return r.plan;
+        return r;
     } catch (const InfeasibleError&) {
         return std::nullopt;
     }
+}
+
+/// The best plan for the devices alive under `conditions`, in the original device indices. The
+/// solver places stages on consecutive devices of its orders and may leave out only the last
+/// ones, so a slowed device first in its node would be in every plan: the devices seen slower
+/// than planned are also left out together, and the better plan kept (a slowed device is then
+/// never worse than a failed one).
+std::optional<Plan> replan(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& given,
+                           const Conditions& conditions, const Plan& current, const PolicyOptions& options) {
+    // A re-plan runs as the current plan does: recomputed, sharded, if it says so.
+    CostOptions copt = given;
+    copt.recompute = copt.recompute || current.recompute;
+    copt.shard_optimizer = copt.shard_optimizer || current.shard_optimizer;
+    copt.fused_attention = copt.fused_attention || current.fused_attention;
+    copt.vocab_parallel = copt.vocab_parallel || current.vocab_parallel;
+    SolverOptions so = options.solver;
+    so.microbatch_size = current.microbatch_size;
+    so.microbatches = 0;
+    so.schedule = current.schedule;
+    std::optional<SolveResult> best = solve_without(model, cluster, cost, copt, conditions, conditions.failed, so);
+    std::vector<bool> without_slowed = conditions.failed;
+    bool slowed = false;
+    for (std::size_t d = 0; d < without_slowed.size(); ++d)
+        if (!conditions.failed[d] && conditions.slowdown[d] > 1.0) slowed = without_slowed[d] = true;
+    if (slowed) {
+        std::optional<SolveResult> other = solve_without(model, cluster, cost, copt, conditions, without_slowed, so);
+        if (other && (!best || objective_value(so.objective, other->plan, other->estimate) <
+                                   objective_value(so.objective, best->plan, best->estimate)))
+            best = std::move(other);
+    }
+    if (!best) return std::nullopt;
+    best->plan.objective = current.objective;
+    best->plan.precision = current.precision;
+    return best->plan;
 }
 
 bool uses_failed(const Plan& plan, const Conditions& c) {
@@ -262,7 +286,10 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
         std::string event = apply_events(scenario, next_event, it, truth, cluster);
         const bool changed = next_event > first_event;
         // Failures and recoveries are seen at once (slowdowns only through measurements); a new
-        // failure forces a re-plan.
+        // failure forces a re-plan. A recovered device is believed healthy again: one the plan
+        // left out is measured no more, and would otherwise stay slow in the belief for good.
+        for (std::size_t e = first_event; e < next_event; ++e)
+            if (scenario.events[e].kind == EventKind::recover) believed.slowdown[scenario.events[e].device] = 1.0;
         bool failure = false;
         for (std::size_t d = 0; d < truth.failed.size(); ++d) failure = failure || (truth.failed[d] && !believed.failed[d]);
         believed.failed = truth.failed;

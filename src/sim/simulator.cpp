@@ -15,9 +15,11 @@ std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate
         const Stage& st = plan.stages[s];
         const StageEstimate& e = nominal.stages[s];
         StageDurations& d = out[s];
-        double slowest = 1.0;
+        // The slowest device sets each replica's pace and the step's; a factor under 1 is a
+        // device faster than the plan assumed.
+        double slowest = 0.0;
         for (std::size_t k = 0; k < st.replicas(); ++k) {
-            double factor = 1.0;
+            double factor = 0.0;
             for (std::uint32_t t = 0; t < st.tp; ++t)
                 factor = std::max(factor, conditions.slowdown[st.devices[k * st.tp + t]]);
             slowest = std::max(slowest, factor);
@@ -31,8 +33,8 @@ std::vector<StageDurations> durations_under(const Plan& plan, const PlanEstimate
             d.send_activation =
                 e.send_activation_s * conditions.link(st.devices.back(), plan.stages[s + 1].devices.front());
         if (s > 0) d.send_gradient = e.send_gradient_s * conditions.link(st.devices.front(), plan.stages[s - 1].devices.back());
-        double ring = 1.0;
         const std::size_t r = st.replicas();
+        double ring = r > 1 ? 0.0 : 1.0;  // the ring's slowest link
         for (std::size_t k = 0; r > 1 && k < r; ++k)
             ring = std::max(ring, conditions.link(st.devices[k * st.tp], st.devices[((k + 1) % r) * st.tp]));
         d.allreduce = e.allreduce_s * ring;

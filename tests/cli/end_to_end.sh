@@ -158,6 +158,8 @@ if check "plan for replay" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$cluster
         -c "$clusters/dgx-h100.toml"
     check "replay unknown policy" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
         -c "$clusters/h100-4x8.toml" --policy psychic
+    check "replay --bytes-per-param 0" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
+        -c "$clusters/h100-4x8.toml" --bytes-per-param 0
 fi
 
 # dpart compare: two replays side by side; a malformed CSV is named with its line (exit 2).

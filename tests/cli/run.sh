@@ -401,6 +401,18 @@ if [ -f "$tmp/two/plan.toml" ]; then
     sed -i '2s/,cpu0,/,cpu7,/' "$tmp/bad-trace/stages.csv"
     check "a trace that does not match its plan" 2 "$dpart" replay "$tmp/one.toml" -m "$mlp" -c "$cpu2" \
         --trace "$tmp/bad-trace" && contains "the trace's line is named" "$tmp/err" "stages.csv:2"
+    # Measured times that no scenario factor could hold, a negative time, a fractional stage.
+    for bad in "compute_ms 1e308 outside" "compute_ms -3 negative" "stage 0.5 is not a stage"; do
+        read -r col val why <<<"$bad"
+        mkdir -p "$tmp/bad-$col"
+        cp "$tmp/two/"* "$tmp/bad-$col/"
+        awk -F, -v OFS=, -v col="$col" -v val="$val" 'NR == 2 { $(col == "stage" ? 2 : 4) = val } { print }' \
+            "$tmp/two/stages.csv" >"$tmp/bad-$col/stages.csv"
+        check "a trace with $col $val" 2 "$dpart" replay "$tmp/one.toml" -m "$mlp" -c "$cpu2" --trace "$tmp/bad-$col" \
+            -o "$tmp/bad-$col-out" && contains "a trace with $col $val: the line named" "$tmp/err" "stages.csv:2" &&
+            contains "a trace with $col $val: why" "$tmp/err" "$why"
+        rm -rf "$tmp/bad-$col"
+    done
 else
     echo "FAIL dpart run --out-dir wrote no plan.toml"
     failures=$((failures + 1))

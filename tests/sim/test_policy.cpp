@@ -1,10 +1,12 @@
 // Re-planning policies against the issue's scenario: one of 4 stages slowed 3x at iteration 20 of 200.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <numeric>
 
 #include "dpart/io/cluster_toml.hpp"
 #include "dpart/io/model_toml.hpp"
+#include "dpart/plan/solver.hpp"
 #include "dpart/sim/policy.hpp"
 
 using namespace dpart;
@@ -160,4 +162,53 @@ TEST_CASE("with 5% per-device jitter, adaptive does not chase the noise") {
         CAPTURE(seed);
         CHECK(total(adaptive) <= total(fixed) + adaptive.migration_s + 1e-9);
     }
+}
+
+namespace {
+/// cpu-mlp on 4 CPU workers as the planner splits it (2 stages of tp 2), re-planned per policy.
+struct Small {
+    Model model = load_model(plans_dir + "models/cpu-mlp.toml");
+    Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
+    AnalyticalCostModel cost{model, cluster, {}};
+    Plan plan = solve(model, cluster, cost, {}, {}).plan;
+
+    /// `last`: the plan of the last iteration.
+    PolicyReplay replay(Policy p, const std::string& scenario, std::uint64_t n, Plan* last = nullptr) const {
+        PolicyOptions o;
+        o.policy = p;
+        o.window = 10;
+        const IterationObserver keep = [last](std::uint64_t, const std::string&, const Plan& current, const TaskGraph&,
+                                              const Timeline&) {
+            if (last != nullptr) *last = current;
+        };
+        return replay_policy(plan, model, cluster, cost, {}, parse_scenario(scenario, "s.toml", cluster), n, o, keep);
+    }
+};
+}  // namespace
+
+TEST_CASE("a device slowed 1000x is never worse off than failed, even first in its node") {
+    const Small s;
+    REQUIRE(s.plan.stages.front().devices.front() == 0);  // the device the solver cannot leave out alone
+    const std::string name = s.cluster.devices[0].name;
+    Plan last;
+    const PolicyReplay slow = s.replay(Policy::oracle,
+        "[[event]]\niteration = 0\nkind = \"slowdown\"\ndevice = \"" + name + "\"\nfactor = 1000\n", 5, &last);
+    const PolicyReplay failed = s.replay(Policy::oracle, "[[event]]\niteration = 0\nkind = \"fail\"\ndevice = \"" + name + "\"\n", 5);
+    REQUIRE(slow.repartitions == 1);
+    for (const Stage& st : last.stages)
+        CHECK(std::find(st.devices.begin(), st.devices.end(), std::size_t{0}) == st.devices.end());
+    CHECK(slow.result.iterations.back().iteration_s <= failed.result.iterations.back().iteration_s * (1 + 1e-12));
+}
+
+TEST_CASE("adaptive comes back to a device that recovers after the plan left it out") {
+    const Small s;
+    const std::string name = s.cluster.devices[3].name;
+    const PolicyReplay r = s.replay(Policy::adaptive,
+                                    "[[event]]\niteration = 0\nkind = \"slowdown\"\ndevice = \"" + name +
+                                        "\"\nfactor = 20\n[[event]]\niteration = 30\nkind = \"recover\"\ndevice = \"" +
+                                        name + "\"\n",
+                                    60);
+    const double nominal = estimate_plan(s.plan, s.model, s.cluster, s.cost, {}).iteration_s;
+    CHECK(r.result.iterations[25].iteration_s > nominal * 1.2);  // on three devices then
+    CHECK(r.result.iterations.back().iteration_s == doctest::Approx(nominal).epsilon(1e-9));
 }

@@ -132,3 +132,27 @@ TEST_CASE("jitter is deterministic for a seed, the same for every policy, and ab
     CHECK(x.slowdown == y.slowdown);
     CHECK(x.slowdown != z.slowdown);
 }
+
+TEST_CASE("a device faster than planned (a factor under 1) shortens its stage; jitter goes both ways") {
+    const Fixture f;
+    Conditions c(f.cluster.devices.size());
+    for (std::size_t d : f.solved.plan.stages.front().devices) c.slowdown[d] = 0.5;
+    const std::vector<StageDurations> fast = durations_under(f.solved.plan, f.solved.estimate, c);
+    const StageEstimate& s0 = f.solved.estimate.stages.front();
+    CHECK(fast.front().forward == doctest::Approx(0.5 * s0.forward_s).epsilon(1e-12));
+    CHECK(fast.front().backward == doctest::Approx(0.5 * s0.backward_s).epsilon(1e-12));
+    CHECK(fast.front().optimizer == doctest::Approx(0.5 * s0.optimizer_s).epsilon(1e-12));
+    // On one device, exp(sigma N) is under 1 about half the time: about half the iterations beat
+    // the nominal one (the slowest of many devices would rarely be faster).
+    Plan one = f.solved.plan;
+    one.stages.resize(1);
+    one.stages[0].last_layer = f.model.layers.size() - 1;
+    one.stages[0].devices = {0};
+    one.stages[0].tp = 1;
+    const PlanEstimate nominal = estimate_plan(one, f.model, f.cluster, f.cost, {});
+    const ReplayResult r = replay_static(one, nominal, f.cluster, {}, 40, false, {}, Jitter{0.2, 3});
+    std::size_t faster = 0;
+    for (const auto& it : r.iterations) faster += it.iteration_s < nominal.iteration_s ? 1 : 0;
+    CHECK(faster >= 10);
+    CHECK(faster <= 30);
+}

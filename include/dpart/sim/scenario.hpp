@@ -25,6 +25,11 @@ struct ScenarioEvent {
     SourceLocation where;
 };
 
+/// The range of an event's factor (docs/LIMITS.md): a device a million times slower has in effect
+/// failed (kind = "fail" says so), and within the range every time stays finite.
+inline constexpr double min_event_factor = 1e-6;
+inline constexpr double max_event_factor = 1e6;
+
 /// Events in the order they take effect (by iteration, then file order).
 struct Scenario {
     std::vector<ScenarioEvent> events;
