@@ -23,25 +23,62 @@ struct CompareOptions {
 
 struct RunRow {
     std::string name;
+    std::string path;  ///< its iterations.csv
     RunSummary summary;
     std::uint64_t repartitions = 0;
     double excess_ms = 0;  ///< time above the run's median pace: sum of max(0, iteration - p50)
 };
 
-/// A run directory's iterations.csv, or the CSV itself; its name is the directory's.
+/// A run directory's iterations.csv, or the CSV itself; its name is the directory's (`.` and
+/// `..` resolved).
 std::pair<std::string, std::string> resolve(const std::string& input) {
     namespace fs = std::filesystem;
     const fs::path p(input);
-    if (fs::is_directory(p)) return {(p / "iterations.csv").string(), p.filename().empty() ? p.parent_path().filename().string() : p.filename().string()};
-    const std::string name = p.filename() == "iterations.csv" && p.has_parent_path() ? p.parent_path().filename().string()
-                                                                                    : p.stem().string();
+    const fs::path whole = fs::absolute(p).lexically_normal();
+    auto last = [](const fs::path& x) {
+        return x.has_filename() ? x.filename().string() : x.parent_path().filename().string();
+    };
+    if (fs::is_directory(p)) return {(p / "iterations.csv").string(), last(whole)};
+    const std::string name = p.filename() == "iterations.csv" ? last(whole.parent_path()) : p.stem().string();
     return {input, name};
 }
 
 RunRow load_run(const std::string& input) {
     const auto [path, name] = resolve(input);
     const RunComparison c = summarise_iterations(read_csv(path, iteration_columns()));
-    return RunRow{name, c.summary, c.repartitions, c.excess_ms};
+    return RunRow{name, path, c.summary, c.repartitions, c.excess_ms};
+}
+
+/// Whether two paths name the same file.
+bool same_file(const std::string& a, const std::string& b) {
+    std::error_code ec;
+    return std::filesystem::equivalent(a, b, ec) && !ec;
+}
+
+/// The run --baseline names: the one whose file it is, else the one of that name (refused when
+/// several runs have it).
+std::size_t baseline_of(const std::vector<RunRow>& runs, const std::string& baseline) {
+    const std::string file = resolve(baseline).first;
+    for (std::size_t i = 0; i < runs.size(); ++i)
+        if (same_file(runs[i].path, file)) return i;
+    std::vector<std::size_t> named;
+    for (std::size_t i = 0; i < runs.size(); ++i)
+        if (runs[i].name == baseline || runs[i].name == resolve(baseline).second) named.push_back(i);
+    if (named.empty()) throw InputError(fmt::format("--baseline {} is none of the runs given", baseline));
+    if (named.size() > 1)
+        throw InputError(fmt::format("--baseline {}: {} runs are named \"{}\"; give the baseline's path",
+                                     baseline, named.size(), runs[named.front()].name));
+    return named.front();
+}
+
+/// A Markdown table cell: a `|` in it would end the cell.
+std::string markdown_cell(const std::string& text) {
+    std::string out;
+    for (char c : text) {
+        if (c == '|') out += '\\';
+        out += c;
+    }
+    return out;
 }
 
 const std::vector<std::string>& compare_columns() {
@@ -54,14 +91,16 @@ int run_compare(const CompareOptions& o) {
     if (o.inputs.size() < 1) throw InputError("give at least one iterations.csv (or a run directory)");
     std::vector<RunRow> runs;
     for (const std::string& in : o.inputs) runs.push_back(load_run(in));
-    std::size_t base = 0;
-    if (!o.baseline.empty()) {
-        const auto it = std::find_if(runs.begin(), runs.end(), [&](const RunRow& r) {
-            return r.name == o.baseline || resolve(o.baseline).second == r.name;
-        });
-        if (it == runs.end()) throw InputError(fmt::format("--baseline {} is none of the runs given", o.baseline));
-        base = static_cast<std::size_t>(it - runs.begin());
-    }
+    const std::size_t base = o.baseline.empty() ? 0 : baseline_of(runs, o.baseline);
+    // Runs of the same name (two directories called run/) are told apart by the paths given.
+    for (std::size_t i = 0; i < runs.size(); ++i)
+        for (std::size_t j = 0; j < runs.size(); ++j)
+            if (i != j && runs[i].name == runs[j].name) {
+                const std::string shared = runs[i].name;
+                for (std::size_t k = 0; k < runs.size(); ++k)
+                    if (runs[k].name == shared) runs[k].name = o.inputs[k];
+                break;
+            }
     CsvTable csv(compare_columns());
     for (const RunRow& r : runs)
         csv.add_row({r.name, std::to_string(r.summary.iterations), fmt::format("{:.6g}", r.summary.mean_iteration_ms),
@@ -77,7 +116,7 @@ int run_compare(const CompareOptions& o) {
         fmt::print("\n");
         for (const auto& row : csv.data()) {
             std::string out = "|";
-            for (const auto& cell : row) out += " " + cell + " |";
+            for (const auto& cell : row) out += " " + markdown_cell(cell) + " |";
             fmt::print("{}\n", out);
         }
     } else {

@@ -38,7 +38,7 @@ struct PlanOptions {
     bool overlap_allreduce = false;
     bool compare = false;
     bool quiet = false;
-    std::size_t threads = 0;  ///< --threads: the DP's threads (0 = one per hardware thread)
+    std::size_t threads = 0;  ///< --threads: the DP's threads (0 = one per core this process may run on)
     std::string layer_times;  ///< --layer-times: measured layer costs (dpart profile --model)
     // --cost-model pipedream: PipeDream's planner on N identical workers, no cluster file.
     std::string cost_model = "analytical";
@@ -338,7 +338,7 @@ void setup_plan(CLI::App& app, Action& action, const std::string& command) {
     cmd->add_flag("--compare", o->compare, "also solve every baseline strategy and print a comparison");
     cmd->add_flag("--quiet,-q", o->quiet, "print nothing (write --out / --csv only)");
     cmd->add_option("--threads", o->threads,
-                    "threads for the dynamic program on large searches (0 = one per hardware thread); the plan is "
+                    "threads for the dynamic program on large searches (0 = one per core this process may run on); the plan is "
                     "the same for any count")
         ->check(CLI::Range(std::size_t{0}, std::size_t{1024}))
         ->capture_default_str();

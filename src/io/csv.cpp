@@ -3,15 +3,13 @@
 #include <fmt/format.h>
 
 #include <cmath>
-#include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 
 #include "dpart/core/error.hpp"
 #include "dpart/core/strings.hpp"
 
 #include "dpart/io/atomic_file.hpp"
+#include "dpart/io/input_file.hpp"
 
 namespace dpart {
 
@@ -105,13 +103,7 @@ CsvFile parse_csv(std::string_view text, const std::string& path, const std::vec
 }
 
 CsvFile read_csv(const std::string& path, const std::vector<std::string>& columns) {
-    std::error_code ec;
-    if (std::filesystem::is_directory(path, ec)) throw InputError(SourceLocation{path}, "is a directory, not a file");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw InputError(SourceLocation{path}, "cannot open the file for reading");
-    std::ostringstream content;
-    content << in.rdbuf();
-    return parse_csv(content.str(), path, columns);
+    return parse_csv(read_input_file(path), path, columns);
 }
 
 double csv_number(const CsvFile& f, std::size_t row, std::size_t column) {

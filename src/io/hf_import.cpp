@@ -5,14 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <sstream>
 
 #include "dpart/core/format.hpp"
 #include "dpart/core/strings.hpp"
+#include "dpart/io/input_file.hpp"
 #include "dpart/io/model_toml.hpp"
 
 namespace dpart {
@@ -45,6 +44,7 @@ private:
 class KeyPositions {
 public:
     KeyPositions(std::string_view text, const std::string& file, const LineIndex& lines) : text_(text) {
+        if (text_.starts_with("\xEF\xBB\xBF")) pos_ = 3;  // a byte-order mark, which nlohmann skips too
         skip_ws();
         if (peek() != '{') return;  // not an object: the caller says so
         ++pos_;
@@ -147,6 +147,16 @@ public:
             const auto colon = column == std::string::npos ? std::string::npos : what.find(": ", column);
             if (colon != std::string::npos) what = what.substr(colon + 2);
             throw InputError(lines_.at(file_, offset), fmt::format("JSON syntax error: {}", what));
+        } catch (const json::exception& e) {
+            // A number beyond a double's range ("number overflow parsing '1e999'"): located at
+            // that number's first appearance.
+            const std::string what = e.what();
+            const auto open = what.find('\''), close = what.rfind('\'');
+            std::size_t offset = std::string_view::npos;
+            if (open != std::string::npos && close > open) offset = text.find(what.substr(open + 1, close - open - 1));
+            const std::string reason = what.substr(what.find(']') == std::string::npos ? 0 : what.find(']') + 2);
+            throw InputError(offset == std::string_view::npos ? SourceLocation{file_} : lines_.at(file_, offset),
+                             fmt::format("JSON value out of range: {}", reason));
         }
         if (!root_.is_object())
             throw InputError(SourceLocation{file_, 1, 1},
@@ -453,12 +463,7 @@ HfImport import_hf_config_text(std::string_view text, const std::string& path, c
 }
 
 HfImport import_hf_config(const std::string& path, const HfImportOptions& options, const Meta& meta) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw InputError(SourceLocation{path}, "cannot open the file for reading");
-    std::ostringstream content;
-    content << in.rdbuf();
-    if (in.bad()) throw InputError(SourceLocation{path}, "cannot read the file");
-    return import_hf_config_text(content.str(), path, options, meta);
+    return import_hf_config_text(read_input_file(path), path, options, meta);
 }
 
 }  // namespace dpart

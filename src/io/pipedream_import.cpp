@@ -5,12 +5,11 @@
 #include <charconv>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <queue>
-#include <sstream>
 #include <unordered_map>
 
 #include "dpart/core/format.hpp"
+#include "dpart/io/input_file.hpp"
 #include "dpart/io/model_toml.hpp"
 
 namespace dpart {
@@ -323,12 +322,7 @@ PipeDreamImport import_pipedream_text(std::string_view text, const std::string& 
 }
 
 PipeDreamImport import_pipedream(const std::string& path, const PipeDreamImportOptions& options, const Meta& meta) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw InputError(SourceLocation{path}, "cannot open the file for reading");
-    std::ostringstream content;
-    content << in.rdbuf();
-    if (in.bad()) throw InputError(SourceLocation{path}, "cannot read the file");
-    return import_pipedream_text(content.str(), path, options, meta);
+    return import_pipedream_text(read_input_file(path), path, options, meta);
 }
 
 }  // namespace dpart

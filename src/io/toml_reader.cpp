@@ -3,11 +3,9 @@
 #include <fmt/format.h>
 
 #include <cmath>
-#include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "dpart/core/strings.hpp"
+#include "dpart/io/input_file.hpp"
 
 namespace dpart {
 
@@ -21,16 +19,7 @@ toml::table parse_toml_text(std::string_view text, const std::string& path) {
     }
 }
 
-toml::table parse_toml_file(const std::string& path) {
-    std::error_code ec;
-    if (std::filesystem::is_directory(path, ec)) throw InputError(SourceLocation{path}, "is a directory, not a file");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw InputError(SourceLocation{path}, "cannot open the file for reading");
-    std::ostringstream content;
-    content << in.rdbuf();
-    if (in.bad()) throw InputError(SourceLocation{path}, "cannot read the file");
-    return parse_toml_text(content.str(), path);
-}
+toml::table parse_toml_file(const std::string& path) { return parse_toml_text(read_input_file(path), path); }
 
 SourceLocation location_of(const toml::node& node, const std::string& file) {
     const auto& begin = node.source().begin;

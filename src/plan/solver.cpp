@@ -1,5 +1,7 @@
 #include "dpart/plan/solver.hpp"
 
+#include <sched.h>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include <mutex>
 #include <numeric>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <tuple>
 
@@ -43,6 +46,15 @@ std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
 std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) {
     std::uint64_t r = 0;
     return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
+}
+
+/// The cores this process may run on (its CPU affinity, as a container's cpuset sets it), at
+/// least 1.
+std::size_t usable_cores() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
 }
 
 }  // namespace
@@ -137,6 +149,8 @@ struct Context {
     bool conservative = false;  ///< some search counted every stage's in-flight microbatches as the first's
     double best_surrogate = std::numeric_limits<double>::infinity();  ///< across all searches so far
     std::size_t evaluations = 0;
+    std::size_t level_runs = 0;     ///< DP runs over stage levels
+    std::size_t threaded_runs = 0;  ///< DP runs shared among threads
 
     Context(const Model& m, const Cluster& c, const CostModel& cm, const CostOptions& co, const SolverOptions& so)
         : model(m), cluster(c), cost(cm), copt(co), sopt(so), cuts(model_cuts(m)), times(m, cm, c.devices.size(), co.recompute) {
@@ -274,6 +288,7 @@ public:
         if (!exact_in_flight)
             for (std::size_t j = 0; j <= D_; ++j) value_[at(1, L_, j)] = 0;
 
+        if (exact_in_flight) ++ctx_.level_runs;
         if (exact_in_flight) fill<true>(minmax, bound, K, capped, 0);
         else fill<false>(minmax, bound, 1, false, fixed_in_flight);
         Result r;
@@ -330,6 +345,7 @@ public:
     void solve_state(std::size_t k, std::size_t i, std::size_t j, bool minmax, double bound, std::size_t K,
                      bool capped, std::uint64_t flight, Tally& tally) {
         if (i > 0 && j == 0) return;  // unreachable: earlier layers need earlier devices
+        if (i == 0 && j > 0) return;  // unread: the first layer starts on the first device
         // With levels, k stages (at least k at the cap) each need a layer and a device: the state
         // is infeasible below that, and its first stage must leave k - 1 layers and devices to
         // the others (level 0 is finite only at L).
@@ -401,7 +417,7 @@ public:
         };
         // Below this many block scans per layer a thread's share would not pay for the meeting.
         constexpr std::size_t min_parallel_scans = 2048;
-        const std::size_t wanted = ctx_.sopt.threads != 0 ? ctx_.sopt.threads : std::thread::hardware_concurrency();
+        const std::size_t wanted = ctx_.sopt.threads != 0 ? ctx_.sopt.threads : usable_cores();
         const std::size_t threads = blocks_.size() * K < min_parallel_scans ? 1 : std::min(wanted, D_ / 64 + 1);
         std::vector<Tally> tallies(std::max<std::size_t>(threads, 1));
         if (threads <= 1) {
@@ -432,7 +448,14 @@ public:
                 }
             };
             std::vector<std::thread> pool;
-            for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+            try {
+                for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+            } catch (const std::system_error&) {
+                // The system would start no more: the threads that run share the work, the
+                // meeting no longer waits for the others.
+                for (std::size_t t = pool.size() + 1; t < threads; ++t) meet.arrive_and_drop();
+            }
+            ++ctx_.threaded_runs;
             work(0);
             for (std::thread& th : pool) th.join();
             if (error) std::rethrow_exception(error);
@@ -909,6 +932,8 @@ SolveResult solve_optimal(const Model& model, const Cluster& cluster, const Cost
     for (Pending& p : pending) second_pass(p);
 
     best.plans_evaluated = ctx.evaluations;
+    best.level_runs = ctx.level_runs;
+    best.threaded_runs = ctx.threaded_runs;
     best.search_optimum_s = search_optimum;
     best.exact = !ctx.conservative;
     if (!found) throw_infeasible(ctx);

@@ -111,7 +111,7 @@ if check "plan --threads 1" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$cluste
         --out "$tmp/threads3.toml"; then
     checks=$((checks + 1))
     if ! diff <(grep -Ev '^(command|created)' "$tmp/threads1.toml") <(grep -Ev '^(command|created)' "$tmp/threads3.toml") >/dev/null; then
-        echo "FAIL plan --threads: the plan depends on the thread count"
+        echo "FAIL plan --threads: the flag changes the plan (the parallel DP itself: tests/plan/test_solver.cpp)"
         failures=$((failures + 1))
     fi
 fi
@@ -179,6 +179,24 @@ if [ -d "$tmp/replay" ]; then
     check "compare malformed" 2 "$dpart" compare "$tmp/bad-run.csv" &&
         contains "compare names the line" "$tmp/err" "bad-run.csv:3: error: column \"iteration_ms\": \"oops\" is not a finite number"
     check "compare bad baseline" 2 "$dpart" compare "$tmp/nominal" --baseline nothing
+    # Two runs both named "run": told apart by their paths, the baseline found by its path.
+    mkdir -p "$tmp/x/run" "$tmp/y/run"
+    cp "$tmp/nominal/iterations.csv" "$tmp/x/run/"
+    cp "$tmp/replay/iterations.csv" "$tmp/y/run/"
+    if check "compare two runs of one name" 0 "$dpart" compare "$tmp/x/run" "$tmp/y/run" --baseline "$tmp/y/run" \
+        --csv "$tmp/same-name.csv"; then
+        checks=$((checks + 1))
+        awk -F, -v y="$tmp/y/run" '$1 == y { found = ($7 == "1.000") } END { exit !found }' "$tmp/same-name.csv" ||
+            { echo "FAIL compare: the baseline given by its path is not the one at 1.000"; failures=$((failures + 1)); }
+    fi
+    check "compare an ambiguous baseline" 2 "$dpart" compare "$tmp/x/run" "$tmp/y/run" --baseline run &&
+        contains "compare says the baseline is ambiguous" "$tmp/err" "2 runs are named \"run\""
+    mkdir -p "$tmp/a|b"
+    cp "$tmp/nominal/iterations.csv" "$tmp/a|b/"
+    check "compare --markdown" 0 "$dpart" compare "$tmp/a|b" --markdown &&
+        contains "compare --markdown escapes a bar" "$tmp/out" "| a\|b |"
+    printf '\xef\xbb\xbfiteration,plan_version,iteration_ms,samples_per_s,event\n0,1,12.5,3,\n' >"$tmp/bom.csv"
+    check "compare a CSV with a byte-order mark" 0 "$dpart" compare "$tmp/bom.csv"
 fi
 
 # Re-planning policies on the bundled slow-GPU scenario: adaptive and oracle repartition.
@@ -233,6 +251,14 @@ printf '{"model_type": "llama", "hidden_size": 4096}\n' >"$tmp/partial.json"
 check "import hf missing field" 2 "$dpart" import hf "$tmp/partial.json" &&
     contains "missing field named" "$tmp/err" "partial.json: error: model_type \"llama\": field \"num_hidden_layers\" is missing"
 check "import hf missing file" 2 "$dpart" import hf "$tmp/none.json"
+check "import hf a directory" 2 "$dpart" import hf "$src/plans/hf" && contains "import hf a directory says so" "$tmp/err" "is a directory"
+sed 's/"rope_theta": 500000.0/"rope_theta": 1e999/' "$src/plans/hf/llama-3-8b.json" >"$tmp/overflow.json"
+check "import hf a number out of range" 2 "$dpart" import hf "$tmp/overflow.json" &&
+    contains "the number out of range is located" "$tmp/err" "overflow.json:21:17: error: JSON value out of range"
+{ printf '\xef\xbb\xbf'; sed 's/"vocab_size": 128256/"vocab_size": 128256, "vocab_size": 5/' "$src/plans/hf/llama-3-8b.json"; } \
+    >"$tmp/bom-twice.json"
+check "import hf a key twice after a byte-order mark" 2 "$dpart" import hf "$tmp/bom-twice.json" &&
+    contains "the second key is located" "$tmp/err" "bom-twice.json:26:25: error: \"vocab_size\" is given twice"
 check "import without a source" 2 "$dpart" import
 check "import hf bad dtype" 2 "$dpart" import hf "$src/plans/hf/gpt2.json" --dtype int8
 

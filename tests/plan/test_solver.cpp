@@ -390,6 +390,7 @@ TEST_CASE("the plan does not depend on the DP's thread count") {
                             kind[0] == 'H' ? "h" : "a", kind, kind[0] == 'H' ? 801.0 : 250.0);
     const Cluster cluster = parse_cluster(text, "half-and-half.toml");
     const Model model = load_model(plans_dir + "models/llama3-8b.toml");
+    std::size_t levels = 0;
     for (const bool fused : {false, true})
         for (const Objective objective : {Objective::iteration, Objective::throughput}) {
             CAPTURE(fused);
@@ -409,7 +410,12 @@ TEST_CASE("the plan does not depend on the DP's thread count") {
             CHECK(three.estimate.iteration_s == one.estimate.iteration_s);
             CHECK(three.plans_evaluated == one.plans_evaluated);
             CHECK(three.exact == one.exact);
+            CHECK(one.threaded_runs == 0);
+            CHECK(three.threaded_runs > 0);  // the case is large enough for the threads to run
+            CHECK(three.level_runs == one.level_runs);
+            levels += one.level_runs;
         }
+    CHECK(levels > 0);  // and tight enough for the DP over stage levels
     // Infeasible: the closest stage's excess is the least over every thread's share.
     const Model big = load_model(plans_dir + "models/llama3-70b.toml");
     const AnalyticalCostModel cost(big, cluster, {});

@@ -32,8 +32,8 @@ struct SolverOptions {
     Strategy strategy = Strategy::optimal;
     /// Candidates kept by bottleneck bound for the iteration objective, re-ranked by exact makespan.
     std::size_t rerank = 8;
-    /// Threads for the DP on large searches (the plan does not depend on it); 0 = one per
-    /// hardware thread.
+    /// Threads for the DP on large searches (the plan does not depend on it); 0 = one per core
+    /// this process may run on.
     std::size_t threads = 1;
 };
 
@@ -49,6 +49,8 @@ struct SolveResult {
     /// exact makespan among the best candidates). Equal to objective_s for throughput.
     double search_optimum_s = 0;
     std::size_t plans_evaluated = 0;  ///< stage evaluations by the search
+    std::size_t level_runs = 0;       ///< DP runs over 1F1B stage levels (in-flight memory decided)
+    std::size_t threaded_runs = 0;    ///< DP runs whose layers' states were shared among threads
     /// False when a search too large for the exact 1F1B memory DP (over 256 MiB of tables) counted
     /// every stage's in-flight microbatches as the first stage's: the plan fits, but a plan that
     /// only fits with the exact count could have been missed.
