@@ -103,7 +103,7 @@ void setup_import(CLI::App& app, Action& action, const std::string& command) {
     h->footer(
         "Examples:\n"
         "  dpart import hf plans/hf/llama-2-7b.json -o llama-2-7b.toml\n"
-        "  dpart import hf plans/hf/mixtral-8x7b.json --seq-len 4096 --global-batch 1024 -o mixtral.toml\n"
+        "  dpart import hf plans/hf/mixtral-8x7b-v0.1.json --seq-len 4096 --global-batch 1024 -o mixtral.toml\n"
         "Exit code 2 for an unknown model_type or a missing field (file, line, column and field named).");
     h->callback([hf, &action, command] { action = [hf, command] { return run_hf(*hf, command); }; });
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -223,13 +224,15 @@ private:
         if (v.is_number_unsigned()) {
             const u64 n = v.get<u64>();
             if (n == 0) fail(key, "must be positive, got 0");
+            if (n > static_cast<u64>(INT64_MAX)) fail(key, fmt::format("{} is beyond what a model file holds (2^63 - 1)", n));
             return n;
         }
         if (v.is_number_integer()) fail(key, fmt::format("must be positive, got {}", v.get<std::int64_t>()));
         if (v.is_number_float()) {
             const double d = v.get<double>();
-            if (!(d > 0) || d != std::floor(d) || d >= 18446744073709551616.0)
-                fail(key, fmt::format("must be a positive integer, got {}", v.dump()));
+            if (!(d > 0) || d != std::floor(d)) fail(key, fmt::format("must be a positive integer, got {}", v.dump()));
+            if (d >= 9223372036854775808.0)
+                fail(key, fmt::format("{} is beyond what a model file holds (2^63 - 1)", v.dump()));
             return static_cast<u64>(d);
         }
         fail(key, fmt::format("must be a positive integer, got {}", json_type(v)));
@@ -297,6 +300,8 @@ Emitted decoder(const Config& c, const std::string& type, const HfImportOptions&
     if (gpt2) {
         // GPT-2: learned positions, pre-norm LayerNorm, plain GELU MLP (n_inner, default 4h),
         // biases everywhere, the LM head tied to the token embedding unless said otherwise.
+        if (hidden % heads != 0)
+            c.fail(heads_key, fmt::format("{} heads do not divide n_embd {}", heads, hidden));
         const u64 ffn = c.count_or("n_inner", 4 * hidden);
         const Activation act = activation_of(c, "activation_function", Activation::gelu);
         const bool tied = c.boolean_or("tie_word_embeddings", true);

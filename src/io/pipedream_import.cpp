@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <filesystem>
@@ -144,6 +145,9 @@ private:
             ends[i] = it->second;
         }
         if (ends[0] == ends[1]) fail(line_no, 2, fmt::format("node {} has an edge to itself", parts[0]));
+        const std::vector<std::size_t>& inputs = nodes_[ends[1]].inputs;
+        if (std::find(inputs.begin(), inputs.end(), ends[0]) != inputs.end())
+            fail(line_no, 2, fmt::format("the edge {} -- {} is given twice", trim(parts[0]), trim(parts[1])));
         nodes_[ends[1]].inputs.push_back(ends[0]);
         nodes_[ends[0]].outputs.push_back(ends[1]);
     }

@@ -303,6 +303,19 @@ if [ -d "$profiles" ]; then
 else
     echo "note: $profiles absent: the PipeDream import round trip was not checked"
 fi
+{
+    printf 'node1 -- Input -- forward_compute_time=0.0, backward_compute_time=0.0, activation_size=4.0, parameter_size=0.0\n'
+    printf 'node2 -- ReLU -- forward_compute_time=1.0, backward_compute_time=1.0, activation_size=4.0, parameter_size=0.0\n'
+    printf '\tnode1 -- node2\n\tnode1 -- node2\n'
+} >"$tmp/twice.txt"
+check "import pipedream an edge twice" 2 "$dpart" import pipedream "$tmp/twice.txt" &&
+    contains "the second edge is located" "$tmp/err" "twice.txt:4:2: error: the edge node1 -- node2 is given twice"
+sed 's/"n_embd": 768/"n_embd": 770/' "$src/plans/hf/gpt2.json" >"$tmp/gpt2-770.json"
+check "import hf gpt2 heads not dividing n_embd" 2 "$dpart" import hf "$tmp/gpt2-770.json" &&
+    contains "the heads are located" "$tmp/err" "gpt2-770.json:15:13: error: \"n_head\": 12 heads do not divide n_embd 770"
+sed 's/"vocab_size": 50257/"vocab_size": 10000000000000000000/' "$src/plans/hf/gpt2.json" >"$tmp/gpt2-huge.json"
+check "import hf a count beyond 2^63" 2 "$dpart" import hf "$tmp/gpt2-huge.json" &&
+    contains "the count is located" "$tmp/err" "is beyond what a model file holds (2^63 - 1)"
 printf 'node1 -- Conv -- forward_compute_time=1.0\n' >"$tmp/bad-graph.txt"
 check "import pipedream malformed" 2 "$dpart" import pipedream "$tmp/bad-graph.txt" &&
     contains "malformed profile located" "$tmp/err" "bad-graph.txt:1:18: error: node node1: expected 4 comma-separated measurements, got 1"

@@ -18,4 +18,7 @@ set -e
 [ "$rc" -eq 2 ] || { echo "FAIL exit $rc for a missing column"; exit 1; }
 grep -q "no_such_column" "$tmp/err" || { echo "FAIL the missing column is not named"; cat "$tmp/err"; exit 1; }
 [ ! -e "$tmp/bad.png" ] || { echo "FAIL a plot was written for a bad column"; exit 1; }
-echo "2 passed, 0 failed"
+out=$(/usr/bin/python3 "$src/tools/plot/plot_csv.py" "$tmp/vgg16.csv" --x name --y fwd_flops -o "$tmp/noext")
+[ -s "$tmp/noext.png" ] && [ "$out" = "wrote $tmp/noext.png (1 series)" ] ||
+    { echo "FAIL an output without an extension: '$out'"; exit 1; }
+echo "3 passed, 0 failed"

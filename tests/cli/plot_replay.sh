@@ -38,4 +38,24 @@ set -e
 [ "$rc" -eq 2 ] || { echo "FAIL exit $rc for a malformed file"; exit 1; }
 grep -q 'bad.csv:2: column "iteration_ms": "fast" is not a number' "$tmp/err" || { echo "FAIL message"; cat "$tmp/err"; exit 1; }
 [ ! -e "$tmp/bad.png" ] || { echo "FAIL a plot was written for a bad file"; exit 1; }
-echo "4 passed, 0 failed"
+# Bad outputs and odd inputs: one message and exit 2, never a traceback.
+refused() {  # refused NAME TEXT COMMAND...: exit 2, TEXT in the message, no traceback
+    local name=$1 text=$2
+    shift 2
+    set +e
+    "$@" 2>"$tmp/err" >/dev/null
+    local rc=$?
+    set -e
+    [ "$rc" -eq 2 ] || { echo "FAIL $name: exit $rc"; cat "$tmp/err"; exit 1; }
+    grep -qF -- "$text" "$tmp/err" || { echo "FAIL $name: '$text' not in:"; cat "$tmp/err"; exit 1; }
+    ! grep -q Traceback "$tmp/err" || { echo "FAIL $name: a traceback"; exit 1; }
+}
+refused "an output without an extension" "name the output with one of the extensions" \
+    $plot compare "$tmp/compare.csv" -o "$tmp/noext"
+refused "an output in a missing folder" "cannot write" $plot compare "$tmp/compare.csv" -o "$tmp/no/such/x.png"
+printf 'iteration,plan_version,iteration_ms,samples_per_s,event\n0,1,\xff,3,\n' >"$tmp/latin1.csv"
+refused "a file that is not UTF-8" "not UTF-8 text" $plot iterations "$tmp/latin1.csv" -o "$tmp/l.png"
+{ printf '\xef\xbb\xbf'; cat "$tmp/static/iterations.csv"; } >"$tmp/bom.csv"
+$plot iterations "$tmp/bom.csv" -o "$tmp/bom.png" >/dev/null || { echo "FAIL a CSV with a byte-order mark"; exit 1; }
+ls "$tmp" | grep -q '\.tmp\.' && { echo "FAIL a temporary file was left"; exit 1; }
+echo "9 passed, 0 failed"

@@ -28,11 +28,17 @@ class InputError(Exception):
 
 
 def read(path, columns):
+    # utf-8-sig: a byte-order mark, as some editors write one, is not part of the first column's name.
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = list(reader)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror}")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text")
+    except csv.Error as e:
+        raise InputError(f"{path}:{reader.line_num}: malformed CSV: {e}")
     if not rows:
         raise InputError(f"{path}: empty file")
     header = rows[0]
@@ -156,14 +162,26 @@ def main(argv):
         s.add_argument("-o", "--output", required=True)
         s.add_argument("--title")
     args = p.parse_args(argv)
+    tmp = None
     try:
         fig = {"iterations": plot_iterations, "gantt": plot_gantt, "compare": plot_compare}[args.what](args)
         fig.tight_layout()
-        tmp = args.output + ".tmp." + str(os.getpid()) + os.path.splitext(args.output)[1]
+        base, ext = os.path.splitext(args.output)
+        formats = fig.canvas.get_supported_filetypes()
+        if ext[1:].lower() not in formats:
+            raise InputError(f"{args.output}: name the output with one of the extensions "
+                             f"{', '.join('.' + f for f in sorted(formats))}")
+        # The temporary name keeps the extension, which tells matplotlib the format.
+        tmp = f"{base}.tmp.{os.getpid()}{ext}"
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, args.output)  # atomic: the plot appears whole or not at all
     except InputError as e:
         print(f"dpart_plot.py: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"dpart_plot.py: error: cannot write {args.output}: {e}", file=sys.stderr)
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
         return 2
     print(f"wrote {args.output}")
     return 0

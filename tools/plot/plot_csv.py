@@ -59,7 +59,7 @@ def parse_number(text):
 def read_csv(path, xcol, ycols):
     """Return (xs as strings, xs as floats or None, {ycol: [floats]}) for one file."""
     try:
-        f = open(path, newline="", encoding="utf-8")
+        f = open(path, newline="", encoding="utf-8-sig")  # a byte-order mark is not part of a column name
     except OSError as e:
         raise InputError(f"{path}: cannot open: {e.strerror}")
     with f:
@@ -185,14 +185,22 @@ def main(argv=None):
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    # matplotlib names a file without an extension .png; the temporary name keeps the extension,
+    # which tells it the format, and the plot appears whole or not at all.
+    output = args.output if os.path.splitext(args.output)[1] else args.output + ".png"
+    base, ext = os.path.splitext(output)
+    tmp = f"{base}.tmp.{os.getpid()}{ext}"
     try:
-        fig.savefig(args.output, dpi=120)
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, output)
     except (OSError, ValueError) as e:
-        print(f"{PROG}: error: cannot write {args.output}: {e}", file=sys.stderr)
+        print(f"{PROG}: error: cannot write {output}: {e}", file=sys.stderr)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         return 2
     finally:
         plt.close(fig)
-    print(f"wrote {args.output} ({n_series} series)")
+    print(f"wrote {output} ({n_series} series)")
     return 0
 
 
