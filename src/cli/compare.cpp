@@ -102,19 +102,21 @@ int run_compare(const CompareOptions& o) {
                 break;
             }
     CsvTable csv(compare_columns());
+    std::vector<std::vector<std::string>> table;  // the same rows, for the printed table
     for (const RunRow& r : runs)
-        csv.add_row({r.name, std::to_string(r.summary.iterations), fmt::format("{:.6g}", r.summary.mean_iteration_ms),
+        table.push_back({r.name, std::to_string(r.summary.iterations), fmt::format("{:.6g}", r.summary.mean_iteration_ms),
                      fmt::format("{:.6g}", r.summary.p50_iteration_ms), fmt::format("{:.6g}", r.summary.p99_iteration_ms),
                      fmt::format("{:.6g}", r.summary.samples_per_s),
                      fmt::format("{:.3f}", runs[base].summary.mean_iteration_ms / r.summary.mean_iteration_ms),
                      std::to_string(r.repartitions), fmt::format("{:.6g}", r.excess_ms)});
+    for (const auto& row : table) csv.add_row(row);
     if (o.markdown) {
         std::string line = "|";
         for (const auto& c : compare_columns()) line += " " + c + " |";
         fmt::print("{}\n|", line);
         for (std::size_t i = 0; i < compare_columns().size(); ++i) fmt::print(" --- |");
         fmt::print("\n");
-        for (const auto& row : csv.data()) {
+        for (const auto& row : table) {
             std::string out = "|";
             for (const auto& cell : row) out += " " + markdown_cell(cell) + " |";
             fmt::print("{}\n", out);
@@ -124,7 +126,7 @@ int run_compare(const CompareOptions& o) {
         for (std::size_t i = 0; i < compare_columns().size(); ++i)
             cols.push_back({compare_columns()[i], i == 0 ? Align::left : Align::right});
         TextTable t(cols);
-        for (const auto& row : csv.data()) t.add_row(row);
+        for (const auto& row : table) t.add_row(row);
         fmt::print("{}", t.str());
         fmt::print("speedup = baseline ({}) mean / run mean; excess = time above the run's median iteration\n",
                    runs[base].name);

@@ -13,13 +13,24 @@
 
 namespace dpart {
 
-CsvTable::CsvTable(std::vector<std::string> columns) : columns_(std::move(columns)) {}
+namespace {
+void append_line(std::string& out, const std::vector<std::string>& cells) {
+    for (std::size_t i = 0; i < cells.size(); ++i) {
+        if (i > 0) out += ',';
+        out += csv_escape(cells[i]);
+    }
+    out += '\n';
+}
+}  // namespace
 
-void CsvTable::add_row(std::vector<std::string> cells) {
+CsvTable::CsvTable(std::vector<std::string> columns) : columns_(std::move(columns)) { append_line(text_, columns_); }
+
+void CsvTable::add_row(const std::vector<std::string>& cells) {
     if (cells.size() != columns_.size())
         throw std::invalid_argument("CSV row has " + std::to_string(cells.size()) + " cells for " +
                                     std::to_string(columns_.size()) + " columns");
-    rows_.push_back(std::move(cells));
+    append_line(text_, cells);
+    ++rows_;
 }
 
 std::string csv_escape(std::string_view cell) {
@@ -32,21 +43,7 @@ std::string csv_escape(std::string_view cell) {
     return out + '"';
 }
 
-std::string CsvTable::str() const {
-    std::string out;
-    auto line = [&out](const std::vector<std::string>& cells) {
-        for (std::size_t i = 0; i < cells.size(); ++i) {
-            if (i > 0) out += ',';
-            out += csv_escape(cells[i]);
-        }
-        out += '\n';
-    };
-    line(columns_);
-    for (const auto& row : rows_) line(row);
-    return out;
-}
-
-void CsvTable::write(const std::string& path) const { write_file_atomic(path, str()); }
+void CsvTable::write(const std::string& path) const { write_file_atomic(path, text_); }
 
 CsvFile parse_csv(std::string_view text, const std::string& path, const std::vector<std::string>& columns) {
     CsvFile f;

@@ -12,18 +12,18 @@ public:
     explicit CsvTable(std::vector<std::string> columns);
 
     /// Appends a row; throws std::invalid_argument unless it has one cell per column.
-    void add_row(std::vector<std::string> cells);
+    void add_row(const std::vector<std::string>& cells);
     [[nodiscard]] const std::vector<std::string>& columns() const noexcept { return columns_; }
-    [[nodiscard]] std::size_t rows() const noexcept { return rows_.size(); }
-    [[nodiscard]] const std::vector<std::vector<std::string>>& data() const noexcept { return rows_; }
+    [[nodiscard]] std::size_t rows() const noexcept { return rows_; }
     /// The whole table, header first, "\n" line ends.
-    [[nodiscard]] std::string str() const;
+    [[nodiscard]] const std::string& str() const noexcept { return text_; }
     /// Writes the table atomically (see write_file_atomic).
     void write(const std::string& path) const;
 
 private:
     std::vector<std::string> columns_;
-    std::vector<std::vector<std::string>> rows_;
+    std::string text_;  ///< kept as the file's text: a long replay's rows take what the file will
+    std::size_t rows_ = 0;
 };
 
 /// A cell quoted when it holds a comma, a quote or a line break.
