@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
 #include <cmath>
 #include <stdexcept>
 
@@ -105,14 +106,12 @@ CsvFile read_csv(const std::string& path, const std::vector<std::string>& column
 
 double csv_number(const CsvFile& f, std::size_t row, std::size_t column) {
     const std::string& cell = f.rows.at(row).at(column);
+    // A decimal number as dpart writes them: no blanks around it, no hexadecimal, no "+" (from_chars
+    // takes none of these; a value out of a double's range is an error too).
     double v = 0;
-    std::size_t used = 0;
-    try {
-        v = std::stod(cell, &used);
-    } catch (const std::exception&) {
-        used = 0;
-    }
-    if (cell.empty() || used != cell.size() || !std::isfinite(v))
+    const char* end = cell.data() + cell.size();
+    const auto [stop, ec] = std::from_chars(cell.data(), end, v, std::chars_format::general);
+    if (cell.empty() || ec != std::errc{} || stop != end || !std::isfinite(v))
         throw InputError(SourceLocation{f.path, f.lines.at(row), 0},
                          fmt::format("column \"{}\": \"{}\" is not a finite number", f.header.at(column), cell));
     return v;
