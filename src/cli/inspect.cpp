@@ -97,22 +97,35 @@ void print_cluster(const Cluster& c) {
     struct Group {
         std::size_t count = 0;
         std::size_t nodes = 0;
-        std::string first, last;
+        std::vector<std::pair<std::size_t, std::size_t>> runs;  ///< [first, last] device indices in order
         std::size_t last_node = static_cast<std::size_t>(-1);
     };
     std::map<std::tuple<std::string, double, double, double>, Group> groups;
     double total_tflops = 0;
     double total_gib = 0;
-    for (const Device& d : c.devices) {
+    for (std::size_t i = 0; i < c.devices.size(); ++i) {
+        const Device& d = c.devices[i];
         Group& g = groups[{d.kind, d.tflops, d.mem_gib, d.mem_bw_gbs}];
-        if (g.count == 0) g.first = d.name;
-        g.last = d.name;
+        if (!g.runs.empty() && g.runs.back().second + 1 == i) g.runs.back().second = i;
+        else g.runs.push_back({i, i});
         ++g.count;
         if (d.node != g.last_node) ++g.nodes;
         g.last_node = d.node;
         total_tflops += d.tflops;
         total_gib += d.mem_gib;
     }
+    // A group's names as runs of consecutive devices ("a0 .. a3, a8 .. a11"), the first three.
+    auto names = [&](const Group& g) {
+        std::string out;
+        for (std::size_t r = 0; r < g.runs.size() && r < 3; ++r) {
+            const auto& [first, last] = g.runs[r];
+            if (r > 0) out += ", ";
+            out += c.devices[first].name;
+            if (last > first) out += (last == first + 1 ? ", " : " .. ") + c.devices[last].name;
+        }
+        if (g.runs.size() > 3) out += fmt::format(" and {} more runs", g.runs.size() - 3);
+        return out;
+    };
     TextTable table({{"devices", Align::right},
                      {"kind", Align::left},
                      {"names", Align::left},
@@ -122,7 +135,7 @@ void print_cluster(const Cluster& c) {
     for (const auto& [key, g] : groups) {
         const auto& [kind, tflops, gib, bw] = key;
         table.add_row({std::to_string(g.count), kind.empty() ? "-" : kind,
-                       g.count == 1 ? g.first : g.first + " .. " + g.last, fmt::format("{:g}", tflops),
+                       names(g), fmt::format("{:g}", tflops),
                        fmt::format("{:g}", gib), fmt::format("{:g}", bw)});
     }
     fmt::print("{}\n", table.str());

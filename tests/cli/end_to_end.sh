@@ -27,6 +27,16 @@ check "inspect a mixture of experts" 0 "$dpart" inspect "$src/plans/models/tiny-
 check "inspect GPT-2 small" 0 "$dpart" inspect "$src/plans/models/gpt2-small.toml" &&
     contains "inspect: what dpart run keeps, its tied head's copy counted" "$tmp/out" \
         "dpart run keeps 2.4 GiB in fp32 (16 B per parameter), 2.7 GiB in bf16 (18 B"
+{
+    printf '[cluster]\nname = "mix"\n[network]\nintra_node_gbs = 100.0\nintra_node_latency_us = 3.0\n'
+    for i in 0 1 2 3 4 5; do
+        case $i in 1 | 4) kind=B tflops=50.0 ;; *) kind=A tflops=100.0 ;; esac
+        printf '[[device]]\nname = "gpu%s"\nnode = "n0"\nkind = "%s"\ntflops = %s\nmem_gib = 80.0\nmem_bw_gbs = 2000.0\n' \
+            "$i" "$kind" "$tflops"
+    done
+} >"$tmp/mix.toml"
+check "inspect a cluster of interleaved kinds" 0 "$dpart" inspect --cluster "$tmp/mix.toml" &&
+    contains "interleaved devices are named as runs" "$tmp/out" "gpu0, gpu2, gpu3, gpu5"
 check "missing file" 2 "$dpart" inspect "$tmp/none.toml" &&
     contains "missing file is named" "$tmp/err" "$tmp/none.toml: error: cannot open the file for reading"
 
