@@ -108,7 +108,8 @@ def plot_gantt(args):
         raise InputError(f"{args.timeline}: no tasks")
     it = args.iteration if args.iteration is not None else iterations[0]
     if it not in iterations:
-        raise InputError(f"{args.timeline}: iteration {it} is not in the file (it has {iterations[0]}..{iterations[-1]})")
+        held = ", ".join(str(i) for i in iterations[:10]) + (f" and {len(iterations) - 10} more" if len(iterations) > 10 else "")
+        raise InputError(f"{args.timeline}: iteration {it} is not in the file (it has {held})")
     fig, ax = plt.subplots(figsize=(11, 4))
     stages = set()
     for n, r in rows:
