@@ -134,6 +134,22 @@ std::string json_type(const json& v) {
     }
 }
 
+/// Where `token` first stands in JSON text outside a string (npos if nowhere).
+std::size_t find_outside_strings(std::string_view text, std::string_view token) {
+    bool in_string = false;
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        if (in_string) {
+            if (text[i] == '\\') ++i;
+            else if (text[i] == '"') in_string = false;
+        } else if (text[i] == '"') {
+            in_string = true;
+        } else if (text.substr(i, token.size()) == token) {
+            return i;
+        }
+    }
+    return std::string_view::npos;
+}
+
 /// A config.json: a flat JSON object read strictly, each error naming the field and where it is.
 class Config {
 public:
@@ -154,7 +170,7 @@ public:
             const std::string what = e.what();
             const auto open = what.find('\''), close = what.rfind('\'');
             std::size_t offset = std::string_view::npos;
-            if (open != std::string::npos && close > open) offset = text.find(what.substr(open + 1, close - open - 1));
+            if (open != std::string::npos && close > open) offset = find_outside_strings(text, what.substr(open + 1, close - open - 1));
             const std::string reason = what.substr(what.find(']') == std::string::npos ? 0 : what.find(']') + 2);
             throw InputError(offset == std::string_view::npos ? SourceLocation{file_} : lines_.at(file_, offset),
                              fmt::format("JSON value out of range: {}", reason));

@@ -448,6 +448,7 @@ public:
                 }
             };
             std::vector<std::thread> pool;
+            pool.reserve(threads - 1);  // so that only starting a thread can fail below
             try {
                 for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
             } catch (const std::system_error&) {
@@ -455,7 +456,7 @@ public:
                 // meeting no longer waits for the others.
                 for (std::size_t t = pool.size() + 1; t < threads; ++t) meet.arrive_and_drop();
             }
-            ++ctx_.threaded_runs;
+            if (!pool.empty()) ++ctx_.threaded_runs;
             work(0);
             for (std::thread& th : pool) th.join();
             if (error) std::rethrow_exception(error);

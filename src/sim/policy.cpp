@@ -178,12 +178,17 @@ std::optional<Plan> replan(const Model& model, const Cluster& cluster, const Cos
     so.microbatches = 0;
     so.schedule = current.schedule;
     std::optional<SolveResult> best = solve_without(model, cluster, cost, copt, conditions, conditions.failed, so);
-    std::vector<bool> without_slowed = conditions.failed;
-    bool slowed = false;
-    for (std::size_t d = 0; d < without_slowed.size(); ++d)
-        if (!conditions.failed[d] && conditions.slowdown[d] > 1.0) slowed = without_slowed[d] = true;
-    if (slowed) {
-        std::optional<SolveResult> other = solve_without(model, cluster, cost, copt, conditions, without_slowed, so);
+    // The devices clearly slower than planned (over 1.25x, as measured_slowdowns tells the
+    // healthy from the slow), slowest first: the plans without the slowest 1, 2, 4, ... of them.
+    std::vector<std::size_t> slowed;
+    for (std::size_t d = 0; d < conditions.slowdown.size(); ++d)
+        if (!conditions.failed[d] && conditions.slowdown[d] > slow_device_factor) slowed.push_back(d);
+    std::stable_sort(slowed.begin(), slowed.end(),
+                     [&](std::size_t a, std::size_t b) { return conditions.slowdown[a] > conditions.slowdown[b]; });
+    for (std::size_t k = 1; k <= slowed.size(); k = k == slowed.size() ? k + 1 : std::min(2 * k, slowed.size())) {
+        std::vector<bool> without = conditions.failed;
+        for (std::size_t i = 0; i < k; ++i) without[slowed[i]] = true;
+        std::optional<SolveResult> other = solve_without(model, cluster, cost, copt, conditions, without, so);
         if (other && (!best || objective_value(so.objective, other->plan, other->estimate) <
                                    objective_value(so.objective, best->plan, best->estimate)))
             best = std::move(other);
@@ -192,6 +197,23 @@ std::optional<Plan> replan(const Model& model, const Cluster& cluster, const Cos
     best->plan.objective = current.objective;
     best->plan.precision = current.precision;
     return best->plan;
+}
+
+/// The devices of the replica holding `device` in the plan (none when the plan does not use it).
+std::vector<std::size_t> replica_of(const Plan& plan, std::size_t device) {
+    for (const Stage& st : plan.stages)
+        for (std::size_t k = 0; k < st.replicas(); ++k) {
+            const auto first = st.devices.begin() + static_cast<std::ptrdiff_t>(k * st.tp);
+            const auto last = first + st.tp;
+            if (std::find(first, last, device) != last) return {first, last};
+        }
+    return {};
+}
+
+bool uses_device(const Plan& plan, std::size_t device) {
+    for (const Stage& st : plan.stages)
+        if (std::find(st.devices.begin(), st.devices.end(), device) != st.devices.end()) return true;
+    return false;
 }
 
 bool uses_failed(const Plan& plan, const Conditions& c) {
@@ -252,7 +274,7 @@ std::vector<double> measured_slowdowns(const std::vector<DeviceMeasurement>& mea
     const double least = *std::min_element(mean.begin(), mean.end());
     std::vector<double> healthy;
     for (double x : mean)
-        if (x <= 1.25 * least) healthy.push_back(x);
+        if (x <= slow_device_factor * least) healthy.push_back(x);
     std::sort(healthy.begin(), healthy.end());
     const std::size_t n = healthy.size();
     const double reference = n % 2 == 1 ? healthy[n / 2] : 0.5 * (healthy[n / 2 - 1] + healthy[n / 2]);
@@ -288,8 +310,24 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
         // Failures and recoveries are seen at once (slowdowns only through measurements); a new
         // failure forces a re-plan. A recovered device is believed healthy again: one the plan
         // left out is measured no more, and would otherwise stay slow in the belief for good.
-        for (std::size_t e = first_event; e < next_event; ++e)
-            if (scenario.events[e].kind == EventKind::recover) believed.slowdown[scenario.events[e].device] = 1.0;
+        // Its window's samples from before go too, and so does what rests on the same evidence:
+        // the samples of its tensor-parallel peers in the plan (blamed with it for their
+        // replica's time), and the belief in a device the plan does not use that has its factor
+        // (a peer blamed before, then left out).
+        for (std::size_t e = first_event; e < next_event; ++e) {
+            if (scenario.events[e].kind != EventKind::recover) continue;
+            const std::size_t dev = scenario.events[e].device;
+            const std::vector<std::size_t> peers = replica_of(current, dev);
+            const double was = believed.slowdown[dev];
+            for (std::size_t d = 0; d < believed.slowdown.size(); ++d) {
+                const bool peer = std::find(peers.begin(), peers.end(), d) != peers.end();
+                if (d == dev || peer || (was > 1.0 && believed.slowdown[d] == was && !uses_device(current, d))) {
+                    if (!peer || d == dev || believed.slowdown[d] == was) believed.slowdown[d] = 1.0;
+                    measured_sum[d] = 0.0;
+                    measured_count[d] = 0;
+                }
+            }
+        }
         bool failure = false;
         for (std::size_t d = 0; d < truth.failed.size(); ++d) failure = failure || (truth.failed[d] && !believed.failed[d]);
         believed.failed = truth.failed;

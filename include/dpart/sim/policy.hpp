@@ -46,6 +46,10 @@ struct Survivors {
 [[nodiscard]] double migration_seconds(const Plan& from, const Plan& to, const Model& model, const CostModel& cost,
                                        const CostOptions& options);
 
+/// A device measured over this factor of the healthy ones' pace is slow (measured_slowdowns);
+/// a re-plan also tries the plans that leave the slow devices out.
+inline constexpr double slow_device_factor = 1.25;
+
 enum class Policy { static_plan, adaptive, oracle };
 [[nodiscard]] std::string_view to_string(Policy p) noexcept;
 
