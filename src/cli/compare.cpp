@@ -34,11 +34,13 @@ struct RunRow {
 std::pair<std::string, std::string> resolve(const std::string& input) {
     namespace fs = std::filesystem;
     const fs::path p(input);
-    const fs::path whole = fs::absolute(p).lexically_normal();
+    std::error_code ec;  // a name the system refuses (too long) is then read as a file, and named so
+    fs::path whole = fs::absolute(p, ec).lexically_normal();
+    if (ec) whole = p;
     auto last = [](const fs::path& x) {
         return x.has_filename() ? x.filename().string() : x.parent_path().filename().string();
     };
-    if (fs::is_directory(p)) return {(p / "iterations.csv").string(), last(whole)};
+    if (fs::is_directory(p, ec)) return {(p / "iterations.csv").string(), last(whole)};
     const std::string name = p.filename() == "iterations.csv" ? last(whole.parent_path()) : p.stem().string();
     return {input, name};
 }
@@ -90,7 +92,13 @@ const std::vector<std::string>& compare_columns() {
 int run_compare(const CompareOptions& o) {
     if (o.inputs.size() < 1) throw InputError("give at least one iterations.csv (or a run directory)");
     std::vector<RunRow> runs;
-    for (const std::string& in : o.inputs) runs.push_back(load_run(in));
+    for (const std::string& in : o.inputs) {
+        runs.push_back(load_run(in));
+        for (std::size_t i = 0; i + 1 < runs.size(); ++i)
+            if (same_file(runs[i].path, runs.back().path))
+                throw InputError(SourceLocation{runs.back().path},
+                                 fmt::format("this run is given twice ({} and {})", o.inputs[i], in));
+    }
     const std::size_t base = o.baseline.empty() ? 0 : baseline_of(runs, o.baseline);
     // Runs of the same name (two directories called run/) are told apart by the paths given.
     for (std::size_t i = 0; i < runs.size(); ++i)

@@ -199,6 +199,9 @@ if [ -d "$tmp/replay" ]; then
         awk -F, -v y="$tmp/y/run" '$1 == y { found = ($7 == "1.000") } END { exit !found }' "$tmp/same-name.csv" ||
             { echo "FAIL compare: the baseline given by its path is not the one at 1.000"; failures=$((failures + 1)); }
     fi
+    check "compare one run twice" 2 "$dpart" compare "$tmp/nominal" "$tmp/nominal/iterations.csv" &&
+        contains "compare says the run is given twice" "$tmp/err" "this run is given twice"
+    check "compare a name too long" 2 "$dpart" compare "$tmp/$(printf 'x%.0s' $(seq 1 5000))"
     check "compare an ambiguous baseline" 2 "$dpart" compare "$tmp/x/run" "$tmp/y/run" --baseline run &&
         contains "compare says the baseline is ambiguous" "$tmp/err" "2 runs are named \"run\""
     mkdir -p "$tmp/a|b"
