@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <memory>
 
 #include "commands.hpp"
@@ -60,12 +61,12 @@ bool same_file(const std::string& a, const std::string& b) {
 /// The run --baseline names: the one whose file it is, else the one of that name (refused when
 /// several runs have it).
 std::size_t baseline_of(const std::vector<RunRow>& runs, const std::string& baseline) {
-    const std::string file = resolve(baseline).first;
+    const auto [file, name] = resolve(baseline);
     for (std::size_t i = 0; i < runs.size(); ++i)
         if (same_file(runs[i].path, file)) return i;
     std::vector<std::size_t> named;
     for (std::size_t i = 0; i < runs.size(); ++i)
-        if (runs[i].name == baseline || runs[i].name == resolve(baseline).second) named.push_back(i);
+        if (runs[i].name == baseline || runs[i].name == name) named.push_back(i);
     if (named.empty()) throw InputError(fmt::format("--baseline {} is none of the runs given", baseline));
     if (named.size() > 1)
         throw InputError(fmt::format("--baseline {}: {} runs are named \"{}\"; give the baseline's path",
@@ -101,14 +102,10 @@ int run_compare(const CompareOptions& o) {
     }
     const std::size_t base = o.baseline.empty() ? 0 : baseline_of(runs, o.baseline);
     // Runs of the same name (two directories called run/) are told apart by the paths given.
-    for (std::size_t i = 0; i < runs.size(); ++i)
-        for (std::size_t j = 0; j < runs.size(); ++j)
-            if (i != j && runs[i].name == runs[j].name) {
-                const std::string shared = runs[i].name;
-                for (std::size_t k = 0; k < runs.size(); ++k)
-                    if (runs[k].name == shared) runs[k].name = o.inputs[k];
-                break;
-            }
+    std::map<std::string, std::size_t> uses;
+    for (const RunRow& r : runs) ++uses[r.name];
+    for (std::size_t k = 0; k < runs.size(); ++k)
+        if (uses[runs[k].name] > 1) runs[k].name = o.inputs[k];
     CsvTable csv(compare_columns());
     std::vector<std::vector<std::string>> table;  // the same rows, for the printed table
     for (const RunRow& r : runs)

@@ -9,10 +9,10 @@
 #include <cstdlib>
 #include <memory>
 #include <optional>
-#include <thread>
 #include <tuple>
 
 #include "commands.hpp"
+#include "dpart/core/cores.hpp"
 #include "dpart/core/error.hpp"
 #include "dpart/io/atomic_file.hpp"
 #include "dpart/io/cluster_toml.hpp"
@@ -110,7 +110,7 @@ int run_layer_timing(const ProfileOptions& o) {
     std::string where;
     if (backend == "cpu") {
         // Every core at once, as dpart run's workers use them (one worker per core).
-        const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+        const auto cores = static_cast<unsigned>(usable_cores());
         t = profile::time_layers(model, sizes, o.repeats, profile::cpu_kind(), 1, cores);
         where = fmt::format("on each of {} cores of {} at once", cores, t.kind);
     } else {

@@ -1,15 +1,13 @@
 #include "dpart/plan/solver.hpp"
 
-#include <sched.h>
-
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
-#include <limits>
 #include <exception>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -19,6 +17,7 @@
 #include <thread>
 #include <tuple>
 
+#include "dpart/core/cores.hpp"
 #include "dpart/core/format.hpp"
 
 namespace dpart {
@@ -46,15 +45,6 @@ std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
 std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) {
     std::uint64_t r = 0;
     return __builtin_add_overflow(a, b, &r) ? UINT64_MAX : r;
-}
-
-/// The cores this process may run on (its CPU affinity, as a container's cpuset sets it), at
-/// least 1.
-std::size_t usable_cores() {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-    return std::max(1u, std::thread::hardware_concurrency());
 }
 
 }  // namespace
@@ -288,9 +278,12 @@ public:
         if (!exact_in_flight)
             for (std::size_t j = 0; j <= D_; ++j) value_[at(1, L_, j)] = 0;
 
-        if (exact_in_flight) ++ctx_.level_runs;
-        if (exact_in_flight) fill<true>(minmax, bound, K, capped, 0);
-        else fill<false>(minmax, bound, 1, false, fixed_in_flight);
+        if (exact_in_flight) {
+            ++ctx_.level_runs;
+            fill<true>(minmax, bound, K, capped, 0);
+        } else {
+            fill<false>(minmax, bound, 1, false, fixed_in_flight);
+        }
         Result r;
         std::size_t best_k = 1;
         for (std::size_t k = 1; k <= K; ++k)
@@ -419,8 +412,8 @@ public:
         constexpr std::size_t min_parallel_scans = 2048;
         const std::size_t wanted = ctx_.sopt.threads != 0 ? ctx_.sopt.threads : usable_cores();
         const std::size_t threads = blocks_.size() * K < min_parallel_scans ? 1 : std::min(wanted, D_ / 64 + 1);
-        std::vector<Tally> tallies(std::max<std::size_t>(threads, 1));
-        if (threads <= 1) {
+        std::vector<Tally> tallies(threads);  // threads >= 1
+        if (threads == 1) {
             for (std::size_t i = L_; i-- > 0;) positions(i, 0, D_, tallies[0]);
         } else {
             constexpr std::size_t chunk = 16;  // device positions per share

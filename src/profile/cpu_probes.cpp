@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "dpart/core/cores.hpp"
 #include "dpart/profile/layers.hpp"
 #include "dpart/profile/probe.hpp"
 #include "dpart/runtime/backend.hpp"
@@ -31,7 +32,7 @@ std::string cpu_model_name() {
     return "unknown CPU";
 }
 
-unsigned cores() { return std::max(1u, std::thread::hardware_concurrency()); }
+unsigned cores() { return static_cast<unsigned>(usable_cores()); }
 
 ProbeResult facts() {
     ProbeResult r;

@@ -185,7 +185,10 @@ std::optional<Plan> replan(const Model& model, const Cluster& cluster, const Cos
         if (!conditions.failed[d] && conditions.slowdown[d] > slow_device_factor) slowed.push_back(d);
     std::stable_sort(slowed.begin(), slowed.end(),
                      [&](std::size_t a, std::size_t b) { return conditions.slowdown[a] > conditions.slowdown[b]; });
-    for (std::size_t k = 1; k <= slowed.size(); k = k == slowed.size() ? k + 1 : std::min(2 * k, slowed.size())) {
+    std::vector<std::size_t> counts;  // how many of the slowest to leave out: 1, 2, 4, ..., all
+    for (std::size_t k = 1; k < slowed.size(); k *= 2) counts.push_back(k);
+    if (!slowed.empty()) counts.push_back(slowed.size());
+    for (std::size_t k : counts) {
         std::vector<bool> without = conditions.failed;
         for (std::size_t i = 0; i < k; ++i) without[slowed[i]] = true;
         std::optional<SolveResult> other = solve_without(model, cluster, cost, copt, conditions, without, so);
@@ -214,6 +217,27 @@ bool uses_device(const Plan& plan, std::size_t device) {
     for (const Stage& st : plan.stages)
         if (std::find(st.devices.begin(), st.devices.end(), device) != st.devices.end()) return true;
     return false;
+}
+
+/// The adaptive policy's belief once `dev` recovers: healthy again (a device the plan left out is
+/// measured no more, and would otherwise stay slow in the belief for good), its window's samples
+/// from before dropped, and so is what rests on the same evidence: the samples of its
+/// tensor-parallel peers in the plan (blamed with it for their replica's time; their belief too
+/// where it is the same), and the belief in a device the plan does not use that has its factor
+/// (a peer blamed before, then left out).
+void believe_recovered(std::size_t dev, const Plan& current, std::vector<double>& slowdown,
+                       std::vector<double>& measured_sum, std::vector<std::uint32_t>& measured_count) {
+    const std::vector<std::size_t> peers = replica_of(current, dev);
+    const double was = slowdown[dev];
+    for (std::size_t d = 0; d < slowdown.size(); ++d) {
+        const bool same = slowdown[d] == was;
+        const bool peer = std::find(peers.begin(), peers.end(), d) != peers.end();
+        const bool left_out_peer = !peer && was > 1.0 && same && !uses_device(current, d);
+        if (d != dev && !peer && !left_out_peer) continue;
+        if (d == dev || same) slowdown[d] = 1.0;
+        measured_sum[d] = 0.0;
+        measured_count[d] = 0;
+    }
 }
 
 bool uses_failed(const Plan& plan, const Conditions& c) {
@@ -308,26 +332,10 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
         std::string event = apply_events(scenario, next_event, it, truth, cluster);
         const bool changed = next_event > first_event;
         // Failures and recoveries are seen at once (slowdowns only through measurements); a new
-        // failure forces a re-plan. A recovered device is believed healthy again: one the plan
-        // left out is measured no more, and would otherwise stay slow in the belief for good.
-        // Its window's samples from before go too, and so does what rests on the same evidence:
-        // the samples of its tensor-parallel peers in the plan (blamed with it for their
-        // replica's time), and the belief in a device the plan does not use that has its factor
-        // (a peer blamed before, then left out).
-        for (std::size_t e = first_event; e < next_event; ++e) {
-            if (scenario.events[e].kind != EventKind::recover) continue;
-            const std::size_t dev = scenario.events[e].device;
-            const std::vector<std::size_t> peers = replica_of(current, dev);
-            const double was = believed.slowdown[dev];
-            for (std::size_t d = 0; d < believed.slowdown.size(); ++d) {
-                const bool peer = std::find(peers.begin(), peers.end(), d) != peers.end();
-                if (d == dev || peer || (was > 1.0 && believed.slowdown[d] == was && !uses_device(current, d))) {
-                    if (!peer || d == dev || believed.slowdown[d] == was) believed.slowdown[d] = 1.0;
-                    measured_sum[d] = 0.0;
-                    measured_count[d] = 0;
-                }
-            }
-        }
+        // failure forces a re-plan.
+        for (std::size_t e = first_event; e < next_event; ++e)
+            if (scenario.events[e].kind == EventKind::recover)
+                believe_recovered(scenario.events[e].device, current, believed.slowdown, measured_sum, measured_count);
         bool failure = false;
         for (std::size_t d = 0; d < truth.failed.size(); ++d) failure = failure || (truth.failed[d] && !believed.failed[d]);
         believed.failed = truth.failed;
