@@ -5,9 +5,11 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "commands.hpp"
 #include "dpart/io/csv.hpp"
+#include "dpart/io/toml_reader.hpp"
 #include "dpart/io/trace.hpp"
 #include "dpart/report/compare.hpp"
 #include "dpart/report/text_table.hpp"
@@ -28,6 +30,7 @@ struct RunRow {
     RunSummary summary;
     std::uint64_t repartitions = 0;
     double excess_ms = 0;  ///< time above the run's median pace: sum of max(0, iteration - p50)
+    std::optional<std::string> stopped;  ///< why it stopped before its last iteration (summary.toml)
 };
 
 /// A run directory's iterations.csv, or the CSV itself; its name is the directory's (`.` and
@@ -46,10 +49,31 @@ std::pair<std::string, std::string> resolve(const std::string& input) {
     return {input, name};
 }
 
+/// Why the run or replay whose iterations.csv is `csv` stopped early, as the summary.toml beside
+/// it says (`stopped`, `stop_reason`); nullopt when it did not, or when there is no summary.toml.
+std::optional<std::string> stop_of(const std::string& csv) {
+    namespace fs = std::filesystem;
+    const fs::path summary = fs::path(csv).parent_path() / "summary.toml";
+    std::error_code ec;
+    if (!fs::is_regular_file(summary, ec)) return std::nullopt;
+    const toml::table doc = parse_toml_file(summary.string());
+    const toml::table* table = doc["summary"].as_table();
+    if (table == nullptr) return std::nullopt;
+    const toml::node* stopped = table->get("stopped");
+    if (stopped == nullptr) return std::nullopt;
+    if (!stopped->is_boolean())
+        throw InputError(location_of(*stopped, summary.string()), "[summary] stopped: expected true or false");
+    if (!stopped->as_boolean()->get()) return std::nullopt;
+    const toml::node* reason = table->get("stop_reason");
+    if (reason != nullptr && !reason->is_string())
+        throw InputError(location_of(*reason, summary.string()), "[summary] stop_reason: expected a string");
+    return reason != nullptr ? reason->as_string()->get() : std::string("no reason given");
+}
+
 RunRow load_run(const std::string& input) {
     const auto [path, name] = resolve(input);
     const RunComparison c = summarise_iterations(read_csv(path, iteration_columns()));
-    return RunRow{name, path, c.summary, c.repartitions, c.excess_ms};
+    return RunRow{name, path, c.summary, c.repartitions, c.excess_ms, stop_of(path)};
 }
 
 /// Whether two paths name the same file.
@@ -136,6 +160,11 @@ int run_compare(const CompareOptions& o) {
         fmt::print("speedup = baseline ({}) mean / run mean; excess = time above the run's median iteration\n",
                    runs[base].name);
     }
+    // A run that stopped early is averaged over the iterations it ran: say so.
+    for (const RunRow& r : runs)
+        if (r.stopped)
+            fmt::print("{}{} stopped after {} iterations: {}\n", o.markdown ? "\n" : "", r.name, r.summary.iterations,
+                       *r.stopped);
     if (!o.csv.empty()) csv.write(o.csv);
     return 0;
 }

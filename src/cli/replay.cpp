@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <optional>
 
 #include "commands.hpp"
 #include "dpart/io/atomic_file.hpp"
@@ -78,16 +79,35 @@ int run_replay(const ReplayOptions& o, const std::string& command) {
     po.solver.objective = plan.objective;
     po.solver.max_replicas = o.max_replicas;
     po.solver.max_tp = o.max_tp;
+    // The timeline of every iteration would be large: the first, the last, and each one where
+    // something changed. Which one is the last is known only once a replay that stops early has
+    // stopped: the latest iteration not written is kept until then.
+    struct Unwritten {
+        std::uint64_t iteration = 0;
+        Plan plan;
+        TaskGraph graph;
+        Timeline timeline;
+    };
+    std::optional<Unwritten> unwritten;
     const PolicyReplay pr =
         replay_policy(plan, model, cluster, cost, copt, scenario, o.iterations, po,
                       [&](std::uint64_t it, const std::string& event, const Plan& in_force, const TaskGraph& g,
                           const Timeline& t) {
                           add_stage_rows(stages, it, in_force, cluster, g, t);
-                          // The timeline of every iteration would be large: the first, the last,
-                          // and each one where something changed.
-                          if (o.timeline == "all" || it == 0 || it + 1 == o.iterations || !event.empty())
+                          if (o.timeline == "all" || it == 0 || it + 1 == o.iterations || !event.empty()) {
                               add_timeline_rows(timeline, it, in_force, cluster, g, t);
+                              unwritten.reset();
+                          } else {
+                              if (!unwritten) unwritten.emplace();
+                              unwritten->iteration = it;
+                              unwritten->plan = in_force;
+                              unwritten->graph = g;
+                              unwritten->timeline = t;
+                          }
                       });
+    if (unwritten)
+        add_timeline_rows(timeline, unwritten->iteration, unwritten->plan, cluster, unwritten->graph,
+                          unwritten->timeline);
     const ReplayResult& r = pr.result;
     CsvTable iterations(iteration_columns());
     std::vector<double> times;

@@ -151,6 +151,8 @@ void put_decision(Bytes& b, const Decision& d) {
         put_u64(b, lost);
         put_u64(b, kept);
     }
+    put_u64(b, d.probe.size());
+    for (std::size_t x : d.probe) put_u64(b, x);
     put_f64(b, d.solve_s);
     put_text(b, d.text);
     put_text(b, d.stop);
@@ -172,6 +174,8 @@ Decision get_decision(Reader& r) {
         lost = get_u64(r);
         kept = get_u64(r);
     }
+    d.probe.resize(get_u64(r));
+    for (std::size_t& x : d.probe) x = get_u64(r);
     d.solve_s = get_f64(r);
     d.text = get_text(r);
     d.stop = get_text(r);
@@ -290,6 +294,7 @@ public:
             if (stop == N && !failure) break;
             const Decision d = decide(seq, it, stop, left, stop % W == 0);
             decisions_.push_back(d);
+            probing_ = std::find(d.probe.begin(), d.probe.end(), device_of_[me_]) != d.probe.end();
             if (!d.stop.empty()) throw RuntimeError(d.stop);
             Entry& mine = own_entry(seq);
             it = stop;
@@ -375,6 +380,17 @@ private:
                                         (se.replica_forward_s.at(p.replica) + se.replica_backward_s.at(p.replica)) +
                                     se.optimizer_s) *
                                    static_cast<double>(e.report.stopped_at - first);
+        } else if (probing_ && !plan_.stages.empty()) {
+            // The last stage's work (it ends in the loss), unsplit, on this device.
+            IdleProbe probe;
+            probe.stage = plan_.stages.size() - 1;
+            const Stage& st = plan_.stages[probe.stage];
+            const std::uint64_t rows = est.stages[probe.stage].shares.at(0);
+            for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
+                probe.predicted_s += job_.cost.layer_seconds(l, Pass::forward, device_of_[me_], rows, 1) +
+                                     job_.cost.layer_seconds(l, Pass::backward, device_of_[me_], rows, 1);
+            e.report = ex.run_idle(device_of_[me_], net_, &probe);
+            predicted_compute_s_ = probe.predicted_s;
         } else {
             e.report = ex.run_idle(device_of_[me_], net_);
             predicted_compute_s_ = 0;
@@ -389,12 +405,15 @@ private:
         const std::size_t c = coordinator();
         Bytes m;
         double measured = 0;
-        for (const TaskRecord& t : own_entry(seq).report.tasks)
+        const Entry& mine = own_entry(seq);
+        for (const TaskRecord& t : mine.report.tasks)
             if (t.kind == TaskKind::forward || t.kind == TaskKind::backward || t.kind == TaskKind::optimizer)
                 measured += t.end_s - t.start_s;
-        const Entry& mine = own_entry(seq);
+        // An idle agent's measurement is its probe's, where it ran one.
+        const bool probed = mine.worker < 0 && mine.report.probe_s.has_value() && predicted_compute_s_ > 0;
+        if (probed) measured = *mine.report.probe_s;
         put_u64(m, device_of_[me_]);
-        put_u64(m, mine.worker >= 0 && stop > first ? 1 : 0);
+        put_u64(m, (mine.worker >= 0 && stop > first) || probed ? 1 : 0);
         put_f64(m, measured);
         put_f64(m, predicted_compute_s_);
         put_u64(m, copy_of_);
@@ -489,6 +508,12 @@ private:
             } else if (!d.detected.empty()) {
                 parts.push_back(r.note.substr(r.note.find(": ") + 2));
             }
+        }
+        // Who measures itself next: the live devices believed slow that the next plan leaves out.
+        const Plan& next = d.plan ? *d.plan : plan_;
+        for (std::size_t a : alive_agents()) {
+            const std::size_t dev = device_of_[a];
+            if (believed_[dev] > slow_device_factor && worker_index(next, a) < 0) d.probe.push_back(dev);
         }
         for (std::size_t k = 0; k < parts.size(); ++k) d.text += (k ? "; " : "") + parts[k];
         return d;
@@ -754,7 +779,8 @@ private:
     std::size_t copy_of_ = SIZE_MAX;
     std::map<std::size_t, std::size_t> holder_;
     std::vector<double> believed_;
-    double predicted_compute_s_ = 0;
+    double predicted_compute_s_ = 0;  // the cost model's time for what this agent measured (its stage, or its probe)
+    bool probing_ = false;            // the last decision asked this agent to measure itself
     std::vector<Entry> history_;
     std::vector<Decision> decisions_;
 };

@@ -8,11 +8,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <condition_variable>
 #include <map>
 #include <mutex>
+#include <stop_token>
 #include <thread>
 
 #include "dpart/core/error.hpp"
@@ -1101,12 +1104,115 @@ WorkerReport Execution::run_worker(std::size_t rank, Transport& net, std::vector
     }
 }
 
-WorkerReport Execution::run_idle(std::size_t device, Transport& net) const {
+namespace {
+
+/// Waits until `deadline` unless stopped first; false when stopped.
+bool wait_until(std::stop_token stop, std::chrono::steady_clock::time_point deadline) {
+    std::mutex m;
+    std::condition_variable_any cv;
+    std::unique_lock lock(m);
+    (void)cv.wait_until(lock, stop, deadline, [] { return false; });
+    return std::chrono::steady_clock::now() >= deadline || !stop.stop_requested();
+}
+
+}  // namespace
+
+void Execution::measure_probe(const IdleProbe& probe, std::size_t device, double slowdown, std::stop_token stop,
+                      WorkerReport& report) const {
+    using Clock = std::chrono::steady_clock;
+    const std::size_t s = probe.stage;
+    const Stage& stage = plan_.stages.at(s);
+    Stage alone = stage;
+    alone.tp = 1;
+    alone.devices = {device};
+    StageSetup setup{&model_, &alone, WorkerPlace{s, 0, 0, device}, options_.seed, {}, options_.recompute, std::nullopt};
+    for (std::size_t l = stage.first_layer; l <= stage.last_layer; ++l)
+        setup.state.push_back(initial_state(model_, l, Shard{0, 1}, options_.seed));
+    const std::unique_ptr<StageCompute> compute =
+        options_.backend ? options_.backend(std::move(setup)) : make_cpu_stage(std::move(setup));
+    const bool realised = compute->apply_slowdown(slowdown);
+    const std::size_t rows = shares_.at(s).at(0);
+    const std::vector<std::size_t> keep{stage.last_layer};
+    const std::span<const std::size_t> none;
+    StepContext ctx;
+    ctx.seed = options_.seed;
+    // Inputs as the stage receives them: the model's, or the earlier layers' outputs (made up).
+    TensorMap inputs;
+    if (s == 0) {
+        if (!compute->makes_model_input()) inputs.emplace(model_input, synthetic_input(model_, options_.seed, 0, rows));
+    } else {
+        for (std::size_t l : live_in_.at(s)) {
+            std::vector<std::size_t> shape{rows};
+            for (std::size_t d : sample_shape(model_, l)) shape.push_back(d);
+            Tensor t(shape);
+            for (std::size_t i = 0; i < t.data.size(); ++i)
+                t.data[i] = random_symmetric(options_.seed, stream_of(Stream::input, l + 1), i);
+            inputs.emplace(l, std::move(t));
+        }
+    }
+    // The CPU stage's device is a core it shares with the workers' threads: its time is this
+    // thread's CPU time (its wall time would count the time the workers had the cores). A device
+    // stage's is the wall time of its synchronised work.
+    const bool on_cores = compute->device_memory().ops == nullptr;
+    const auto now = [on_cores] {
+        if (on_cores) {
+            timespec ts{};
+            if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+                return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+        }
+        return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+    };
+    // One microbatch, timed from its inputs' arrival (as a worker's forward and backward tasks).
+    const auto step = [&](std::uint32_t mb) {
+        TensorMap in = inputs;
+        const double t = now();
+        const TensorMap& out = compute->forward(mb, ctx, rows, std::move(in), keep, nullptr);
+        const double forward = now() - t;
+        TensorMap grads;
+        Tensor g(out.at(stage.last_layer).shape);
+        std::fill(g.data.begin(), g.data.end(), 1.0f / static_cast<float>(model_.global_batch));
+        grads.emplace(stage.last_layer, std::move(g));
+        const double b = now();
+        (void)compute->backward(mb, ctx, std::move(grads), none, nullptr);
+        return forward + now() - b;
+    };
+    (void)step(0);  // warm-up: first-touch allocations, caches
+    // The median of a few repeats: one microbatch is short, and a single preemption of it on
+    // shared cores would read as a slow device.
+    std::vector<double> times;
+    for (std::uint32_t k = 1; k <= idle_probe_repeats && (k == 1 || !stop.stop_requested()); ++k)
+        times.push_back(step(k));
+    std::sort(times.begin(), times.end());
+    const double busy = times[times.size() / 2];
+    // The rest of the time a slowed device would take, as the workers wait it out (timed()).
+    const double factor = realised ? 1.0 : slowdown;
+    const double target = options_.emulate ? std::max(busy, probe.predicted_s * factor) : factor * busy;
+    const auto start = Clock::now();
+    report.probe_finished = target <= busy || wait_until(stop, start + std::chrono::duration_cast<Clock::duration>(
+                                                                        std::chrono::duration<double>(target - busy)));
+    // Waited out in full, it took the target (not the wait's wake-up delay on busy cores).
+    report.probe_s = report.probe_finished ? target : busy + std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+WorkerReport Execution::run_idle(std::size_t device, Transport& net, const IdleProbe* probe) const {
     WorkerReport report;
     report.rank = net.rank();
     report.stopped_at = options_.iterations;
     std::size_t devices = device + 1;
     for (const ScenarioEvent& e : options_.scenario.events) devices = std::max({devices, e.device + 1, e.a + 1, e.b + 1});
+    // The probe runs beside the votes; it is stopped (and joined) when they are over.
+    std::jthread prober;
+    WorkerReport measured;
+    if (probe != nullptr && first_iteration_ < options_.iterations) {
+        const double slowdown = conditions_at(options_.scenario, devices, first_iteration_).slowdown.at(device);
+        prober = std::jthread([&, slowdown](std::stop_token stop) {
+            try {
+                measure_probe(*probe, device, slowdown, stop, measured);
+            } catch (const std::exception&) {
+                measured.probe_s.reset();  // no memory for the layers, say: nothing measured
+            }
+        });
+    }
     for (std::uint64_t it = first_iteration_; it < options_.iterations; ++it) {
         const bool failed = conditions_at(options_.scenario, devices, it).failed.at(device);
         report.left = departures(net, ranks_.members, static_cast<std::uint32_t>(it), failed);
@@ -1116,6 +1222,12 @@ WorkerReport Execution::run_idle(std::size_t device, Transport& net) const {
         }
         report.busy_s.push_back(0.0);
         report.loss.push_back(0.0);
+    }
+    if (prober.joinable()) {
+        prober.request_stop();
+        prober.join();
+        report.probe_s = measured.probe_s;
+        report.probe_finished = measured.probe_finished;
     }
     return report;
 }

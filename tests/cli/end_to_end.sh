@@ -160,6 +160,16 @@ if check "plan for replay" 0 "$dpart" plan "$models/llama3-8b.toml" -c "$cluster
         contains "failure is explained" "$tmp/out" "node0.gpu0 failed at iteration 3"
     checks=$((checks + 1))
     [ "$(($(wc -l <"$tmp/replay-fail/iterations.csv") - 1))" -eq 3 ] || { echo "FAIL stopped replay rows"; failures=$((failures + 1)); }
+    # Its last iteration (2) is in timeline.csv, as in stages.csv.
+    checks=$((checks + 1))
+    [ "$(tail -1 "$tmp/replay-fail/timeline.csv" | cut -d, -f1)" = 2 ] ||
+        { echo "FAIL stopped replay: the last iteration is not in timeline.csv"; failures=$((failures + 1)); }
+    check "compare a stopped replay" 0 "$dpart" compare "$tmp/replay-fail" &&
+        contains "compare says it stopped" "$tmp/out" "replay-fail stopped after 3 iterations: device node0.gpu0 failed at iteration 3"
+    cp -r "$tmp/replay-fail" "$tmp/replay-fail-bad"
+    sed -i 's/^stopped = true/stopped = "yes"/' "$tmp/replay-fail-bad/summary.toml"
+    check "compare: a malformed summary.toml" 2 "$dpart" compare "$tmp/replay-fail-bad" &&
+        contains "malformed summary located" "$tmp/err" "replay-fail-bad/summary.toml:"
     printf '[[event]]\niteration = 3\nkind = "fail"\ndevice = "gpu99"\n' >"$tmp/bad-scenario.toml"
     check "replay bad scenario" 2 "$dpart" replay "$tmp/l8plan.toml" -m "$models/llama3-8b.toml" \
         -c "$clusters/h100-4x8.toml" --scenario "$tmp/bad-scenario.toml" &&

@@ -9,7 +9,9 @@
 //   - migrate: the weights and Adam moments of exactly the layers that change owner move over the
 //     transport to their new owners, re-sharded when the tensor-parallel split changes;
 //   - every K iterations, keep a snapshot of their state and send a copy to their neighbour in
-//     the ring of live agents.
+//     the ring of live agents;
+//   - an agent whose device was left out for being slow measures itself on some of the model's
+//     work while the others train (IdleProbe), so that the controller sees it recover.
 // A device that fails leaves at the start of an iteration (the executor's vote tells everyone):
 // the survivors roll back to the last snapshot, re-plan on what is left, restore the lost layers
 // from a data-parallel replica or the neighbour's copy, and go on. docs/METHOD.md, "Adaptive runs".
@@ -69,6 +71,9 @@ struct Decision {
     /// (lost device, device whose copy of its state restores it) when no replica is alive
     std::vector<std::pair<std::size_t, std::size_t>> restored_from;
     std::vector<std::pair<std::size_t, double>> detected;  ///< (device, slowdown) newly believed
+    /// Devices believed slow that the plan leaves out: each measures itself in the next segment
+    /// (IdleProbe), so that the controller sees when one is fast again.
+    std::vector<std::size_t> probe;
     double solve_s = 0;
     std::string text;
     std::string stop;  ///< non-empty: the job cannot go on (why)

@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <vector>
 
@@ -124,6 +125,25 @@ struct WorkerReport {
     std::uint64_t peak_device_bytes = 0;
     /// Of those, the stage's cache of synthetic inputs and labels (StageCompute::DeviceMemory).
     std::uint64_t cached_device_bytes = 0;
+    /// An idle member's measurement of itself (run_idle with an IdleProbe): seconds of the probe's
+    /// timed microbatch, and whether it finished (else the time until the segment ended: a lower
+    /// bound). Not sent with the report: its agent reads it.
+    std::optional<double> probe_s;
+    bool probe_finished = false;
+};
+
+/// What a member holding no stage measures of its own device while the others train (an
+/// adaptive run's way to see that a device it left out for being slow is fast again): replica
+/// 0's share of one microbatch through forward and backward of stage `stage`'s layers, unsplit
+/// (tensor-parallel degree 1), with fresh weights and inputs: once to warm up, then
+/// idle_probe_repeats times, the median kept, under the scenario's slowdown of the device at the
+/// segment's first iteration (emulated as the workers' is).
+inline constexpr std::uint32_t idle_probe_repeats = 5;
+struct IdleProbe {
+    std::size_t stage = 0;
+    /// The cost model's time for it on this device: what an emulated device takes
+    /// (RunOptions::emulate), times the slowdown.
+    double predicted_s = 0;
 };
 
 /// Which transport rank runs each worker of a plan, and which ranks vote at the start of every
@@ -160,8 +180,14 @@ public:
     [[nodiscard]] WorkerReport run_worker(std::size_t rank, Transport& net,
                                           std::vector<ShardState>* state = nullptr) const;
     /// A member holding no stage (an adaptive run's spare device): takes part in the votes at
-    /// the start of every iteration, on behalf of `device`, until the end or a departure.
-    [[nodiscard]] WorkerReport run_idle(std::size_t device, Transport& net) const;
+    /// the start of every iteration, on behalf of `device`, until the end or a departure. With a
+    /// probe, it measures it on another thread meanwhile (WorkerReport::probe_s): the votes do not
+    /// wait for it, and a probe still waiting out a slowdown when the last vote is over stops
+    /// there. A probe that fails (no memory for the layers) measures nothing.
+    [[nodiscard]] WorkerReport run_idle(std::size_t device, Transport& net, const IdleProbe* probe = nullptr) const;
+    /// The probe's measurement, into report.probe_s and probe_finished (run_idle's other thread).
+    void measure_probe(const IdleProbe& probe, std::size_t device, double slowdown, std::stop_token stop,
+               WorkerReport& report) const;
 
     // Facts about the plan the workers (and tests) use.
     /// Layers whose outputs stage `s` receives from stage s-1 (ascending; empty for stage 0).
