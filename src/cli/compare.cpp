@@ -50,9 +50,11 @@ std::pair<std::string, std::string> resolve(const std::string& input) {
 }
 
 /// Why the run or replay whose iterations.csv is `csv` stopped early, as the summary.toml beside
-/// it says (`stopped`, `stop_reason`); nullopt when it did not, or when there is no summary.toml.
+/// it says (`stopped`, `stop_reason`); nullopt when it did not, when there is no summary.toml, or
+/// when `csv` is not a run's iterations.csv (another CSV's neighbour is not its summary).
 std::optional<std::string> stop_of(const std::string& csv) {
     namespace fs = std::filesystem;
+    if (fs::path(csv).filename() != "iterations.csv") return std::nullopt;
     const fs::path summary = fs::path(csv).parent_path() / "summary.toml";
     std::error_code ec;
     if (!fs::is_regular_file(summary, ec)) return std::nullopt;

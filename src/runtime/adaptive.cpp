@@ -386,9 +386,13 @@ private:
             probe.stage = plan_.stages.size() - 1;
             const Stage& st = plan_.stages[probe.stage];
             const std::uint64_t rows = est.stages[probe.stage].shares.at(0);
-            for (std::size_t l = st.first_layer; l <= st.last_layer; ++l)
-                probe.predicted_s += job_.cost.layer_seconds(l, Pass::forward, device_of_[me_], rows, 1) +
-                                     job_.cost.layer_seconds(l, Pass::backward, device_of_[me_], rows, 1);
+            double forward = 0, backward = 0;
+            for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
+                forward += job_.cost.layer_seconds(l, Pass::forward, device_of_[me_], rows, 1);
+                backward += job_.cost.layer_seconds(l, Pass::backward, device_of_[me_], rows, 1);
+            }
+            // As estimate_plan: a recomputing backward runs the stage's forward again first.
+            probe.predicted_s = forward + backward + (job_.run.recompute ? forward : 0.0);
             e.report = ex.run_idle(device_of_[me_], net_, &probe);
             predicted_compute_s_ = probe.predicted_s;
         } else {
@@ -409,11 +413,14 @@ private:
         for (const TaskRecord& t : mine.report.tasks)
             if (t.kind == TaskKind::forward || t.kind == TaskKind::backward || t.kind == TaskKind::optimizer)
                 measured += t.end_s - t.start_s;
-        // An idle agent's measurement is its probe's, where it ran one.
-        const bool probed = mine.worker < 0 && mine.report.probe_s.has_value() && predicted_compute_s_ > 0;
+        // An idle agent's measurement is its probe's, where it ran one to the end: one cut short
+        // by the segment's end is only a lower bound, which could read a slow device as healthy
+        // (its belief then stays as it is).
+        const bool probed = mine.worker < 0 && mine.report.probe_s.has_value() && mine.report.probe_finished &&
+                            predicted_compute_s_ > 0;
         if (probed) measured = *mine.report.probe_s;
         put_u64(m, device_of_[me_]);
-        put_u64(m, (mine.worker >= 0 && stop > first) || probed ? 1 : 0);
+        put_u64(m, (mine.worker >= 0 && stop > first) ? 1 : probed ? 2 : 0);
         put_f64(m, measured);
         put_f64(m, predicted_compute_s_);
         put_u64(m, copy_of_);
@@ -432,10 +439,12 @@ private:
             const Bytes b = a == me_ ? m : net_.recv(a, control(seq, Control::measure));
             Reader in(b);
             const std::size_t device = get_u64(in);
-            const bool ran = get_u64(in) != 0;
+            const std::uint64_t ran = get_u64(in);  // 0: nothing; 1: its stage; 2: a probe
             const double ms = get_f64(in), ps = get_f64(in);
             const std::uint64_t copy_of = get_u64(in);
-            if (ran) measurements.push_back({device, ms, ps});
+            // A probe is timed otherwise than the workers' tasks (thread CPU time on the CPU
+            // backend): it is judged against their pace, not part of it.
+            if (ran != 0) measurements.push_back({device, ms, ps, ran == 1});
             if (copy_of != SIZE_MAX) holder[copy_of] = a;
         }
         Decision d = controller(measurements, holder, stop, left, window);

@@ -1200,15 +1200,16 @@ WorkerReport Execution::run_idle(std::size_t device, Transport& net, const IdleP
     report.stopped_at = options_.iterations;
     std::size_t devices = device + 1;
     for (const ScenarioEvent& e : options_.scenario.events) devices = std::max({devices, e.device + 1, e.a + 1, e.b + 1});
-    // The probe runs beside the votes; it is stopped (and joined) when they are over.
-    std::jthread prober;
+    // The probe runs beside the votes; it is stopped (and joined) when they are over, or when a
+    // vote throws (then before `measured` goes: it is declared first).
     WorkerReport measured;
+    std::jthread prober;
     if (probe != nullptr && first_iteration_ < options_.iterations) {
         const double slowdown = conditions_at(options_.scenario, devices, first_iteration_).slowdown.at(device);
         prober = std::jthread([&, slowdown](std::stop_token stop) {
             try {
                 measure_probe(*probe, device, slowdown, stop, measured);
-            } catch (const std::exception&) {
+            } catch (...) {
                 measured.probe_s.reset();  // no memory for the layers, say: nothing measured
             }
         });

@@ -286,15 +286,18 @@ ReplanDecision consider_replan(const Model& model, const Cluster& cluster, const
 
 std::vector<double> measured_slowdowns(const std::vector<DeviceMeasurement>& measurements, std::vector<double> previous) {
     std::map<std::size_t, std::pair<double, std::size_t>> ratio;  // device -> (sum, count)
+    std::map<std::size_t, bool> is_reference;                       // device -> measured as a reference
     for (const DeviceMeasurement& m : measurements) {
         if (!(m.predicted_s > 0) || !(m.measured_s >= 0)) continue;
         auto& r = ratio[m.device];
         r.first += m.measured_s / m.predicted_s;
         ++r.second;
+        is_reference[m.device] = is_reference[m.device] || m.reference;
     }
-    if (ratio.empty()) return previous;
     std::vector<double> mean;
-    for (const auto& [d, r] : ratio) mean.push_back(r.first / static_cast<double>(r.second));
+    for (const auto& [d, r] : ratio)
+        if (is_reference[d]) mean.push_back(r.first / static_cast<double>(r.second));
+    if (mean.empty()) return previous;
     const double least = *std::min_element(mean.begin(), mean.end());
     std::vector<double> healthy;
     for (double x : mean)

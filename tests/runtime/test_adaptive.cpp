@@ -59,6 +59,16 @@ TEST_CASE("controller: slowdowns are measured against the healthy devices' ratio
     CHECK(s[4] == 1.0);  // not measured: its previous value
     // Nothing measured: nothing changes.
     CHECK(measured_slowdowns({}, {1.0, 2.5}) == std::vector<double>{1.0, 2.5});
+    // An idle device's probe (not a reference) is judged against the workers' pace, and does not
+    // set it: a probe far under their ratio does not make the workers look slow.
+    const std::vector<DeviceMeasurement> probes{{0, 1.2, 1.0}, {1, 2.4, 2.0}, {2, 0.3, 1.0, false}, {3, 3.6, 1.0, false}};
+    const std::vector<double> p = measured_slowdowns(probes, std::vector<double>(4, 5.0));
+    CHECK(p[0] == doctest::Approx(1.0));
+    CHECK(p[1] == doctest::Approx(1.0));
+    CHECK(p[2] == doctest::Approx(1.0));
+    CHECK(p[3] == doctest::Approx(3.0));
+    // Probes alone give no pace to judge them by: nothing changes.
+    CHECK(measured_slowdowns({{2, 0.3, 1.0, false}}, {1.0, 1.0, 4.0}) == std::vector<double>{1.0, 1.0, 4.0});
 }
 
 TEST_CASE("transport: the start-of-iteration vote tells every member who leaves") {

@@ -96,12 +96,16 @@ struct DeviceMeasurement {
     std::size_t device = 0;
     double measured_s = 0;
     double predicted_s = 0;
+    /// Whether it sets the healthy pace the others are judged against (a worker's stage); false:
+    /// it is only judged (an idle device's probe, timed otherwise).
+    bool reference = true;
 };
 
 /// Effective slowdowns from measurements. A device's ratio measured / predicted includes what the
 /// cost model gets wrong for every device alike, so it is taken relative to the healthy devices'
-/// ratio: the median of the ratios within 25% of the smallest. A device measured several times
-/// gets its mean ratio; devices not measured keep `previous`.
+/// ratio: the median of the reference ratios within 25% of the smallest reference ratio. A device
+/// measured several times gets its mean ratio; devices not measured keep `previous`, and so do all
+/// when no measurement is a reference.
 [[nodiscard]] std::vector<double> measured_slowdowns(const std::vector<DeviceMeasurement>& measurements,
                                                      std::vector<double> previous);
 
