@@ -380,6 +380,14 @@ private:
                                         (se.replica_forward_s.at(p.replica) + se.replica_backward_s.at(p.replica)) +
                                     se.optimizer_s) *
                                    static_cast<double>(e.report.stopped_at - first);
+            // And, on emulated devices, its sends of activations against theirs: the link to the
+            // next stage (the pair of devices a scenario's link event and the planner's scaled
+            // cost model name). A real send between host threads is a copy of microseconds whose
+            // time says more about the cores than the link: healthy links read up to 39x slow.
+            link_.reset();
+            if (job_.run.emulate && p.stage + 1 < plan_.stages.size() && se.send_activation_s > 0)
+                link_ = SentOver{plan_.stages[p.stage].devices.back(), plan_.stages[p.stage + 1].devices.front(),
+                                 se.send_activation_s};
         } else if (probing_ && !plan_.stages.empty()) {
             // The last stage's work (it ends in the loss), unsplit, on this device.
             IdleProbe probe;
@@ -399,6 +407,7 @@ private:
             e.report = ex.run_idle(device_of_[me_], net_);
             predicted_compute_s_ = 0;
         }
+        if (e.worker < 0) link_.reset();
         e.end = e.report.stopped_at;
         return e;
     }
@@ -424,6 +433,24 @@ private:
         put_f64(m, measured);
         put_f64(m, predicted_compute_s_);
         put_u64(m, copy_of_);
+        // The link: per iteration its shortest send, and the median of those over the segment.
+        // Noise only lengthens a send (a wait that wakes late, a preemption), while a slow link
+        // lengthens every one; the median follows what most of the segment saw.
+        std::map<std::uint32_t, double> shortest;  // iteration -> its shortest send
+        for (const TaskRecord& t : mine.report.tasks)
+            if (t.kind == TaskKind::send_activation) {
+                const auto [at, fresh] = shortest.emplace(t.iteration, t.end_s - t.start_s);
+                if (!fresh) at->second = std::min(at->second, t.end_s - t.start_s);
+            }
+        std::vector<double> per_iteration;
+        for (const auto& [it, sec] : shortest) per_iteration.push_back(sec);
+        std::sort(per_iteration.begin(), per_iteration.end());
+        const bool over_link = link_.has_value() && !per_iteration.empty();
+        put_u64(m, over_link ? per_iteration.size() : 0);
+        put_u64(m, over_link ? link_->a : 0);
+        put_u64(m, over_link ? link_->b : 0);
+        put_f64(m, over_link ? per_iteration[per_iteration.size() / 2] : 0.0);
+        put_f64(m, over_link ? link_->predicted_s : 0.0);
         if (me_ != c) {
             net_.send(c, control(seq, Control::measure), std::move(m));
             const Bytes b = net_.recv(c, control(seq, Control::decision));
@@ -434,6 +461,7 @@ private:
             return d;
         }
         std::vector<DeviceMeasurement> measurements;
+        std::vector<LinkMeasurement> links;
         std::map<std::size_t, std::size_t> holder;  // agent whose copy -> agent holding it
         for (std::size_t a : alive_agents()) {
             const Bytes b = a == me_ ? m : net_.recv(a, control(seq, Control::measure));
@@ -446,8 +474,15 @@ private:
             // backend): it is judged against their pace, not part of it.
             if (ran != 0) measurements.push_back({device, ms, ps, ran == 1});
             if (copy_of != SIZE_MAX) holder[copy_of] = a;
+            const std::uint64_t sent = get_u64(in);
+            LinkMeasurement l;
+            l.a = get_u64(in);
+            l.b = get_u64(in);
+            l.measured_s = get_f64(in);
+            l.predicted_s = get_f64(in);
+            if (sent > 0) links.push_back(l);
         }
-        Decision d = controller(measurements, holder, stop, left, window);
+        Decision d = controller(measurements, links, holder, stop, left, window);
         Bytes out;
         put_decision(out, d);
         for (std::size_t a : alive_agents())
@@ -456,8 +491,9 @@ private:
     }
 
     /// The coordinator's decision (the same rule as replay's adaptive policy).
-    Decision controller(const std::vector<DeviceMeasurement>& measurements, const std::map<std::size_t, std::size_t>& holder,
-                        std::uint64_t stop, const std::vector<std::size_t>& left, bool window) {
+    Decision controller(const std::vector<DeviceMeasurement>& measurements, const std::vector<LinkMeasurement>& links,
+                        const std::map<std::size_t, std::size_t>& holder, std::uint64_t stop,
+                        const std::vector<std::size_t>& left, bool window) {
         const bool failure = !left.empty();
         Decision d;
         d.iteration = stop;
@@ -466,14 +502,27 @@ private:
         believed_.resize(job_.cluster.devices.size(), 1.0);
         for (std::size_t dev = 0; dev < believed_.size(); ++dev)
             if (std::abs(believed_[dev] / before[dev] - 1.0) > 0.05) d.detected.push_back({dev, believed_[dev]});
+        std::vector<std::string> link_parts;
+        for (const auto& [key, factor] : measured_link_factors(links, believed_links_)) {
+            const auto was = believed_links_.find(key);
+            if (std::abs(factor / (was == believed_links_.end() ? 1.0 : was->second) - 1.0) > 0.05)
+                link_parts.push_back(fmt::format("measured link {}-{} x{:.3g}", job_.cluster.devices[key.first].name,
+                                            job_.cluster.devices[key.second].name, factor));
+            if (factor == 1.0)
+                believed_links_.erase(key);
+            else
+                believed_links_[key] = factor;
+        }
         Conditions view(job_.cluster.devices.size());
         view.slowdown = believed_;
+        view.link_factor = believed_links_;
         for (std::size_t dev = 0; dev < view.failed.size(); ++dev)
             view.failed[dev] = agent_of_[dev] == SIZE_MAX || !alive_[agent_of_[dev]];
         for (std::size_t a : left) d.failed.push_back(device_of_[a]);
         std::vector<std::string> parts;
         for (const auto& [dev, f] : d.detected)
             parts.push_back(fmt::format("measured {} x{:.3g}", job_.cluster.devices[dev].name, f));
+        parts.insert(parts.end(), link_parts.begin(), link_parts.end());
         const std::uint64_t N = job_.run.iterations;
         if (failure) {
             for (std::size_t dev : d.failed) {
@@ -790,6 +839,14 @@ private:
     std::vector<double> believed_;
     double predicted_compute_s_ = 0;  // the cost model's time for what this agent measured (its stage, or its probe)
     bool probing_ = false;            // the last decision asked this agent to measure itself
+    /// The link this agent's worker sent its activations over in the segment, and the predicted
+    /// time of one send.
+    struct SentOver {
+        std::size_t a = 0, b = 0;
+        double predicted_s = 0;
+    };
+    std::optional<SentOver> link_;
+    std::map<std::pair<std::size_t, std::size_t>, double> believed_links_;  // the coordinator's: (a < b) -> factor
     std::vector<Entry> history_;
     std::vector<Decision> decisions_;
 };

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <optional>
 #include <unordered_map>
@@ -164,7 +165,7 @@ std::optional<SolveResult> solve_without(const Model& model, const Cluster& clus
 /// solver places stages on consecutive devices of its orders and may leave out only the last
 /// ones, so a slowed device first in its node would be in every plan: the devices seen slower
 /// than planned are also left out together, and the better plan kept (a slowed device is then
-/// never worse than a failed one).
+/// never worse than a failed one); so are each end of the slowest slowed links, one at a time.
 std::optional<Plan> replan(const Model& model, const Cluster& cluster, const CostModel& cost, const CostOptions& given,
                            const Conditions& conditions, const Plan& current, const PolicyOptions& options) {
     // A re-plan runs as the current plan does: recomputed, sharded, if it says so.
@@ -185,17 +186,35 @@ std::optional<Plan> replan(const Model& model, const Cluster& cluster, const Cos
         if (!conditions.failed[d] && conditions.slowdown[d] > slow_device_factor) slowed.push_back(d);
     std::stable_sort(slowed.begin(), slowed.end(),
                      [&](std::size_t a, std::size_t b) { return conditions.slowdown[a] > conditions.slowdown[b]; });
+    const auto consider = [&](const std::vector<bool>& without) {
+        std::optional<SolveResult> other = solve_without(model, cluster, cost, copt, conditions, without, so);
+        if (other && (!best || objective_value(so.objective, other->plan, other->estimate) <
+                                   objective_value(so.objective, best->plan, best->estimate)))
+            best = std::move(other);
+    };
     std::vector<std::size_t> counts;  // how many of the slowest to leave out: 1, 2, 4, ..., all
     for (std::size_t k = 1; k < slowed.size(); k *= 2) counts.push_back(k);
     if (!slowed.empty()) counts.push_back(slowed.size());
     for (std::size_t k : counts) {
         std::vector<bool> without = conditions.failed;
         for (std::size_t i = 0; i < k; ++i) without[slowed[i]] = true;
-        std::optional<SolveResult> other = solve_without(model, cluster, cost, copt, conditions, without, so);
-        if (other && (!best || objective_value(so.objective, other->plan, other->estimate) <
-                                   objective_value(so.objective, best->plan, best->estimate)))
-            best = std::move(other);
+        consider(without);
     }
+    // A link clearly slower than planned may join devices that every plan places next to each
+    // other (consecutive in the solver's orders): the plans without one of its ends, for the
+    // slowest max_slow_links of them.
+    std::vector<std::pair<double, LinkKey>> links;
+    for (const auto& [key, factor] : conditions.link_factor)
+        if (factor > slow_device_factor && !conditions.failed[key.first] && !conditions.failed[key.second])
+            links.push_back({factor, key});
+    std::sort(links.begin(), links.end(), std::greater<>());
+    links.resize(std::min<std::size_t>(links.size(), max_slow_links));
+    for (const auto& [factor, key] : links)
+        for (const std::size_t end : {key.first, key.second}) {
+            std::vector<bool> without = conditions.failed;
+            without[end] = true;
+            consider(without);
+        }
     if (!best) return std::nullopt;
     best->plan.objective = current.objective;
     best->plan.precision = current.precision;
@@ -312,6 +331,28 @@ std::vector<double> measured_slowdowns(const std::vector<DeviceMeasurement>& mea
     return previous;
 }
 
+std::map<LinkKey, double> measured_link_factors(const std::vector<LinkMeasurement>& measurements,
+                                                const std::map<LinkKey, double>& previous) {
+    // The links as devices of measured_slowdowns, numbered in key order.
+    std::map<LinkKey, std::size_t> index;
+    for (const LinkMeasurement& m : measurements) index.emplace(LinkKey{std::min(m.a, m.b), std::max(m.a, m.b)}, 0);
+    std::vector<LinkKey> keys;
+    std::vector<double> before;
+    for (auto& [key, i] : index) {
+        i = keys.size();
+        keys.push_back(key);
+        const auto p = previous.find(key);
+        before.push_back(p == previous.end() ? 1.0 : p->second);
+    }
+    std::vector<DeviceMeasurement> as_devices;
+    for (const LinkMeasurement& m : measurements)
+        as_devices.push_back({index.at({std::min(m.a, m.b), std::max(m.a, m.b)}), m.measured_s, m.predicted_s});
+    const std::vector<double> factors = measured_slowdowns(as_devices, before);
+    std::map<LinkKey, double> out;
+    for (std::size_t i = 0; i < keys.size(); ++i) out[keys[i]] = factors[i];
+    return out;
+}
+
 PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
                            const CostOptions& copt, const Scenario& scenario, std::uint64_t iterations,
                            const PolicyOptions& options, const IterationObserver& observe) {
@@ -329,6 +370,9 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
     Conditions believed(cluster.devices.size());  // adaptive: what the measurements say
     std::vector<double> measured_sum(cluster.devices.size(), 0.0);
     std::vector<std::uint32_t> measured_count(cluster.devices.size(), 0);
+    // Adaptive: per link between consecutive stages, the sum and count of its measured factors in
+    // the window (a run times its sends against their predicted times).
+    std::map<std::pair<std::size_t, std::size_t>, std::pair<double, std::uint32_t>> link_samples;
     std::size_t next_event = 0;
     for (std::uint64_t it = 0; it < iterations; ++it) {
         const std::size_t first_event = next_event;
@@ -336,9 +380,18 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
         const bool changed = next_event > first_event;
         // Failures and recoveries are seen at once (slowdowns only through measurements); a new
         // failure forces a re-plan.
-        for (std::size_t e = first_event; e < next_event; ++e)
-            if (scenario.events[e].kind == EventKind::recover)
-                believe_recovered(scenario.events[e].device, current, believed.slowdown, measured_sum, measured_count);
+        for (std::size_t e = first_event; e < next_event; ++e) {
+            const ScenarioEvent& ev = scenario.events[e];
+            if (ev.kind == EventKind::recover)
+                believe_recovered(ev.device, current, believed.slowdown, measured_sum, measured_count);
+            // A link repaired (factor 1 or less) is seen at once too: the plan may no longer send
+            // over it, and it would stay slow in the belief.
+            if (ev.kind == EventKind::link && ev.factor <= 1.0) {
+                const std::pair key{std::min(ev.a, ev.b), std::max(ev.a, ev.b)};
+                believed.link_factor.erase(key);
+                link_samples.erase(key);
+            }
+        }
         bool failure = false;
         for (std::size_t d = 0; d < truth.failed.size(); ++d) failure = failure || (truth.failed[d] && !believed.failed[d]);
         believed.failed = truth.failed;
@@ -387,11 +440,28 @@ PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& 
                         ++measured_count[st.devices[k * st.tp + q]];
                     }
                 }
+            // Each link a stage sends its activations over (and receives gradients back from) is
+            // measured by those sends' time against their predicted time: the link's factor.
+            for (std::size_t s = 0; s + 1 < current.stages.size(); ++s) {
+                if (!(nominal.stages[s].send_activation_s > 0)) continue;
+                const std::size_t a = current.stages[s].devices.back(), b = current.stages[s + 1].devices.front();
+                auto& [sum, count] = link_samples[{std::min(a, b), std::max(a, b)}];
+                sum += noisy.link(a, b);
+                ++count;
+            }
             if (options.window > 0 && (it + 1) % options.window == 0) {
                 for (std::size_t d = 0; d < measured_sum.size(); ++d)
                     if (measured_count[d] > 0) believed.slowdown[d] = measured_sum[d] / measured_count[d];
                 std::fill(measured_sum.begin(), measured_sum.end(), 0.0);
                 std::fill(measured_count.begin(), measured_count.end(), 0u);
+                for (const auto& [key, sample] : link_samples) {
+                    const double factor = sample.first / sample.second;
+                    if (factor == 1.0)
+                        believed.link_factor.erase(key);
+                    else
+                        believed.link_factor[key] = factor;
+                }
+                link_samples.clear();
             }
         }
     }

@@ -301,3 +301,58 @@ TEST_CASE("adaptive: a device left out for being slow measures itself while idle
     CHECK(r.loss == reference.loss);
     CHECK(r.weights_digest == reference.weights_digest);
 }
+
+TEST_CASE("controller: link factors are measured against the healthy links' ratio") {
+    // Every send takes twice its predicted time (the cost model's error); the link 1-2 ten times more.
+    const std::vector<LinkMeasurement> m{{0, 1, 2.0, 1.0}, {2, 1, 20.0, 1.0}, {2, 3, 4.0, 2.0}, {2, 3, 4.4, 2.0}};
+    const std::map<LinkKey, double> f = measured_link_factors(m, {{{5, 6}, 3.0}});
+    REQUIRE(f.size() == 3);  // only the links measured
+    // The healthy links' ratios: 2 (0-1) and 2.1 (2-3, the mean of its two); their median 2.05.
+    CHECK(f.at({0, 1}) == doctest::Approx(1.0));   // max(1, 2 / 2.05)
+    CHECK(f.at({1, 2}) == doctest::Approx(20.0 / 2.05));
+    CHECK(f.at({2, 3}) == doctest::Approx(2.1 / 2.05));
+    // One link alone is its own reference.
+    CHECK(measured_link_factors({{1, 2, 20.0, 1.0}}, {}).at({1, 2}) == doctest::Approx(1.0));
+}
+
+TEST_CASE("adaptive on emulated devices: a slowed link is measured from the sends over it, and the job re-plans around it") {
+    const Model model = load_model(plans_dir + "models/emu-mlp.toml");
+    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4emulated.toml");
+    const AnalyticalCostModel cost(model, cluster, {});
+    SolverOptions so;
+    so.max_replicas = 1;
+    so.max_tp = 1;
+    const Plan plan = solve(model, cluster, cost, {}, so).plan;
+    REQUIRE(plan.stages.size() == 4);
+    RunOptions o;
+    o.iterations = 9;
+    o.seed = 2;
+    o.emulate = true;
+    o.timeout = std::chrono::milliseconds(60000);
+    const RunResult reference = run_in_process(Execution(plan, model, estimate_plan(plan, model, cluster, cost, {}), o));
+
+    RunOptions ao = o;
+    ScenarioEvent slow;
+    slow.iteration = 1;
+    slow.kind = EventKind::link;
+    slow.a = 1;
+    slow.b = 2;
+    slow.factor = 1000;
+    ao.scenario.events = {slow};
+    AdaptiveJob job{model, cluster, cost, {}, plan, ao, {}};
+    job.adaptive.window = 3;
+    job.adaptive.copy_every = 3;
+    job.adaptive.policy.policy = Policy::adaptive;
+    job.adaptive.policy.solver = so;
+    const AdaptiveResult r = run_adaptive_in_process(job);
+    REQUIRE(r.writer);
+    REQUIRE(r.decisions.size() >= 1);
+    CHECK(r.decisions.front().text.find("measured link dev1-dev2 x") != std::string::npos);
+    REQUIRE(r.repartitions >= 1);
+    // The new plan no longer sends from dev1 to dev2, and nothing was lost on the way.
+    const Plan& last = r.plans.back();
+    for (std::size_t s = 0; s + 1 < last.stages.size(); ++s)
+        CHECK_FALSE((last.stages[s].devices.back() == 1 && last.stages[s + 1].devices.front() == 2));
+    CHECK(r.loss == reference.loss);
+    CHECK(r.weights_digest == reference.weights_digest);
+}

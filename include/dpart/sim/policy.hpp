@@ -3,6 +3,7 @@
 // upper bound); `adaptive` re-plans every window from the stage times it measured, and moves to
 // the new plan only when the predicted gain over the remaining iterations exceeds the migration.
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +50,9 @@ struct Survivors {
 /// A device measured over this factor of the healthy ones' pace is slow (measured_slowdowns);
 /// a re-plan also tries the plans that leave the slow devices out.
 inline constexpr double slow_device_factor = 1.25;
+/// Re-plans also try leaving out either end of the slowest this many links slowed over
+/// slow_device_factor (two solves each).
+inline constexpr std::size_t max_slow_links = 4;
 
 enum class Policy { static_plan, adaptive, oracle };
 [[nodiscard]] std::string_view to_string(Policy p) noexcept;
@@ -108,6 +112,23 @@ struct DeviceMeasurement {
 /// when no measurement is a reference.
 [[nodiscard]] std::vector<double> measured_slowdowns(const std::vector<DeviceMeasurement>& measurements,
                                                      std::vector<double> previous);
+
+/// The time some transfers over the link between devices a and b took, next to the cost model's
+/// prediction for them.
+struct LinkMeasurement {
+    std::size_t a = 0, b = 0;
+    double measured_s = 0;
+    double predicted_s = 0;
+};
+using LinkKey = std::pair<std::size_t, std::size_t>;  ///< (smaller, larger) device, as Conditions::link_factor
+
+/// Effective link factors from measurements, as measured_slowdowns tells slow devices from
+/// healthy ones: a link's ratio measured / predicted relative to the healthy links' (the median
+/// of the ratios within 25% of the smallest). Only the links measured are in the result; one
+/// measured alone is its own reference (factor 1): a slow link shows only beside healthy ones.
+/// `previous`: the factors so far (a link measured several times gets its mean ratio).
+[[nodiscard]] std::map<LinkKey, double> measured_link_factors(const std::vector<LinkMeasurement>& measurements,
+                                                              const std::map<LinkKey, double>& previous);
 
 /// Replays `plan` for `iterations` under `scenario` with a policy (static: replay_static).
 [[nodiscard]] PolicyReplay replay_policy(const Plan& plan, const Model& model, const Cluster& cluster,
