@@ -563,7 +563,7 @@ private:
                                             "{:.3g} ms",
                                             r.solve_s * 1e3, r.plan->stages.size(), r.now_s * 1e3, r.then_s * 1e3,
                                             r.migration_s * 1e3));
-            } else if (!d.detected.empty()) {
+            } else if (!d.detected.empty() || !link_parts.empty()) {
                 parts.push_back(r.note.substr(r.note.find(": ") + 2));
             }
         }

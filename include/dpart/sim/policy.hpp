@@ -125,8 +125,9 @@ using LinkKey = std::pair<std::size_t, std::size_t>;  ///< (smaller, larger) dev
 /// Effective link factors from measurements, as measured_slowdowns tells slow devices from
 /// healthy ones: a link's ratio measured / predicted relative to the healthy links' (the median
 /// of the ratios within 25% of the smallest). Only the links measured are in the result; one
-/// measured alone is its own reference (factor 1): a slow link shows only beside healthy ones.
-/// `previous`: the factors so far (a link measured several times gets its mean ratio).
+/// measured alone is its own reference (factor 1): a slow link shows only beside healthy ones. A
+/// link measured several times gets its mean ratio. `previous`: the factors so far, kept for a
+/// link whose every measurement is unusable (no positive prediction).
 [[nodiscard]] std::map<LinkKey, double> measured_link_factors(const std::vector<LinkMeasurement>& measurements,
                                                               const std::map<LinkKey, double>& previous);
 
