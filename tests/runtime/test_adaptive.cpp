@@ -36,6 +36,41 @@ Plan pipeline(std::uint64_t microbatches, std::uint64_t global_batch, const std:
     return p;
 }
 
+/// An adaptive job of `plan` deciding every 3 iterations, moving for any gain, its re-plans
+/// pipeline-only (so that its weights stay bitwise those of a static run).
+AdaptiveJob pipeline_only_job(const Model& model, const Cluster& cluster, const CostModel& cost, const Plan& plan,
+                              const RunOptions& o) {
+    AdaptiveJob job{model, cluster, cost, {}, plan, o, {}};
+    job.adaptive.window = 3;
+    job.adaptive.copy_every = 3;
+    job.adaptive.policy.policy = Policy::adaptive;
+    job.adaptive.policy.min_gain = 0;
+    job.adaptive.policy.solver.max_replicas = 1;
+    job.adaptive.policy.solver.max_tp = 1;
+    return job;
+}
+
+/// tiny-gpt as 4 pipeline stages on 4 CPU workers: its static run, and adaptive jobs of it.
+struct TinyPipeline {
+    Model model = load_model(plans_dir + "models/tiny-gpt.toml");
+    Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
+    AnalyticalCostModel cost{model, cluster, {}};
+    Plan plan = pipeline(4, model.global_batch, {{0, 1}, {2, 3}, {4, 5}, {6, 7}});
+
+    static RunOptions options(std::uint64_t iterations, std::uint64_t seed) {
+        RunOptions o;
+        o.iterations = iterations;
+        o.seed = seed;
+        o.dataset_batches = 2;
+        o.timeout = std::chrono::milliseconds(60000);
+        return o;
+    }
+    [[nodiscard]] RunResult static_run(const RunOptions& o) const {
+        return run_in_process(Execution(plan, model, estimate_plan(plan, model, cluster, cost, {}), o));
+    }
+    [[nodiscard]] AdaptiveJob job(const RunOptions& o) const { return pipeline_only_job(model, cluster, cost, plan, o); }
+};
+
 ScenarioEvent event(std::uint64_t it, EventKind kind, std::size_t device, double factor = 1) {
     ScenarioEvent e;
     e.iteration = it;
@@ -86,26 +121,13 @@ TEST_CASE("transport: the start-of-iteration vote tells every member who leaves"
 }
 
 TEST_CASE("adaptive: a slowdown, repartitions and a failure lose nothing (bitwise the static run's weights)") {
-    const Model model = load_model(plans_dir + "models/tiny-gpt.toml");
-    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
-    const AnalyticalCostModel cost(model, cluster, {});
-    const Plan plan = pipeline(4, model.global_batch, {{0, 1}, {2, 3}, {4, 5}, {6, 7}});
-    RunOptions o;
-    o.iterations = 14;
-    o.seed = 3;
-    o.dataset_batches = 2;
-    o.timeout = std::chrono::milliseconds(30000);
-    const RunResult reference = run_in_process(Execution(plan, model, estimate_plan(plan, model, cluster, cost, {}), o));
+    const TinyPipeline t;
+    const RunOptions o = TinyPipeline::options(14, 3);
+    const RunResult reference = t.static_run(o);
 
     RunOptions ao = o;
     ao.scenario.events = {event(2, EventKind::slowdown, 1, 4.0), event(9, EventKind::fail, 2)};
-    AdaptiveJob job{model, cluster, cost, {}, plan, ao, {}};
-    job.adaptive.window = 3;
-    job.adaptive.copy_every = 3;
-    job.adaptive.policy.policy = Policy::adaptive;
-    job.adaptive.policy.min_gain = 0;
-    job.adaptive.policy.solver.max_replicas = 1;
-    job.adaptive.policy.solver.max_tp = 1;
+    const AdaptiveJob job = t.job(ao);
     const AdaptiveResult r = run_adaptive_in_process(job);
     REQUIRE(r.writer);
     CHECK(r.failures == 1);
@@ -253,26 +275,13 @@ TEST_CASE("adaptive: ZeRO-1 replicas lose nothing either: a failure, a rollback 
 }
 
 TEST_CASE("adaptive: a device left out for being slow measures itself while idle, and is taken back once fast again") {
-    const Model model = load_model(plans_dir + "models/tiny-gpt.toml");
-    const Cluster cluster = load_cluster(plans_dir + "clusters/cpu-4workers.toml");
-    const AnalyticalCostModel cost(model, cluster, {});
-    const Plan plan = pipeline(4, model.global_batch, {{0, 1}, {2, 3}, {4, 5}, {6, 7}});
-    RunOptions o;
-    o.iterations = 24;
-    o.seed = 5;
-    o.dataset_batches = 2;
-    o.timeout = std::chrono::milliseconds(60000);
-    const RunResult reference = run_in_process(Execution(plan, model, estimate_plan(plan, model, cluster, cost, {}), o));
+    const TinyPipeline t;
+    const RunOptions o = TinyPipeline::options(24, 5);
+    const RunResult reference = t.static_run(o);
 
     RunOptions ao = o;
     ao.scenario.events = {event(2, EventKind::slowdown, 1, 20.0), event(9, EventKind::recover, 1)};
-    AdaptiveJob job{model, cluster, cost, {}, plan, ao, {}};
-    job.adaptive.window = 3;
-    job.adaptive.copy_every = 3;
-    job.adaptive.policy.policy = Policy::adaptive;
-    job.adaptive.policy.min_gain = 0;
-    job.adaptive.policy.solver.max_replicas = 1;
-    job.adaptive.policy.solver.max_tp = 1;
+    const AdaptiveJob job = t.job(ao);
     const AdaptiveResult r = run_adaptive_in_process(job);
     REQUIRE(r.writer);
     const auto uses = [](const Plan& p, std::size_t dev) {
