@@ -267,6 +267,17 @@ void assign_shared_links(const Plan& plan, const Cluster& cluster, std::vector<S
     }
 }
 
+PassSeconds pass_seconds(const CostModel& cost, std::size_t first, std::size_t last, std::size_t device,
+                         std::uint64_t samples, std::uint32_t tp, bool recompute) {
+    PassSeconds p;
+    for (std::size_t l = first; l <= last; ++l) {
+        p.forward += cost.layer_seconds(l, Pass::forward, device, samples, tp);
+        p.backward += cost.layer_seconds(l, Pass::backward, device, samples, tp);
+    }
+    if (recompute) p.backward += p.forward;  // backward runs the stage's forward again first
+    return p;
+}
+
 PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& cluster, const CostModel& cost,
                            const CostOptions& given) {
     // A plan made with --recompute is estimated (and run) with it, whatever the caller's options.
@@ -295,15 +306,10 @@ PlanEstimate estimate_plan(const Plan& plan, const Model& model, const Cluster& 
         for (std::size_t k = 0; k < r; ++k) {
             double f = 0, b = 0;
             for (std::uint32_t t = 0; t < st.tp; ++t) {
-                const std::size_t d = st.devices[k * st.tp + t];
-                double fd = 0, bd = 0;
-                for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
-                    fd += cost.layer_seconds(l, Pass::forward, d, e.shares[k], st.tp);
-                    bd += cost.layer_seconds(l, Pass::backward, d, e.shares[k], st.tp);
-                }
-                if (options.recompute) bd += fd;  // backward runs the stage's forward again first
-                f = std::max(f, fd);
-                b = std::max(b, bd);
+                const PassSeconds p = pass_seconds(cost, st.first_layer, st.last_layer, st.devices[k * st.tp + t],
+                                                   e.shares[k], st.tp, options.recompute);
+                f = std::max(f, p.forward);
+                b = std::max(b, p.backward);
             }
             e.replica_forward_s.push_back(f);
             e.replica_backward_s.push_back(b);

@@ -393,14 +393,9 @@ private:
             IdleProbe probe;
             probe.stage = plan_.stages.size() - 1;
             const Stage& st = plan_.stages[probe.stage];
-            const std::uint64_t rows = est.stages[probe.stage].shares.at(0);
-            double forward = 0, backward = 0;
-            for (std::size_t l = st.first_layer; l <= st.last_layer; ++l) {
-                forward += job_.cost.layer_seconds(l, Pass::forward, device_of_[me_], rows, 1);
-                backward += job_.cost.layer_seconds(l, Pass::backward, device_of_[me_], rows, 1);
-            }
-            // As estimate_plan: a recomputing backward runs the stage's forward again first.
-            probe.predicted_s = forward + backward + (job_.run.recompute ? forward : 0.0);
+            const PassSeconds p = pass_seconds(job_.cost, st.first_layer, st.last_layer, device_of_[me_],
+                                               est.stages[probe.stage].shares.at(0), 1, job_.run.recompute);
+            probe.predicted_s = p.forward + p.backward;
             e.report = ex.run_idle(device_of_[me_], net_, &probe);
             predicted_compute_s_ = probe.predicted_s;
         } else {

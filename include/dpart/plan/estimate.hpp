@@ -53,6 +53,14 @@ struct StageMemory {
 [[nodiscard]] std::uint64_t in_flight(ScheduleKind schedule, std::size_t stage, std::size_t stages,
                                       std::uint64_t microbatches) noexcept;
 
+/// Seconds of one forward and one backward pass of layers [first, last] for `samples` samples on
+/// `device`, split `tp` ways; a recomputing backward runs the forward again first.
+struct PassSeconds {
+    double forward = 0, backward = 0;
+};
+[[nodiscard]] PassSeconds pass_seconds(const CostModel& cost, std::size_t first, std::size_t last, std::size_t device,
+                                       std::uint64_t samples, std::uint32_t tp, bool recompute);
+
 struct StageEstimate {
     double forward_s = 0;          ///< per microbatch, slowest replica
     double backward_s = 0;
