@@ -1200,17 +1200,17 @@ WorkerReport Execution::run_idle(std::size_t device, Transport& net, const IdleP
     report.stopped_at = options_.iterations;
     std::size_t devices = device + 1;
     for (const ScenarioEvent& e : options_.scenario.events) devices = std::max({devices, e.device + 1, e.a + 1, e.b + 1});
-    // The probe runs beside the votes; it is stopped (and joined) when they are over, or when a
-    // vote throws (then before `measured` goes: it is declared first).
-    WorkerReport measured;
+    // The probe runs beside the votes and writes only its own fields of the report; it is
+    // stopped (and joined) when they are over, or when a vote throws (before `report` goes: it
+    // is declared first).
     std::jthread prober;
     if (probe != nullptr && first_iteration_ < options_.iterations) {
         const double slowdown = conditions_at(options_.scenario, devices, first_iteration_).slowdown.at(device);
         prober = std::jthread([&, slowdown](std::stop_token stop) {
             try {
-                measure_probe(*probe, device, slowdown, stop, measured);
+                measure_probe(*probe, device, slowdown, stop, report);
             } catch (...) {
-                measured.probe_s.reset();  // no memory for the layers, say: nothing measured
+                report.probe_s.reset();  // no memory for the layers, say: nothing measured
             }
         });
     }
@@ -1227,8 +1227,6 @@ WorkerReport Execution::run_idle(std::size_t device, Transport& net, const IdleP
     if (prober.joinable()) {
         prober.request_stop();
         prober.join();
-        report.probe_s = measured.probe_s;
-        report.probe_finished = measured.probe_finished;
     }
     return report;
 }
